@@ -2,8 +2,9 @@
 from .config import configure, get_settings, settings
 from .sequences import SequenceStats, sequence_count, sequence_mean, sequence_stats, sequence_sum
 from . import reference
+from .ops import LogProbs, linear_logprobs
 
 __all__ = [
-    "configure", "get_settings", "settings", "reference",
+    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs",
     "SequenceStats", "sequence_count", "sequence_mean", "sequence_stats", "sequence_sum",
 ]

@@ -47,7 +47,10 @@ def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index:
 
 
 def check_linear_inputs(hidden, weight, targets, bias, *, ignore_index, temperature, softcap):
-    """Validate the (hidden, weight, targets, bias) quadruple of a fused linear op."""
+    """Validate shapes, dtypes, devices and options of a fused linear op (metadata only, no sync).
+
+    The value check of targets (check_targets_in_range) runs inside the op, so that
+    torch.compile can trace the call without a graph break."""
     check_tensor(hidden, "hidden")
     check_tensor(weight, "weight")
     check_tensor(targets, "targets")
@@ -88,4 +91,3 @@ def check_linear_inputs(hidden, weight, targets, bias, *, ignore_index, temperat
         raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
     check_positive(temperature, "temperature")
     check_positive(softcap, "softcap", allow_none=True)
-    check_targets_in_range(targets, weight.shape[0], ignore_index)

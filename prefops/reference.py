@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_linear_inputs
+from .checks import check_linear_inputs, check_targets_in_range
 
 
 def logits(hidden, weight, *, bias=None, temperature=1.0, softcap=None):
@@ -28,6 +28,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, te
     if hidden.dtype != torch.float64:
         check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
                             temperature=temperature, softcap=softcap)
+    check_targets_in_range(targets, weight.shape[0], ignore_index)
     z = logits(hidden, weight, bias=bias, temperature=temperature, softcap=softcap)
     logp_all = torch.log_softmax(z, dim=-1)
     counted = targets != ignore_index

@@ -1,0 +1,94 @@
+"""Forward: online-softmax statistics of the logits of the counted tokens.
+
+For each counted row r and each vocabulary split, streaming over vocabulary
+blocks without storing any logits:
+    m = max z,  s = sum exp(z - m),  a = sum exp(z - m)(z - m),
+    q = sum exp(2(z - m)),  t = z[target_r]
+(see prefops/tiles.py for how they turn into log p, lse, entropy, sum p^2).
+
+Stores for backward: nothing here; the caller keeps lse and entropy per row
+(8 bytes a token). Backward recomputes the logits blockwise.
+
+Cost: 2 * N * V * H FLOPs (one GEMM over the counted rows only); reads h once
+per vocabulary split and W once per row block (L2 absorbs most re-reads);
+writes 5 * N * splits floats.
+"""
+import triton
+import triton.language as tl
+
+from .config import interpreting, stats_configs
+from .logits_tile import logits_tile
+
+EMPTY = -1.0e38
+
+
+@triton.autotune(configs=stats_configs(), key=["hidden_size", "vocab_size", "IEEE"])
+@triton.jit
+def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr,
+                        n_rows, vocab_size, hidden_size, stride_h, stride_w, v_per_split, splits,
+                        inv_temperature, softcap,
+                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_n < n_rows
+    rows = tl.load(rows_ptr + offs_n, mask=row_mask, other=0)
+    targets = tl.load(targets_ptr + offs_n, mask=row_mask, other=-1)
+
+    m = tl.full((BLOCK_N,), EMPTY, dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    q = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, vocab_size)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < v_end
+        z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size, stride_h, stride_w,
+                        inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+        m_new = tl.maximum(m, tl.max(tl.where(v_mask[None, :], z, EMPTY), axis=1))
+        rescale = tl.exp(m - m_new)
+        shifted = z - m_new[:, None]
+        e = tl.where(v_mask[None, :], tl.exp(shifted), 0.0)
+        a = rescale * (a + (m - m_new) * s) + tl.sum(e * shifted, axis=1)
+        s = rescale * s + tl.sum(e, axis=1)
+        q = rescale * rescale * q + tl.sum(e * e, axis=1)
+        t += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
+        m = m_new
+
+    out = out_ptr + offs_n * splits + pid_s
+    plane = n_rows * splits
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + plane, s, mask=row_mask)
+    tl.store(out + 2 * plane, a, mask=row_mask)
+    tl.store(out + 3 * plane, q, mask=row_mask)
+    tl.store(out + 4 * plane, t, mask=row_mask)
+
+
+def launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap):
+    """Run the kernel for the counted rows; returns partial Stats of shape [n, splits]."""
+    import torch
+
+    from ..tiles import Stats
+
+    n = rows.numel()
+    vocab, hidden_size = weight.shape
+    # Enough (row block, split) programs to fill the GPU twice when few rows count.
+    programs = 2 * (torch.cuda.get_device_properties(hidden.device).multi_processor_count
+                    if hidden.is_cuda else 2)
+    row_blocks = triton.cdiv(n, 128)
+    splits = max(1, min(triton.cdiv(programs, row_blocks), triton.cdiv(vocab, 2048)))
+    v_per_split = triton.cdiv(triton.cdiv(vocab, splits), 256) * 256
+    splits = triton.cdiv(vocab, v_per_split)
+    out = torch.empty((5, n, splits), device=hidden.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    logits_stats_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, rows, targets, out,
+        n, vocab, hidden_size, hidden.stride(0), weight.stride(0), v_per_split, splits,
+        1.0 / temperature, softcap or 1.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        IEEE=hidden.dtype == torch.float32 or interpreting(), UPCAST=interpreting(),
+    )
+    return Stats(*out.unbind(0))

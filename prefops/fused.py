@@ -1,0 +1,161 @@
+"""Chunk scheduling for the fused linear log-prob op, on either backend.
+
+Only counted rows (targets != ignore_index) are ever multiplied with W. Memory
+beyond the gradients is bounded by `workspace`, whatever N is:
+  forward  - per-row statistics only (the Triton kernel keeps logits in registers;
+             the PyTorch backend materialises one bounded fp32 tile at a time);
+  backward - rows are taken in chunks whose gathered h, fp32 dh accumulator and
+             fp32 GEMM result fit half the workspace; within a chunk the vocabulary is cut into tiles of
+             d(hW^T) that fill the rest. Each tile feeds two GEMMs (dh += G W_v,
+             dW_v += G^T h), so dW sums a whole row chunk in fp32 inside one GEMM
+             and meets the other row chunks once per chunk.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import tiles
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package; pip install triton")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError(
+                "backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 set before prefops is imported; "
+                "use backend='torch' or 'auto' for the CPU path"
+            )
+    return backend
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def counted_rows(targets: torch.Tensor, ignore_index: int):
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    return rows, targets.index_select(0, rows).to(torch.int32)
+
+
+def _linear_fp32(h_rows, weight, bias, v0, v1):
+    linear = h_rows.float() @ weight[v0:v1].float().t()
+    return linear if bias is None else linear + bias[v0:v1].float()
+
+
+def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace) -> tiles.Token:
+    """log p(target), lse, entropy and sum p^2 for the counted rows."""
+    n, vocab = rows.numel(), weight.shape[0]
+    if backend == "triton":
+        from .kernels import launch_logits_stats
+
+        partial = launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap)
+        return tiles.finalize(tiles.combine_splits(partial))
+    # About four fp32 temporaries of the tile are alive at once.
+    row_chunk = min(max(n, 1), 1024)
+    v_chunk = max(1, min(vocab, workspace // (16 * row_chunk)))
+    parts = []
+    for r0 in range(0, n, row_chunk):
+        h_rows = hidden.index_select(0, rows[r0:r0 + row_chunk])
+        local = targets[r0:r0 + row_chunk]
+        stats = tiles.empty_stats(h_rows.shape[0], hidden.device)
+        for v0 in range(0, vocab, v_chunk):
+            z = tiles.transform(_linear_fp32(h_rows, weight, bias, v0, v0 + v_chunk), temperature, softcap)
+            stats = tiles.combine(stats, tiles.tile_stats(z, local - v0))
+        parts.append(tiles.finalize(stats))
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return tiles.Token(empty, empty, empty, empty)
+    return tiles.Token(*(torch.cat(column) for column in zip(*parts)))
+
+
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result, accumulating in fp32 for half-precision inputs."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    return a.float() @ b.float()
+
+
+class WeightGrad:
+    """dW accumulated across row chunks: in fp32 when asked (or when W is fp32), else in
+    W's dtype with one fp32-arithmetic rounding per row chunk."""
+
+    def __init__(self, weight: torch.Tensor, fp32: bool):
+        dtype = torch.float32 if fp32 else weight.dtype
+        self.out_dtype = weight.dtype
+        self.value = torch.zeros(weight.shape, device=weight.device, dtype=dtype)
+
+    def add(self, v0: int, v1: int, tile: torch.Tensor, h_rows: torch.Tensor) -> None:
+        target = self.value[v0:v1]
+        if target.dtype == tile.dtype == h_rows.dtype:
+            target.addmm_(tile.t(), h_rows)
+        else:
+            target.add_(matmul_fp32(tile.t(), h_rows).to(target.dtype))
+
+    def result(self) -> torch.Tensor:
+        return self.value.to(self.out_dtype)
+
+
+def plan_chunks(n: int, vocab: int, hidden_size: int, tile_bytes_per_element: int, workspace: int):
+    """Rows per chunk and vocabulary columns per tile, each side taking half the workspace.
+
+    Per (row, hidden) element a chunk holds the gathered h (<= 4 bytes), the fp32 dh
+    accumulator and the fp32 result of one dh GEMM: 12 bytes."""
+    row_chunk = max(16, min(max(n, 1), workspace // 2 // (12 * hidden_size)))
+    v_chunk = max(16, min(vocab, (workspace // 2) // (row_chunk * tile_bytes_per_element)))
+    return row_chunk, v_chunk
+
+
+def token_grads(hidden, weight, bias, rows, targets, lse, entropy, grad_logp, grad_lse, grad_entropy,
+                temperature, softcap, backend, workspace, fp32_weight_grad, needs):
+    """Gradients of sum_r (g_logp logp_r + g_lse lse_r + g_ent H_r) for the counted rows."""
+    need_h, need_w, need_b = needs
+    n, (vocab, hidden_size) = rows.numel(), weight.shape
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = WeightGrad(weight, fp32_weight_grad or weight.dtype == torch.float32) if need_w else None
+    grad_b = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_b else None
+    tile_bytes = weight.element_size() if backend == "triton" else 16
+    row_chunk, v_chunk = plan_chunks(n, vocab, hidden_size, tile_bytes, workspace)
+    for r0 in range(0, n, row_chunk):
+        chunk = slice(r0, r0 + row_chunk)
+        chunk_rows = rows[chunk]
+        h_rows = hidden.index_select(0, chunk_rows)
+        dh = torch.zeros(chunk_rows.numel(), hidden_size, device=hidden.device) if need_h else None
+        for v0 in range(0, vocab, v_chunk):
+            v1 = min(v0 + v_chunk, vocab)
+            if backend == "triton":
+                from .kernels import launch_logits_grad
+
+                tile = torch.empty(chunk_rows.numel(), v1 - v0, device=hidden.device, dtype=hidden.dtype)
+                launch_logits_grad(hidden, weight, bias, chunk_rows, targets[chunk], lse[chunk], _part(entropy, chunk),
+                                   grad_logp[chunk], grad_lse[chunk], _part(grad_entropy, chunk),
+                                   temperature, softcap, v0, tile)
+            else:
+                z = tiles.transform(_linear_fp32(h_rows, weight, bias, v0, v1), temperature, softcap)
+                tile = tiles.tile_grad(z, targets[chunk] - v0, lse[chunk], _part(entropy, chunk), grad_logp[chunk],
+                                       grad_lse[chunk], _part(grad_entropy, chunk), temperature, softcap)
+            if need_h:
+                dh += matmul_fp32(tile, weight[v0:v1])
+            if need_w:
+                grad_w.add(v0, v1, tile, h_rows)
+            if need_b:
+                grad_b[v0:v1] += tile.sum(0, dtype=torch.float32)
+        if need_h:
+            grad_h.index_copy_(0, chunk_rows, dh.to(hidden.dtype))
+    return (grad_h, grad_w.result() if need_w else None, grad_b.to(bias.dtype) if need_b else None)
+
+
+def _part(value, chunk):
+    return None if value is None else value[chunk]

@@ -1,0 +1,151 @@
+"""Public fused ops, registered with torch.library so torch.compile traces them whole.
+
+linear_logprobs: log p(target | hidden) = z_target - logsumexp(z), z = f(hidden W^T + b),
+without the N x V logits. Forward keeps lse and entropy per counted token (8 bytes);
+backward recomputes the logits blockwise (prefops/fused.py schedules the chunks).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import fused
+from .checks import check_linear_inputs, check_targets_in_range
+from .config import BACKENDS, check_choice, get_settings
+
+
+class LogProbs(NamedTuple):
+    """Per-token outputs of one fused pass (fp32, 0 where the target is ignored).
+
+    lse and entropy are differentiable; sum_p2 (sum_v p_v^2, the WPO statistic) is not."""
+
+    logp: torch.Tensor
+    lse: Optional[torch.Tensor]
+    entropy: Optional[torch.Tensor]
+    sum_p2: Optional[torch.Tensor]
+
+
+def _scatter(rows, values, n):
+    return values.new_zeros(n).index_copy_(0, rows, values)
+
+
+def _forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            targets: torch.Tensor, ignore_index: int, temperature: float,
+                            softcap: Optional[float], backend: str, workspace: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden [N, H], targets [N] -> (logp, lse, entropy, sum_p2), each [N] fp32."""
+    check_targets_in_range(targets, weight.shape[0], ignore_index)
+    rows, counted_targets = fused.counted_rows(targets, ignore_index)
+    token = fused.token_stats(hidden, weight, bias, rows, counted_targets, temperature, softcap,
+                              fused.resolve_backend(backend, hidden.device), workspace)
+    n = targets.numel()
+    return tuple(_scatter(rows, value, n) for value in token)
+
+
+linear_logprobs_forward = torch.library.custom_op("prefops::linear_logprobs", mutates_args=())(_forward_impl)
+
+
+@linear_logprobs_forward.register_fake
+def _(hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace):
+    n = targets.numel()
+    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(4))
+
+
+def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                             grad_logp: torch.Tensor, grad_lse: torch.Tensor, grad_entropy: Optional[torch.Tensor],
+                             ignore_index: int, temperature: float, softcap: Optional[float], backend: str,
+                             workspace: int, fp32_weight_grad: bool, needs: list[bool]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dh [N, H], dW [V, H], db [V]); an unneeded one comes back empty."""
+    rows, counted_targets = fused.counted_rows(targets, ignore_index)
+    pick = lambda value: None if value is None else value.index_select(0, rows).float()  # noqa: E731
+    grads = fused.token_grads(
+        hidden, weight, bias, rows, counted_targets, pick(lse), pick(entropy), pick(grad_logp), pick(grad_lse),
+        pick(grad_entropy), temperature, softcap, fused.resolve_backend(backend, hidden.device), workspace,
+        fp32_weight_grad, tuple(needs),
+    )
+    return tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
+
+
+linear_logprobs_backward = torch.library.custom_op("prefops::linear_logprobs_backward",
+                                                   mutates_args=())(_backward_impl)
+
+
+@linear_logprobs_backward.register_fake
+def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_lse, grad_entropy, ignore_index, temperature,
+      softcap, backend, workspace, fp32_weight_grad, needs):
+    return (torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
+            torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
+            torch.empty_like(bias) if needs[2] else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1], output[2])
+    ctx.options = (ignore_index, temperature, softcap, backend, workspace, get_settings().fp32_weight_grad)
+    ctx.mark_non_differentiable(output[3])
+
+
+def _backward(ctx, grad_logp, grad_lse, grad_entropy, _grad_sum_p2):
+    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    ignore_index, temperature, softcap, backend, workspace, fp32_weight_grad = ctx.options
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    zeros = lambda: torch.zeros_like(lse)  # noqa: E731
+    grad_h, grad_w, grad_b = linear_logprobs_backward(
+        hidden, weight, bias, targets, lse, entropy,
+        grad_logp if grad_logp is not None else zeros(), grad_lse if grad_lse is not None else zeros(),
+        grad_entropy, ignore_index, temperature, softcap, backend, workspace, fp32_weight_grad, needs,
+    )
+    keep = lambda grad, needed: grad if needed else None  # noqa: E731
+    return (keep(grad_h, needs[0]), keep(grad_w, needs[1]), keep(grad_b, needs[2]),
+            None, None, None, None, None, None)
+
+
+linear_logprobs_forward.register_autograd(_backward, setup_context=_setup_context)
+
+# What each registered op runs, for tools (like the allocation test) that need to see inside.
+IMPLEMENTATIONS = {
+    "prefops::linear_logprobs": _forward_impl,
+    "prefops::linear_logprobs_backward": _backward_impl,
+}
+
+
+def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
+                    return_lse=False, return_entropy=False, return_sum_p2=False, backend=None):
+    """Per-token log p(target | hidden) through the lm_head, without the N x V logits.
+
+    Args:
+        hidden: [..., H] final hidden states (bf16, fp16 or fp32).
+        weight: [V, H] lm_head weight, same dtype and device.
+        targets: [...] integer token ids; ignore_index marks prompt and padding tokens,
+            which never reach the vocabulary GEMMs.
+        bias: optional [V].
+        temperature, softcap: z = softcap * tanh((h W^T + b) / temperature / softcap).
+        return_lse, return_entropy, return_sum_p2: also return per-token logsumexp,
+            full-vocabulary entropy (nats) and sum_v p_v^2 from the same pass.
+        backend: 'auto' (Triton on CUDA, chunked PyTorch on CPU), 'triton' or 'torch';
+            default from prefops.configure().
+
+    Returns fp32 log-probs shaped like targets (0 at ignored tokens), or a LogProbs
+    tuple when an extra output is requested. Runs without saving anything for backward
+    when no input requires grad (the forward-only path for reference models).
+    """
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
+                        temperature=temperature, softcap=softcap)
+    settings = get_settings()
+    backend = check_choice(backend or settings.backend, BACKENDS, "backend")
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    if hidden_2d.stride(-1) != 1:
+        hidden_2d = hidden_2d.contiguous()
+    logp, lse, entropy, sum_p2 = linear_logprobs_forward(
+        hidden_2d, weight.contiguous(), bias, targets.reshape(-1), ignore_index, float(temperature),
+        None if softcap is None else float(softcap), backend, settings.workspace,
+    )
+    shape = targets.shape
+    logp = logp.view(shape)
+    if not (return_lse or return_entropy or return_sum_p2):
+        return logp
+    return LogProbs(logp, lse.view(shape) if return_lse else None, entropy.view(shape) if return_entropy else None,
+                    sum_p2.view(shape).detach() if return_sum_p2 else None)

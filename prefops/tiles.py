@@ -1,0 +1,117 @@
+"""Math on a tile of logits [rows, vocabulary block], shared by every path.
+
+The Triton kernels compute the same quantities in registers; this PyTorch
+version serves the CPU path, the budget strategy (which materialises whole
+rows of logits) and documents the algebra in one place.
+
+Per row, over a vocabulary range, we keep the online-softmax statistics
+    m = max z,  s = sum exp(z - m),  a = sum exp(z - m) (z - m),
+    q = sum exp(2 (z - m)),  t = z[target] (0 if the target is elsewhere),
+from which  lse = m + log s,  log p(target) = t - lse,
+entropy = log s - a / s  and  sum_v p_v^2 = q / s^2.
+Keeping `a` shifted by m avoids the cancellation of lse - E[z] at |z| ~ 1e3.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Finite stand-in for -inf as the initial running max: exp(EMPTY - m) is 0 and
+# (EMPTY - m) * 0 stays 0, where -inf would give NaN for empty ranges.
+EMPTY = -1.0e38
+
+
+class Stats(NamedTuple):
+    max: torch.Tensor
+    sumexp: torch.Tensor
+    shifted: torch.Tensor
+    sumexp2: torch.Tensor
+    target: torch.Tensor
+
+
+class Token(NamedTuple):
+    logp: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    sum_p2: torch.Tensor
+
+
+def transform(linear: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
+    """z = softcap * tanh(u / softcap) with u = linear / temperature (fp32)."""
+    z = linear.float()
+    if temperature != 1.0:
+        z = z / temperature
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def tile_stats(z: torch.Tensor, local_targets: torch.Tensor) -> Stats:
+    """Statistics of fp32 logits z [n, v]; local_targets = target - first vocabulary index of the tile."""
+    m = z.max(dim=1).values
+    shifted = z - m[:, None]
+    e = shifted.exp()
+    inside = (local_targets >= 0) & (local_targets < z.shape[1])
+    picked = z.gather(1, local_targets.clamp(0, z.shape[1] - 1).long()[:, None]).squeeze(1)
+    return Stats(m, e.sum(1), (e * shifted).sum(1), (e * e).sum(1), torch.where(inside, picked, 0.0))
+
+
+def empty_stats(n: int, device) -> Stats:
+    zeros = torch.zeros(n, device=device)
+    return Stats(torch.full((n,), EMPTY, device=device), zeros, zeros, zeros, zeros)
+
+
+def combine(x: Stats, y: Stats) -> Stats:
+    """Merge the statistics of two disjoint vocabulary ranges."""
+    m = torch.maximum(x.max, y.max)
+    cx, cy = (x.max - m).exp(), (y.max - m).exp()
+    return Stats(
+        m,
+        x.sumexp * cx + y.sumexp * cy,
+        cx * (x.shifted + (x.max - m) * x.sumexp) + cy * (y.shifted + (y.max - m) * y.sumexp),
+        x.sumexp2 * cx * cx + y.sumexp2 * cy * cy,
+        x.target + y.target,
+    )
+
+
+def combine_splits(partial: Stats) -> Stats:
+    """Merge statistics stored along a last 'split' dimension [n, splits]."""
+    m = partial.max.max(dim=1).values
+    delta = partial.max - m[:, None]
+    c = delta.exp()
+    return Stats(
+        m,
+        (partial.sumexp * c).sum(1),
+        (c * (partial.shifted + delta * partial.sumexp)).sum(1),
+        (partial.sumexp2 * c * c).sum(1),
+        partial.target.sum(1),
+    )
+
+
+def finalize(stats: Stats) -> Token:
+    log_s = stats.sumexp.log()
+    lse = stats.max + log_s
+    return Token(stats.target - lse, lse, log_s - stats.shifted / stats.sumexp, stats.sumexp2 / stats.sumexp**2)
+
+
+def tile_grad(z, local_targets, lse, entropy, grad_logp, grad_lse, grad_entropy, temperature, softcap):
+    """d loss / d (h W^T + b) for a tile, given upstream grads of logp, lse and entropy per row.
+
+    dz_v = g_logp [v = target] + p_v (g_lse - g_logp - g_ent (log p_v + H)), then the
+    softcap and temperature chain rule: * (1 - (z / softcap)^2) / temperature.
+    """
+    log_p = z - lse[:, None]
+    p = log_p.exp()
+    coef = (grad_lse - grad_logp)[:, None]
+    if grad_entropy is not None:
+        coef = coef - grad_entropy[:, None] * (log_p + entropy[:, None])
+    dz = p * coef
+    inside = (local_targets >= 0) & (local_targets < z.shape[1])
+    rows = inside.nonzero().squeeze(1)
+    dz.index_put_((rows, local_targets[rows].long()), grad_logp[rows], accumulate=True)
+    if softcap is not None:
+        dz = dz * (1.0 - (z / softcap) ** 2)
+    if temperature != 1.0:
+        dz = dz / temperature
+    return dz
