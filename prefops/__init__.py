@@ -3,8 +3,9 @@ from .config import configure, get_settings, settings
 from .sequences import SequenceStats, sequence_count, sequence_mean, sequence_stats, sequence_sum
 from . import reference
 from .ops import LogProbs, linear_logprobs
+from .objective import Objective, sequence_objective
 
 __all__ = [
-    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs",
+    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs", "Objective", "sequence_objective",
     "SequenceStats", "sequence_count", "sequence_mean", "sequence_stats", "sequence_sum",
 ]

@@ -1,0 +1,260 @@
+"""Sequence-level objectives straight from hidden states: the entry point every loss family uses.
+
+A loss head sees per-sequence log-probs arranged by loss group (a pair, a list,
+a single KTO completion) and returns the loss of those groups, *additive over
+groups* (a sum, or a sum divided by a constant). Two strategies give the same
+loss and gradients:
+
+lean    per-token log-probs from prefops.linear_logprobs (logits recomputed in
+        backward), summed per sequence, then the head; memory independent of
+        sequence length and batch size.
+budget  groups are packed into chunks whose logits fit `budget` bytes; for each
+        chunk one GEMM materialises the logits, the head runs on the chunk's
+        groups, and d(hW^T) is formed in place and turned into dh and dW by two
+        GEMMs. Three GEMMs instead of four; backward only scales the stored
+        gradients. Used when every group fits the budget, else lean.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, NamedTuple
+
+import torch
+
+from . import fused, tiles
+from .checks import check_linear_inputs, check_targets_in_range
+from .config import STRATEGIES, check_choice, get_settings, parse_bytes
+from .ops import linear_logprobs
+
+STAT_NAMES = ("entropy", "log_sum_p2")
+# Rows of materialised logits handled per elementwise pass in the budget strategy:
+# bounds the fp32 temporaries to a few of these blocks.
+_BLOCK_ROWS = 64
+
+
+class Objective(NamedTuple):
+    loss: torch.Tensor
+    """Scalar loss returned by the head (differentiable)."""
+    logps: torch.Tensor
+    """[S] per-sequence sums of token_weights * log p(target) (detached)."""
+    stats: dict
+    """Per-sequence tensors (detached): 'count' (counted tokens) and the requested extras:
+    'entropy' (sum of per-token entropies), 'log_sum_p2' (sum over tokens of log sum_v p_v^2)."""
+
+
+def _check_layout(targets, seq_ids, groups, token_weights):
+    if seq_ids is None:
+        if targets.dim() != 2:
+            raise ValueError("seq_ids is required unless targets is a padded batch [B, T]")
+        seq_ids = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
+    if tuple(seq_ids.shape) != tuple(targets.shape):
+        raise ValueError(f"seq_ids must have the shape of targets {tuple(targets.shape)}; got {tuple(seq_ids.shape)}")
+    if seq_ids.dtype.is_floating_point:
+        raise TypeError(f"seq_ids must be an integer tensor; got {seq_ids.dtype}")
+    if not isinstance(groups, torch.Tensor) or groups.dim() != 2 or groups.dtype.is_floating_point:
+        raise ValueError("groups must be an integer tensor [G, K] of sequence indices (-1 for an empty slot)")
+    num_sequences = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
+    num_sequences = max(num_sequences, int(groups.max()) + 1 if groups.numel() else 0)
+    if groups.numel() and int(groups.min()) < -1:
+        raise ValueError("groups entries must be sequence indices >= 0, or -1 for an empty slot")
+    if token_weights is not None and tuple(token_weights.shape) != tuple(targets.shape):
+        raise ValueError(f"token_weights must have the shape of targets {tuple(targets.shape)}; "
+                         f"got {tuple(token_weights.shape)}")
+    return seq_ids.reshape(-1).long().to(targets.device), groups.long().to(targets.device), num_sequences
+
+
+def _per_sequence(values, seq_ids, num_sequences):
+    keep = seq_ids >= 0
+    return values.new_zeros(num_sequences).index_add(0, seq_ids.clamp_min(0), torch.where(keep, values, 0.0))
+
+
+def _gather(per_sequence, groups):
+    """[S] -> [G, K], 0 in empty slots."""
+    return torch.where(groups >= 0, per_sequence[groups.clamp_min(0)], 0.0)
+
+
+def _sequence_stats(token, counted, seq_ids, num_sequences, wanted):
+    stats = {"count": _per_sequence(counted.float(), seq_ids, num_sequences)}
+    if "entropy" in wanted:
+        stats["entropy"] = _per_sequence(torch.where(counted, token.entropy.detach(), 0.0), seq_ids, num_sequences)
+    if "log_sum_p2" in wanted:
+        log_sum_p2 = torch.where(counted, token.sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log(), 0.0)
+        stats["log_sum_p2"] = _per_sequence(log_sum_p2, seq_ids, num_sequences)
+    return stats
+
+
+def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_ids=None, token_weights=None,
+                       bias=None, ignore_index=-100, temperature=1.0, softcap=None, stats=(),
+                       strategy=None, budget=None, backend=None) -> Objective:
+    """Loss of sequence-level heads computed from hidden states, without the N x V logits.
+
+    Args:
+        hidden [..., H], weight [V, H], targets [...]: as in prefops.linear_logprobs.
+        head: head(logps [G', K], group_index [G'], stats {name: [G', K]}) -> scalar,
+            additive over groups; group_index says which rows of `groups` it is given.
+        groups: [G, K] sequence indices per loss group (-1 marks an empty slot).
+        seq_ids: [...] sequence index of every token (-1 for none); defaults to the
+            row index of a padded [B, T] batch.
+        token_weights: [...] weights in the per-sequence sum (e.g. LD-DPO); default 1.
+        stats: extra per-sequence statistics to pass to the head: 'entropy', 'log_sum_p2'.
+        strategy, budget: 'lean' or 'budget' and its byte budget; default from prefops.configure().
+    """
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
+                        temperature=temperature, softcap=softcap)
+    settings = get_settings()
+    strategy = check_choice(strategy or settings.strategy, STRATEGIES, "strategy")
+    budget = settings.budget if budget is None else parse_bytes(budget)
+    for name in stats:
+        check_choice(name, STAT_NAMES, "stats entry")
+    flat_seq, groups, num_sequences = _check_layout(targets, seq_ids, groups, token_weights)
+    flat_targets = targets.reshape(-1)
+    counted = (flat_targets != ignore_index) & (flat_seq >= 0)
+    weights = counted.float() if token_weights is None else torch.where(counted, token_weights.reshape(-1).float(), 0.0)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    if strategy == "budget":
+        plan = _plan_budget(flat_seq, counted, groups, num_sequences, weight, budget)
+        if plan is not None:
+            check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
+            state = _BudgetState(head, groups, flat_seq, counted, weights, num_sequences, set(stats), plan)
+            loss = _BudgetObjective.apply(flat_hidden, weight, bias, flat_targets, state, float(temperature),
+                                          softcap, settings.fp32_weight_grad)
+            return Objective(loss, state.logps, state.stats)
+        warnings.warn("a loss group does not fit the memory budget; using the lean strategy", stacklevel=2)
+    token = linear_logprobs(flat_hidden, weight, torch.where(counted, flat_targets, ignore_index), bias=bias,
+                            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                            return_entropy="entropy" in stats, return_sum_p2="log_sum_p2" in stats, backend=backend)
+    token_logp = token if isinstance(token, torch.Tensor) else token.logp
+    logps = _per_sequence(token_logp * weights, flat_seq, num_sequences)
+    seq_stats = _sequence_stats(token, counted, flat_seq, num_sequences, stats)
+    group_index = torch.arange(groups.shape[0], device=groups.device)
+    loss = head(_gather(logps, groups), group_index, {k: _gather(v, groups) for k, v in seq_stats.items()})
+    return Objective(loss, logps.detach(), seq_stats)
+
+
+def _plan_budget(seq_ids, counted, groups, num_sequences, weight, budget):
+    """Chunks of whole groups whose logits fit the budget, or None if some group does not.
+
+    Returns a list of (group indices, counted row indices sorted by group)."""
+    group_of_sequence = torch.full((num_sequences,), -1, dtype=torch.long, device=groups.device)
+    slots = groups >= 0
+    group_of_sequence[groups[slots]] = torch.arange(groups.shape[0], device=groups.device)[:, None].expand_as(
+        groups)[slots]
+    rows = counted.nonzero().squeeze(1)
+    row_group = group_of_sequence[seq_ids[rows]]
+    rows, row_group = rows[row_group >= 0], row_group[row_group >= 0]
+    order = torch.argsort(row_group, stable=True)
+    rows, row_group = rows[order], row_group[order]
+    tokens_per_group = torch.bincount(row_group, minlength=groups.shape[0]).tolist()
+    bytes_per_row = weight.shape[0] * (weight.element_size() if weight.is_cuda else 4)
+    limit = max(1, budget // bytes_per_row)
+    if max(tokens_per_group, default=0) > limit:
+        return None
+    chunks, start_group, start_row, used = [], 0, 0, 0
+    for group, count in enumerate(tokens_per_group):
+        if used + count > limit:
+            chunks.append((start_group, group, start_row, start_row + used))
+            start_group, start_row, used = group, start_row + used, 0
+        used += count
+    chunks.append((start_group, len(tokens_per_group), start_row, start_row + used))
+    return [(torch.arange(g0, g1, device=groups.device), rows[r0:r1]) for g0, g1, r0, r1 in chunks]
+
+
+class _BudgetState:
+    """What the budget strategy needs besides tensors, and what it hands back."""
+
+    def __init__(self, head, groups, seq_ids, counted, weights, num_sequences, wanted, plan):
+        self.head, self.groups, self.seq_ids, self.counted, self.weights = head, groups, seq_ids, counted, weights
+        self.num_sequences, self.wanted, self.plan = num_sequences, wanted, plan
+        self.logps, self.stats = None, None
+
+
+class _BudgetObjective(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, state, temperature, softcap, fp32_weight_grad):
+        vocab = weight.shape[0]
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = fused.WeightGrad(weight, fp32_weight_grad or weight.dtype == torch.float32) \
+            if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros(vocab, device=hidden.device) if bias is not None and ctx.needs_input_grad[2] else None
+        n = targets.numel()
+        token = tiles.Token(*(hidden.new_zeros(n, dtype=torch.float32) for _ in range(4)))
+        logps = hidden.new_zeros(state.num_sequences, dtype=torch.float32)
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for group_index, rows in state.plan:
+            h_rows = hidden.index_select(0, rows)
+            local_targets = targets.index_select(0, rows)
+            logits = _materialise(h_rows, weight, bias)
+            chunk = _chunk_token_stats(logits, local_targets, temperature, softcap)
+            for column, value in zip(token, chunk):
+                column.index_copy_(0, rows, value)
+            seq = state.seq_ids.index_select(0, rows)
+            logps.index_add_(0, seq, chunk.logp * state.weights.index_select(0, rows))
+            chunk_logps = _gather(logps, state.groups[group_index]).requires_grad_()
+            with torch.enable_grad():
+                chunk_loss = state.head(chunk_logps, group_index, _group_stats(state, token, group_index))
+                (grad_logps,) = torch.autograd.grad(chunk_loss, chunk_logps, allow_unused=True)
+            loss += chunk_loss.detach()
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
+            grad_sequence = logps.new_zeros(state.num_sequences)
+            if grad_logps is not None:
+                slots = state.groups[group_index]
+                grad_sequence.index_add_(0, slots[slots >= 0], grad_logps[slots >= 0])
+            grad_token = grad_sequence.index_select(0, seq) * state.weights.index_select(0, rows)
+            _logit_grads_in_place(logits, local_targets, chunk, grad_token, temperature, softcap)
+            if grad_h is not None:
+                grad_h.index_copy_(0, rows, fused.matmul_fp32(logits, _as(weight, logits)).to(hidden.dtype))
+            if grad_w is not None:
+                grad_w.add(0, vocab, logits, _as(h_rows, logits))
+            if grad_b is not None:
+                grad_b += logits.sum(0, dtype=torch.float32)
+        state.logps = logps
+        state.stats = _sequence_stats(token, state.counted, state.seq_ids, state.num_sequences, state.wanted)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w.result() if grad_w else None,
+                                            grad_b.to(bias.dtype) if grad_b is not None else None)
+                                if g is not None))
+        ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = iter(ctx.saved_tensors)
+        grads = []
+        for present in ctx.present:
+            grad = next(saved) if present else None
+            grads.append(None if grad is None else (grad * grad_loss).to(grad.dtype))
+        return (*grads, None, None, None, None, None)
+
+
+def _as(tensor, like):
+    return tensor if tensor.dtype == like.dtype else tensor.to(like.dtype)
+
+
+def _materialise(h_rows, weight, bias):
+    """Logits [n, V] of one chunk: the GEMM in the input dtype on GPU (as every trainer does),
+    fp32 on CPU where half-precision GEMMs are slow and inexact."""
+    if h_rows.is_cuda:
+        return torch.nn.functional.linear(h_rows, weight, bias)
+    return torch.nn.functional.linear(h_rows.float(), weight.float(), None if bias is None else bias.float())
+
+
+def _chunk_token_stats(logits, targets, temperature, softcap) -> tiles.Token:
+    parts = []
+    for r0 in range(0, logits.shape[0], _BLOCK_ROWS):
+        z = tiles.transform(logits[r0:r0 + _BLOCK_ROWS], temperature, softcap)
+        parts.append(tiles.finalize(tiles.tile_stats(z, targets[r0:r0 + _BLOCK_ROWS])))
+    return tiles.Token(*(torch.cat(column) for column in zip(*parts)))
+
+
+def _logit_grads_in_place(logits, targets, token, grad_logp, temperature, softcap):
+    for r0 in range(0, logits.shape[0], _BLOCK_ROWS):
+        block = slice(r0, r0 + _BLOCK_ROWS)
+        z = tiles.transform(logits[block], temperature, softcap)
+        grad = tiles.tile_grad(z, targets[block], token.lse[block], None, grad_logp[block],
+                               torch.zeros_like(grad_logp[block]), None, temperature, softcap)
+        logits[block] = grad.to(logits.dtype)
+
+
+def _group_stats(state, token, group_index):
+    stats = _sequence_stats(token, state.counted, state.seq_ids, state.num_sequences, state.wanted)
+    return {k: _gather(v, state.groups[group_index]) for k, v in stats.items()}
