@@ -109,8 +109,15 @@ def smoothed_logsigmoid_loss(logits: torch.Tensor, eps) -> torch.Tensor:
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, switching branch at -log 2 to avoid cancellation."""
-    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    """log(1 - exp(x)) for x < 0, switching branch at -log 2 to avoid cancellation.
+
+    x is capped at -eps² so a log-prob that rounded to 0 (probability 1) stays finite;
+    each branch sees only inputs in its own range, so the unused one has no inf gradient.
+    """
+    x = x.clamp(max=-torch.finfo(x.dtype).eps ** 2)
+    far = x < -math.log(2)
+    return torch.where(far, torch.log1p(-torch.exp(torch.where(far, x, -1.0))),
+                       torch.log(-torch.expm1(torch.where(far, -0.5, x))))
 
 
 class PairBatch:
@@ -506,7 +513,8 @@ def _metrics(b: PairBatch, loss_types) -> dict:
             "logps/rejected": b.rejected.mean(),
         }
         for name in loss_types:
-            metrics.update(_EXTRA_METRICS.get(name, dict)(b))
+            if name in _EXTRA_METRICS:
+                metrics.update(_EXTRA_METRICS[name](b))
     return {k: v.detach() for k, v in metrics.items()}
 
 
@@ -578,7 +586,8 @@ def pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejec
         raise ValueError(f"unknown loss_type {unknown or loss_type!r}; valid: {', '.join(sorted(LOSSES))}")
     weights = [1.0] * len(loss_types) if loss_weights is None else [float(w) for w in loss_weights]
     if len(weights) != len(loss_types) or not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"loss_weights must be {len(loss_types)} finite numbers, one per loss_type; got {loss_weights!r}")
+        raise ValueError(
+            f"loss_weights must be {len(loss_types)} finite numbers, one per loss_type; got {loss_weights!r}")
     bad = sorted(set(params) - set(PARAM_DEFAULTS))
     if bad:
         raise TypeError(f"unknown parameter(s) {bad}; valid: {', '.join(sorted(PARAM_DEFAULTS))}")

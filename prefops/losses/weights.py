@@ -60,6 +60,8 @@ def wpo_weights(policy_token_logps, token_log_sum_p2, mask):
     if tuple(token_log_sum_p2.shape) != tuple(policy_token_logps.shape):
         raise ValueError(f"token_log_sum_p2 must have the shape of policy_token_logps "
                          f"{tuple(policy_token_logps.shape)}; got {tuple(token_log_sum_p2.shape)}")
+    mask = mask.bool()
     with torch.no_grad():
-        aligned = policy_token_logps.float() - token_log_sum_p2.float()
+        # Off-mask positions may hold log 0 = -inf; zero them rather than multiply inf by 0.
+        aligned = torch.where(mask, policy_token_logps.float() - token_log_sum_p2.float(), 0.0)
         return sequence_mean(aligned, mask).exp()
