@@ -103,8 +103,8 @@ def ours_dpo(loss_type, token_logps, completion, ref_logps, sums=None, **kw):
 
 def assert_parity(trl_out, ours_out, token_logps, completion, tol=1e-5):
     (trl_loss, trl_metrics), (loss, metrics) = trl_out, ours_out
-    assert math.isfinite(float(loss))
-    assert abs(float(loss) - float(trl_loss)) <= tol * max(1.0, abs(float(trl_loss)))
+    assert math.isfinite(float(loss.detach()))
+    assert abs(float(loss.detach() - trl_loss.detach())) <= tol * max(1.0, abs(float(trl_loss.detach())))
     # TRL sums every position (the LM head gives log-prob 0 off the completion), so compare on the completion.
     mask = completion[:, 1:]
     trl_grad = torch.autograd.grad(trl_loss, token_logps, retain_graph=True)[0] * mask
