@@ -53,13 +53,16 @@ def _linear_fp32(h_rows, weight, bias, v0, v1):
 def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace) -> tiles.Token:
     """log p(target), lse, entropy and sum p^2 for the counted rows."""
     n, vocab = rows.numel(), weight.shape[0]
+    if n == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return tiles.Token(empty, empty, empty, empty)
     if backend == "triton":
         from .kernels import launch_logits_stats
 
         partial = launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap)
         return tiles.finalize(tiles.combine_splits(partial))
     # About four fp32 temporaries of the tile are alive at once.
-    row_chunk = min(max(n, 1), 1024)
+    row_chunk = min(n, 1024)
     v_chunk = max(1, min(vocab, workspace // (16 * row_chunk)))
     parts = []
     for r0 in range(0, n, row_chunk):
@@ -70,17 +73,14 @@ def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backe
             z = tiles.transform(_linear_fp32(h_rows, weight, bias, v0, v0 + v_chunk), temperature, softcap)
             stats = tiles.combine(stats, tiles.tile_stats(z, local - v0))
         parts.append(tiles.finalize(stats))
-    if not parts:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return tiles.Token(empty, empty, empty, empty)
     return tiles.Token(*(torch.cat(column) for column in zip(*parts)))
 
 
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 result, accumulating in fp32 for half-precision inputs."""
-    if a.dtype == torch.float32:
+    if a.dtype == b.dtype == torch.float32:
         return a @ b
-    if a.is_cuda:
+    if a.is_cuda and a.dtype == b.dtype:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (RuntimeError, TypeError):

@@ -4,7 +4,7 @@ Padded: values [B, T] with a bool mask [B, T] (True = counted token).
 Packed (padding-free): flat values [N] with either cu_seqlens [S + 1]
 (cumulative lengths, as flash-attn's varlen API) or seq_ids [N] (the sequence
 index of each token; -1 marks a token that belongs to no sequence).
-All reductions are differentiable and accumulate in fp32.
+All reductions are differentiable and accumulate in fp32 (float64 input stays float64).
 """
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def _segments(values, mask, cu_seqlens, seq_ids, num_sequences):
         raise ValueError("pass at most one of cu_seqlens and seq_ids")
     if mask is not None and tuple(mask.shape) != tuple(values.shape):
         raise ValueError(f"mask must have the shape of values {tuple(values.shape)}; got {tuple(mask.shape)}")
-    weights = values.new_ones(values.shape, dtype=torch.float32) if mask is None else mask.to(torch.float32)
+    # fp32 accumulation for half precision; float64 stays float64 for references.
+    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    weights = values.new_ones(values.shape, dtype=dtype) if mask is None else mask.to(dtype)
     if given == 0:
         if values.dim() != 2:
             raise ValueError(
@@ -50,13 +52,13 @@ def _segments(values, mask, cu_seqlens, seq_ids, num_sequences):
             )
         batch, length = values.shape
         ids = torch.arange(batch, device=values.device).repeat_interleave(length)
-        return values.reshape(-1).float(), weights.reshape(-1), ids, batch
+        return values.reshape(-1).to(dtype), weights.reshape(-1), ids, batch
     if values.dim() != 1:
         raise ValueError(f"packed values must be flat [N]; got shape {tuple(values.shape)}")
     if cu_seqlens is not None:
         ids = seq_ids_from_cu_seqlens(cu_seqlens.to(values.device), values.numel())
         count = cu_seqlens.numel() - 1
-        return values.float(), weights, ids, count
+        return values.to(dtype), weights, ids, count
     if tuple(seq_ids.shape) != tuple(values.shape):
         raise ValueError(f"seq_ids must have the shape of values {tuple(values.shape)}; got {tuple(seq_ids.shape)}")
     ids = seq_ids.to(values.device).long()
@@ -64,7 +66,7 @@ def _segments(values, mask, cu_seqlens, seq_ids, num_sequences):
     if ids.numel() and (int(ids.max()) >= count or int(ids.min()) < -1):
         raise ValueError(f"seq_ids must lie in [-1, num_sequences={count})")
     keep = ids >= 0
-    return values.float() * keep, weights * keep, ids.clamp_min(0), count
+    return values.to(dtype) * keep, weights * keep, ids.clamp_min(0), count
 
 
 def sequence_stats(values, mask=None, *, cu_seqlens=None, seq_ids=None, num_sequences=None) -> SequenceStats:

@@ -1,0 +1,205 @@
+"""The core fused op against a float64 reference: values, gradients, layouts, bad input."""
+import math
+
+import pytest
+import torch
+
+import prefops
+from conftest import TOLERANCE, relative_error
+from helpers import make_inputs, reference64, run_with_grads
+
+EXTRAS = dict(return_lse=True, return_entropy=True)
+
+
+def check_against_reference(hidden, weight, bias, targets, *, backend, entropy_atol=None, grad_tolerance=None,
+                            **options):
+    upstream = [torch.randn(targets.shape, dtype=torch.float64) for _ in range(3)]
+    expected, expected_grads = reference64(hidden, weight, bias, targets, upstream, **EXTRAS, **options)
+    fused = lambda *a, **k: prefops.linear_logprobs(*a, backend=backend, **k)  # noqa: E731
+    actual, actual_grads = run_with_grads(fused, hidden, weight, bias, targets, upstream, **EXTRAS, **options)
+    tolerance = TOLERANCE[hidden.dtype]
+    assert relative_error(actual[0], expected[0]) <= tolerance, "logp"
+    assert relative_error(actual[1], expected[1]) <= tolerance, "lse"
+    if entropy_atol is None:
+        assert relative_error(actual[2], expected[2]) <= tolerance, "entropy"
+    else:
+        assert torch.allclose(actual[2].double(), expected[2], rtol=0, atol=entropy_atol), "entropy"
+    for name, a, e in zip(("hidden", "weight", "bias"), actual_grads, expected_grads):
+        assert a.dtype == hidden.dtype
+        assert relative_error(a, e) <= (grad_tolerance or tolerance), f"grad of {name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.7}, {"softcap": 5.0, "temperature": 1.3}])
+def test_torch_backend_matches_float64(dtype, options):
+    # V and H are multiples of no block size; a small workspace forces several row and vocabulary chunks.
+    hidden, weight, targets, bias = make_inputs(45, 67, 1013, dtype=dtype, scale=4.0, bias=True)
+    with prefops.settings(workspace=60_000):
+        check_against_reference(hidden, weight, bias, targets, backend="torch", **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [{}, {"softcap": 3.0, "temperature": 0.7}])
+def test_triton_kernels_match_float64(dtype, options):
+    """The real Triton kernels (under TRITON_INTERPRET=1 on CPU)."""
+    hidden, weight, targets, bias = make_inputs(21, 35, 203, dtype=dtype, scale=4.0, bias=bool(options))
+    with prefops.settings(workspace=20_000):
+        check_against_reference(hidden, weight, bias, targets, backend="triton", **options)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_large_magnitude_logits(backend):
+    # Logits of magnitude ~1e3: no overflow in lse, and the entropy (~1e-20 nats: one-hot
+    # rows) must not come out as the difference of two numbers near 1e3. An fp32 logit of
+    # that size is only known to ~1e-4 (its ulp is 6e-5), which bounds how well the
+    # entropy and gradients of near-tied rows can match the float64 reference.
+    hidden, weight, targets, _ = make_inputs(13, 19, 97, scale=1000.0)
+    check_against_reference(hidden, weight, None, targets, backend=backend, entropy_atol=1e-4, grad_tolerance=1e-4)
+
+
+def test_gradients_flow_only_from_counted_tokens():
+    hidden, weight, targets, _ = make_inputs(12, 16, 50, ignore_every=0)
+    targets[5:] = -100
+    hidden.requires_grad_()
+    prefops.linear_logprobs(hidden, weight, targets).sum().backward()
+    assert hidden.grad[5:].abs().sum() == 0
+    assert (hidden.grad[:5].abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_all_ignored_rows(backend):
+    hidden, weight, targets, _ = make_inputs(6, 16, 50)
+    targets[:] = -100
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    out = prefops.linear_logprobs(hidden, weight, targets, backend=backend, **EXTRAS)
+    assert torch.equal(out.logp, torch.zeros(6)) and torch.equal(out.lse, torch.zeros(6))
+    out.logp.sum().backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_custom_ignore_index_and_batch_shape():
+    hidden, weight, targets, _ = make_inputs(24, 16, 50, ignore_every=0)
+    targets[::3] = 7  # a valid vocabulary id used as the ignore marker
+    out = prefops.linear_logprobs(hidden.view(2, 3, 4, 16), weight, targets.view(2, 3, 4), ignore_index=7)
+    expected = prefops.reference.linear_logprobs(hidden.double(), weight.double(), targets, ignore_index=7)
+    assert out.shape == (2, 3, 4)
+    assert relative_error(out.reshape(-1), expected) <= 1e-5
+    assert torch.equal(out.reshape(-1)[::3], torch.zeros(8))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_stays_in_its_token(backend):
+    hidden, weight, targets, _ = make_inputs(8, 16, 50, ignore_every=0)
+    hidden[3, 5] = float("nan")
+    out = prefops.linear_logprobs(hidden, weight, targets, backend=backend)
+    assert torch.isnan(out[3])
+    assert not torch.isnan(out[torch.arange(8) != 3]).any()
+
+
+def test_sum_p2_matches_reference():
+    hidden, weight, targets, _ = make_inputs(20, 16, 77, scale=3.0)
+    out = prefops.linear_logprobs(hidden, weight, targets, return_sum_p2=True)
+    expected = prefops.reference.token_sum_p2(hidden.double(), weight.double(), targets)
+    assert relative_error(out.sum_p2, expected) <= 1e-5
+    assert not out.sum_p2.requires_grad
+
+
+def test_forward_only_path_saves_nothing():
+    hidden, weight, targets, _ = make_inputs(10, 16, 50)
+    hidden.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.no_grad():
+            out = prefops.linear_logprobs(hidden, weight, targets)
+        assert not out.requires_grad and saved == []
+        prefops.linear_logprobs(hidden, weight, targets)
+    assert saved, "the training path must save what backward needs"
+
+
+def test_packed_and_padded_layouts_give_the_same_sequence_sums():
+    lengths = [5, 9, 3]
+    hidden, weight, targets, _ = make_inputs(sum(lengths), 16, 50)
+    packed = prefops.linear_logprobs(hidden, weight, targets)
+    cu_seqlens = torch.tensor([0, 5, 14, 17])
+    padded_h = torch.zeros(3, 9, 16)
+    padded_t = torch.full((3, 9), -100)
+    for i, (start, length) in enumerate(zip(cu_seqlens[:-1].tolist(), lengths)):
+        padded_h[i, :length] = hidden[start:start + length]
+        padded_t[i, :length] = targets[start:start + length]
+    padded = prefops.linear_logprobs(padded_h, weight, padded_t)
+    mask = padded_t != -100
+    by_cu = prefops.sequence_sum(packed, cu_seqlens=cu_seqlens)
+    by_ids = prefops.sequence_sum(packed, seq_ids=torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)))
+    by_mask = prefops.sequence_sum(padded, mask)
+    assert torch.allclose(by_cu, by_mask, rtol=1e-6) and torch.allclose(by_ids, by_mask, rtol=1e-6)
+    stats = prefops.sequence_stats(padded, mask)
+    assert torch.equal(stats.count, mask.sum(1).float())
+    assert torch.allclose(stats.mean, by_mask / stats.count)
+    assert torch.equal(prefops.sequence_count(packed, targets != -100, cu_seqlens=cu_seqlens), stats.count)
+
+
+def test_sequence_mean_of_an_empty_sequence_raises():
+    with pytest.raises(ValueError, match="sequence 1 has no counted token"):
+        prefops.sequence_mean(torch.ones(2, 3), torch.tensor([[True, True, False], [False, False, False]]))
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    hidden, weight, targets, _ = make_inputs(10, 16, 50)
+
+    def loss(h, w):
+        return prefops.linear_logprobs(h, w, targets, softcap=4.0).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    h = hidden.clone().requires_grad_()
+    compiled(h, weight).backward()
+    h_eager = hidden.clone().requires_grad_()
+    loss(h_eager, weight).backward()
+    assert relative_error(h.grad, h_eager.grad) <= 1e-6
+
+
+BAD_INPUTS = [
+    (lambda h, w, t: (h, w[:, :-1], t), {}, ValueError, "weight must have shape"),
+    (lambda h, w, t: (h, w.bfloat16(), t), {}, TypeError, "weight dtype"),
+    (lambda h, w, t: (h.long(), w, t), {}, TypeError, "hidden must have dtype"),
+    (lambda h, w, t: (h, w, t.float()), {}, TypeError, "targets must be an integer"),
+    (lambda h, w, t: (h, w, t[:-1]), {}, ValueError, "targets must have shape"),
+    (lambda h, w, t: (h, w, t.to("meta")), {}, ValueError, "targets is on meta"),
+    (lambda h, w, t: (h, w, t.index_fill(0, torch.tensor([2]), 50)), {}, ValueError, r"\[0, 50\).*found 50"),
+    (lambda h, w, t: (h, w, t.index_fill(0, torch.tensor([3]), -1)), {}, ValueError, "found -1 at position"),
+    (lambda h, w, t: (h, w, t), {"temperature": 0.0}, ValueError, "temperature must be"),
+    (lambda h, w, t: (h, w, t), {"temperature": math.inf}, ValueError, "temperature must be"),
+    (lambda h, w, t: (h, w, t), {"softcap": -1.0}, ValueError, "softcap must be"),
+    (lambda h, w, t: (h, w, t), {"bias": torch.zeros(49)}, ValueError, "bias must have shape"),
+    (lambda h, w, t: (h, w, t), {"backend": "cuda"}, ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("transform, options, error, message", BAD_INPUTS)
+def test_bad_input_is_named(transform, options, error, message):
+    hidden, weight, targets, _ = make_inputs(6, 16, 50)
+    with pytest.raises(error, match=message):
+        prefops.linear_logprobs(*transform(hidden, weight, targets), **options)
+
+
+def test_settings_validate_their_values():
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        prefops.configure(strategy="fast")
+    with pytest.raises(ValueError, match="budget must look like"):
+        prefops.configure(budget="lots")
+    with prefops.settings(budget="1.5GiB", strategy="budget") as current:
+        assert current.budget == int(1.5 * 2**30) and current.strategy == "budget"
+    assert prefops.get_settings().strategy == "lean"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_on_gpu_matches_float64(dtype):
+    hidden, weight, targets, bias = make_inputs(1031, 515, 32_003, dtype=dtype, scale=4.0, bias=True, device="cuda")
+    upstream = [torch.randn(targets.shape, dtype=torch.float64, device="cuda") for _ in range(3)]
+    expected, expected_grads = reference64(hidden, weight, bias, targets, upstream, **EXTRAS, softcap=30.0)
+    actual, actual_grads = run_with_grads(prefops.linear_logprobs, hidden, weight, bias, targets, upstream,
+                                          **EXTRAS, softcap=30.0)
+    # tf32 is off for fp32 (IEEE dots), so the fp32 bar holds on the GPU too.
+    for a, e in zip(actual + actual_grads, expected + expected_grads):
+        assert relative_error(a, e) <= TOLERANCE[dtype]
