@@ -4,8 +4,10 @@ from .sequences import SequenceStats, sequence_count, sequence_mean, sequence_st
 from . import reference
 from .ops import LogProbs, linear_logprobs
 from .objective import Objective, sequence_objective
+from .preference import PreferenceLoss
+from . import losses
 
 __all__ = [
-    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs", "Objective", "sequence_objective",
+    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs", "Objective", "sequence_objective", "PreferenceLoss", "losses",
     "SequenceStats", "sequence_count", "sequence_mean", "sequence_stats", "sequence_sum",
 ]

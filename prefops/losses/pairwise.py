@@ -40,6 +40,9 @@ PARAM_DEFAULTS = {
     "chosen_margin_rewards": None,
     "rejected_margin_rewards": None,
     "modpo_weights": None,
+    # Mean chosen length of the whole batch, for callers that evaluate the loss on
+    # parts of a batch (the budget strategy) and need the NLL term to stay additive.
+    "nll_mean_length": None,
 }
 
 
@@ -191,7 +194,8 @@ class PairBatch:
         -s_w / mean(n_w): its mean over pairs is -Σ s_w / Σ n_w, the cross-entropy
         that TRL's sft / CPO / ORPO terms average over all chosen tokens.
         """
-        return -self.chosen / self.get("chosen_lengths").mean()
+        mean_length = self.params["nll_mean_length"]
+        return -self.chosen / (self.get("chosen_lengths").mean() if mean_length is None else mean_length)
 
     @cached_property
     def log_odds(self):
