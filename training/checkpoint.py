@@ -1,0 +1,78 @@
+"""Checkpoints: written atomically, refused when they belong to another model or config.
+
+A checkpoint holds everything a resumed run needs to continue step for step as if
+never stopped: weights, optimizer and scheduler state, every RNG, the stage and
+step (the data order is a function of the step, see data.step_indices).
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RESUME_FREE_KEYS, to_dict
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: Path, *, config, model, stage: str, step: int, optimizer=None, scheduler=None,
+         summary: dict | None = None) -> None:
+    state = {
+        "stage": stage,
+        "step": step,
+        "config": to_dict(config),
+        "shapes": {name: tuple(p.shape) for name, p in model.state_dict().items()},
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer else None,
+        "scheduler": scheduler.state_dict() if scheduler else None,
+        "rng": rng_state(),
+        "summary": summary or {},
+    }
+    # A crash mid-write must never leave a truncated checkpoint behind: write aside, then rename.
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load(path: Path, *, config, model) -> dict:
+    """Read a checkpoint, refusing one written for another model or a different training config."""
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path} to resume from")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    if state["shapes"] != shapes:
+        differing = sorted(set(shapes) ^ set(state["shapes"])) or sorted(
+            n for n in shapes if shapes[n] != state["shapes"][n])
+        name = differing[0]
+        raise CheckpointMismatch(
+            f"{path} is from another model: parameter {name} is {state['shapes'].get(name, 'absent')} there "
+            f"but {shapes.get(name, 'absent')} in model {config.model!r} ({len(differing)} parameter(s) differ)")
+    current = to_dict(config)
+    changed = sorted(k for k in current if k not in RESUME_FREE_KEYS and state["config"].get(k) != current[k])
+    if changed:
+        details = "; ".join(f"{k}: {state['config'].get(k)!r} -> {current[k]!r}" for k in changed)
+        raise CheckpointMismatch(f"{path} was written with another config ({details}); resuming would not "
+                                 "reproduce the run. Restore those values or start a new out_dir")
+    return state

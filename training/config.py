@@ -1,0 +1,186 @@
+"""The training configuration: one flat dataclass, loaded from YAML plus `--key value` overrides.
+
+Flat on purpose: every knob is one line in configs/default.yaml and one
+`--key value` on the command line. Unknown keys fail loudly, listing the valid
+ones, because a misspelt key silently ignored is a wasted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+
+@dataclasses.dataclass
+class Config:
+    # Model: "tiny-llama" builds a small Llama from LlamaConfig(**model_config) with the
+    # bundled character tokenizer; anything else is an AutoModelForCausalLM name or path.
+    model: str = "tiny-llama"
+    model_config: dict = dataclasses.field(default_factory=dict)
+    attn_implementation: str = "sdpa"
+
+    # Data: "synthetic:addition", a .jsonl path, or "hf:NAME[:SPLIT]" (needs `datasets`).
+    data: str = "synthetic:addition"
+    eval_data: str | None = None      # None: hold out eval_fraction of `data`
+    eval_fraction: float = 0.05
+    sft_data: str | None = None       # None: SFT rows of `data` (the chosen completions of pairs)
+    synthetic_size: int = 4000        # rows generated per synthetic source
+    max_length: int = 64
+    append_eos: bool = True           # end every completion with the tokenizer's EOS token
+    packing: bool = False             # padding-free batches (flat tokens + cu_seqlens)
+
+    # Objective.
+    loss_type: str | list = "sigmoid" # a pairwise loss of prefops.losses (TRL names), or a list to sum
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_params: dict = dataclasses.field(default_factory=dict)
+    reference: str = "auto"           # model | precomputed | none | auto (none for reference-free losses)
+    loss_impl: str = "fused"          # fused | reference (materialises the logits)
+
+    # Optimisation. Pairs per optimizer step = micro_batch_size * grad_accum_steps.
+    sft_steps: int = 0
+    sft_lr: float = 1e-3
+    steps: int = 100
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    lr_schedule: str = "cosine"       # cosine | linear | constant (after warmup)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    bf16: str = "auto"                # auto (on when CUDA supports it) | true | false
+    gradient_checkpointing: bool = False
+
+    # Evaluation, logging and checkpoints.
+    eval_every: int = 50
+    eval_batches: int = 8
+    win_rate_samples: int = 256       # sampled completions judged by a synthetic task's scorer
+    sample_temperature: float = 1.0
+    log_every: int = 10
+    out_dir: str = "runs/default"
+    checkpoint_every: int = 100
+    resume: bool = False              # continue from out_dir/last.pt
+    ref_cache_dir: str = "runs/ref_cache"
+    plot: bool = True
+    tensorboard: bool = True          # used only when tensorboard is installed
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+
+CHOICES = {
+    "reference": ("auto", "model", "precomputed", "none"),
+    "loss_impl": ("fused", "reference"),
+    "lr_schedule": ("cosine", "linear", "constant"),
+    "bf16": ("auto", True, False),
+}
+
+# Keys that only change what is observed, not the trajectory: a run may resume with other values.
+RESUME_FREE_KEYS = frozenset({
+    "eval_every", "eval_batches", "win_rate_samples", "log_every", "out_dir", "checkpoint_every",
+    "resume", "ref_cache_dir", "plot", "tensorboard", "device",
+})
+
+
+def valid_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _typed(field: dataclasses.Field, value):
+    """Check a value against its field's annotation; YAML reads 3e-3 as a string, so numbers are parsed."""
+    kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,), "list": (list,)}
+    allowed = tuple(kind for name in field.type.split("|") for kind in kinds.get(name.strip(), ()))
+    if value is None and "None" in field.type or field.name in CHOICES:
+        return value
+    if isinstance(value, str) and float in allowed:
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        raise ValueError(f"{field.name} must be of type {field.type}; got {value!r}")
+    return value
+
+
+def from_dict(values: dict) -> Config:
+    fields = {field.name: field for field in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+    config = Config(**{key: _typed(fields[key], value) for key, value in values.items()})
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    for key, allowed in CHOICES.items():
+        if getattr(config, key) not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}; got {getattr(config, key)!r}")
+    for key in ("micro_batch_size", "grad_accum_steps", "max_length", "steps"):
+        if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
+            raise ValueError(f"{key} must be a positive integer; got {getattr(config, key)!r}")
+    if not 0 <= config.eval_fraction < 1:
+        raise ValueError(f"eval_fraction must lie in [0, 1); got {config.eval_fraction}")
+
+
+def default_path() -> Path:
+    return Path(str(resources.files("prefops.training") / "configs" / "default.yaml"))
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn ['--steps', '10', '--model_config.hidden_size=64'] into {'steps': 10, 'model_config': {...}}.
+
+    Values are parsed as YAML so numbers, booleans, lists and null keep their type.
+    A dotted key sets one entry of a dict-valued key.
+    """
+    overrides: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected --key value, got {arg!r}")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            key, text = arg[2:], args[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"{arg} needs a value")
+        value = yaml.safe_load(text)
+        key = key.replace("-", "_")
+        if "." in key:
+            outer, inner = key.split(".", 1)
+            overrides.setdefault(outer, {})[inner] = value
+        else:
+            overrides[key] = value
+    return overrides
+
+
+def load(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Read a YAML config (the bundled default when path is None) and apply overrides."""
+    path = default_path() if path is None else Path(path)
+    with open(path) as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config must be a mapping of key: value")
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    try:
+        return from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

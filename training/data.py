@@ -1,0 +1,350 @@
+"""Rows in standard preference formats -> validated records -> token ids -> batches.
+
+Row formats (the TRL conventions), as JSONL lines or Hugging Face `datasets` rows:
+  pairwise   {"prompt", "chosen", "rejected"}      text, or lists of {"role", "content"}
+             messages (the prompt may then be implicit: the shared leading messages)
+  sft        {"prompt", "completion"}
+  ranked     {"prompt", "completions": [...], "scores": [...]}   higher score is better
+  unpaired   {"prompt", "completion", "label": bool}              (KTO)
+Every error names the row (file:line or source#index) and the field.
+
+A tokenised example is one prompt with k completions (k=2 for a pair: chosen,
+rejected). A batch of P examples holds k*P sequences, completion-major: all
+chosen, then all rejected. Targets are the next token on completion positions
+and -100 on prompt and padding. Batches are padded [S, T] or packed: flat
+tokens with per-sequence position ids and cu_seqlens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from .synthetic import TASKS
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- reading rows
+
+def read_rows(source: str, *, kind: str, size: int, seed: int) -> list[tuple[str, dict]]:
+    """(where, row) pairs from a source; `kind` picks the rows of a synthetic task."""
+    if source.startswith("synthetic:"):
+        name = source.split(":", 1)[1]
+        if name not in TASKS:
+            raise DataError(f"unknown synthetic task {name!r}; available: {', '.join(TASKS)}")
+        return [(f"{source}#{i}", row) for i, row in enumerate(TASKS[name].rows(kind, size, seed))]
+    if source.startswith("hf:"):
+        return _read_hf(source)
+    return _read_jsonl(Path(source))
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+            rows.append((where, row))
+    if not rows:
+        raise DataError(f"data file {path} holds no rows")
+    return rows
+
+
+def _read_hf(source: str) -> list[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source}: reading Hugging Face datasets needs `pip install datasets`") from None
+    name, _, split = source[3:].partition(":")
+    dataset = datasets.load_dataset(name, split=split or "train")
+    return [(f"{source}#{i}", dict(row)) for i, row in enumerate(dataset)]
+
+
+# ----------------------------------------------------------------------------- validating rows
+
+@dataclasses.dataclass
+class Record:
+    """One validated row. Text fields are str; conversational fields are message lists."""
+    where: str
+    prompt: str | list
+    completions: list          # pairwise: [chosen, rejected]; sft/unpaired: [completion]; ranked: all
+    scores: list | None = None  # ranked only
+    label: bool | None = None   # unpaired only
+
+    @property
+    def kind(self) -> str:
+        if self.scores is not None:
+            return "ranked"
+        if self.label is not None:
+            return "unpaired"
+        return "pairwise" if len(self.completions) == 2 else "sft"
+
+
+def _check_messages(where: str, field: str, value) -> list:
+    if not value:
+        raise DataError(f"{where}: field {field!r}: empty message list")
+    for i, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: field {field!r}[{i}]: a message must be {{'role': str, 'content': str}}")
+    return value
+
+
+def _check_text_or_messages(where: str, field: str, value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _check_messages(where, field, value)
+    raise DataError(f"{where}: field {field!r}: expected text or a list of messages, got {type(value).__name__}")
+
+
+def _require(where: str, row: dict, field: str):
+    if field not in row or row[field] is None:
+        raise DataError(f"{where}: missing field {field!r} (row has {', '.join(sorted(row)) or 'no fields'})")
+    return row[field]
+
+
+def parse_row(where: str, row: dict) -> Record:
+    if "chosen" in row or "rejected" in row:
+        chosen = _check_text_or_messages(where, "chosen", _require(where, row, "chosen"))
+        rejected = _check_text_or_messages(where, "rejected", _require(where, row, "rejected"))
+        if type(chosen) is not type(rejected):
+            raise DataError(f"{where}: field 'rejected': must be text like 'chosen' or messages like 'chosen'")
+        if "prompt" in row or isinstance(chosen, str):
+            prompt = _check_text_or_messages(where, "prompt", _require(where, row, "prompt"))
+            if type(prompt) is not type(chosen):
+                raise DataError(f"{where}: field 'prompt': mixes text and messages with 'chosen'")
+            return Record(where, prompt, [chosen, rejected])
+        # Implicit prompt: the conversations share all but their final assistant turn.
+        if chosen[:-1] != rejected[:-1]:
+            raise DataError(f"{where}: field 'rejected': without a 'prompt', chosen and rejected "
+                            "must share every message but the last")
+        return Record(where, chosen[:-1], [chosen[-1:], rejected[-1:]])
+    prompt = _check_text_or_messages(where, "prompt", _require(where, row, "prompt"))
+    if "completions" in row:
+        completions = _require(where, row, "completions")
+        if not isinstance(completions, list) or len(completions) < 2:
+            raise DataError(f"{where}: field 'completions': expected a list of at least 2 completions")
+        completions = [_check_text_or_messages(where, f"completions[{i}]", c) for i, c in enumerate(completions)]
+        scores = _require(where, row, "scores")
+        if (not isinstance(scores, list) or len(scores) != len(completions)
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)):
+            raise DataError(f"{where}: field 'scores': expected {len(completions)} numbers, one per completion")
+        return Record(where, prompt, completions, scores=scores)
+    completion = _check_text_or_messages(where, "completion", _require(where, row, "completion"))
+    if "label" in row:
+        if not isinstance(row["label"], bool):
+            raise DataError(f"{where}: field 'label': expected true or false, got {row['label']!r}")
+        return Record(where, prompt, [completion], label=row["label"])
+    return Record(where, prompt, [completion])
+
+
+def records_for(rows: list[tuple[str, dict]], stage: str) -> tuple[list[Record], list[str]]:
+    """Records a stage can train on (pairs for preference training, single completions for SFT),
+    and a note for each row skipped."""
+    records, skipped = [], []
+    for where, row in rows:
+        record = parse_row(where, row)
+        if record.kind == "unpaired":
+            raise DataError(f"{where}: unpaired (KTO) rows need an unpaired loss; only pairwise losses "
+                            "are trained so far")
+        if record.kind == "ranked":
+            # Binarise: the best against the worst completion, as done for UltraFeedback.
+            best = max(range(len(record.scores)), key=record.scores.__getitem__)
+            worst = min(range(len(record.scores)), key=record.scores.__getitem__)
+            if record.scores[best] == record.scores[worst]:
+                skipped.append(f"{where} (all scores tie)")
+                continue
+            record = Record(where, record.prompt, [record.completions[best], record.completions[worst]])
+        if stage == "sft" and record.kind == "pairwise":
+            record = Record(where, record.prompt, record.completions[:1])
+        if stage != "sft" and record.kind != "pairwise":
+            raise DataError(f"{where}: preference training needs prompt/chosen/rejected or ranked rows, "
+                            f"got a {record.kind} row")
+        records.append(record)
+    return records, skipped
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+@dataclasses.dataclass
+class Example:
+    where: str
+    prompt_ids: list[int]
+    completion_ids: list[list[int]]
+
+
+def _render(tokenizer, prompt, completion, where: str) -> tuple[str, str, bool]:
+    """(prompt text, completion text, whether the prompt text already holds special tokens)."""
+    if isinstance(prompt, str):
+        return prompt, completion, False
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise DataError(f"{where}: the tokenizer's chat template does not render the prompt as a prefix "
+                        "of the full conversation, so prompt and completion cannot be separated")
+    return prompt_text, full_text[len(prompt_text):], True
+
+
+def tokenize(tokenizer, record: Record, append_eos: bool = True) -> Example:
+    completion_ids = []
+    for completion in record.completions:
+        prompt_text, completion_text, templated = _render(tokenizer, record.prompt, completion, record.where)
+        ids = tokenizer.encode(completion_text, add_special_tokens=False)
+        if append_eos and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        completion_ids.append(ids)
+    prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=not templated)
+    return Example(record.where, prompt_ids, completion_ids)
+
+
+def truncate(example: Example, max_length: int) -> Example | None:
+    """Cut each sequence to max_length tokens; None when a completion loses every target token."""
+    prompt = example.prompt_ids[:max_length]
+    completions = [ids[:max_length - len(prompt)] for ids in example.completion_ids]
+    # The first completion token is a target only if a prompt token precedes it.
+    if any(len(ids) - (not prompt) < 1 for ids in completions):
+        return None
+    return Example(example.where, prompt, completions)
+
+
+@dataclasses.dataclass
+class Dataset:
+    examples: list[Example]
+    skipped: list[str]  # "where (why)" for each row left out
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def fingerprint(self) -> str:
+        """Hash of the token ids: what a reference-log-prob cache is keyed by."""
+        digest = hashlib.sha256()
+        for example in self.examples:
+            digest.update(json.dumps([example.prompt_ids, example.completion_ids]).encode())
+        return digest.hexdigest()[:16]
+
+
+def build_dataset(records: list[Record], tokenizer, max_length: int, skipped: list[str],
+                  append_eos: bool = True) -> Dataset:
+    examples, skipped = [], list(skipped)
+    for record in records:
+        example = truncate(tokenize(tokenizer, record, append_eos), max_length)
+        if example is None:
+            skipped.append(f"{record.where} (completion truncated away by max_length={max_length})")
+        else:
+            examples.append(example)
+    if not examples:
+        raise DataError(f"no example left to train on; first skipped: {skipped[0] if skipped else 'none'}")
+    return Dataset(examples, skipped)
+
+
+def split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Deterministic held-out split of `fraction` of the records."""
+    order = list(range(len(records)))
+    random.Random(f"split-{seed}").shuffle(order)
+    held = set(order[:round(len(records) * fraction)])
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+# ----------------------------------------------------------------------------- batching
+
+@dataclasses.dataclass
+class Batch:
+    input_ids: torch.Tensor            # [S, T] padded, or [1, N] packed
+    targets: torch.Tensor              # same shape; IGNORE_INDEX on prompt and padding
+    attention_mask: torch.Tensor | None  # [S, T] padded; None when packed
+    position_ids: torch.Tensor | None  # [1, N] packed: restarts at 0 in every sequence
+    cu_seqlens: torch.Tensor | None    # [S + 1] packed
+    indices: torch.Tensor              # dataset index of each example [P]
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    @property
+    def num_examples(self) -> int:
+        return self.indices.numel()
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1 if self.packed else self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel() if self.packed else int(self.attention_mask.sum())
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+    def to(self, device) -> "Batch":
+        return Batch(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
+
+
+def _sequence(prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int]]:
+    ids = prompt_ids + completion_ids
+    # Position i predicts token i+1; only completion tokens are targets.
+    targets = [ids[i + 1] if i + 1 >= len(prompt_ids) else IGNORE_INDEX for i in range(len(ids) - 1)]
+    return ids, targets + [IGNORE_INDEX]
+
+
+def collate(dataset: Dataset, indices: list[int], *, packing: bool) -> Batch:
+    examples = [dataset.examples[i] for i in indices]
+    num_completions = len(examples[0].completion_ids)
+    sequences = [_sequence(e.prompt_ids, e.completion_ids[k]) for k in range(num_completions) for e in examples]
+    index_tensor = torch.tensor(indices)
+    if packing:
+        lengths = torch.tensor([len(ids) for ids, _ in sequences])
+        return Batch(
+            input_ids=torch.tensor([t for ids, _ in sequences for t in ids]).unsqueeze(0),
+            targets=torch.tensor([t for _, targets in sequences for t in targets]).unsqueeze(0),
+            attention_mask=None,
+            position_ids=torch.cat([torch.arange(n) for n in lengths.tolist()]).unsqueeze(0),
+            cu_seqlens=torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int(),
+            indices=index_tensor,
+        )
+    width = max(len(ids) for ids, _ in sequences)
+    pad_id = 0  # any valid id: attention and targets both ignore padding
+    return Batch(
+        input_ids=torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in sequences]),
+        targets=torch.tensor([targets + [IGNORE_INDEX] * (width - len(targets)) for _, targets in sequences]),
+        attention_mask=torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in sequences]),
+        position_ids=None,
+        cu_seqlens=None,
+        indices=index_tensor,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(size: int, seed: int, stage: str, epoch: int) -> list[int]:
+    key = int(hashlib.sha256(f"{seed}-{stage}-{epoch}".encode()).hexdigest()[:15], 16)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(key)).tolist()
+
+
+def step_indices(size: int, step: int, batch_size: int, seed: int, stage: str) -> list[int]:
+    """Example indices of optimizer step `step`: a reshuffle every epoch, a pure function of the step.
+
+    Because the data order depends on nothing but (seed, stage, step), a resumed run
+    sees exactly the batches an uninterrupted run would.
+    """
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return [_epoch_order(size, seed, stage, p // size)[p % size] for p in positions]

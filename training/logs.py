@@ -1,0 +1,67 @@
+"""Run records: one JSONL line each (plus TensorBoard when installed), and a PNG of the curves."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+STAGES = ("sft", "dpo")
+
+
+def _position(record: dict) -> tuple[int, int]:
+    return STAGES.index(record["stage"]), record["step"]
+
+
+class RunLog:
+    def __init__(self, out_dir: Path, *, tensorboard: bool, resume_from: tuple[str, int] | None):
+        self.path = out_dir / "log.jsonl"
+        if resume_from is None:
+            self.path.write_text("")
+        else:
+            # Drop what a crashed run logged after its last checkpoint; the resumed run logs it again.
+            keep = [r for r in self.records() if _position(r) <= (STAGES.index(resume_from[0]), resume_from[1])]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            offset = 0 if record["stage"] == "sft" else 10 ** 6  # one x-axis for both stages
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(f"{record['stage']}/{record['kind']}/{key}", value, offset + record["step"])
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = self.records()
+        panels = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"),
+                  ("rewards/margins", "reward margin"), ("win_rate", "scorer win rate")]
+        figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
+        for axis, (key, title) in zip(axes, panels):
+            for stage in STAGES:
+                for kind, style in (("train", "-"), ("eval", "o-")):
+                    points = [(r["step"], r[key]) for r in records
+                              if r["stage"] == stage and r["kind"] == kind and key in r]
+                    if points:
+                        axis.plot(*zip(*points), style, label=f"{stage} {kind}", markersize=3)
+            axis.set_title(title)
+            axis.set_xlabel("step")
+            if axis.lines:
+                axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
