@@ -114,7 +114,7 @@ def test_head_matches_hf_logits_with_softcap_and_logit_scaling():
 
 def _step_gradients(trainer, stage, micro_batch_size):
     """Loss and gradients of optimizer step 0 (4 examples) taken as micro-batches of micro_batch_size."""
-    train_set, objective = trainer.stages[stage][2:4]
+    train_set, objective = trainer.stages[stage].train_set, trainer.stages[stage].objective
     indices = D.step_indices(len(train_set), 0, 4, trainer.config.seed, stage)
     batches = [D.collate(train_set, indices[i:i + micro_batch_size], packing=trainer.config.packing)
                for i in range(0, 4, micro_batch_size)]

@@ -23,7 +23,7 @@ class Config:
 
     # Data: "synthetic:addition", a .jsonl path, or "hf:NAME[:SPLIT]" (needs `datasets`).
     data: str = "synthetic:addition"
-    eval_data: str | None = None      # None: hold out eval_fraction of `data`
+    eval_data: str | None = None      # None: hold out eval_fraction of `data` (SFT always holds out)
     eval_fraction: float = 0.05
     sft_data: str | None = None       # None: SFT rows of `data` (the chosen completions of pairs)
     synthetic_size: int = 4000        # rows generated per synthetic source

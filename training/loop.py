@@ -15,6 +15,7 @@ import random
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +28,15 @@ from . import data as D
 from . import model as M
 from .logs import RunLog
 from .synthetic import TASKS
+
+
+class Stage(NamedTuple):
+    steps: int
+    lr: float
+    train_set: D.Dataset
+    objective: object
+    eval_set: D.Dataset | None
+    eval_objective: object
 
 
 class OutOfMemory(MemoryError):
@@ -123,7 +133,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.autocast = lambda: M.autocast(self.device, config.bf16)
-        self.stages = {}  # stage name -> (steps, lr, train set, train objective, eval set, eval objective)
+        self.stages: dict[str, Stage] = {}
 
     @staticmethod
     def seed_everything(seed: int) -> None:
@@ -133,7 +143,7 @@ class Trainer:
 
     # --- data and objectives
 
-    def datasets(self, stage: str) -> tuple[D.Dataset, D.Dataset]:
+    def datasets(self, stage: str) -> tuple[D.Dataset, D.Dataset | None]:
         config = self.config
         source = (config.sft_data or config.data) if stage == "sft" else config.data
         kind = "sft" if stage == "sft" else "preference"
@@ -169,9 +179,10 @@ class Trainer:
         train_set, eval_set = self.datasets(stage)
         if stage == "sft":
             objective = SFTObjective(config.loss_impl)
-            self.stages[stage] = (config.sft_steps, config.sft_lr, train_set, objective, eval_set, objective)
+            self.stages[stage] = Stage(config.sft_steps, config.sft_lr, train_set, objective, eval_set, objective)
             return
         kind = self.reference_kind()
+        # Precomputed log-probs keep no reference to the model, so its memory is freed after this call.
         reference_model = M.frozen_copy(self.model) if kind != "none" else None
 
         def reference_for(dataset):
@@ -181,14 +192,15 @@ class Trainer:
                 return references.frozen_model(reference_model, config.loss_impl, self.autocast)
             return references.precomputed(reference_model, dataset, config, self.device, self.autocast)
 
-        self.stages[stage] = (config.steps, config.lr, train_set, PreferenceObjective(config, reference_for(train_set)),
-                              eval_set, eval_set and PreferenceObjective(config, reference_for(eval_set)))
+        self.stages[stage] = Stage(config.steps, config.lr, train_set,
+                                   PreferenceObjective(config, reference_for(train_set)), eval_set,
+                                   eval_set and PreferenceObjective(config, reference_for(eval_set)))
 
     # --- evaluation
 
     @torch.no_grad()
     def evaluate(self, stage: str, step: int) -> dict:
-        eval_set, objective = self.stages[stage][4:]
+        eval_set, objective = self.stages[stage].eval_set, self.stages[stage].eval_objective
         record = {"stage": stage, "kind": "eval", "step": step}
         self.model.eval()
         if eval_set is not None:
@@ -209,7 +221,7 @@ class Trainer:
 
     def run_stage(self, stage: str, log: RunLog, resume: dict | None) -> None:
         config = self.config
-        steps, lr, train_set, objective = self.stages[stage][:4]
+        steps, lr, train_set, objective, _, _ = self.stages[stage]
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(config.adam_betas),
                                       weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
@@ -282,7 +294,10 @@ class Trainer:
         summary = self.summary(log.records())
         summary["wall_s"] = round(time.time() - began, 1)
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        tqdm.write("summary: " + json.dumps(summary))
+        if self.task is not None:
+            tqdm.write(f"{self.task.name}: scorer win rate of sampled answers {summary['win_rate_before']:.1%} "
+                       f"before DPO -> {summary['win_rate_after']:.1%} after (chance {self.task.chance:.0%})")
+        tqdm.write(f"done in {summary['wall_s']:.0f} s; log, curves and checkpoints in {self.out_dir}")
         return summary
 
     def sft_weights(self) -> dict:
