@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (the main job) and `make test` (the whole suite).
+# Entry points: `make train` (the main job), `make test` (the whole suite), `make demo`.
 # Both create .venv on first use. torch is pinned so a CPU machine never pulls
 # a multi-GB CUDA build; on a GPU machine install your own torch first and run
 # `pip install -e .[test]` instead.
@@ -14,8 +14,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install demo test
+.PHONY: install train demo test
 install: $(BIN)/.installed
+
+train: install
+	$(BIN)/prefops train
 
 demo: install
 	$(BIN)/python -m prefops.demo
