@@ -3,45 +3,15 @@
 Prints the agreement of loss and gradients and the peak memory each path allocated
 (recorded tensor by tensor), for a small Llama-like head: 4 pairs x 256 tokens, H 256, V 32000.
 """
-import weakref
-
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import prefops
-from prefops.ops import IMPLEMENTATIONS
-
-
-class PeakMemory(TorchDispatchMode):
-    """Live bytes of every storage allocated inside the block (custom ops included, gradients too), and their peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak = 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        implementation = IMPLEMENTATIONS.get(func._schema.name)
-        if implementation is not None:
-            with self:
-                return implementation(*args, **(kwargs or {}))
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
-                size = tensor.untyped_storage().nbytes()
-                self.live += size
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(tensor.untyped_storage(), self._free, size)
-        return out
-
-    def _free(self, size):
-        self.live -= size
+from prefops.memory import AllocationRecorder
 
 
 def dpo_step(pipeline, hidden, weight, targets, ref, beta=0.1):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    tracker = PeakMemory()
+    tracker = AllocationRecorder()
     with tracker:
         loss = pipeline(h, w, targets, ref, beta)
         loss.backward()

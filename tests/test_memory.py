@@ -1,39 +1,10 @@
 """Memory is a feature: record every tensor the ops allocate and check none is N x V or over budget."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import prefops
-from prefops.ops import IMPLEMENTATIONS
+from prefops.memory import AllocationRecorder
 from helpers import make_inputs
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """Records the size of every tensor produced by any aten op, including those inside prefops' custom ops."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        implementation = IMPLEMENTATIONS.get(func._schema.name)
-        if implementation is not None:
-            with self:  # step inside the opaque custom op
-                return implementation(*args, **kwargs)
-        out = func(*args, **kwargs)
-        # Views and in-place results reuse an input's storage: they allocate nothing.
-        inputs = {_storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and _storage(tensor) not in inputs:
-                self.sizes.append((tensor.numel() * tensor.element_size(), tensor.numel(), str(func)))
-        return out
-
-
-def _storage(tensor):
-    storage = tensor.untyped_storage()
-    return storage.data_ptr(), storage.nbytes()
 
 
 def record(fn):
