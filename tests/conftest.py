@@ -16,12 +16,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def relative_error(actual, expected):
-    """||actual - expected|| / ||expected|| in float64; NaN anywhere gives inf."""
+def relative_error(actual, expected, scale=None):
+    """||actual - expected|| / ||scale|| in float64 (scale defaults to expected); NaN anywhere gives inf.
+
+    Pass `scale` for a difference of larger terms (a margin of two rewards): its error
+    is set by the size of the terms, not by the small difference."""
     actual, expected = actual.double(), expected.double()
     if torch.isnan(actual).any() or torch.isnan(expected).any():
         return float("inf")
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+    scale = expected if scale is None else scale.double()
+    return ((actual - expected).norm() / scale.norm().clamp_min(1e-30)).item()
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

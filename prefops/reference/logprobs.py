@@ -1,4 +1,4 @@
-"""Plain PyTorch references: materialise the logits, log_softmax, gather.
+"""Reference log-probs: materialise the logits, log_softmax, gather.
 
 Everything the fused ops compute has a reference here. They are simple on
 purpose and use O(N x V) memory; tests and benchmarks compare against them.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_linear_inputs, check_targets_in_range
+from ..checks import check_linear_inputs, check_targets_in_range
 
 
 def logits(hidden, weight, *, bias=None, temperature=1.0, softcap=None):

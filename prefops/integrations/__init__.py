@@ -1,0 +1,1 @@
+"""Adapters that put the fused losses into training code users already run."""

@@ -1,0 +1,9 @@
+"""Plain PyTorch references: materialise the logits, then compute the naive way.
+
+Everything the fused ops compute has a reference here, one module per family.
+They are simple on purpose and use O(N x V) memory; tests and benchmarks
+compare against them. Pass float64 inputs for a high-precision reference.
+"""
+from .logprobs import linear_logprobs, logits, token_sum_p2
+
+__all__ = ["logits", "linear_logprobs", "token_sum_p2"]
