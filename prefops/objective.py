@@ -25,6 +25,7 @@ from . import fused, tiles
 from .checks import check_linear_inputs, check_targets_in_range
 from .config import STRATEGIES, check_choice, get_settings, parse_bytes
 from .ops import linear_logprobs
+from .sequences import sequence_sum
 
 STAT_NAMES = ("entropy", "log_sum_p2")
 # Rows of materialised logits handled per elementwise pass in the budget strategy:
@@ -129,6 +130,24 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
     group_index = torch.arange(groups.shape[0], device=groups.device)
     loss = head(_gather(logps, groups), group_index, {k: _gather(v, groups) for k, v in seq_stats.items()})
     return Objective(loss, logps.detach(), seq_stats)
+
+
+@torch.no_grad()
+def sequence_logps(hidden, weight, targets, *, seq_ids=None, num_sequences=None, token_weights=None, bias=None,
+                   ignore_index=-100, temperature=1.0, softcap=None) -> torch.Tensor:
+    """Per-sequence sums of token_weights * log p(target) on the forward-only fused path
+    (nothing saved for backward): the reference model's side of every loss family.
+
+    Layout as in sequence_objective: a padded [B, T] batch, or flat tokens with seq_ids.
+    """
+    token = linear_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                            temperature=temperature, softcap=softcap)
+    counted = targets != ignore_index
+    weights = counted.float() if token_weights is None else torch.where(counted, token_weights.float(), 0.0)
+    if seq_ids is None:
+        return sequence_sum(token, weights, num_sequences=num_sequences)
+    return sequence_sum(token.reshape(-1), weights.reshape(-1), seq_ids=seq_ids.reshape(-1),
+                        num_sequences=num_sequences)
 
 
 def _plan_budget(seq_ids, counted, groups, num_sequences, weight, budget):

@@ -1,0 +1,133 @@
+"""UnpairedLoss: KTO and BCO fused from hidden states.
+
+Each completion is its own loss group: a padded batch [N, T] (completion i is
+row i) or flat tokens with seq_ids in [0, N), one bool label per completion
+(True = desirable). Log-probs go through prefops.sequence_objective; the
+reference comes as precomputed per-completion log-probs or as reference hidden
+states + weight on the forward-only fused path. The losses themselves are
+prefops.losses.kto_loss and prefops.losses.BCOLoss, exactly as on the reference path.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .config import get_settings
+from .losses import BCOLoss, kto_kl_estimate, kto_loss
+from .objective import sequence_logps, sequence_objective
+
+UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
+
+
+class UnpairedLoss(torch.nn.Module):
+    """loss, metrics = UnpairedLoss("kto", beta=0.1)(hidden, weight, targets, labels=..., ref_logps=..., kl=...)
+
+    KTO's reference point z_0 is either given (`kl`, e.g. averaged over ranks) or
+    estimated here from mismatched (prompt, completion) pairs: pass their policy
+    hidden states and targets (`kl_hidden`, `kl_targets`, forward-only, no gradient)
+    and their reference log-probs (`ref_kl_logps`) or reference hidden states (`ref_kl_hidden`).
+    BCO keeps its running mean reward δ_0 as module state (saved in the state dict).
+    """
+
+    def __init__(self, loss_type="kto", beta=0.1, *, desirable_weight=1.0, undesirable_weight=1.0,
+                 ignore_index=-100, temperature=1.0, softcap=None, strategy=None, budget=None):
+        super().__init__()
+        if loss_type not in UNPAIRED_LOSSES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(map(repr, UNPAIRED_LOSSES))}")
+        self.loss_type, self.beta = loss_type, beta
+        self.weights = dict(desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+        self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap)
+        self.strategy, self.budget = strategy, budget
+        self.bco = BCOLoss(beta) if loss_type == "bco" else None
+
+    def forward(self, hidden, weight, targets, *, labels, bias=None, seq_ids=None, ref_logps=None, ref_hidden=None,
+                ref_weight=None, ref_bias=None, kl=None, kl_hidden=None, kl_targets=None, kl_seq_ids=None,
+                ref_kl_logps=None, ref_kl_hidden=None):
+        """Returns (mean loss over completions, metrics with TRL's KTO/BCO names)."""
+        if seq_ids is None and targets.dim() != 2:
+            raise ValueError("targets must be a padded batch [N, T] of completions, or pass seq_ids")
+        count = targets.shape[0] if seq_ids is None else int(seq_ids.max()) + 1
+        labels = torch.as_tensor(labels, device=targets.device)
+        if tuple(labels.shape) != (count,):
+            raise ValueError(f"labels must have shape [N] = ({count},), one per completion; got {tuple(labels.shape)}")
+        ref = self._reference(targets, seq_ids, count, ref_logps, ref_hidden, ref_weight, ref_bias)
+        kl = self._kl(kl, kl_hidden, kl_targets, kl_seq_ids, ref_kl_logps, ref_kl_hidden, weight, bias,
+                      ref_weight, ref_bias)
+
+        def head(logps, group_index, stats):
+            losses, _ = self._losses(logps[:, 0], ref[group_index], labels[group_index], kl)
+            return losses.sum() / count
+
+        strategy = self.strategy or get_settings().strategy
+        if self.bco is not None and strategy == "budget":
+            # δ_0 must see the whole batch's rewards before any completion's loss, and the
+            # budget strategy runs the head chunk by chunk.
+            warnings.warn("loss_type 'bco' uses the lean strategy: its running mean needs the whole batch",
+                          stacklevel=2)
+            strategy = "lean"
+        groups = torch.arange(count, device=targets.device)[:, None]
+        out = sequence_objective(hidden, weight, targets, head=head, groups=groups, seq_ids=seq_ids, bias=bias,
+                                 strategy=strategy, budget=self.budget, **self.options)
+        with torch.no_grad():
+            metrics = self._metrics(out.logps, ref, labels, kl)
+        metrics["num_tokens/chosen"] = out.stats["count"][labels].sum()
+        metrics["num_tokens/rejected"] = out.stats["count"][~labels].sum()
+        return out.loss, metrics
+
+    def _losses(self, logps, ref, labels, kl):
+        if self.bco is not None:
+            return self.bco(logps, ref, labels)
+        return kto_loss(logps, ref, labels, beta=self.beta, kl=kl, loss_type=self.loss_type, **self.weights)
+
+    def _metrics(self, logps, ref, labels, kl):
+        if self.bco is not None:
+            # The running mean was updated by the head; report it without updating again.
+            _, metrics = self.bco.train(False)(logps, ref, labels)
+            self.bco.train(self.training)
+            return metrics
+        return self._losses(logps, ref, labels, kl)[1]
+
+    @torch.no_grad()
+    def _reference(self, targets, seq_ids, count, ref_logps, ref_hidden, ref_weight, ref_bias):
+        if ref_hidden is not None:
+            if ref_logps is not None:
+                raise ValueError("pass either ref_hidden/ref_weight or ref_logps, not both")
+            if ref_weight is None:
+                raise ValueError("ref_hidden needs ref_weight")
+            return sequence_logps(ref_hidden, ref_weight, targets, seq_ids=seq_ids, num_sequences=count,
+                                  bias=ref_bias, **self.options)
+        if ref_logps is None:
+            raise ValueError(f"loss_type {self.loss_type!r} needs the reference: pass ref_logps, or ref_hidden "
+                             "and ref_weight")
+        if tuple(ref_logps.shape) != (count,):
+            raise ValueError(f"ref_logps must have shape [N] = ({count},); got {tuple(ref_logps.shape)}")
+        return ref_logps
+
+    @torch.no_grad()
+    def _kl(self, kl, kl_hidden, kl_targets, kl_seq_ids, ref_kl_logps, ref_kl_hidden, weight, bias, ref_weight,
+            ref_bias):
+        if self.loss_type != "kto":
+            return kl
+        if kl_hidden is None:
+            if kl is None:
+                raise ValueError("loss_type 'kto' needs its reference point: pass kl, or kl_hidden and kl_targets "
+                                 "(mismatched prompt-completion pairs) with ref_kl_logps or ref_kl_hidden")
+            return kl
+        if kl is not None:
+            raise ValueError("pass either kl or kl_hidden/kl_targets, not both")
+        if kl_targets is None:
+            raise ValueError("kl_hidden needs kl_targets")
+        count = kl_targets.shape[0] if kl_seq_ids is None else int(kl_seq_ids.max()) + 1
+        policy = sequence_logps(kl_hidden, weight, kl_targets, seq_ids=kl_seq_ids, num_sequences=count, bias=bias,
+                                **self.options)
+        if ref_kl_hidden is not None:
+            if ref_kl_logps is not None:
+                raise ValueError("pass either ref_kl_hidden or ref_kl_logps, not both")
+            if ref_weight is None:
+                raise ValueError("ref_kl_hidden needs ref_weight")
+            ref_kl_logps = sequence_logps(ref_kl_hidden, ref_weight, kl_targets, seq_ids=kl_seq_ids,
+                                          num_sequences=count, bias=ref_bias, **self.options)
+        if ref_kl_logps is None:
+            raise ValueError("kl_hidden needs the reference side: pass ref_kl_logps or ref_kl_hidden")
+        return kto_kl_estimate(policy, ref_kl_logps)

@@ -1,0 +1,121 @@
+"""UnpairedLoss (KTO, BCO; fused, lean and budget) against the float64 reference pipeline:
+materialised logits -> per-completion sums -> the same kto_loss / BCOLoss."""
+import pytest
+import torch
+
+import prefops
+from conftest import TOLERANCE, relative_error
+from prefops.losses import BCOLoss, kto_kl_estimate, kto_loss
+from prefops.unpaired import UnpairedLoss
+
+COMPLETIONS, LENGTH, HIDDEN, VOCAB = 5, 9, 19, 263
+BETA = 0.2
+
+
+def make_batch(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(COMPLETIONS, LENGTH, HIDDEN, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(VOCAB, HIDDEN, generator=g, dtype=torch.float64) * 4 / HIDDEN**0.5).to(dtype)
+    targets = torch.randint(0, VOCAB, (COMPLETIONS, LENGTH), generator=g)
+    targets[:, :2] = -100
+    targets[1, -3:] = -100
+    labels = torch.tensor([True, False, True, True, False])
+    ref = torch.randn(COMPLETIONS, generator=g, dtype=torch.float64) * 3 - 45
+    return hidden, weight, targets, labels, ref
+
+
+def reference_sums(hidden, weight, targets):
+    return prefops.reference.linear_logprobs(hidden.double(), weight.double(), targets).sum(1)
+
+
+@pytest.mark.parametrize("strategy", ["lean", "budget"])
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kto_matches_reference(loss_type, strategy, dtype):
+    hidden, weight, targets, labels, ref = make_batch(dtype)
+    module = UnpairedLoss(loss_type, beta=BETA, desirable_weight=1.3, undesirable_weight=0.7, strategy=strategy,
+                          budget=2 * LENGTH * VOCAB * 4)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = module(h, w, targets, labels=labels, ref_logps=ref.float(), kl=0.4)
+    loss.backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    losses, expected_metrics = kto_loss(reference_sums(h64, w64, targets), ref, labels, beta=BETA, kl=0.4,
+                                        desirable_weight=1.3, undesirable_weight=0.7, loss_type=loss_type)
+    losses.mean().backward()
+    tolerance = TOLERANCE[dtype]
+    assert relative_error(loss, losses.mean()) <= tolerance
+    assert relative_error(h.grad, h64.grad) <= tolerance
+    assert relative_error(w.grad, w64.grad) <= tolerance
+    for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert relative_error(metrics[name], expected_metrics[name]) <= tolerance, name
+    counted = targets != -100
+    assert int(metrics["num_tokens/chosen"]) == int(counted[labels].sum())
+
+
+def test_kto_reference_point_from_mismatched_pairs():
+    hidden, weight, targets, labels, ref = make_batch()
+    kl_hidden = torch.roll(hidden, 1, dims=0)  # each completion after another prompt
+    ref_kl_hidden = kl_hidden + 0.3 * torch.randn_like(kl_hidden)
+    module = UnpairedLoss("kto", beta=BETA)
+    loss, metrics = module(hidden, weight, targets, labels=labels, ref_logps=ref.float(), kl_hidden=kl_hidden,
+                           kl_targets=targets, ref_kl_hidden=ref_kl_hidden, ref_weight=weight)
+    kl = kto_kl_estimate(reference_sums(kl_hidden, weight, targets), reference_sums(ref_kl_hidden, weight, targets))
+    assert float(kl) > 0  # the test would not see a clamp otherwise
+    assert abs(float(metrics["kl"]) - float(kl)) <= 1e-5 * float(kl)
+    expected, _ = kto_loss(reference_sums(hidden, weight, targets), ref, labels, beta=BETA, kl=kl)
+    assert relative_error(loss, expected.mean()) <= 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["lean", "budget"])
+def test_bco_matches_reference_and_keeps_running_mean(strategy):
+    module = UnpairedLoss("bco", beta=BETA, strategy=strategy)
+    expected_module = BCOLoss(beta=BETA)
+    for seed in range(2):
+        hidden, weight, targets, labels, ref = make_batch(seed=seed)
+        h = hidden.clone().requires_grad_()
+        if strategy == "budget":
+            with pytest.warns(UserWarning, match="running mean"):
+                loss, metrics = module(h, weight, targets, labels=labels, ref_logps=ref.float())
+        else:
+            loss, metrics = module(h, weight, targets, labels=labels, ref_logps=ref.float())
+        loss.backward()
+        h64 = hidden.double().requires_grad_()
+        losses, expected_metrics = expected_module(reference_sums(h64, weight, targets), ref, labels)
+        losses.mean().backward()
+        assert relative_error(loss, losses.mean()) <= 1e-5
+        assert relative_error(h.grad, h64.grad) <= 1e-5
+        assert abs(float(metrics["delta"]) - float(expected_metrics["delta"])) <= 1e-6
+    assert abs(float(module.bco.delta) - float(expected_module.delta)) <= 1e-6
+
+
+def test_reference_hidden_equals_precomputed_and_packed_equals_padded():
+    hidden, weight, targets, labels, _ = make_batch()
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    ref = prefops.sequence_sum(prefops.linear_logprobs(ref_hidden, weight, targets), targets != -100)
+    module = UnpairedLoss("kto", beta=BETA)
+    padded, _ = module(hidden, weight, targets, labels=labels, ref_hidden=ref_hidden, ref_weight=weight, kl=0.1)
+    precomputed, _ = module(hidden, weight, targets, labels=labels, ref_logps=ref, kl=0.1)
+    seq_ids = torch.arange(COMPLETIONS)[:, None].expand(-1, LENGTH).reshape(-1)
+    packed, _ = module(hidden.reshape(-1, HIDDEN), weight, targets.reshape(-1), labels=labels, seq_ids=seq_ids,
+                       ref_logps=ref, kl=0.1)
+    assert relative_error(padded, precomputed) <= 1e-6
+    assert relative_error(packed, padded) <= 1e-6
+
+
+def test_bad_input():
+    hidden, weight, targets, labels, ref = make_batch()
+    with pytest.raises(ValueError, match="valid: 'kto', 'apo_zero_unpaired', 'bco'"):
+        UnpairedLoss("kto_pair")
+    module = UnpairedLoss("kto")
+    with pytest.raises(ValueError, match="labels must have shape"):
+        module(hidden, weight, targets, labels=labels[:2], ref_logps=ref, kl=0.0)
+    with pytest.raises(ValueError, match="needs its reference point"):
+        module(hidden, weight, targets, labels=labels, ref_logps=ref)
+    with pytest.raises(ValueError, match="needs the reference"):
+        module(hidden, weight, targets, labels=labels, kl=0.0)
+    with pytest.raises(ValueError, match="ref_logps must have shape"):
+        module(hidden, weight, targets, labels=labels, ref_logps=ref[:2], kl=0.0)
+    with pytest.raises(ValueError, match="kl_hidden needs the reference side"):
+        module(hidden, weight, targets, labels=labels, ref_logps=ref, kl_hidden=hidden, kl_targets=targets)
+    with pytest.raises(TypeError, match="labels must be a bool tensor"):
+        module(hidden, weight, targets, labels=labels.long(), ref_logps=ref, kl=0.0)
