@@ -3,11 +3,12 @@ from .config import configure, get_settings, settings
 from .sequences import SequenceStats, sequence_count, sequence_mean, sequence_stats, sequence_sum
 from . import reference
 from .ops import LogProbs, linear_logprobs
-from .objective import Objective, sequence_objective
+from .objective import Objective, sequence_logps, sequence_objective
 from .preference import PreferenceLoss
+from .unpaired import UnpairedLoss
 from . import losses
 
 __all__ = [
-    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs", "Objective", "sequence_objective", "PreferenceLoss", "losses",
+    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs", "Objective", "sequence_objective", "sequence_logps", "PreferenceLoss", "UnpairedLoss", "losses",
     "SequenceStats", "sequence_count", "sequence_mean", "sequence_stats", "sequence_sum",
 ]
