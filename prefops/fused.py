@@ -121,12 +121,34 @@ def plan_chunks(n: int, vocab: int, hidden_size: int, tile_bytes_per_element: in
 def token_grads(hidden, weight, bias, rows, targets, lse, entropy, grad_logp, grad_lse, grad_entropy,
                 temperature, softcap, backend, workspace, fp32_weight_grad, needs):
     """Gradients of sum_r (g_logp logp_r + g_lse lse_r + g_ent H_r) for the counted rows."""
+
+    def tile(chunk, chunk_rows, h_rows, v0, v1):
+        if backend == "triton":
+            from .kernels import launch_logits_grad
+
+            out = torch.empty(chunk_rows.numel(), v1 - v0, device=hidden.device, dtype=hidden.dtype)
+            return launch_logits_grad(hidden, weight, bias, chunk_rows, targets[chunk], lse[chunk],
+                                      _part(entropy, chunk), grad_logp[chunk], grad_lse[chunk],
+                                      _part(grad_entropy, chunk), temperature, softcap, v0, out)
+        z = tiles.transform(_linear_fp32(h_rows, weight, bias, v0, v1), temperature, softcap)
+        return tiles.tile_grad(z, targets[chunk] - v0, lse[chunk], _part(entropy, chunk), grad_logp[chunk],
+                               grad_lse[chunk], _part(grad_entropy, chunk), temperature, softcap)
+
+    tile_bytes = weight.element_size() if backend == "triton" else 16
+    return linear_grads(hidden, weight, bias, rows, tile, tile_bytes, workspace, fp32_weight_grad, needs)
+
+
+def linear_grads(hidden, weight, bias, rows, logit_grad_tile, tile_bytes, workspace, fp32_weight_grad, needs):
+    """dh, dW, db of a loss whose gradient with respect to the linear output hW^T + b of the
+    counted rows comes tile by tile from logit_grad_tile(chunk, chunk_rows, h_rows, v0, v1)
+    (chunk: a slice of `rows`; h_rows: their gathered hidden states) -> [len(chunk_rows), v1 - v0].
+
+    tile_bytes: workspace bytes per tile element (the tile and the temporaries that build it)."""
     need_h, need_w, need_b = needs
     n, (vocab, hidden_size) = rows.numel(), weight.shape
     grad_h = torch.zeros_like(hidden) if need_h else None
     grad_w = WeightGrad(weight, fp32_weight_grad or weight.dtype == torch.float32) if need_w else None
     grad_b = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_b else None
-    tile_bytes = weight.element_size() if backend == "triton" else 16
     row_chunk, v_chunk = plan_chunks(n, vocab, hidden_size, tile_bytes, workspace)
     for r0 in range(0, n, row_chunk):
         chunk = slice(r0, r0 + row_chunk)
@@ -135,17 +157,7 @@ def token_grads(hidden, weight, bias, rows, targets, lse, entropy, grad_logp, gr
         dh = torch.zeros(chunk_rows.numel(), hidden_size, device=hidden.device) if need_h else None
         for v0 in range(0, vocab, v_chunk):
             v1 = min(v0 + v_chunk, vocab)
-            if backend == "triton":
-                from .kernels import launch_logits_grad
-
-                tile = torch.empty(chunk_rows.numel(), v1 - v0, device=hidden.device, dtype=hidden.dtype)
-                launch_logits_grad(hidden, weight, bias, chunk_rows, targets[chunk], lse[chunk], _part(entropy, chunk),
-                                   grad_logp[chunk], grad_lse[chunk], _part(grad_entropy, chunk),
-                                   temperature, softcap, v0, tile)
-            else:
-                z = tiles.transform(_linear_fp32(h_rows, weight, bias, v0, v1), temperature, softcap)
-                tile = tiles.tile_grad(z, targets[chunk] - v0, lse[chunk], _part(entropy, chunk), grad_logp[chunk],
-                                       grad_lse[chunk], _part(grad_entropy, chunk), temperature, softcap)
+            tile = logit_grad_tile(chunk, chunk_rows, h_rows, v0, v1)
             if need_h:
                 dh += matmul_fp32(tile, weight[v0:v1])
             if need_w:
