@@ -5,29 +5,34 @@ blocks without storing any logits:
     m = max z,  s = sum exp(z - m),  a = sum exp(z - m)(z - m),
     q = sum exp(2(z - m)),  t = z[target_r]
 (see prefops/tiles.py for how they turn into log p, lse, entropy, sum p^2).
+With TOP_K > 0 (forward-only diagnostics) the same tiles also feed a running
+top-k of the logits per row (kernels/topk_stats.py); TOP_K = 0 compiles that
+code away, so the training path pays nothing for it.
 
 Stores for backward: nothing here; the caller keeps lse and entropy per row
 (8 bytes a token). Backward recomputes the logits blockwise.
 
 Cost: 2 * N * V * H FLOPs (one GEMM over the counted rows only); reads h once
 per vocabulary split and W once per row block (L2 absorbs most re-reads);
-writes 5 * N * splits floats.
+writes 5 * N * splits floats (+ 2 * TOP_K * N * splits values and ids).
 """
 import triton
 import triton.language as tl
 
 from .config import interpreting, stats_configs
 from .logits_tile import logits_tile
+from .topk_stats import topk_init, topk_update
 
 EMPTY = -1.0e38
 
 
-@triton.autotune(configs=stats_configs(), key=["hidden_size", "vocab_size", "IEEE"])
+@triton.autotune(configs=stats_configs(), key=["hidden_size", "vocab_size", "IEEE", "TOP_K"])
 @triton.jit
-def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr,
+def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr, top_ptr, top_ids_ptr,
                         n_rows, vocab_size, hidden_size, stride_h, stride_w, v_per_split, splits,
                         inv_temperature, softcap,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                        TOP_K: tl.constexpr, TOP_KP: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -41,6 +46,8 @@ def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr,
     a = tl.zeros((BLOCK_N,), dtype=tl.float32)
     q = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if TOP_K > 0:
+        top, top_ids = topk_init(BLOCK_N, TOP_K, TOP_KP)
     v_start = pid_s * v_per_split
     v_end = tl.minimum(v_start + v_per_split, vocab_size)
     for v0 in range(v_start, v_end, BLOCK_V):
@@ -57,6 +64,8 @@ def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr,
         q = rescale * rescale * q + tl.sum(e * e, axis=1)
         t += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
         m = m_new
+        if TOP_K > 0:
+            top, top_ids = topk_update(top, top_ids, z, offs_v, row_mask[:, None] & v_mask[None, :], TOP_K, TOP_KP)
 
     out = out_ptr + offs_n * splits + pid_s
     plane = n_rows * splits
@@ -65,10 +74,19 @@ def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr,
     tl.store(out + 2 * plane, a, mask=row_mask)
     tl.store(out + 3 * plane, q, mask=row_mask)
     tl.store(out + 4 * plane, t, mask=row_mask)
+    if TOP_K > 0:
+        slots = tl.arange(0, TOP_KP)
+        at = (offs_n * splits + pid_s)[:, None] * TOP_K + slots[None, :]
+        keep = row_mask[:, None] & (slots[None, :] < TOP_K)
+        tl.store(top_ptr + at, top, mask=keep)
+        tl.store(top_ids_ptr + at, top_ids, mask=keep)
 
 
-def launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap):
-    """Run the kernel for the counted rows; returns partial Stats of shape [n, splits]."""
+def launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap, top_k=0):
+    """Run the kernel for the counted rows; returns partial Stats of shape [n, splits].
+
+    With top_k > 0 returns (Stats, values [n, splits, top_k], ids [n, splits, top_k]): the
+    top-k logits of each split (slots a split cannot fill hold -1e38 and id -1)."""
     import torch
 
     from ..tiles import Stats
@@ -83,12 +101,17 @@ def launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softca
     v_per_split = triton.cdiv(triton.cdiv(vocab, splits), 256) * 256
     splits = triton.cdiv(vocab, v_per_split)
     out = torch.empty((5, n, splits), device=hidden.device, dtype=torch.float32)
+    # Without top-k the kernel never touches these pointers: out stands in for them.
+    top = torch.empty((n, splits, top_k), device=hidden.device, dtype=torch.float32) if top_k else out
+    top_ids = torch.empty((n, splits, top_k), device=hidden.device, dtype=torch.int32) if top_k else out
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
     logits_stats_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, rows, targets, out,
+        hidden, weight, bias if bias is not None else weight, rows, targets, out, top, top_ids,
         n, vocab, hidden_size, hidden.stride(0), weight.stride(0), v_per_split, splits,
         1.0 / temperature, softcap or 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         IEEE=hidden.dtype == torch.float32 or interpreting(), UPCAST=interpreting(),
+        TOP_K=top_k, TOP_KP=triton.next_power_of_2(max(top_k, 1)),
     )
-    return Stats(*out.unbind(0))
+    stats = Stats(*out.unbind(0))
+    return (stats, top, top_ids) if top_k else stats
