@@ -23,7 +23,7 @@ import torch
 
 from . import fused, tiles
 from .checks import check_linear_inputs, check_targets_in_range
-from .config import STRATEGIES, check_choice, get_settings, parse_bytes
+from .config import BACKENDS, STRATEGIES, check_choice, get_settings, parse_bytes
 from .ops import linear_logprobs
 from .sequences import sequence_sum
 
@@ -116,7 +116,10 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
         plan = _plan_budget(flat_seq, counted, groups, num_sequences, weight, budget)
         if plan is not None:
             check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
-            state = _BudgetState(head, groups, flat_seq, counted, weights, num_sequences, set(stats), plan)
+            row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
+                                                hidden.device)
+            state = _BudgetState(head, groups, flat_seq, counted, weights, num_sequences, set(stats), plan,
+                                 row_backend)
             loss = _BudgetObjective.apply(flat_hidden, weight, bias, flat_targets, state, float(temperature),
                                           softcap, settings.fp32_weight_grad)
             return Objective(loss, state.logps, state.stats)
@@ -181,9 +184,9 @@ def _plan_budget(seq_ids, counted, groups, num_sequences, weight, budget):
 class _BudgetState:
     """What the budget strategy needs besides tensors, and what it hands back."""
 
-    def __init__(self, head, groups, seq_ids, counted, weights, num_sequences, wanted, plan):
+    def __init__(self, head, groups, seq_ids, counted, weights, num_sequences, wanted, plan, backend):
         self.head, self.groups, self.seq_ids, self.counted, self.weights = head, groups, seq_ids, counted, weights
-        self.num_sequences, self.wanted, self.plan = num_sequences, wanted, plan
+        self.num_sequences, self.wanted, self.plan, self.backend = num_sequences, wanted, plan, backend
         self.logps, self.stats = None, None
 
 
@@ -203,7 +206,7 @@ class _BudgetObjective(torch.autograd.Function):
             h_rows = hidden.index_select(0, rows)
             local_targets = targets.index_select(0, rows)
             logits = _materialise(h_rows, weight, bias)
-            chunk = _chunk_token_stats(logits, local_targets, temperature, softcap)
+            chunk = _chunk_token_stats(logits, local_targets, temperature, softcap, state.backend)
             for column, value in zip(token, chunk):
                 column.index_copy_(0, rows, value)
             seq = state.seq_ids.index_select(0, rows)
@@ -220,7 +223,7 @@ class _BudgetObjective(torch.autograd.Function):
                 slots = state.groups[group_index]
                 grad_sequence.index_add_(0, slots[slots >= 0], grad_logps[slots >= 0])
             grad_token = grad_sequence.index_select(0, seq) * state.weights.index_select(0, rows)
-            _logit_grads_in_place(logits, local_targets, chunk, grad_token, temperature, softcap)
+            _logit_grads_in_place(logits, local_targets, chunk, grad_token, temperature, softcap, state.backend)
             if grad_h is not None:
                 grad_h.index_copy_(0, rows, fused.matmul_fp32(logits, _as(weight, logits)).to(hidden.dtype))
             if grad_w is not None:
@@ -257,7 +260,11 @@ def _materialise(h_rows, weight, bias):
     return torch.nn.functional.linear(h_rows.float(), weight.float(), None if bias is None else bias.float())
 
 
-def _chunk_token_stats(logits, targets, temperature, softcap) -> tiles.Token:
+def _chunk_token_stats(logits, targets, temperature, softcap, backend) -> tiles.Token:
+    if backend == "triton":
+        from .kernels import launch_rows_stats
+
+        return tiles.finalize(launch_rows_stats(logits, targets, temperature, softcap))
     parts = []
     for r0 in range(0, logits.shape[0], _BLOCK_ROWS):
         z = tiles.transform(logits[r0:r0 + _BLOCK_ROWS], temperature, softcap)
@@ -265,7 +272,12 @@ def _chunk_token_stats(logits, targets, temperature, softcap) -> tiles.Token:
     return tiles.Token(*(torch.cat(column) for column in zip(*parts)))
 
 
-def _logit_grads_in_place(logits, targets, token, grad_logp, temperature, softcap):
+def _logit_grads_in_place(logits, targets, token, grad_logp, temperature, softcap, backend):
+    if backend == "triton":
+        from .kernels import launch_rows_grad
+
+        launch_rows_grad(logits, targets, token.lse, grad_logp, torch.zeros_like(grad_logp), temperature, softcap)
+        return
     for r0 in range(0, logits.shape[0], _BLOCK_ROWS):
         block = slice(r0, r0 + _BLOCK_ROWS)
         z = tiles.transform(logits[block], temperature, softcap)

@@ -1,0 +1,48 @@
+"""Budget strategy, backward: overwrite materialised logits with d loss / d logits, in place.
+
+For each row r of L [n, V], with z = softcap * tanh(L / temperature / softcap),
+p_v = exp(z_v - lse_r) and upstream gradients g_logp, g_lse of log p(target) and lse:
+    dL_v = [g_logp [v = target] + p_v (g_lse - g_logp)] * (1 - (z_v / softcap)^2) / temperature
+The result replaces L (same dtype), so the caller's dh = dL W and dW = dL^T h GEMMs
+need no second N x V buffer.
+
+Stores: nothing. Recomputes: p from the stored logits and the row's lse.
+Cost: ~10 n V elementwise FLOPs; reads and writes n V elements once each.
+"""
+import triton
+import triton.language as tl
+
+from .logits_tile import tanh
+
+
+@triton.jit
+def rows_grad_kernel(logits_ptr, targets_ptr, lse_ptr, grad_logp_ptr, grad_lse_ptr, vocab_size, stride_row,
+                     inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    block = tl.program_id(1)
+    offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
+    inside = offs < vocab_size
+    ptrs = logits_ptr + row.to(tl.int64) * stride_row + offs
+    target = tl.load(targets_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    grad_logp = tl.load(grad_logp_ptr + row)
+    grad_lse = tl.load(grad_lse_ptr + row)
+    z = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) * inv_temperature
+    if HAS_SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    dz = tl.exp(z - lse) * (grad_lse - grad_logp) + tl.where(offs == target, grad_logp, 0.0)
+    if HAS_SOFTCAP:
+        capped = z / softcap
+        dz = dz * (1.0 - capped * capped)
+    tl.store(ptrs, (dz * inv_temperature).to(logits_ptr.dtype.element_ty), mask=inside)
+
+
+def launch_rows_grad(logits, targets, lse, grad_logp, grad_lse, temperature, softcap):
+    """Replace logits [n, V] by their gradient, row r scaled by the upstream grad_logp[r], grad_lse[r]."""
+    n, vocab = logits.shape
+    if n:
+        block = min(2048, triton.next_power_of_2(vocab))
+        rows_grad_kernel[(n, triton.cdiv(vocab, block))](
+            logits, targets, lse, grad_logp, grad_lse, vocab, logits.stride(0), 1.0 / temperature, softcap or 1.0,
+            HAS_SOFTCAP=softcap is not None, BLOCK_V=block, num_warps=4)
+    return logits
