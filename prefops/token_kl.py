@@ -1,0 +1,348 @@
+"""Per-token KL between the policy and the reference next-token distributions, fused.
+
+linear_token_kl streams the policy logits z = f(h W^T + b) and the reference logits
+y = f(h_ref W_ref^T + b_ref) through the same vocabulary blocks and never builds
+either N x V tensor. With a = softmax of the weighting side and b = softmax of the
+other side (a = p_ref, b = p_θ for direction 'ref_policy'; swapped for 'policy_ref'),
+per row it keeps the online statistics
+
+    m_a = max z_a,  s_a = Σ exp(z_a - m_a),  m_b = max z_b,  s_b = Σ exp(z_b - m_b),
+    c   = Σ exp(z_a - m_a) ((z_a - m_a) - (z_b - m_b)),
+
+rescaled like the log-sum-exp when a block raises m_a or m_b, and finishes with
+
+    KL(a || b) = Σ_v a_v (log a_v - log b_v) = c / s_a + log s_b - log s_a.
+
+Both shifts keep every term O(spread of the logits), so logits of size 1e3 do not
+cancel. The same pass gives log p_θ(target) and log p_ref(target) when targets are
+given (TDPO needs all three), so a TDPO step runs two GEMMs forward (policy and
+reference logits) and, in backward, recomputes both tiles and forms
+
+    d loss / dz_v = g_kl (p_v - r_v)                            (ref_policy: KL(p_ref || p_θ))
+                  = g_kl p_v (log p_v - log r_v - KL)           (policy_ref: KL(p_θ || p_ref))
+                    + g_logp ([v = target] - p_v)
+
+then dh and dW with the core op's chunk scheduling (prefops.fused.linear_grads).
+Forward stores lse_θ, lse_ref and KL per counted token (12 bytes). Differentiable in
+the policy hidden states, weight and bias only: the reference is frozen.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import fused, tiles
+from .checks import check_float, check_linear_inputs, check_targets_in_range, check_tensor
+from .config import BACKENDS, check_choice, get_settings
+from .ops import IMPLEMENTATIONS
+
+DIRECTIONS = ("ref_policy", "policy_ref")
+
+
+class TokenKL(NamedTuple):
+    """Per-token outputs (fp32, 0 at tokens that are not counted)."""
+
+    kl: torch.Tensor
+    """KL between the next-token distributions (differentiable in the policy)."""
+    logp: torch.Tensor
+    """log p_θ(target) (differentiable)."""
+    ref_logp: torch.Tensor
+    """log p_ref(target) (no gradient)."""
+
+
+class KLStats(NamedTuple):
+    """Online statistics of one row over a vocabulary range; side a weights the KL."""
+
+    a_max: torch.Tensor
+    a_sumexp: torch.Tensor
+    b_max: torch.Tensor
+    b_sumexp: torch.Tensor
+    cross: torch.Tensor
+    a_target: torch.Tensor
+    b_target: torch.Tensor
+
+
+def tile_kl_stats(za: torch.Tensor, zb: torch.Tensor, local_targets: torch.Tensor) -> KLStats:
+    """Statistics of fp32 logit tiles za, zb [n, v]; local_targets = target - first column (-1: none)."""
+    a_max, b_max = za.max(1).values, zb.max(1).values
+    a_shift, b_shift = za - a_max[:, None], zb - b_max[:, None]
+    ea = a_shift.exp()
+    inside = (local_targets >= 0) & (local_targets < za.shape[1])
+    index = local_targets.clamp(0, za.shape[1] - 1).long()[:, None]
+    pick = lambda z: torch.where(inside, z.gather(1, index).squeeze(1), 0.0)  # noqa: E731
+    return KLStats(a_max, ea.sum(1), b_max, b_shift.exp().sum(1), (ea * (a_shift - b_shift)).sum(1), pick(za), pick(zb))
+
+
+def combine_kl_splits(partial: KLStats) -> KLStats:
+    """Merge statistics of disjoint vocabulary ranges stored along a last dimension [n, splits]."""
+    a_max, b_max = partial.a_max.max(1).values, partial.b_max.max(1).values
+    a_delta, b_delta = partial.a_max - a_max[:, None], partial.b_max - b_max[:, None]
+    a_scale = a_delta.exp()
+    cross = a_scale * (partial.cross + (a_delta - b_delta) * partial.a_sumexp)
+    return KLStats(a_max, (partial.a_sumexp * a_scale).sum(1), b_max, (partial.b_sumexp * b_delta.exp()).sum(1),
+                   cross.sum(1), partial.a_target.sum(1), partial.b_target.sum(1))
+
+
+def finalize_kl(stats: KLStats):
+    """-> (KL(a || b), lse_a, lse_b, log a(target), log b(target))."""
+    log_sa, log_sb = stats.a_sumexp.log(), stats.b_sumexp.log()
+    lse_a, lse_b = stats.a_max + log_sa, stats.b_max + log_sb
+    kl = stats.cross / stats.a_sumexp + log_sb - log_sa
+    return kl, lse_a, lse_b, stats.a_target - lse_a, stats.b_target - lse_b
+
+
+def tile_kl_grad(z, y, local_targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first, temperature, softcap):
+    """d loss / d(h W^T + b) of the policy for a tile, loss = Σ_r g_kl KL_r + g_logp log p_θ(target_r).
+
+    z, y: fp32 policy and reference logits [n, v] (after temperature and softcap)."""
+    log_p = z - lse[:, None]
+    p = log_p.exp()
+    if policy_first:  # KL(p || r): p_v (log p_v - log r_v - KL)
+        dkl = p * (log_p - (y - ref_lse[:, None]) - kl[:, None])
+    else:  # KL(r || p): p_v - r_v
+        dkl = p - (y - ref_lse[:, None]).exp()
+    zeros = torch.zeros_like(lse)
+    dz = tiles.tile_grad(z, local_targets, lse, None, grad_logp, zeros, None, 1.0, None) + grad_kl[:, None] * dkl
+    if softcap is not None:
+        dz = dz * (1.0 - (z / softcap) ** 2)
+    if temperature != 1.0:
+        dz = dz / temperature
+    return dz
+
+
+def _sides(policy, reference, policy_first):
+    return (policy, reference) if policy_first else (reference, policy)
+
+
+def _torch_stats(policy, reference, rows, targets, policy_first, temperature, softcap, workspace):
+    """KLStats of the counted rows on the chunked PyTorch backend, one bounded fp32 tile pair at a time."""
+    n, vocab = rows.numel(), policy[1].shape[0]
+    row_chunk = min(n, 1024)
+    # Two sides, about four fp32 temporaries each.
+    v_chunk = max(1, min(vocab, workspace // (32 * row_chunk)))
+    parts = []
+    for r0 in range(0, n, row_chunk):
+        chunk_rows = rows[r0:r0 + row_chunk]
+        h_rows = [side[0].index_select(0, chunk_rows) for side in (policy, reference)]
+        local = targets[r0:r0 + row_chunk]
+        blocks = []
+        for v0 in range(0, vocab, v_chunk):
+            z, y = (tiles.transform(fused._linear_fp32(h, side[1], side[2], v0, v0 + v_chunk), temperature, softcap)
+                    for h, side in zip(h_rows, (policy, reference)))
+            za, zb = _sides(z, y, policy_first)
+            blocks.append(tile_kl_stats(za, zb, torch.where(local >= 0, local - v0, -1)))
+        parts.append(combine_kl_splits(KLStats(*(torch.stack(column, 1) for column in zip(*blocks)))))
+    return KLStats(*(torch.cat(column) for column in zip(*parts)))
+
+
+def _scatter(rows, values, n):
+    return values.new_zeros(n).index_copy_(0, rows, values)
+
+
+def _counted(targets, counted):
+    rows = counted.nonzero().squeeze(1)
+    return rows, targets.index_select(0, rows).to(torch.int32)
+
+
+def _forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: Optional[torch.Tensor],
+                  targets: torch.Tensor, counted: torch.Tensor, policy_first: bool, temperature: float,
+                  softcap: Optional[float], backend: str, workspace: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden [N, H], ref_hidden [N, H_ref], targets [N] (-1: none), counted [N] bool
+    -> (kl, logp, ref_logp, lse, ref_lse), each [N] fp32, 0 where not counted."""
+    rows, row_targets = _counted(targets, counted)
+    n = targets.numel()
+    if rows.numel() == 0:
+        return tuple(hidden.new_zeros(n, dtype=torch.float32) for _ in range(5))
+    policy, reference = (hidden, weight, bias), (ref_hidden, ref_weight, ref_bias)
+    if fused.resolve_backend(backend, hidden.device) == "triton":
+        from .kernels.token_kl_stats import launch_token_kl_stats
+
+        first, second = _sides(policy, reference, policy_first)
+        stats = combine_kl_splits(launch_token_kl_stats(*first, *second, rows, row_targets, temperature, softcap))
+    else:
+        stats = _torch_stats(policy, reference, rows, row_targets, policy_first, temperature, softcap, workspace)
+    kl, lse_a, lse_b, logp_a, logp_b = finalize_kl(stats)
+    lse, ref_lse = _sides(lse_a, lse_b, policy_first)
+    logp, ref_logp = _sides(logp_a, logp_b, policy_first)
+    has_target = row_targets >= 0
+    logp, ref_logp = (torch.where(has_target, value, 0.0) for value in (logp, ref_logp))
+    return tuple(_scatter(rows, value, n) for value in (kl, logp, ref_logp, lse, ref_lse))
+
+
+linear_token_kl_forward = torch.library.custom_op("prefops::linear_token_kl", mutates_args=())(_forward_impl)
+
+
+@linear_token_kl_forward.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, policy_first, temperature, softcap,
+      backend, workspace):
+    return tuple(hidden.new_empty(targets.numel(), dtype=torch.float32) for _ in range(5))
+
+
+def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: Optional[torch.Tensor],
+                   targets: torch.Tensor, counted: torch.Tensor, lse: torch.Tensor, ref_lse: torch.Tensor,
+                   kl: torch.Tensor, grad_kl: torch.Tensor, grad_logp: torch.Tensor, policy_first: bool,
+                   temperature: float, softcap: Optional[float], backend: str, workspace: int,
+                   fp32_weight_grad: bool, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dh [N, H], dW [V, H], db [V]) of the policy; an unneeded one comes back empty."""
+    rows, row_targets = _counted(targets, counted)
+    lse, ref_lse, kl, grad_kl, grad_logp = (value.index_select(0, rows).float()
+                                            for value in (lse, ref_lse, kl, grad_kl, grad_logp))
+    backend = fused.resolve_backend(backend, hidden.device)
+    reference_rows = _ChunkRows(ref_hidden)
+
+    def tile(chunk, chunk_rows, h_rows, v0, v1):
+        per_row = (row_targets[chunk], lse[chunk], ref_lse[chunk], kl[chunk], grad_kl[chunk], grad_logp[chunk])
+        if backend == "triton":
+            from .kernels.token_kl_grad import launch_token_kl_grad
+
+            out = torch.empty(chunk_rows.numel(), v1 - v0, device=hidden.device, dtype=hidden.dtype)
+            return launch_token_kl_grad(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, chunk_rows, *per_row,
+                                        policy_first, temperature, softcap, v0, out)
+        z = tiles.transform(fused._linear_fp32(h_rows, weight, bias, v0, v1), temperature, softcap)
+        y = tiles.transform(fused._linear_fp32(reference_rows.get(chunk_rows), ref_weight, ref_bias, v0, v1),
+                            temperature, softcap)
+        local = torch.where(per_row[0] >= 0, per_row[0] - v0, -1)
+        return tile_kl_grad(z, y, local, *per_row[1:], policy_first, temperature, softcap)
+
+    # The PyTorch tile holds both sides' logits and their temporaries.
+    tile_bytes = weight.element_size() if backend == "triton" else 32
+    grads = fused.linear_grads(hidden, weight, bias, rows, tile, tile_bytes, workspace, fp32_weight_grad,
+                               tuple(needs))
+    return tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
+
+
+class _ChunkRows:
+    """The reference hidden rows of the current row chunk, gathered once per chunk, not per tile."""
+
+    def __init__(self, hidden):
+        self.hidden, self.rows, self.value = hidden, None, None
+
+    def get(self, rows):
+        if self.rows is not rows:
+            self.rows, self.value = rows, self.hidden.index_select(0, rows)
+        return self.value
+
+
+linear_token_kl_backward = torch.library.custom_op("prefops::linear_token_kl_backward",
+                                                   mutates_args=())(_backward_impl)
+
+
+@linear_token_kl_backward.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, lse, ref_lse, kl, grad_kl,
+      grad_logp, policy_first, temperature, softcap, backend, workspace, fp32_weight_grad, needs):
+    return (torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
+            torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
+            torch.empty_like(bias) if needs[2] else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, policy_first, temperature, softcap,
+     backend, workspace) = inputs
+    kl, _, _, lse, ref_lse = output
+    ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, lse, ref_lse, kl)
+    ctx.options = (policy_first, temperature, softcap, backend, workspace, get_settings().fp32_weight_grad)
+    ctx.mark_non_differentiable(*output[2:])
+
+
+def _backward(ctx, grad_kl, grad_logp, _grad_ref_logp, _grad_lse, _grad_ref_lse):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, lse, ref_lse, kl = ctx.saved_tensors
+    policy_first, temperature, softcap, backend, workspace, fp32_weight_grad = ctx.options
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    zeros = lambda grad: torch.zeros_like(lse) if grad is None else grad  # noqa: E731
+    grad_h, grad_w, grad_b = linear_token_kl_backward(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, lse, ref_lse, kl, zeros(grad_kl),
+        zeros(grad_logp), policy_first, temperature, softcap, backend, workspace, fp32_weight_grad, needs)
+    keep = lambda grad, needed: grad if needed else None  # noqa: E731
+    return (keep(grad_h, needs[0]), keep(grad_w, needs[1]), keep(grad_b, needs[2])) + (None,) * 10
+
+
+linear_token_kl_forward.register_autograd(_backward, setup_context=_setup_context)
+
+IMPLEMENTATIONS.update({
+    "prefops::linear_token_kl": _forward_impl,
+    "prefops::linear_token_kl_backward": _backward_impl,
+})
+
+
+def check_reference_inputs(hidden, weight, ref_hidden, ref_weight, ref_bias):
+    """The reference side must cover the same tokens and the same vocabulary as the policy."""
+    check_tensor(ref_hidden, "ref_hidden")
+    check_tensor(ref_weight, "ref_weight")
+    check_float(ref_hidden, "ref_hidden")
+    check_float(ref_weight, "ref_weight")
+    if ref_hidden.dim() < 1 or tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"ref_hidden must have shape [..., H_ref] with the leading shape of hidden "
+                         f"{tuple(hidden.shape[:-1])}; got {tuple(ref_hidden.shape)}")
+    if ref_weight.dim() != 2 or ref_weight.shape[1] != ref_hidden.shape[-1]:
+        raise ValueError(f"ref_weight must have shape [V, H_ref] with H_ref = ref_hidden.shape[-1] = "
+                         f"{ref_hidden.shape[-1]}; got {tuple(ref_weight.shape)}")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"policy and reference vocabularies differ: weight has V = {weight.shape[0]} rows, "
+                         f"ref_weight has {ref_weight.shape[0]}; the per-token KL needs one shared vocabulary")
+    for name, value in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight)):
+        if value.dtype != hidden.dtype:
+            raise TypeError(f"{name} dtype {value.dtype} must equal hidden dtype {hidden.dtype}")
+    for name, value in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        if value is not None and value.device != hidden.device:
+            raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}; put both on one device")
+    if ref_bias is not None:
+        check_tensor(ref_bias, "ref_bias")
+        if tuple(ref_bias.shape) != (ref_weight.shape[0],) or ref_bias.dtype != ref_weight.dtype:
+            raise ValueError(f"ref_bias must have shape [V] = ({ref_weight.shape[0]},) and dtype {ref_weight.dtype}; "
+                             f"got {tuple(ref_bias.shape)} {ref_bias.dtype}")
+
+
+def linear_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, direction="ref_policy",
+                    mask=None, targets=None, ignore_index=-100, temperature=1.0, softcap=None, backend=None):
+    """Per-token KL between the policy's and the reference's next-token distributions, without N x V logits.
+
+    Args:
+        hidden [..., H], weight [V, H], bias [V]: the policy's final hidden states and lm_head.
+        ref_hidden [..., H_ref], ref_weight [V, H_ref], ref_bias [V]: the reference's, same tokens and
+            vocabulary and dtype (H_ref may differ from H).
+        direction: 'ref_policy' gives KL(p_ref || p_θ) = Σ_v p_ref (log p_ref - log p_θ) (TDPO's);
+            'policy_ref' gives KL(p_θ || p_ref).
+        mask: [...] bool, True where the KL counts; other tokens never reach the GEMMs and get 0.
+        targets: [...] token ids (ignore_index where not counted). When given, the same pass also
+            returns log p_θ(target) and log p_ref(target) and the result is a TokenKL tuple.
+        temperature, softcap: the same logit transform on both sides, as in prefops.linear_logprobs.
+        backend: 'auto', 'triton' or 'torch' (default from prefops.configure()).
+
+    Returns fp32 [...] KL (or TokenKL(kl, logp, ref_logp)). Differentiable in hidden, weight and bias;
+    the reference side gets no gradient. Nothing is saved when no input requires grad.
+    """
+    dummy_targets = torch.zeros((), dtype=torch.long, device=getattr(hidden, "device", None))
+    check_tensor(hidden, "hidden")
+    check_linear_inputs(hidden, weight, dummy_targets.expand(hidden.shape[:-1]) if targets is None else targets,
+                        bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap)
+    check_reference_inputs(hidden, weight, ref_hidden, ref_weight, ref_bias)
+    check_choice(direction, DIRECTIONS, "direction")
+    shape = tuple(hidden.shape[:-1])
+    counted = torch.ones(shape, dtype=torch.bool, device=hidden.device)
+    if mask is not None:
+        check_tensor(mask, "mask")
+        if mask.dtype != torch.bool or tuple(mask.shape) != shape or mask.device != hidden.device:
+            raise ValueError(f"mask must be a bool tensor of shape hidden.shape[:-1] = {shape} on {hidden.device}; "
+                             f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
+        counted = mask
+    if targets is not None:
+        check_targets_in_range(targets, weight.shape[0], ignore_index)
+        counted = counted & (targets != ignore_index)
+        flat_targets = torch.where(counted, targets, -1).reshape(-1)
+    else:
+        flat_targets = torch.full((counted.numel(),), -1, dtype=torch.int32, device=hidden.device)
+    settings = get_settings()
+    backend = check_choice(backend or settings.backend, BACKENDS, "backend")
+    flatten = lambda x: x.reshape(-1, x.shape[-1]).contiguous()  # noqa: E731
+    kl, logp, ref_logp, _, _ = linear_token_kl_forward(
+        flatten(hidden), weight.contiguous(), bias, flatten(ref_hidden).detach(), ref_weight.contiguous().detach(),
+        None if ref_bias is None else ref_bias.detach(), flat_targets, counted.reshape(-1),
+        direction == "policy_ref", float(temperature), None if softcap is None else float(softcap), backend,
+        settings.workspace)
+    if targets is None:
+        return kl.view(shape)
+    return TokenKL(kl.view(shape), logp.view(shape), ref_logp.view(shape))
