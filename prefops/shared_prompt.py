@@ -167,12 +167,12 @@ class SharedPromptLayout:
 
 def _as_ids(value, name: str) -> torch.Tensor:
     ids = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
     if ids.dim() != 1:
         raise ValueError(f"{name} must be a 1-D sequence of token ids; got shape {tuple(ids.shape)}")
-    if ids.numel() == 0:
+    if ids.numel() == 0:  # checked first: torch.as_tensor([]) is float
         raise ValueError(f"{name} is empty; every prompt and response needs at least one token")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
     if bool((ids < 0).any()):
         raise ValueError(f"{name} holds a negative token id ({int(ids.min())})")
     return ids.long()
