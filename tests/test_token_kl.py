@@ -1,0 +1,186 @@
+"""prefops.linear_token_kl against the float64 reference on materialised logits: KL, target
+log-probs and the policy gradients, both backends, both directions, memory, bad input."""
+import pytest
+import torch
+
+import prefops
+from conftest import TOLERANCE, relative_error
+from helpers import make_inputs
+from prefops.memory import AllocationRecorder
+from prefops.reference.token_kl import linear_token_kl as reference_token_kl
+from prefops.token_kl import linear_token_kl
+
+
+def make_pair(n, hidden_size, ref_hidden_size, vocab, *, dtype=torch.float32, scale=4.0, bias=False):
+    hidden, weight, targets, b = make_inputs(n, hidden_size, vocab, dtype=dtype, scale=scale, bias=bias)
+    ref_hidden, ref_weight, _, ref_b = make_inputs(n, ref_hidden_size, vocab, dtype=dtype, scale=scale, bias=bias)
+    mask = torch.rand(n) > 0.2
+    return dict(hidden=hidden, weight=weight, bias=b, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_b,
+                targets=targets, mask=mask)
+
+
+def run(fn, case, upstream, *, with_targets=True, **options):
+    """Outputs and the policy gradients of Σ kl * u_0 + Σ logp * u_1."""
+    leaves = {k: case[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")
+              if case[k] is not None}
+    ref = {k: case[k] for k in ("ref_hidden", "ref_weight", "ref_bias")}
+    if case["hidden"].dtype == torch.float64 or fn is reference_token_kl:
+        ref = {k: None if v is None else v.double() for k, v in ref.items()}
+        leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    out = fn(leaves["hidden"], leaves["weight"], ref["ref_hidden"], ref["ref_weight"], bias=leaves.get("bias"),
+             ref_bias=ref["ref_bias"], mask=case["mask"], targets=case["targets"] if with_targets else None,
+             **options)
+    outs = tuple(out) if with_targets else (out,)
+    total = sum((o.double() * u).sum() for o, u in zip(outs[:2], upstream))
+    grads = torch.autograd.grad(total, list(leaves.values()))
+    return [o.detach() for o in outs], grads
+
+
+def check(case, *, backend, grad_tolerance=None, kl_atol=None, with_targets=True, **options):
+    upstream = [torch.randn(case["targets"].shape, dtype=torch.float64) for _ in range(2)]
+    fused = lambda *a, **k: linear_token_kl(*a, backend=backend, **k)  # noqa: E731
+    actual, actual_grads = run(fused, case, upstream, with_targets=with_targets, **options)
+    expected, expected_grads = run(reference_token_kl, case, upstream, with_targets=with_targets, **options)
+    tolerance = TOLERANCE[case["hidden"].dtype]
+    counted = case["mask"] & (case["targets"] != -100) if with_targets else case["mask"]
+    for name, a, e in zip(("kl", "logp", "ref_logp"), actual, expected):
+        assert a.dtype == torch.float32
+        assert torch.equal(a[~counted], torch.zeros_like(a[~counted])), f"{name} not 0 at uncounted tokens"
+        if name == "kl" and kl_atol is not None:
+            assert torch.allclose(a.double(), e, rtol=tolerance, atol=kl_atol), name
+        else:
+            assert relative_error(a, e) <= tolerance, name
+    for name, a, e in zip(("hidden", "weight", "bias"), actual_grads, expected_grads):
+        assert a.dtype == case["hidden"].dtype
+        assert relative_error(a, e) <= (grad_tolerance or tolerance), f"grad of {name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("direction", ["ref_policy", "policy_ref"])
+@pytest.mark.parametrize("options", [{}, {"softcap": 5.0, "temperature": 1.3}])
+def test_torch_backend_matches_float64(dtype, direction, options):
+    # V, H, H_ref multiples of no block; a small workspace forces several row and vocabulary chunks.
+    case = make_pair(45, 67, 53, 1013, dtype=dtype, bias=True)
+    with prefops.settings(workspace=60_000):
+        check(case, backend="torch", direction=direction, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("direction", ["ref_policy", "policy_ref"])
+def test_triton_kernels_match_float64(dtype, direction):
+    """The real Triton kernels (under TRITON_INTERPRET=1 on CPU)."""
+    case = make_pair(21, 35, 19, 203, dtype=dtype, bias=direction == "policy_ref")
+    options = {"softcap": 3.0, "temperature": 0.7} if direction == "policy_ref" else {}
+    with prefops.settings(workspace=20_000):
+        check(case, backend="triton", direction=direction, **options)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_kl_alone_with_a_mask(backend):
+    case = make_pair(17, 24, 24, 150)
+    check(case, backend=backend, with_targets=False, direction="policy_ref")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_large_magnitude_logits(backend):
+    # Logits ~1e3: the KL is a difference of terms of that size unless both shifts are kept;
+    # an fp32 logit is only known to ~1e-4 there, which bounds the agreement.
+    case = make_pair(13, 19, 19, 97, scale=1000.0)
+    check(case, backend=backend, kl_atol=2e-3, grad_tolerance=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_identical_models_give_zero_kl_and_no_kl_gradient(backend):
+    case = make_pair(9, 16, 16, 77)
+    hidden = case["hidden"].clone().requires_grad_()
+    kl = linear_token_kl(hidden, case["weight"], case["hidden"], case["weight"], backend=backend)
+    assert kl.abs().max() < 1e-5
+    (grad,) = torch.autograd.grad(kl.sum(), hidden)
+    assert grad.abs().max() < 1e-5
+    # A different reference gives a positive KL in both directions.
+    for direction in ("ref_policy", "policy_ref"):
+        kl = linear_token_kl(case["hidden"], case["weight"], case["ref_hidden"], case["ref_weight"],
+                             direction=direction, backend=backend)
+        assert (kl > 0).all()
+
+
+def test_reference_gets_no_gradient():
+    case = make_pair(8, 12, 12, 40)
+    ref_hidden = case["ref_hidden"].clone().requires_grad_()
+    hidden = case["hidden"].clone().requires_grad_()
+    linear_token_kl(hidden, case["weight"], ref_hidden, case["ref_weight"]).sum().backward()
+    assert ref_hidden.grad is None and hidden.grad is not None
+
+
+def test_padded_batch_shape_and_sequence_sums():
+    case = make_pair(2 * 3 * 7, 16, 16, 61)
+    shaped = {k: v.view(6, 7, -1) for k, v in case.items() if k in ("hidden", "ref_hidden")}
+    targets, mask = case["targets"].view(6, 7), case["mask"].view(6, 7)
+    out = linear_token_kl(shaped["hidden"], case["weight"], shaped["ref_hidden"], case["ref_weight"], mask=mask,
+                          targets=targets)
+    flat = linear_token_kl(case["hidden"], case["weight"], case["ref_hidden"], case["ref_weight"],
+                           mask=case["mask"], targets=case["targets"])
+    assert out.kl.shape == (6, 7) and torch.equal(out.kl.reshape(-1), flat.kl)
+    counted = mask & (targets != -100)
+    assert torch.allclose(prefops.sequence_sum(out.kl, counted), out.kl.sum(1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_logits_sized_tensor_in_forward_or_backward(backend):
+    n, hidden_size, vocab = 96, 32, 1009
+    case = make_pair(n, hidden_size, hidden_size, vocab)
+    hidden, weight = case["hidden"].requires_grad_(), case["weight"].requires_grad_()
+    workspace = 64 * 1024
+
+    def step():
+        with prefops.settings(workspace=workspace, backend=backend):
+            out = linear_token_kl(hidden, weight, case["ref_hidden"], case["ref_weight"], targets=case["targets"],
+                                  mask=case["mask"])
+            (out.kl.sum() - out.logp.sum()).backward()
+
+    recorder = AllocationRecorder()
+    with recorder:
+        step()
+    assert recorder.sizes, "the recorder saw nothing: the test would pass vacuously"
+    assert any("mm" in op or "matmul" in op for _, _, op in recorder.sizes), "the GEMMs inside the op were not seen"
+    counted = int((case["mask"] & (case["targets"] != -100)).sum())
+    biggest_bytes, biggest_numel, where = max(recorder.sizes)
+    assert biggest_numel < counted * vocab, f"{where} allocated {biggest_numel} elements (N x V = {counted * vocab})"
+    assert biggest_bytes <= max(weight.numel() * 4, workspace), f"{where} allocated {biggest_bytes} bytes"
+    assert weight.grad is not None and hidden.grad is not None
+
+    naive = AllocationRecorder()
+    with naive:
+        reference_token_kl(hidden, weight, case["ref_hidden"], case["ref_weight"])
+    assert max(numel for _, numel, _ in naive.sizes) >= n * vocab, "the recorder misses the naive N x V logits"
+
+
+def test_torch_compile_traces_the_op():
+    case = make_pair(10, 16, 16, 50)
+    fn = lambda h: linear_token_kl(h, case["weight"], case["ref_hidden"], case["ref_weight"],  # noqa: E731
+                                   backend="torch").sum()
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    assert torch.allclose(compiled(case["hidden"]), fn(case["hidden"]))
+
+
+def test_bad_input_is_named():
+    case = make_pair(6, 12, 10, 40)
+    h, w, rh, rw = case["hidden"], case["weight"], case["ref_hidden"], case["ref_weight"]
+    with pytest.raises(ValueError, match="vocabularies differ.*V = 40.*39"):
+        linear_token_kl(h, w, rh, rw[:-1])
+    with pytest.raises(ValueError, match="ref_hidden must have shape .* leading shape of hidden"):
+        linear_token_kl(h, w, rh[:-1], rw)
+    with pytest.raises(ValueError, match="ref_weight must have shape \\[V, H_ref\\] with H_ref = .* 10"):
+        linear_token_kl(h, w, rh, w)
+    with pytest.raises(ValueError, match="weight must have shape \\[V, H\\]"):
+        linear_token_kl(h, rw, rh, rw)
+    with pytest.raises(ValueError, match="direction must be one of 'ref_policy', 'policy_ref'"):
+        linear_token_kl(h, w, rh, rw, direction="forward")
+    with pytest.raises(ValueError, match="mask must be a bool tensor of shape"):
+        linear_token_kl(h, w, rh, rw, mask=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="ref_hidden dtype"):
+        linear_token_kl(h, w, rh.bfloat16(), rw.bfloat16())
+    with pytest.raises(ValueError, match="targets must lie in \\[0, 40\\)"):
+        linear_token_kl(h, w, rh, rw, targets=torch.full((6,), 40))
+    with pytest.raises(ValueError, match="ref_bias must have shape"):
+        linear_token_kl(h, w, rh, rw, ref_bias=torch.zeros(39))
