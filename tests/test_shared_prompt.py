@@ -144,6 +144,7 @@ def test_block_mask_matches_dense_mask():
     assert block_mask.sparsity() > 0
 
 
+@pytest.mark.slow
 def test_flex_attention_body_matches_sdpa():
     """transformers runs flex attention compiled; on CPU that takes a while, so only the forward is compared."""
     pytest.importorskip("torch.nn.attention.flex_attention")
