@@ -1,8 +1,8 @@
-"""prefops: train and evaluate DPO-family models on fused losses.
+"""prefops: train, evaluate, benchmark and check fused preference losses.
 
 Each command group lives in its own module with an add_commands(subparsers) hook
-that adds its subcommands with a `run(args, rest)` default; to add one (bench,
-compare), write such a hook and list it in COMMAND_GROUPS.
+that adds its subcommands with a `run(args, rest)` default (returning an exit
+status, or None for 0); to add one, write such a hook and list it in COMMAND_GROUPS.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_GROUPS = ("prefops.training.cli",)
+COMMAND_GROUPS = ("prefops.training.cli", "prefops.bench", "prefops.compare")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,11 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     # Config overrides (--key value) are open-ended, so they are whatever argparse does not know.
     args, rest = parser.parse_known_args(argv)
     try:
-        args.run(args, rest)
+        status = args.run(args, rest)
     except (ValueError, FileNotFoundError, MemoryError) as error:
         print(f"prefops {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

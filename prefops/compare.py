@@ -1,0 +1,479 @@
+"""`prefops compare`: every fused op and loss against its float64 reference, on fresh random inputs.
+
+Each registry entry makes float64 inputs (odd shapes: V, H not multiples of any
+block; logits with std 4-8), runs the fused path on them cast to the chosen
+dtype, and the reference path (materialised logits, float64) on the same
+rounded values. Values and gradients are compared by relative error
+||fused - ref|| / ||ref|| (NaN counts as infinite); over tolerance (fp32 1e-5,
+bf16 1e-2) the command exits 1.
+
+Adding a family (listwise, token-level KL, ...) is one Entry in `entries()`:
+    Entry("listwise/plackett_luce/lean", make=..., fused=..., reference=...)
+make(generator) returns the float64 inputs as a dict; fused(**inputs) and
+reference(**inputs) return dicts of named outputs (the fused one computed from
+`leaves` cast to the dtype, the reference one from float64 copies). Gradients
+of every differentiable fused output (weighted by fixed random upstream
+values) with respect to `leaves` are compared too. See the pairwise entries.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import zlib
+from typing import Callable
+
+import torch
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Odd shapes: nothing is a multiple of a block size.
+PAIRS, LENGTH, HIDDEN, VOCAB = 3, 13, 37, 611
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str
+    make: Callable[[torch.Generator], dict]
+    fused: Callable[..., dict]
+    reference: Callable[..., dict]
+    leaves: tuple = ("hidden", "weight")
+    tolerance: dict = dataclasses.field(default_factory=dict)  # dtype -> tolerance, where TOLERANCE cannot hold
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    name: str
+    value_error: float
+    grad_error: float
+    worst: str  # the output or gradient with the largest error
+    seconds: float
+    error: str = ""  # an exception's message, when the entry could not run
+
+
+def relative_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| in float64; NaN anywhere gives inf; 0 when both are 0."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if torch.isnan(actual).any() or torch.isnan(expected).any():
+        return float("inf")
+    diff = (actual - expected).norm()
+    if float(diff) == 0.0:
+        return 0.0
+    return float(diff / expected.norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------- the harness
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _run_side(fn, inputs, leaves, generator=None, upstream=None, differentiable=None):
+    """Outputs, the names of the differentiable ones, the upstream weights and the leaves' gradients of
+    sum(output * upstream) over them; upstream is drawn from `generator` when not given. The reference
+    side takes `differentiable` from the fused side: an output the fused op detaches (a statistic) has
+    no gradient to compare."""
+    outputs = fn(**inputs)
+    if differentiable is None:
+        differentiable = [name for name, value in outputs.items() if value.requires_grad]
+    if upstream is None:
+        upstream = {name: torch.randn(value.shape, generator=generator, dtype=torch.float64).to(value.device)
+                    for name, value in outputs.items()}
+    grads = {}
+    if differentiable:
+        total = sum((outputs[name].double() * upstream[name]).sum() for name in differentiable)
+        grads = dict(zip(leaves, torch.autograd.grad(total, [inputs[name] for name in leaves], allow_unused=True)))
+    return outputs, differentiable, upstream, grads
+
+
+def check(entry: Entry, *, dtype, device, seed=0, backend="auto") -> Result:
+    """Fused (leaves in `dtype`) against reference (float64) for one entry."""
+    from .config import settings
+    begin = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(entry.name.encode()))
+    made = _to(entry.make(generator), device)
+    leaves = tuple(name for name in entry.leaves if made.get(name) is not None)
+    fused_inputs, reference_inputs = dict(made), dict(made)
+    for name in leaves:
+        rounded = made[name].to(dtype)
+        fused_inputs[name] = rounded.detach().requires_grad_()
+        reference_inputs[name] = rounded.detach().double().requires_grad_()
+    with settings(backend=backend):
+        fused, differentiable, upstream, fused_grads = _run_side(entry.fused, fused_inputs, leaves, generator)
+    expected, _, _, expected_grads = _run_side(entry.reference, reference_inputs, leaves, upstream=upstream,
+                                               differentiable=differentiable)
+    errors = {name: relative_error(fused[name], expected[name]) for name in expected}
+    if differentiable:
+        for name in leaves:
+            got, want = fused_grads[name], expected_grads[name]
+            if want is None:
+                want = torch.zeros_like(reference_inputs[name])
+            errors[f"d{name}"] = (float("inf") if got is None and bool(want.any()) else
+                                  relative_error(torch.zeros_like(want) if got is None else got, want))
+    value_errors = [e for name, e in errors.items() if name in expected]
+    grad_errors = [e for name, e in errors.items() if name not in expected]
+    worst = max(errors.items(), key=lambda item: item[1], default=("", 0.0))[0]
+    return Result(entry.name, max(value_errors, default=0.0), max(grad_errors, default=0.0), worst,
+                  time.perf_counter() - begin)
+
+
+# ---------------------------------------------------------------- inputs
+
+def token_batch(generator, sequences, *, scale=4.0, bias=False):
+    """float64 hidden [S, T, H], weight [V, H] (logit std `scale`), targets [S, T] with a 2-token prompt and
+    0-3 padding tokens ignored per row, optional bias [V]."""
+    hidden = torch.randn(sequences, LENGTH, HIDDEN, generator=generator, dtype=torch.float64)
+    weight = torch.randn(VOCAB, HIDDEN, generator=generator, dtype=torch.float64) * scale / HIDDEN**0.5
+    targets = torch.randint(0, VOCAB, (sequences, LENGTH), generator=generator)
+    targets[:, :2] = IGNORE_INDEX
+    for row in range(sequences):
+        padding = int(torch.randint(0, 4, (), generator=generator))
+        if padding:
+            targets[row, -padding:] = IGNORE_INDEX
+    out = {"hidden": hidden, "weight": weight, "targets": targets}
+    if bias:
+        out["bias"] = torch.randn(VOCAB, generator=generator, dtype=torch.float64)
+    return out
+
+
+def reference_token_logps(hidden, weight, targets, **options):
+    from .reference import linear_logprobs
+    return linear_logprobs(hidden, weight, targets, **options)
+
+
+# ---------------------------------------------------------------- the core op
+
+OP_OPTIONS = dict(temperature=0.7, softcap=15.0)
+
+
+def _op_entries():
+    from .ops import linear_logprobs
+    from .reference import token_sum_p2
+
+    def make_plain(generator):
+        batch = token_batch(generator, 5)
+        return {**batch, "hidden": batch["hidden"].reshape(-1, HIDDEN), "targets": batch["targets"].reshape(-1)}
+
+    def make_full(generator):
+        return {**make_plain(generator), "weight": token_batch(generator, 1, scale=8.0)["weight"],
+                "bias": torch.randn(VOCAB, generator=generator, dtype=torch.float64)}
+
+    def fused_full(hidden, weight, targets, bias):
+        out = linear_logprobs(hidden, weight, targets, bias=bias, return_lse=True, return_entropy=True,
+                              return_sum_p2=True, **OP_OPTIONS)
+        return {"logp": out.logp, "lse": out.lse, "entropy": out.entropy, "sum_p2": out.sum_p2}
+
+    def reference_full(hidden, weight, targets, bias):
+        logp, lse, entropy = reference_token_logps(hidden, weight, targets, bias=bias, return_lse=True,
+                                                   return_entropy=True, **OP_OPTIONS)
+        sum_p2 = token_sum_p2(hidden, weight, targets, bias=bias, **OP_OPTIONS)
+        return {"logp": logp, "lse": lse, "entropy": entropy, "sum_p2": sum_p2}
+
+    return [
+        Entry("op/linear_logprobs", make_plain,
+              lambda hidden, weight, targets: {"logp": linear_logprobs(hidden, weight, targets)},
+              lambda hidden, weight, targets: {"logp": reference_token_logps(hidden, weight, targets)}),
+        Entry("op/linear_logprobs+bias+softcap+temperature+lse+entropy+sum_p2", make_full, fused_full,
+              reference_full, leaves=("hidden", "weight", "bias")),
+    ]
+
+
+# ---------------------------------------------------------------- sequence_objective
+
+def _objective_entries():
+    from .objective import sequence_objective
+    from .reference import token_sum_p2
+
+    sequences = 7
+    groups = torch.tensor([[0, 3, 5], [1, 4, -1], [6, 2, -1]])
+
+    def make(generator):
+        batch = token_batch(generator, sequences)
+        # Packed tokens: sequence ids shuffled, a few tokens belong to no sequence (-1).
+        seq_ids = torch.arange(sequences).repeat_interleave(LENGTH)
+        seq_ids = seq_ids[torch.randperm(seq_ids.numel(), generator=generator)]
+        seq_ids[::17] = -1
+        token_weights = torch.rand(sequences * LENGTH, generator=generator, dtype=torch.float64) + 0.5
+        return {"hidden": batch["hidden"].reshape(-1, HIDDEN), "weight": batch["weight"],
+                "targets": batch["targets"].reshape(-1), "seq_ids": seq_ids, "token_weights": token_weights}
+
+    def head(logps, present, stats):
+        """Additive over groups, nonlinear in each: softmax cross-entropy of slot 0 among the present slots."""
+        scores = torch.where(present, 0.05 * logps - 0.01 * stats["entropy"] + 0.02 * stats["log_sum_p2"],
+                             -float("inf"))
+        return (torch.logsumexp(scores, dim=1) - scores[:, 0]).sum()
+
+    def fused(strategy):
+        def run(hidden, weight, targets, seq_ids, token_weights):
+            rows = groups.to(targets.device)
+            out = sequence_objective(
+                hidden, weight, targets, head=lambda logps, index, stats: head(logps, rows[index] >= 0, stats),
+                groups=rows, seq_ids=seq_ids, token_weights=token_weights.float(),
+                stats=("entropy", "log_sum_p2"), strategy=strategy, budget=3 * LENGTH * VOCAB * 4)
+            return {"loss": out.loss, "logps": out.logps}
+        return run
+
+    def reference(hidden, weight, targets, seq_ids, token_weights):
+        logp, _, entropy = reference_token_logps(hidden, weight, targets, return_entropy=True)
+        sum_p2 = token_sum_p2(hidden, weight, targets)
+        counted = (targets != IGNORE_INDEX) & (seq_ids >= 0)
+        one_hot = torch.nn.functional.one_hot(seq_ids.clamp_min(0), sequences).double() * counted[:, None]
+        logps = (logp * token_weights) @ one_hot
+        stats = {"entropy": (entropy * counted).detach() @ one_hot,
+                 "log_sum_p2": torch.where(counted, sum_p2.clamp_min(1e-300).log(), 0.0).detach() @ one_hot}
+        rows = groups.to(targets.device)
+        pick = lambda values: torch.where(rows >= 0, values[rows.clamp_min(0)], 0.0)  # noqa: E731
+        present = groups.to(targets.device) >= 0
+        return {"loss": head(pick(logps), present, {k: pick(v) for k, v in stats.items()}), "logps": logps}
+
+    return [Entry(f"objective/{strategy}", make, fused(strategy), reference) for strategy in ("lean", "budget")]
+
+
+# ---------------------------------------------------------------- pairwise (PreferenceLoss)
+
+PAIRWISE_BETA = 0.2
+
+
+def pairwise_params(loss_type, generator):
+    """The options a loss type needs to run (and that make it differ from its defaults)."""
+    if loss_type == "sppo":
+        return {"preference_probs": torch.rand(PAIRS, generator=generator)}
+    if loss_type == "modpo":
+        return {"chosen_margin_rewards": torch.randn(PAIRS, 2, generator=generator),
+                "rejected_margin_rewards": torch.randn(PAIRS, 2, generator=generator),
+                "modpo_weights": [0.6, 0.3, 0.1]}
+    if loss_type in ("exo_pair", "robust"):
+        return {"label_smoothing": 0.2}
+    return {}
+
+
+def _pairwise_reference(hidden, weight, targets, ref, *, loss_type, beta, ld_alpha=None, wpo=False, **params):
+    """float64 pipeline: materialised logits -> per-sequence (weighted) sums -> the same pairwise_loss."""
+    from .losses import ld_dpo_token_weights, pairwise_loss
+    from .reference import token_sum_p2
+    token = reference_token_logps(hidden, weight, targets)
+    counted = targets != IGNORE_INDEX
+    weights = counted.double()
+    if ld_alpha is not None:
+        weights = torch.cat(ld_dpo_token_weights(counted[:PAIRS], counted[PAIRS:], ld_alpha)).double()
+    sums = (token * weights).sum(1)
+    lengths = counted.sum(1).double()
+    if wpo:
+        log_sum_p2 = torch.where(counted, token_sum_p2(hidden, weight, targets).clamp_min(1e-300).log(), 0.0).sum(1)
+        per_sequence = ((sums.detach() - log_sum_p2) / lengths).exp()
+        params["pair_weights"] = per_sequence[:PAIRS] * per_sequence[PAIRS:]
+    losses, metrics = pairwise_loss(sums[:PAIRS], sums[PAIRS:], ref[:PAIRS], ref[PAIRS:], loss_type=loss_type,
+                                    beta=beta, chosen_lengths=lengths[:PAIRS], rejected_lengths=lengths[PAIRS:],
+                                    **params)
+    return losses.mean(), metrics
+
+
+PAIRWISE_OUTPUTS = ("logps/chosen", "logps/rejected", "rewards/chosen")
+
+
+def pairwise_entry(name, strategy, loss_type, **options):
+    """PreferenceLoss(loss_type, **options) under `strategy` against the float64 pipeline.
+
+    The budget holds two pairs' logits, so with three pairs the head runs on two chunks."""
+    from .preference import PreferenceLoss
+
+    def make(generator):
+        batch = token_batch(generator, 2 * PAIRS)
+        return {**batch, "ref": torch.randn(2 * PAIRS, generator=generator, dtype=torch.float64) - 40,
+                "params": {**options, **pairwise_params(loss_type if isinstance(loss_type, str) else "", generator)}}
+
+    def fused(hidden, weight, targets, ref, params):
+        module = PreferenceLoss(loss_type, beta=PAIRWISE_BETA, strategy=strategy, budget=2 * 2 * LENGTH * VOCAB * 4,
+                                **params)
+        loss, metrics = module(hidden, weight, targets, ref_chosen_logps=ref[:PAIRS].float(),
+                               ref_rejected_logps=ref[PAIRS:].float())
+        return {"loss": loss, **{k: metrics[k] for k in PAIRWISE_OUTPUTS}}
+
+    def reference(hidden, weight, targets, ref, params):
+        loss, metrics = _pairwise_reference(hidden, weight, targets, ref.float().double(), loss_type=loss_type,
+                                            beta=PAIRWISE_BETA, **params)
+        return {"loss": loss, **{k: metrics[k] for k in PAIRWISE_OUTPUTS}}
+
+    return Entry(f"pairwise/{name}/{strategy}", make, fused, reference)
+
+
+def _pairwise_entries():
+    from .losses import LOSSES
+    variants = [(loss_type, loss_type, {}) for loss_type in sorted(LOSSES)] + [
+        ("sigmoid+sft", ["sigmoid", "sft"], {"loss_weights": [1.0, 0.5]}),
+        ("sigmoid+bco_pair+ipo", ["sigmoid", "bco_pair", "ipo"], {"loss_weights": [0.5, 1.0, 0.1]}),
+        ("sigmoid+label_smoothing", "sigmoid", {"label_smoothing": 0.1}),
+        ("sigmoid+js_divergence", "sigmoid", {"f_divergence_type": "js_divergence"}),
+        ("sigmoid+ld_alpha", "sigmoid", {"ld_alpha": 0.5}),
+        ("sigmoid+wpo", "sigmoid", {"wpo": True}),
+    ]
+    return [pairwise_entry(name, strategy, loss_type, **options)
+            for name, loss_type, options in variants for strategy in ("lean", "budget")]
+
+
+# ---------------------------------------------------------------- unpaired (KTO, BCO) through sequence_objective
+
+UNPAIRED = 5
+
+
+def unpaired_entry(name, strategy, make_loss):
+    """make_loss() -> fn(policy_logps, ref_logps, labels) -> (losses, metrics); run per completion
+    (groups [N, 1]) through sequence_objective, against float64 sums."""
+    from .objective import sequence_objective
+
+    def make(generator):
+        batch = token_batch(generator, UNPAIRED)
+        labels = torch.rand(UNPAIRED, generator=generator) < 0.5
+        labels[0], labels[1] = True, False
+        # The reference near the policy, as at the start of training: the losses are not saturated.
+        policy = reference_token_logps(batch["hidden"], batch["weight"], batch["targets"]).sum(1)
+        return {**batch, "ref": policy + 2 * torch.randn(UNPAIRED, generator=generator, dtype=torch.float64),
+                "labels": labels}
+
+    def fused(hidden, weight, targets, ref, labels):
+        loss_fn, ref32 = make_loss(), ref.float()
+        groups = torch.arange(UNPAIRED, device=targets.device)[:, None]
+
+        def head(logps, group_index, stats):
+            return loss_fn(logps[:, 0], ref32[group_index], labels[group_index])[0].sum() / UNPAIRED
+
+        out = sequence_objective(hidden, weight, targets, head=head, groups=groups, strategy=strategy,
+                                 budget=2 * LENGTH * VOCAB * 4)
+        return {"loss": out.loss, "logps": out.logps}
+
+    def reference(hidden, weight, targets, ref, labels):
+        logps = reference_token_logps(hidden, weight, targets).sum(1)
+        return {"loss": make_loss()(logps, ref.float().double(), labels)[0].mean(), "logps": logps}
+
+    return Entry(f"unpaired/{name}/{strategy}", make, fused, reference)
+
+
+def _unpaired_entries():
+    from .losses import BCOLoss, kto_loss
+
+    def bco():
+        module = BCOLoss(beta=0.3).eval()  # eval: the running reward mean is frozen, so every chunk sees it
+        module.delta.fill_(0.25)
+        return module
+
+    makers = {
+        "kto": lambda: lambda p, r, l: kto_loss(p, r, l, beta=0.3, kl=0.4, desirable_weight=1.3,
+                                                undesirable_weight=0.7),
+        "apo_zero_unpaired": lambda: lambda p, r, l: kto_loss(p, r, l, beta=0.3, loss_type="apo_zero_unpaired"),
+        "bco": bco,
+    }
+    return [unpaired_entry(name, strategy, maker) for name, maker in makers.items() for strategy in ("lean", "budget")]
+
+
+# ---------------------------------------------------------------- diffusion
+
+def _diffusion_entries():
+    from .losses import diffusion_dpo_loss, mapo_loss
+
+    def make(generator):
+        errors = lambda: 0.1 + 0.01 * torch.rand(5, generator=generator, dtype=torch.float64)  # noqa: E731
+        return {"model_err_w": errors(), "model_err_l": errors(), "ref_err_w": errors(), "ref_err_l": errors()}
+
+    def dpo(model_err_w, model_err_l, ref_err_w, ref_err_l):
+        # The reference errors are fp32 data on both sides (they are not leaves).
+        return {"loss": diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w.float(), ref_err_l.float())[0].mean()}
+
+    def mapo(model_err_w, model_err_l, ref_err_w, ref_err_l):
+        return {"loss": mapo_loss(model_err_w, model_err_l, beta=0.1, snr_value=2.0)[0].mean()}
+
+    leaves = ("model_err_w", "model_err_l")
+    # MaPO multiplies a difference of two g(c e) ~ 0.9 by T = 1000: an fp32 ulp of g becomes
+    # ~6e-5 in the margin, so fp32 gradients carry ~1e-5 relative error whatever the inputs.
+    mapo_tolerance = {torch.float32: 1e-4}
+    # The same function at the working precision and in float64: these losses have no fused kernel.
+    return [Entry("diffusion/diffusion_dpo", make, dpo, dpo, leaves),
+            Entry("diffusion/mapo", make, mapo, mapo, leaves, tolerance=mapo_tolerance)]
+
+
+def entries() -> dict:
+    """Every registered comparison, by name (family/variant[/strategy])."""
+    found = [*_op_entries(), *_objective_entries(), *_pairwise_entries(), *_unpaired_entries(),
+             *_diffusion_entries()]
+    return {entry.name: entry for entry in found}
+
+
+def select(all_entries: dict, only: str | None) -> list:
+    """Entries named in `only` (comma-separated names or name prefixes ending at a '/'), all when None."""
+    if not only:
+        return list(all_entries.values())
+    chosen = []
+    for token in (t.strip().rstrip("/") for t in only.split(",") if t.strip()):
+        matched = [e for n, e in all_entries.items() if n == token or n.startswith(token + "/")]
+        if not matched:
+            families = sorted({n.split("/")[0] for n in all_entries})
+            raise ValueError(f"--only: no entry named {token!r}; families: {', '.join(families)} "
+                             "(prefops compare --list shows every name)")
+        chosen += [e for e in matched if e not in chosen]
+    return chosen
+
+
+# ---------------------------------------------------------------- `prefops compare`
+
+def add_commands(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="check every fused op and loss against its float64 reference",
+        description="Runs every fused op and loss, and its float64 reference, on fresh random inputs of odd "
+                    "shapes; prints the max relative error of values and gradients per entry and exits 1 when "
+                    "one is over tolerance (float32 1e-5, bfloat16/float16 1e-2).")
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                        help="prefops backend; triton on CPU runs under TRITON_INTERPRET=1 (slow)")
+    parser.add_argument("--only", help="comma-separated entry names or families (op, objective, pairwise, "
+                        "pairwise/sigmoid, ...)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--list", action="store_true", help="list the entries and exit")
+    parser.set_defaults(run=run_compare)
+
+
+def run_compare(args: argparse.Namespace, rest: list[str]) -> int:
+    if rest:
+        raise ValueError(f"unrecognised arguments: {' '.join(rest)}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU found; use --device cpu")
+    if args.backend == "triton" and device.type == "cpu" and "prefops.kernels" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, on first use
+    all_entries = entries()
+    if args.list:
+        print("\n".join(all_entries))
+        return 0
+    chosen = select(all_entries, args.only)
+    dtype = DTYPES[args.dtype]
+    tolerance = TOLERANCE[dtype]
+    print(f"prefops compare: {len(chosen)} entries, {args.dtype} on {device.type}, backend {args.backend}, "
+          f"seed {args.seed}, tolerance {tolerance:g}", file=sys.stderr, flush=True)
+    rows, failed = [], 0
+    for entry in chosen:
+        try:
+            result = check(entry, dtype=dtype, device=device, seed=args.seed, backend=args.backend)
+        except Exception as error:  # noqa: BLE001 - an entry that cannot run is a failure in the table
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            result = Result(entry.name, float("inf"), float("inf"), "", 0.0, f"{type(error).__name__}: "
+                            f"{first_line[:120]}")
+        limit = entry.tolerance.get(dtype, tolerance)
+        ok = result.value_error <= limit and result.grad_error <= limit
+        failed += not ok
+        rows.append([result.name, f"{result.value_error:.1e}", f"{result.grad_error:.1e}",
+                     ("ok" if ok else "FAIL") + ("" if limit == tolerance else f" (tol {limit:g})"), result.worst if not result.error else result.error,
+                     f"{result.seconds:.2f}"])
+    from .bench import markdown_table
+    print(markdown_table(["entry", "max rel err values", "max rel err grads", "status", "worst", "s"], rows))
+    if failed:
+        print(f"{failed} of {len(chosen)} entries over tolerance {tolerance:g}", file=sys.stderr)
+        return 1
+    print(f"all {len(chosen)} entries within {tolerance:g}", file=sys.stderr)
+    return 0
