@@ -6,9 +6,9 @@ from .ops import LogProbs, linear_logprobs
 from .objective import Objective, sequence_logps, sequence_objective
 from .preference import PreferenceLoss
 from .unpaired import UnpairedLoss
-from . import losses
+from . import losses, shared_prompt
 
 __all__ = [
-    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs", "Objective", "sequence_objective", "sequence_logps", "PreferenceLoss", "UnpairedLoss", "losses",
+    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs", "Objective", "sequence_objective", "sequence_logps", "PreferenceLoss", "UnpairedLoss", "losses", "shared_prompt",
     "SequenceStats", "sequence_count", "sequence_mean", "sequence_stats", "sequence_sum",
 ]
