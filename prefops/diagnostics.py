@@ -21,6 +21,7 @@ candidates independently of how much mass they hold. The unnormalised sum
 """
 from __future__ import annotations
 
+from collections import namedtuple
 from typing import NamedTuple, Optional
 
 import torch
@@ -29,6 +30,7 @@ from . import fused, tiles
 from .checks import check_linear_inputs, check_targets_in_range
 from .config import BACKENDS, check_choice, get_settings
 from .sequences import sequence_stats
+from .token_kl import linear_token_kl
 
 # Registers of the running top-k grow with k; past this the chunked PyTorch path serves.
 MAX_TRITON_TOP_K = 64
@@ -51,16 +53,10 @@ class Diagnostics(NamedTuple):
     top_k_ids: torch.Tensor
 
 
-class SequenceDiagnostics(NamedTuple):
-    """Per-sequence means over the counted tokens [S] (fp32), and the counts."""
-
-    logp: torch.Tensor
-    entropy: torch.Tensor
-    top_k_entropy: torch.Tensor
-    top_k_mass: torch.Tensor
-    sum_p2: torch.Tensor
-    kl_to_reference: Optional[torch.Tensor]
-    count: torch.Tensor
+# The per-token scalars that sequence_diagnostics averages.
+SCALAR_FIELDS = Diagnostics._fields[:6]
+SequenceDiagnostics = namedtuple("SequenceDiagnostics", SCALAR_FIELDS + ("count",))
+SequenceDiagnostics.__doc__ = "Per-sequence means [S] (fp32) of the Diagnostics scalars over counted tokens; counts."
 
 
 def check_top_k(top_k, vocab_size: int) -> int:
@@ -131,7 +127,8 @@ def _resolve(backend, device, top_k):
 
 @torch.no_grad()
 def linear_diagnostics(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
-                       top_k=10, ref_hidden=None, ref_weight=None, ref_bias=None, backend=None) -> Diagnostics:
+                       top_k=10, ref_hidden=None, ref_weight=None, ref_bias=None, kl_direction="policy_ref",
+                       backend=None) -> Diagnostics:
     """Per-token likelihood diagnostics through the lm_head, forward only, without the N x V logits.
 
     Args:
@@ -140,19 +137,22 @@ def linear_diagnostics(hidden, weight, targets, *, bias=None, ignore_index=-100,
         temperature, softcap: z = softcap * tanh((h W^T + b) / temperature / softcap), as linear_logprobs.
         top_k: k of the top-k entropy and mass (1 <= k <= V); see the module docstring for the
             definitions (renormalised top-k entropy, natural log).
-        ref_hidden, ref_weight, ref_bias: the reference model, for kl_to_reference (not wired yet).
+        ref_hidden [..., H_ref], ref_weight [V, H_ref], ref_bias: the reference model. When given,
+            kl_to_reference holds the per-token KL (nats) from prefops.token_kl.linear_token_kl,
+            KL(p_θ || p_ref) by default or KL(p_ref || p_θ) with kl_direction='ref_policy'.
+            That is a second pass over the vocabulary (policy and reference logits together).
         backend: 'auto', 'triton' or 'torch'; default from prefops.configure().
 
-    One pass over the vocabulary gives every field: the Triton statistics kernel with its
-    streamed, exact top-k switched on (k <= 64), or the chunked PyTorch path. Nothing is
-    saved for backward and nothing is differentiable.
+    One pass over the vocabulary gives every field but the KL: the Triton statistics kernel
+    with its streamed, exact top-k switched on (k <= 64), or the chunked PyTorch path.
+    Nothing is saved for backward and nothing is differentiable.
     """
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
                         softcap=softcap)
     top_k = check_top_k(top_k, weight.shape[0])
-    if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
-        raise NotImplementedError("kl_to_reference is not wired yet: it needs prefops.token_kl.linear_token_kl; "
-                                  "call linear_diagnostics without ref_hidden, ref_weight and ref_bias")
+    with_reference = ref_hidden is not None or ref_weight is not None or ref_bias is not None
+    if with_reference and (ref_hidden is None or ref_weight is None):
+        raise ValueError("kl_to_reference needs both ref_hidden and ref_weight (ref_bias is optional)")
     settings = get_settings()
     requested = check_choice(backend or settings.backend, BACKENDS, "backend")
     check_targets_in_range(targets, weight.shape[0], ignore_index)
@@ -177,8 +177,13 @@ def linear_diagnostics(hidden, weight, targets, *, bias=None, ignore_index=-100,
         out = value.new_full((n,) + value.shape[1:], fill)
         return out.index_copy_(0, rows, value).view(shape + value.shape[1:])
 
+    kl = None
+    if with_reference:
+        kl = linear_token_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
+                             direction=kl_direction, mask=targets != ignore_index, temperature=temperature,
+                             softcap=softcap, backend=requested)
     return Diagnostics(scatter(token.logp), scatter(token.entropy), scatter(top_entropy), scatter(top_mass),
-                       scatter(token.sum_p2), None, scatter(values - token.lse[:, None]), scatter(ids, -1))
+                       scatter(token.sum_p2), kl, scatter(values - token.lse[:, None]), scatter(ids, -1))
 
 
 def sequence_diagnostics(diagnostics: Diagnostics, targets, *, ignore_index=-100, cu_seqlens=None, seq_ids=None,
@@ -189,9 +194,8 @@ def sequence_diagnostics(diagnostics: Diagnostics, targets, *, ignore_index=-100
     (see prefops.sequence_stats). A sequence with no counted token raises."""
     mask = targets != ignore_index
     layout = dict(cu_seqlens=cu_seqlens, seq_ids=seq_ids, num_sequences=num_sequences)
-    fields = ("logp", "entropy", "top_k_entropy", "top_k_mass", "sum_p2", "kl_to_reference")
     means, count = {}, None
-    for name in fields:
+    for name in SCALAR_FIELDS:
         value = getattr(diagnostics, name)
         if value is None:
             means[name] = None

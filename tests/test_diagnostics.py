@@ -133,7 +133,7 @@ def test_nan_stays_in_its_token(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_logits_sized_tensor_is_allocated(backend):
-    n, hidden_size, vocab = 96, 32, 1009
+    n, hidden_size, vocab = 40, 32, 1009
     hidden, weight, targets, _ = make_inputs(n, hidden_size, vocab, ignore_every=3)
     recorder = AllocationRecorder()
     with recorder, prefops.settings(workspace=64 * 1024):
@@ -160,7 +160,9 @@ BAD_INPUTS = [
     ({"top_k": 51}, ValueError, r"top_k must be an int in \[1, V = 50\]; got 51"),
     ({"top_k": 2.5}, ValueError, "top_k must be an int"),
     ({"top_k": True}, ValueError, "top_k must be an int"),
-    ({"ref_hidden": torch.zeros(6, 16)}, NotImplementedError, "kl_to_reference is not wired"),
+    ({"ref_hidden": torch.zeros(6, 16)}, ValueError, "needs both ref_hidden and ref_weight"),
+    ({"ref_hidden": torch.zeros(5, 16), "ref_weight": torch.zeros(50, 16)}, ValueError, "ref_hidden must have shape"),
+    ({"ref_hidden": torch.zeros(6, 8), "ref_weight": torch.zeros(49, 8)}, ValueError, "vocabularies differ"),
     ({"backend": "gpu"}, ValueError, "backend must be one of"),
 ]
 
@@ -178,6 +180,25 @@ def test_large_k_leaves_the_kernel_for_the_torch_path():
         linear_diagnostics(hidden, weight, targets, top_k=65, backend="triton")
     with prefops.settings(backend="auto"):  # on CUDA auto picks the torch path for k > 64
         assert linear_diagnostics(hidden, weight, targets, top_k=65).top_k_ids.shape == (6, 65)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("direction", ["policy_ref", "ref_policy"])
+def test_kl_to_reference_matches_float64(backend, direction):
+    hidden, weight, targets, bias = make_inputs(21, 35, 203, scale=4.0, bias=True)
+    # A reference of another width (H_ref != H), as a smaller or a larger model would be.
+    ref_hidden, ref_weight, _, ref_bias = make_inputs(21, 24, 203, scale=4.0, bias=True)
+    options = dict(bias=bias, top_k=5, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+                   kl_direction=direction, softcap=6.0)
+    actual = linear_diagnostics(hidden, weight, targets, backend=backend, **options)
+    up = lambda x: None if not isinstance(x, torch.Tensor) else x.double()  # noqa: E731
+    expected = reference.linear_diagnostics(hidden.double(), weight.double(), targets,
+                                            **{k: up(v) if isinstance(v, torch.Tensor) else v
+                                               for k, v in options.items()})
+    assert relative_error(actual.kl_to_reference, expected["kl_to_reference"]) <= 1e-5
+    assert (actual.kl_to_reference[targets == -100] == 0).all() and (actual.kl_to_reference[targets != -100] > 0).all()
+    means = sequence_diagnostics(actual, targets, seq_ids=torch.arange(21) // 7)
+    assert means.kl_to_reference.shape == (3,)
 
 
 def test_shapes_are_checked():

@@ -12,8 +12,9 @@ from .logprobs import linear_logprobs, logits
 
 
 def linear_diagnostics(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
-                       top_k=10):
-    """Dict of per-token logp, entropy, top_k_entropy, top_k_mass, sum_p2, top_k_logp, top_k_ids (0 / -1 where ignored)."""
+                       top_k=10, ref_hidden=None, ref_weight=None, ref_bias=None, kl_direction="policy_ref"):
+    """Dict of per-token logp, entropy, top_k_entropy, top_k_mass, sum_p2, top_k_logp, top_k_ids and, with a
+    reference model, kl_to_reference (0, or -1 for ids, where ignored)."""
     z = logits(hidden, weight, bias=bias, temperature=temperature, softcap=softcap)
     log_p = torch.log_softmax(z, dim=-1)
     p = log_p.exp()
@@ -26,7 +27,14 @@ def linear_diagnostics(hidden, weight, targets, *, bias=None, ignore_index=-100,
     counted = targets != ignore_index
     zero = lambda x: torch.where(counted.view(counted.shape + (1,) * (x.dim() - counted.dim())), x,  # noqa: E731
                                  torch.zeros_like(x))
+    kl = None
+    if ref_hidden is not None:
+        ref_log_p = torch.log_softmax(logits(ref_hidden, ref_weight, bias=ref_bias, temperature=temperature,
+                                             softcap=softcap), dim=-1)
+        first, second = (log_p, ref_log_p) if kl_direction == "policy_ref" else (ref_log_p, log_p)
+        kl = zero((first.exp() * (first - second)).sum(-1))
     return {
+        "kl_to_reference": kl,
         "logp": logp,
         "entropy": entropy,
         "top_k_entropy": zero(-torch.special.xlogy(q, q).sum(-1)),
