@@ -36,7 +36,7 @@ def run(fn, case, upstream, *, with_targets=True, **options):
     return [o.detach() for o in outs], grads
 
 
-def check(case, *, backend, grad_tolerance=None, kl_atol=None, with_targets=True, **options):
+def check(case, *, backend, grad_tolerance=None, kl_tolerance=None, with_targets=True, **options):
     upstream = [torch.randn(case["targets"].shape, dtype=torch.float64) for _ in range(2)]
     fused = lambda *a, **k: linear_token_kl(*a, backend=backend, **k)  # noqa: E731
     actual, actual_grads = run(fused, case, upstream, with_targets=with_targets, **options)
@@ -46,10 +46,8 @@ def check(case, *, backend, grad_tolerance=None, kl_atol=None, with_targets=True
     for name, a, e in zip(("kl", "logp", "ref_logp"), actual, expected):
         assert a.dtype == torch.float32
         assert torch.equal(a[~counted], torch.zeros_like(a[~counted])), f"{name} not 0 at uncounted tokens"
-        if name == "kl" and kl_atol is not None:
-            assert torch.allclose(a.double(), e, rtol=tolerance, atol=kl_atol), name
-        else:
-            assert relative_error(a, e) <= tolerance, name
+        limit = kl_tolerance if name == "kl" and kl_tolerance is not None else tolerance
+        assert relative_error(a, e) <= limit, name
     for name, a, e in zip(("hidden", "weight", "bias"), actual_grads, expected_grads):
         assert a.dtype == case["hidden"].dtype
         assert relative_error(a, e) <= (grad_tolerance or tolerance), f"grad of {name}"
@@ -83,10 +81,11 @@ def test_kl_alone_with_a_mask(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_large_magnitude_logits(backend):
-    # Logits ~1e3: the KL is a difference of terms of that size unless both shifts are kept;
-    # an fp32 logit is only known to ~1e-4 there, which bounds the agreement.
+    # Logits ~1e3: the KL is a difference of terms of that size unless both shifts are kept.
+    # An fp32 logit is only known to ~1e-4 there, and a near-tie in the weighting side
+    # multiplies that by the ~1e3 log-ratio, which bounds the agreement per token.
     case = make_pair(13, 19, 19, 97, scale=1000.0)
-    check(case, backend=backend, kl_atol=2e-3, grad_tolerance=1e-4)
+    check(case, backend=backend, kl_tolerance=1e-4, grad_tolerance=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
