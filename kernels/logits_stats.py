@@ -23,7 +23,7 @@ from .config import interpreting, stats_configs
 from .logits_tile import logits_tile
 from .topk_stats import topk_init, topk_update
 
-EMPTY = -1.0e38
+EMPTY = tl.constexpr(-1.0e38)
 
 
 @triton.autotune(configs=stats_configs(), key=["hidden_size", "vocab_size", "IEEE", "TOP_K"])

@@ -27,10 +27,11 @@ BLOCK_V per round; no extra memory traffic, no extra GEMM.
 import triton
 import triton.language as tl
 
-EMPTY = -1.0e38
-# Padding slots (index >= K) hold this so they are never the minimum, hence never evicted.
-NEVER = 3.0e38
-NO_ID = 2147483647
+EMPTY = tl.constexpr(-1.0e38)
+# Padding slots (index >= K) hold NEVER so they are never the minimum, hence never evicted.
+# Globals read inside @triton.jit must be tl.constexpr (the GPU compiler rejects plain floats).
+NEVER = tl.constexpr(3.0e38)
+NO_ID = tl.constexpr(2147483647)
 
 
 @triton.jit
