@@ -19,6 +19,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from .token_level import tdpo_loss
+
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # The f-DPO reparameterisation leaves a β·log Z(x) term that only cancels in the
 # chosen-minus-rejected difference, so only losses built on δ generalise.
@@ -43,6 +45,10 @@ PARAM_DEFAULTS = {
     # Mean chosen length of the whole batch, for callers that evaluate the loss on
     # parts of a batch (the budget strategy) and need the NLL term to stay additive.
     "nll_mean_length": None,
+    # TDPO: per-pair Σ_t KL(π_ref || π_θ) over the completion (prefops.linear_token_kl), and α of TDPO2.
+    "chosen_seq_kl": None,
+    "rejected_seq_kl": None,
+    "tdpo_alpha": 0.5,
 }
 
 
@@ -478,6 +484,21 @@ def orpo_loss(b: PairBatch):
     return b.nll - b.beta * F.logsigmoid(b.log_odds)
 
 
+# Losses that also read per-sequence token-level KL sums (chosen_seq_kl, rejected_seq_kl).
+TOKEN_LEVEL_LOSSES = {}
+
+
+def _tdpo(variant):
+    def loss(b: PairBatch):
+        return tdpo_loss(b.chosen_logratios, b.rejected_logratios, b.get("chosen_seq_kl"), b.get("rejected_seq_kl"),
+                         beta=b.beta, alpha=b.params["tdpo_alpha"], variant=variant)
+    loss.__doc__ = f"{variant.upper()}; see prefops.losses.token_level.tdpo_loss."
+    TOKEN_LEVEL_LOSSES[variant] = loss
+
+
+_tdpo("tdpo1")
+_tdpo("tdpo2")
+
 REFERENCE_FREE = ("simpo", "alphapo", "cpo", "orpo")
 
 # Implicit reward each reference-free loss optimises (logged as rewards/*).
@@ -486,6 +507,9 @@ _IMPLICIT_REWARDS = {
     "orpo": lambda b: (b.chosen_mean_logps, b.rejected_mean_logps),
     "alphapo": PairBatch.alphapo_rewards,
     "cpo": lambda b: (b.chosen, b.rejected),
+    # TDPO logs β (Δ + SeqKL).
+    **{name: lambda b: (b.chosen_logratios + b.get("chosen_seq_kl"), b.rejected_logratios + b.get("rejected_seq_kl"))
+       for name in ("tdpo1", "tdpo2")},
 }
 
 _EXTRA_METRICS = {
@@ -493,6 +517,8 @@ _EXTRA_METRICS = {
                        "nll_loss": b.nll.mean()},
     "cpo": lambda b: {"nll_loss": b.nll.mean()} if b.params["cpo_alpha"] else {},
     "sft": lambda b: {"nll_loss": b.nll.mean()},
+    **{name: lambda b: {"kl/chosen": b.get("chosen_seq_kl").mean(), "kl/rejected": b.get("rejected_seq_kl").mean()}
+       for name in ("tdpo1", "tdpo2")},
 }
 
 
@@ -543,6 +569,7 @@ def _check_params(loss_types, beta, label_smoothing, params) -> None:
     check_in_range(params["cpo_alpha"], "cpo_alpha", 0.0, math.inf, high_open=True)
     check_in_range(params["dpop_lambda"], "dpop_lambda", 0.0, math.inf, high_open=True)
     check_in_range(params["alpha"], "alpha", -1e6, 1e6)
+    check_in_range(params["tdpo_alpha"], "tdpo_alpha", 0.0, 1e6)
     check_in_range(params["simpo_gamma"], "simpo_gamma", -1e6, 1e6)
     if params["gamma_beta_ratio"] is not None:
         check_in_range(params["gamma_beta_ratio"], "gamma_beta_ratio", -1e6, 1e6)
@@ -579,15 +606,17 @@ def pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejec
     discopop_tau, f_divergence_type, f_alpha_divergence_coef, simpo_gamma or
     gamma_beta_ratio, cpo_alpha, alpha (AlphaPO), dpop_lambda, preference_probs
     (soft labels [P]), pair_weights ([P], e.g. WPO weights, multiplied in without
-    gradient), chosen_margin_rewards / rejected_margin_rewards / modpo_weights (MODPO).
+    gradient), chosen_margin_rewards / rejected_margin_rewards / modpo_weights (MODPO),
+    chosen_seq_kl / rejected_seq_kl / tdpo_alpha (TDPO: 'tdpo1', 'tdpo2', in TOKEN_LEVEL_LOSSES).
 
     Returns (losses [P] in fp32, fp64 for fp64 inputs; metrics: dict of detached
     scalars, means over pairs). The batch loss is losses.mean().
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    unknown = [name for name in loss_types if name not in LOSSES]
+    losses = {**LOSSES, **TOKEN_LEVEL_LOSSES}
+    unknown = [name for name in loss_types if name not in losses]
     if unknown or not loss_types:
-        raise ValueError(f"unknown loss_type {unknown or loss_type!r}; valid: {', '.join(sorted(LOSSES))}")
+        raise ValueError(f"unknown loss_type {unknown or loss_type!r}; valid: {', '.join(sorted(losses))}")
     weights = [1.0] * len(loss_types) if loss_weights is None else [float(w) for w in loss_weights]
     if len(weights) != len(loss_types) or not all(math.isfinite(w) for w in weights):
         raise ValueError(
@@ -601,7 +630,8 @@ def pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejec
     tensors = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "ref_chosen_logps": ref_chosen_logps,
                "ref_rejected_logps": ref_rejected_logps, "chosen_lengths": chosen_lengths,
                "rejected_lengths": rejected_lengths, "preference_probs": params["preference_probs"],
-               "pair_weights": params["pair_weights"]}
+               "pair_weights": params["pair_weights"], "chosen_seq_kl": params["chosen_seq_kl"],
+               "rejected_seq_kl": params["rejected_seq_kl"]}
     for name in ("chosen_logps", "rejected_logps"):
         if tensors[name] is None:
             raise ValueError(f"{name} is required")
@@ -624,7 +654,7 @@ def pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejec
     total = None
     for name, weight in zip(loss_types, weights):
         try:
-            part = LOSSES[name](batch)
+            part = losses[name](batch)
         except _MissingInput as missing:
             raise ValueError(f"loss_type {name!r} needs {missing.argument}, which was not given") from None
         total = weight * part if total is None else total + weight * part
