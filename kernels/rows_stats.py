@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .logits_tile import tanh
 
-EMPTY = -1.0e38
+EMPTY = tl.constexpr(-1.0e38)
 
 
 @triton.jit

@@ -4,6 +4,7 @@ Everything the fused ops compute has a reference here, one module per family.
 They are simple on purpose and use O(N x V) memory; tests and benchmarks
 compare against them. Pass float64 inputs for a high-precision reference.
 """
+from .diagnostics import ches_scores, linear_diagnostics
 from .logprobs import linear_logprobs, logits, token_sum_p2
 
-__all__ = ["logits", "linear_logprobs", "token_sum_p2"]
+__all__ = ["logits", "linear_logprobs", "token_sum_p2", "linear_diagnostics", "ches_scores"]
