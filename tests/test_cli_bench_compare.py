@@ -1,0 +1,124 @@
+"""`prefops bench` and `prefops compare`: exit statuses, messages and outputs."""
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefops import bench, compare
+from prefops.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compare_subset_passes(capsys):
+    only = "op/linear_logprobs,objective/lean,pairwise/sigmoid,pairwise/sigmoid+wpo/budget,unpaired/kto/lean,diffusion"
+    assert main(["compare", "--only", only, "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    for name in ("op/linear_logprobs", "pairwise/sigmoid/lean", "pairwise/sigmoid/budget", "diffusion/mapo"):
+        assert f"| {name} |" in out
+    assert "FAIL" not in out
+
+
+def test_compare_bfloat16_subset_passes(capsys):
+    assert main(["compare", "--only", "op,pairwise/ipo/lean", "--dtype", "bfloat16"]) == 0
+    assert "op/linear_logprobs+bias" in capsys.readouterr().out
+
+
+def _broken(entry, fused):
+    return {entry.name: dataclasses.replace(entry, fused=fused)}
+
+
+@pytest.mark.parametrize("how", ["scaled", "nan", "raises", "detached"])
+def test_compare_fails_on_a_broken_entry(monkeypatch, capsys, how):
+    """A fused path off by 1e-4, NaN, raising or losing its gradient must make compare exit 1."""
+    entry = compare.entries()["op/linear_logprobs"]
+
+    def fused(hidden, weight, targets):
+        logp = entry.fused(hidden, weight, targets)["logp"]
+        if how == "raises":
+            raise RuntimeError("kernel exploded")
+        return {"logp": {"scaled": logp * (1 + 1e-4), "nan": logp + float("nan"),
+                         "detached": logp.detach() + 0 * hidden.sum()}[how]}
+
+    monkeypatch.setattr(compare, "entries", lambda: _broken(entry, fused))
+    assert main(["compare"]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out and "over tolerance" in captured.err
+    if how == "raises":
+        assert "kernel exploded" in captured.out
+
+
+def test_compare_unknown_entry_names_the_families(capsys):
+    assert main(["compare", "--only", "pairwise/nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "no entry named 'pairwise/nonsense'" in err and "pairwise" in err and "op" in err
+
+
+def test_compare_registry_covers_every_pairwise_loss_and_both_strategies():
+    names = set(compare.entries())
+    from prefops.losses import LOSSES
+    for loss_type in LOSSES:
+        assert {f"pairwise/{loss_type}/lean", f"pairwise/{loss_type}/budget"} <= names
+    assert {"unpaired/kto/lean", "unpaired/bco/budget", "diffusion/diffusion_dpo", "objective/budget"} <= names
+
+
+def test_bench_unknown_preset_lists_the_valid_ones(capsys):
+    assert main(["bench", "--model-config", "llama-9000", "--device", "cpu", "--tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "llama-9000" in err and all(name in err for name in bench.PRESETS)
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_bench_without_gpu_says_so(capsys):
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "--device cpu --tiny" in err
+
+
+def test_model_dims_from_presets_and_hf_configs(tmp_path):
+    assert bench.model_dims("gemma2-9b") == (3584, 256000, 30.0)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"hidden_size": 96, "vocab_size": 517, "final_logit_softcapping": 12.5}))
+    assert bench.model_dims(str(config)) == (96, 517, 12.5)
+    assert bench.model_dims(str(tmp_path)) == (96, 517, 12.5)  # the folder holding config.json
+    config.write_text(json.dumps({"text_config": {"hidden_size": 64, "vocab_size": 300}}))
+    assert bench.model_dims(str(config)) == (64, 300, None)
+    config.write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(ValueError, match="vocab_size"):
+        bench.model_dims(str(config))
+
+
+def test_bench_cpu_tiny_writes_table_and_plots(tmp_path, capsys):
+    args = ["bench", "--device", "cpu", "--tiny", "--model-config", "gemma2-9b", "--rows", "naive,lean,budget",
+            "--tokens", "64", "--seq-len", "32", "--reps", "1", "--warmup", "0", "--seq-lens", "16,32",
+            "--out-dir", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "softcap 30" in out and "| run | prefops lean |" in out and "T=32: ms / GB" in out
+    lean = next(line for line in out.splitlines() if line.startswith("| run | prefops lean |")).split(" | ")
+    assert float(lean[5]) <= 1e-4  # loss error of a bf16 run against the fp32 reference
+    assert (tmp_path / "report.md").read_text().strip() == out.strip()
+    for name in ("time_vs_seq_len.png", "memory_vs_seq_len.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_bad_shapes(tmp_path, capsys):
+    assert main(["bench", "--device", "cpu", "--tiny", "--tokens", "10", "--out-dir", str(tmp_path)]) == 2
+    assert "--tokens must hold at least one pair" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--tiny", "--rows", "naive,fast", "--out-dir", str(tmp_path)]) == 2
+    assert "unknown fast" in capsys.readouterr().err
+
+
+def test_bench_core_script_still_runs():
+    """The results-log script is a thin layer over prefops.bench; its smoke mode must keep working."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), "--device", "cpu", "--tiny", "--shapes", "A",
+         "--rows", "naive,lean", "--reps", "1", "--warmup", "0", "--forward-shapes", ""],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "| A | prefops lean |" in result.stdout
