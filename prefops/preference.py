@@ -9,12 +9,17 @@ The loss itself is prefops.losses.pairwise_loss, exactly as on the reference pat
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .losses import REFERENCE_FREE, ld_dpo_token_weights, pairwise_loss
+from .losses.pairwise import TOKEN_LEVEL_LOSSES
+from .losses.token_level import tgdpo_token_rewards
 from .objective import sequence_objective
 from .ops import linear_logprobs
 from .sequences import sequence_sum
+from .token_kl import linear_token_kl
 
 
 class PreferenceLoss(torch.nn.Module):
@@ -23,21 +28,34 @@ class PreferenceLoss(torch.nn.Module):
     loss_type: a name or list of names (with loss_weights) as in TRL's DPOConfig.
     ld_alpha: LD-DPO weight of the tokens beyond the shorter response (padded layout).
     wpo: weight each pair by WPO's on-policy weight (sum_v p_v^2 comes from the fused pass).
+    tgdpo_alpha: TGDPO's α: weight chosen tokens by 1 + αβ r̂_t and rejected ones by 1 - αβ r̂_t,
+        r̂_t = log π_rm(y_t) - log π_ref(y_t) (pass rm_hidden/rm_weight or token_rewards to forward).
+    kl_direction: the per-token KL of the TDPO losses ('tdpo1', 'tdpo2'): 'ref_policy' (TDPO's
+        KL(π_ref || π_θ)) or 'policy_ref'. Those losses need ref_hidden and ref_weight: the KL, the
+        policy and the reference log-probs come from one fused pass (prefops.linear_token_kl).
     Other keyword parameters go to prefops.losses.pairwise_loss.
     """
 
     def __init__(self, loss_type="sigmoid", beta=0.1, *, label_smoothing=0.0, loss_weights=None, ld_alpha=None,
-                 wpo=False, ignore_index=-100, temperature=1.0, softcap=None, strategy=None, budget=None, **params):
+                 wpo=False, tgdpo_alpha=None, kl_direction="ref_policy", ignore_index=-100, temperature=1.0,
+                 softcap=None, strategy=None, budget=None, **params):
         super().__init__()
         self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
         self.loss_weights, self.ld_alpha, self.wpo, self.params = loss_weights, ld_alpha, wpo, params
+        self.tgdpo_alpha, self.kl_direction = tgdpo_alpha, kl_direction
         self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap)
         self.strategy, self.budget = strategy, budget
         names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         self.needs_reference = any(name not in REFERENCE_FREE for name in names)
+        self.token_level = any(name in TOKEN_LEVEL_LOSSES for name in names)
+        if self.token_level and wpo:
+            raise ValueError("wpo cannot be combined with the TDPO losses")
 
-    def _sequence_loss(self, chosen, rejected, ref_chosen, ref_rejected, lengths, pair_weights, mean_length):
+    def _sequence_loss(self, chosen, rejected, ref_chosen, ref_rejected, lengths, pair_weights, mean_length,
+                       seq_kl=None):
         params = dict(self.params, nll_mean_length=mean_length)
+        if seq_kl is not None:
+            params.update(chosen_seq_kl=seq_kl[:, 0], rejected_seq_kl=seq_kl[:, 1])
         if pair_weights is not None:
             params["pair_weights"] = pair_weights
         return pairwise_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type=self.loss_type, beta=self.beta,
@@ -45,8 +63,14 @@ class PreferenceLoss(torch.nn.Module):
                              rejected_lengths=lengths[:, 1], loss_weights=self.loss_weights, **params)
 
     def forward(self, hidden, weight, targets, *, bias=None, seq_ids=None, ref_chosen_logps=None,
-                ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None):
-        """Returns (mean loss over pairs, metrics with TRL's names)."""
+                ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, token_weights=None,
+                token_rewards=None, rm_hidden=None, rm_weight=None, rm_bias=None):
+        """Returns (mean loss over pairs, metrics with TRL's names).
+
+        token_weights: [...] like targets, multiplies each token's log-prob (policy and, when
+        computed here from ref_hidden, reference) in the sequence sums; precomputed
+        ref_*_logps must carry the same weights. token_rewards ([...], r̂_t) or rm_hidden,
+        rm_weight, rm_bias (a third model, run forward-only) give TGDPO's token weights."""
         if seq_ids is None and targets.dim() != 2:
             raise ValueError("targets must be a padded batch [2P, T] of [chosen; rejected], or pass seq_ids")
         num_sequences = targets.shape[0] if seq_ids is None else int(seq_ids.max()) + 1
@@ -54,7 +78,12 @@ class PreferenceLoss(torch.nn.Module):
             raise ValueError(f"expected an even number of sequences [chosen; rejected]; got {num_sequences}")
         pairs = num_sequences // 2
         groups = torch.stack([torch.arange(pairs), torch.arange(pairs) + pairs], 1).to(targets.device)
-        token_weights = self._token_weights(targets, seq_ids)
+        token_weights = self._token_weights(targets, seq_ids, token_weights)
+        token_weights = self._tgdpo_weights(targets, seq_ids, pairs, token_weights, token_rewards, ref_hidden,
+                                            ref_weight, ref_bias, rm_hidden, rm_weight, rm_bias)
+        if self.token_level:
+            return self._token_level_forward(hidden, weight, targets, bias, seq_ids, pairs, token_weights,
+                                             ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)
         ref = self._reference(targets, seq_ids, token_weights, ref_chosen_logps, ref_rejected_logps,
                               ref_hidden, ref_weight, ref_bias, pairs)
 
@@ -87,15 +116,76 @@ class PreferenceLoss(torch.nn.Module):
         per_sequence = ((logps.detach() - stats["log_sum_p2"]) / stats["count"]).exp()
         return per_sequence[:, 0] * per_sequence[:, 1]
 
-    def _token_weights(self, targets, seq_ids):
+    def _token_weights(self, targets, seq_ids, token_weights):
+        if token_weights is not None:
+            if not isinstance(token_weights, torch.Tensor) or tuple(token_weights.shape) != tuple(targets.shape):
+                raise ValueError(f"token_weights must be a tensor of the shape of targets {tuple(targets.shape)}")
+            token_weights = token_weights.detach().float()
         if self.ld_alpha is None:
-            return None
+            return token_weights
         if seq_ids is not None:
             raise ValueError("ld_alpha needs the padded [chosen; rejected] layout (seq_ids given)")
         counted = targets != self.options["ignore_index"]
         pairs = targets.shape[0] // 2
         chosen, rejected = ld_dpo_token_weights(counted[:pairs], counted[pairs:], self.ld_alpha)
-        return torch.cat([chosen, rejected])
+        ld_weights = torch.cat([chosen, rejected])
+        return ld_weights if token_weights is None else ld_weights * token_weights
+
+    @torch.no_grad()
+    def _tgdpo_weights(self, targets, seq_ids, pairs, token_weights, token_rewards, ref_hidden, ref_weight, ref_bias,
+                       rm_hidden, rm_weight, rm_bias):
+        """token_weights times TGDPO's 1 ± αβ r̂_t (+ on chosen tokens, - on rejected ones)."""
+        given = token_rewards is not None or rm_hidden is not None
+        if self.tgdpo_alpha is None:
+            if given:
+                raise ValueError("token_rewards / rm_hidden are TGDPO inputs: set tgdpo_alpha in PreferenceLoss")
+            return token_weights
+        counted = targets != self.options["ignore_index"]
+        if token_rewards is None:
+            if rm_hidden is None or rm_weight is None or ref_hidden is None or ref_weight is None:
+                raise ValueError("tgdpo_alpha needs token_rewards, or rm_hidden and rm_weight with ref_hidden and "
+                                 "ref_weight (the rewards are log π_rm(y_t) - log π_ref(y_t))")
+            rm_logps = linear_logprobs(rm_hidden, rm_weight, targets, bias=rm_bias, **self.options)
+            ref_logps = linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, **self.options)
+            token_rewards = tgdpo_token_rewards(rm_logps, ref_logps, counted)
+        elif tuple(token_rewards.shape) != tuple(targets.shape):
+            raise ValueError(f"token_rewards must have the shape of targets {tuple(targets.shape)}; "
+                             f"got {tuple(token_rewards.shape)}")
+        if seq_ids is None:
+            chosen = (torch.arange(targets.shape[0], device=targets.device) < pairs)[:, None].expand_as(targets)
+        else:
+            chosen = seq_ids < pairs
+        sign = torch.where(chosen, 1.0, -1.0)
+        weights = 1 + sign * (self.tgdpo_alpha * self.beta) * token_rewards.float()
+        return weights if token_weights is None else weights * token_weights
+
+    def _token_level_forward(self, hidden, weight, targets, bias, seq_ids, pairs, token_weights, ref_chosen,
+                             ref_rejected, ref_hidden, ref_weight, ref_bias):
+        """TDPO: per-token KL, policy and reference log-probs from one fused pass, then pairwise_loss."""
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError(f"loss_type {self.loss_type!r} needs ref_hidden and ref_weight: the per-token KL needs "
+                             "the reference's whole next-token distribution, not only ref_chosen_logps")
+        if ref_chosen is not None or ref_rejected is not None:
+            raise ValueError("pass either ref_hidden/ref_weight or ref_chosen_logps/ref_rejected_logps, not both")
+        if self.strategy == "budget":
+            warnings.warn("the TDPO losses have no budget strategy yet; using the lean one", stacklevel=3)
+        ignore_index = self.options["ignore_index"]
+        counted = targets != ignore_index
+        if seq_ids is not None:
+            counted = counted & (seq_ids >= 0)
+        token = linear_token_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
+                                direction=self.kl_direction, targets=torch.where(counted, targets, ignore_index),
+                                **self.options)
+        weights = counted.float() if token_weights is None else torch.where(counted, token_weights, 0.0)
+        total = lambda values: _sequence_totals(values, seq_ids, 2 * pairs).view(2, pairs).t()  # noqa: E731
+        logps, ref_logps = total(token.logp * weights), total(token.ref_logp * weights)
+        seq_kl, lengths = total(token.kl), total(counted.float())
+        chosen_tokens = lengths[:, 0].sum()
+        losses, metrics = self._sequence_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], lengths,
+                                              None, chosen_tokens / pairs, seq_kl=seq_kl)
+        metrics["num_tokens/chosen"] = chosen_tokens
+        metrics["num_tokens/rejected"] = lengths[:, 1].sum()
+        return losses.mean(), metrics
 
     @torch.no_grad()
     def _reference(self, targets, seq_ids, token_weights, ref_chosen, ref_rejected, ref_hidden, ref_weight,
@@ -107,12 +197,8 @@ class PreferenceLoss(torch.nn.Module):
                 raise ValueError("ref_hidden needs ref_weight")
             token = linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, **self.options)
             counted = (targets != self.options["ignore_index"]).float()
-            weights = counted if token_weights is None else token_weights
-            if seq_ids is None:
-                sums = sequence_sum(token, weights)
-            else:
-                sums = sequence_sum(token.reshape(-1), weights.reshape(-1), seq_ids=seq_ids.reshape(-1),
-                                    num_sequences=2 * pairs)
+            sums = _sequence_totals(token * (counted if token_weights is None else token_weights), seq_ids,
+                                    2 * pairs)
             return sums[:pairs], sums[pairs:]
         if self.needs_reference and (ref_chosen is None or ref_rejected is None):
             raise ValueError(f"loss_type {self.loss_type!r} needs the reference: pass ref_chosen_logps and "
@@ -121,3 +207,10 @@ class PreferenceLoss(torch.nn.Module):
             if value is not None and tuple(value.shape) != (pairs,):
                 raise ValueError(f"{name} must have shape [P] = ({pairs},); got {tuple(value.shape)}")
         return ref_chosen, ref_rejected
+
+
+def _sequence_totals(values, seq_ids, num_sequences):
+    """Per-sequence sums of per-token values (already weighted and zero off the completions)."""
+    if seq_ids is None:
+        return values.sum(-1)
+    return sequence_sum(values.reshape(-1), seq_ids=seq_ids.reshape(-1), num_sequences=num_sequences)
