@@ -7,13 +7,19 @@ rounded values. Values and gradients are compared by relative error
 ||fused - ref|| / ||ref|| (NaN counts as infinite); over tolerance (fp32 1e-5,
 bf16 1e-2) the command exits 1.
 
-Adding a family (listwise, token-level KL, ...) is one Entry in `entries()`:
-    Entry("listwise/plackett_luce/lean", make=..., fused=..., reference=...)
+Families: op (linear_logprobs), objective (sequence_objective), pairwise
+(PreferenceLoss, every type in prefops.losses.LOSSES and some combinations),
+unpaired (KTO, BCO through sequence_objective), listwise (ListwiseLoss),
+token_kl (linear_token_kl), diffusion; lean and budget where both exist.
+
+Adding a family, or a variant, is one Entry in `entries()`:
+    Entry("family/variant/strategy", make=..., fused=..., reference=...)
 make(generator) returns the float64 inputs as a dict; fused(**inputs) and
-reference(**inputs) return dicts of named outputs (the fused one computed from
-`leaves` cast to the dtype, the reference one from float64 copies). Gradients
-of every differentiable fused output (weighted by fixed random upstream
-values) with respect to `leaves` are compared too. See the pairwise entries.
+reference(**inputs) return dicts of the same named outputs, the fused one
+computed from `leaves` (and `cast`) rounded to the dtype, the reference one
+from float64 copies of the rounded values. Gradients of every differentiable
+fused output (weighted by fixed random upstream values) with respect to
+`leaves` are compared too. listwise_entry and token_kl_entry are short examples.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ class Entry:
     fused: Callable[..., dict]
     reference: Callable[..., dict]
     leaves: tuple = ("hidden", "weight")
+    cast: tuple = ()  # other inputs rounded to the dtype without a gradient (a reference model's hidden states)
     tolerance: dict = dataclasses.field(default_factory=dict)  # dtype -> tolerance, where TOLERANCE cannot hold
 
 
@@ -102,10 +109,10 @@ def check(entry: Entry, *, dtype, device, seed=0, backend="auto") -> Result:
     made = _to(entry.make(generator), device)
     leaves = tuple(name for name in entry.leaves if made.get(name) is not None)
     fused_inputs, reference_inputs = dict(made), dict(made)
-    for name in leaves:
-        rounded = made[name].to(dtype)
-        fused_inputs[name] = rounded.detach().requires_grad_()
-        reference_inputs[name] = rounded.detach().double().requires_grad_()
+    for name in leaves + entry.cast:
+        rounded = made[name].to(dtype).detach()
+        fused_inputs[name] = rounded.requires_grad_(name in leaves)
+        reference_inputs[name] = rounded.double().requires_grad_(name in leaves)
     with settings(backend=backend):
         fused, differentiable, upstream, fused_grads = _run_side(entry.fused, fused_inputs, leaves, generator)
     expected, _, _, expected_grads = _run_side(entry.reference, reference_inputs, leaves, upstream=upstream,
@@ -373,6 +380,72 @@ def _unpaired_entries():
     return [unpaired_entry(name, strategy, maker) for name, maker in makers.items() for strategy in ("lean", "budget")]
 
 
+# ---------------------------------------------------------------- listwise (ListwiseLoss)
+
+LISTS, LIST_SIZE = 2, 3
+
+
+def listwise_entry(loss_type, strategy):
+    """ListwiseLoss(loss_type) under `strategy` (list-major padded batch, scores) against float64 sums;
+    the budget holds one list's logits, so each list is its own chunk."""
+    from .listwise import ListwiseLoss
+    from .losses.listwise import listwise_loss
+
+    def make(generator):
+        batch = token_batch(generator, LISTS * LIST_SIZE)
+        return {**batch, "ref": torch.randn(LISTS * LIST_SIZE, generator=generator, dtype=torch.float64) - 40,
+                "scores": torch.randn(LISTS, LIST_SIZE, generator=generator)}
+
+    def fused(hidden, weight, targets, ref, scores):
+        module = ListwiseLoss(loss_type, beta=PAIRWISE_BETA, strategy=strategy, budget=LIST_SIZE * LENGTH * VOCAB * 4)
+        loss, _ = module(hidden, weight, targets, scores=scores, ref_logps=ref.float())
+        return {"loss": loss}
+
+    def reference(hidden, weight, targets, ref, scores):
+        lists = torch.arange(LISTS * LIST_SIZE, device=targets.device).view(LISTS, LIST_SIZE)
+        sums = reference_token_logps(hidden, weight, targets).sum(1)
+        lengths = (targets != IGNORE_INDEX).sum(1).double()
+        losses, _ = listwise_loss(sums[lists], ref.float().double()[lists], scores=scores, loss_type=loss_type,
+                                  beta=PAIRWISE_BETA, lengths=lengths[lists])
+        return {"loss": losses.mean()}
+
+    return Entry(f"listwise/{loss_type}/{strategy}", make, fused, reference)
+
+
+def _listwise_entries():
+    from .losses.listwise import LISTWISE_LOSSES
+    return [listwise_entry(loss_type, strategy) for loss_type in sorted(LISTWISE_LOSSES)
+            for strategy in ("lean", "budget")]
+
+
+# ---------------------------------------------------------------- token-level KL (linear_token_kl)
+
+def token_kl_entry(direction):
+    """linear_token_kl with targets (KL, log p, log p_ref from one pass) against the float64 reference."""
+    from .reference import token_kl as reference_kl
+    from .token_kl import linear_token_kl
+
+    def make(generator):
+        policy, reference = token_batch(generator, 4), token_batch(generator, 4, scale=6.0)
+        flat = lambda batch: batch["hidden"].reshape(-1, HIDDEN)  # noqa: E731
+        return {"hidden": flat(policy), "weight": policy["weight"], "ref_hidden": flat(reference),
+                "ref_weight": reference["weight"], "targets": policy["targets"].reshape(-1)}
+
+    def run(fn):
+        def outputs(hidden, weight, ref_hidden, ref_weight, targets):
+            kl, logp, ref_logp = fn(hidden, weight, ref_hidden, ref_weight, targets=targets, direction=direction,
+                                    mask=targets != IGNORE_INDEX, **OP_OPTIONS)
+            return {"kl": kl, "logp": logp, "ref_logp": ref_logp}
+        return outputs
+
+    return Entry(f"token_kl/{direction}", make, run(linear_token_kl), run(reference_kl.linear_token_kl),
+                 cast=("ref_hidden", "ref_weight"))
+
+
+def _token_kl_entries():
+    return [token_kl_entry(direction) for direction in ("ref_policy", "policy_ref")]
+
+
 # ---------------------------------------------------------------- diffusion
 
 def _diffusion_entries():
@@ -401,7 +474,7 @@ def _diffusion_entries():
 def entries() -> dict:
     """Every registered comparison, by name (family/variant[/strategy])."""
     found = [*_op_entries(), *_objective_entries(), *_pairwise_entries(), *_unpaired_entries(),
-             *_diffusion_entries()]
+             *_listwise_entries(), *_token_kl_entries(), *_diffusion_entries()]
     return {entry.name: entry for entry in found}
 
 
