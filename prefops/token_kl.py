@@ -346,3 +346,23 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bi
     if targets is None:
         return kl.view(shape)
     return TokenKL(kl.view(shape), logp.view(shape), ref_logp.view(shape))
+
+
+def sequence_kl(hidden, weight, ref_hidden, ref_weight, targets, *, seq_ids=None, num_sequences=None,
+                ignore_index=-100, **options):
+    """SeqKL = Σ_t KL_t over each sequence's counted tokens (targets != ignore_index), as TDPO uses it.
+
+    Padded batches: hidden [B, T, H], targets [B, T] -> [B]. Packed tokens: hidden [N, H],
+    targets [N] with seq_ids [N] (-1: no sequence) -> [num_sequences]. Other keyword options
+    (bias, ref_bias, direction, temperature, softcap, backend) go to linear_token_kl; differentiable
+    in the policy.
+    """
+    from .sequences import sequence_sum
+
+    mask = targets != ignore_index
+    if seq_ids is not None:
+        mask = mask & (seq_ids >= 0)
+    kl = linear_token_kl(hidden, weight, ref_hidden, ref_weight, mask=mask, **options)
+    if seq_ids is None:
+        return sequence_sum(kl, mask)
+    return sequence_sum(kl.reshape(-1), seq_ids=seq_ids.reshape(-1), num_sequences=num_sequences)

@@ -183,3 +183,21 @@ def test_bad_input_is_named():
         linear_token_kl(h, w, rh, rw, targets=torch.full((6,), 40))
     with pytest.raises(ValueError, match="ref_bias must have shape"):
         linear_token_kl(h, w, rh, rw, ref_bias=torch.zeros(39))
+
+
+def test_sequence_kl_padded_and_packed():
+    from prefops.token_kl import sequence_kl
+
+    case = make_pair(4 * 6, 16, 12, 61)
+    hidden, ref_hidden = case["hidden"].view(4, 6, -1), case["ref_hidden"].view(4, 6, -1)
+    targets = case["targets"].view(4, 6)
+    got = sequence_kl(hidden, case["weight"], ref_hidden, case["ref_weight"], targets)
+    kl = reference_token_kl(hidden.double(), case["weight"].double(), ref_hidden.double(), case["ref_weight"].double())
+    expected = torch.where(targets != -100, kl, 0.0).sum(1)
+    assert relative_error(got, expected) <= 1e-5
+    seq_ids = torch.arange(4).repeat_interleave(6)
+    seq_ids[:3] = -1
+    packed = sequence_kl(case["hidden"], case["weight"], case["ref_hidden"], case["ref_weight"], case["targets"],
+                         seq_ids=seq_ids, num_sequences=4)
+    expected[0] -= torch.where(targets[0, :3] != -100, kl[0, :3], 0.0).sum()
+    assert relative_error(packed, expected) <= 1e-5
