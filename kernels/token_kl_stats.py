@@ -23,7 +23,7 @@ import triton.language as tl
 from .config import interpreting, stats_configs
 from .logits_tile import logits_tile
 
-EMPTY = -1.0e38
+EMPTY = tl.constexpr(-1.0e38)
 
 
 @triton.autotune(configs=stats_configs(), key=["hidden_a", "hidden_b", "vocab_size", "IEEE"])

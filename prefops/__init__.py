@@ -6,11 +6,12 @@ from .ops import LogProbs, linear_logprobs
 from .objective import Objective, sequence_logps, sequence_objective
 from .preference import PreferenceLoss
 from .unpaired import UnpairedLoss
+from .listwise import ListwiseLoss
 from .diagnostics import Diagnostics, SequenceDiagnostics, ches_scores, linear_diagnostics, sequence_diagnostics
 from . import losses, shared_prompt
 
 __all__ = [
-    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs", "Objective", "sequence_objective", "sequence_logps", "PreferenceLoss", "UnpairedLoss", "losses", "shared_prompt",
+    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs", "Objective", "sequence_objective", "sequence_logps", "PreferenceLoss", "UnpairedLoss", "ListwiseLoss", "losses", "shared_prompt",
     "Diagnostics", "SequenceDiagnostics", "ches_scores", "linear_diagnostics", "sequence_diagnostics",
     "SequenceStats", "sequence_count", "sequence_mean", "sequence_stats", "sequence_sum",
 ]

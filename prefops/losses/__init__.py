@@ -1,11 +1,14 @@
 """Sequence-level preference losses shared by the fused and the reference path."""
+from .curriculum import CurriculumPair, curriculum_pairs
 from .diffusion import diffusion_dpo_loss, mapo_loss
+from .listwise import LISTWISE_LOSSES, LISTWISE_PARAM_DEFAULTS, listwise_loss
 from .pairwise import F_DIVERGENCES, LOSSES, PARAM_DEFAULTS, REFERENCE_FREE, pairwise_loss
 from .unpaired import BCOLoss, kto_kl_estimate, kto_loss
 from .weights import ld_dpo_token_weights, wpo_weights
 
 __all__ = [
     "pairwise_loss", "LOSSES", "PARAM_DEFAULTS", "REFERENCE_FREE", "F_DIVERGENCES",
+    "listwise_loss", "LISTWISE_LOSSES", "LISTWISE_PARAM_DEFAULTS", "curriculum_pairs", "CurriculumPair",
     "kto_loss", "kto_kl_estimate", "BCOLoss",
     "diffusion_dpo_loss", "mapo_loss",
     "ld_dpo_token_weights", "wpo_weights",
