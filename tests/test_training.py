@@ -49,13 +49,16 @@ def test_default_job_small(tmp_path):
     assert {"rewards/chosen", "rewards/margins", "tokens", "completion_tokens", "lr"} <= set(records[-1])
 
 
-def _first_step_gradients(model, config, batch):
-    objective = L.PreferenceObjective(config, references.frozen_model(M.frozen_copy(model), "reference",
-                                                                        lambda: torch.autocast("cpu", enabled=False)))
+NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+
+
+def _first_step_gradients(model, config, batch, reference_lm=None):
+    reference_lm = reference_lm or M.FusedLM(M.frozen_copy(model))
+    reference = references.frozen_model(reference_lm, "reference", NO_AUTOCAST, config.ld_alpha)
+    objective = L.PreferenceObjective(config, reference)
     model.zero_grad()
-    loss, _ = objective(model, batch)
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+    record = L.run_batches(M.FusedLM(model), objective, [batch], NO_AUTOCAST, backward=True)
+    return torch.tensor(record["loss"]), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 @pytest.fixture
@@ -63,31 +66,52 @@ def tiny_model_and_batch(tmp_path):
     config = make_config(tmp_path, model_config={**TINY, "tie_word_embeddings": True})
     model, tokenizer = M.build(config, torch.device("cpu"), "0123456789+=")
     model.config.final_logit_softcapping = 3.0  # exercised through Head.of, as Gemma-2 would set it
-    records, skipped = D.records_for(D.read_rows("synthetic:addition", kind="preference", size=8, seed=0), "dpo")
-    dataset = D.build_dataset(records, tokenizer, 16, skipped)
+    # Completions of unequal lengths, so that length-aware options (LD-DPO, SimPO) matter.
+    records = [D.Record(f"row{i}", f"{i}+{i}=", [str(2 * i) * (1 + i % 3), str(i) * (1 + (i + 1) % 4)])
+               for i in range(8)]
+    dataset = D.build_dataset(records, tokenizer, 16, [])
+    reference = M.FusedLM(M.frozen_copy(model))
     with torch.no_grad():  # move off the reference so the loss is not at its symmetric point
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return config, model, dataset
+    return config, model, dataset, reference
 
 
-def test_fused_and_reference_give_same_first_step_gradients(tiny_model_and_batch):
-    config, model, dataset = tiny_model_and_batch
+@pytest.mark.parametrize("objective", [
+    {},
+    {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},  # RPO
+    {"loss_type": "ipo", "label_smoothing": 0.0},
+    {"loss_type": "orpo", "reference": "none"},
+    {"loss_type": "simpo", "loss_params": {"simpo_gamma": 0.3}, "label_smoothing": 0.1},
+    {"wpo": True},
+    {"ld_alpha": 0.5},
+    {"label_smoothing": 0.2, "strategy": "budget", "budget": "64KB"},
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "sigmoid")
+def test_fused_and_reference_give_same_first_step_gradients(tiny_model_and_batch, objective):
+    """Every config field of the pairwise loss reaches both paths, and they agree."""
+    config, model, dataset, reference = tiny_model_and_batch
     assert M.linear_logprobs_fn("fused") is prefops.linear_logprobs
     batch = D.collate(dataset, list(range(8)), packing=False)
     results = {}
     for impl in ("fused", "reference"):
-        results[impl] = _first_step_gradients(model, dataclass_replace(config, loss_impl=impl), batch)
+        results[impl] = _first_step_gradients(model, dataclass_replace(config, loss_impl=impl, **objective), batch,
+                                              reference)
     torch.testing.assert_close(results["fused"][0], results["reference"][0], rtol=1e-5, atol=1e-6)
     for name, grad in results["reference"][1].items():
+        assert grad.abs().max() > 0, name
         torch.testing.assert_close(results["fused"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The options change the loss: a field silently dropped would leave it at plain DPO's.
+    if objective:
+        plain = _first_step_gradients(model, config, batch, reference)[0]
+        assert not torch.allclose(results["fused"][0], plain, rtol=1e-4)
 
 
 def test_packed_and_padded_batches_give_same_loss_and_gradients(tiny_model_and_batch):
-    config, model, dataset = tiny_model_and_batch
-    padded = _first_step_gradients(model, config, D.collate(dataset, list(range(8)), packing=False))
+    config, model, dataset, _ = tiny_model_and_batch
+    padded_batch = D.collate(dataset, list(range(8)), packing=False)
+    padded = _first_step_gradients(model, config, padded_batch)
     packed_batch = D.collate(dataset, list(range(8)), packing=True)
-    assert packed_batch.input_ids.shape[0] == 1 and packed_batch.num_tokens < 16 * 8
+    assert packed_batch.input_ids.shape[0] == 1 and packed_batch.num_tokens < padded_batch.input_ids.numel()
     packed = _first_step_gradients(model, config, packed_batch)
     torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-6)
     for name, grad in padded[1].items():
@@ -119,27 +143,41 @@ def _step_gradients(trainer, stage, micro_batch_size):
     batches = [D.collate(train_set, indices[i:i + micro_batch_size], packing=trainer.config.packing)
                for i in range(0, 4, micro_batch_size)]
     trainer.model.zero_grad()
-    record = L.run_batches(trainer.model, objective, batches, trainer.autocast, backward=True)
+    record = L.run_batches(trainer.lm, objective, batches, trainer.autocast, backward=True)
     return record, {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
 
 
+ACCUMULATED_OBJECTIVES = {
+    "sft": ("sft", {}),
+    "rpo": ("dpo", {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.7]}),  # NLL over the step's tokens
+    "kto": ("dpo", {"loss_type": "kto"}),  # KL reference point over the step
+    "bco": ("dpo", {"loss_type": "bco"}),
+}
+
+
 @pytest.mark.parametrize("packing", [False, True])
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_accumulating_4x1_equals_1x4(tmp_path, stage, packing):
+@pytest.mark.parametrize("objective", list(ACCUMULATED_OBJECTIVES))
+def test_accumulating_4x1_equals_1x4(tmp_path, objective, packing):
     """Normalising by the step's pairs (DPO) or completion tokens (SFT) makes micro-batching exact."""
+    stage, overrides = ACCUMULATED_OBJECTIVES[objective]
     lengths = [1, 7, 2, 5, 3, 9, 4, 6]  # unequal completions, so per-micro-batch token means would differ
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({"prompt": "q" * n, "chosen": "a" * n, "rejected": "b" * (10 - n)}) + "\n"
                             for n in lengths))
     trainer = L.Trainer(make_config(tmp_path, model="tiny-llama", data=str(path), eval_fraction=0.0,
-                                    packing=packing))
+                                    packing=packing, **overrides))
     trainer.prepare(stage)
     with torch.no_grad():  # move off the reference so the preference loss is not at its symmetric point
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    (one_by_four, grads_a), (four_by_one, grads_b) = (_step_gradients(trainer, stage, m) for m in (4, 1))
+    objective_state = copy.deepcopy(getattr(trainer.stages[stage].objective, "state_dict", dict)())
+    one_by_four, grads_a = _step_gradients(trainer, stage, 4)
+    if objective_state:  # BCO's running mean moved on after the step: start the second run from the same point
+        trainer.stages[stage].objective.load_state_dict(objective_state)
+    four_by_one, grads_b = _step_gradients(trainer, stage, 1)
     assert four_by_one["loss"] == pytest.approx(one_by_four["loss"], rel=1e-6)
     for name, grad in grads_a.items():
+        assert grad.abs().max() > 0, name
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
@@ -193,7 +231,7 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):
 
 
 def test_precomputed_reference_matches_frozen_model_and_is_cached(tmp_path, tiny_model_and_batch):
-    config, model, dataset = tiny_model_and_batch
+    config, model, dataset, _ = tiny_model_and_batch
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     batch = D.collate(dataset, [3, 1, 5], packing=False)
     frozen = references.frozen_model(model, "reference", no_autocast)(batch)

@@ -1,8 +1,9 @@
 """Checkpoints: written atomically, refused when they belong to another model or config.
 
 A checkpoint holds everything a resumed run needs to continue step for step as if
-never stopped: weights, optimizer and scheduler state, every RNG, the stage and
-step (the data order is a function of the step, see data.step_indices).
+never stopped: weights, optimizer and scheduler state, the loss's own state, every
+RNG, the stage and step (the data order is a function of the step, see
+data.step_indices). Under torchrun the state is gathered unsharded and rank 0 writes it.
 """
 from __future__ import annotations
 
@@ -37,16 +38,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path: Path, *, config, model, stage: str, step: int, optimizer=None, scheduler=None,
-         summary: dict | None = None) -> None:
+def save(path: Path, *, config, model_state: dict, stage: str, step: int, optimizer_state: dict | None = None,
+         scheduler=None, objective_state: dict | None = None, summary: dict | None = None) -> None:
+    """Write a checkpoint from full (unsharded) model and optimizer state dicts."""
     state = {
         "stage": stage,
         "step": step,
         "config": to_dict(config),
-        "shapes": {name: tuple(p.shape) for name, p in model.state_dict().items()},
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer else None,
+        "shapes": {name: tuple(p.shape) for name, p in model_state.items()},
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict() if scheduler else None,
+        "objective": objective_state or {},  # loss state, e.g. BCO's running reward mean
         "rng": rng_state(),
         "summary": summary or {},
     }

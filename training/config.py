@@ -31,13 +31,22 @@ class Config:
     append_eos: bool = True           # end every completion with the tokenizer's EOS token
     packing: bool = False             # padding-free batches (flat tokens + cu_seqlens)
 
-    # Objective.
-    loss_type: str | list = "sigmoid" # a pairwise loss of prefops.losses (TRL names), or a list to sum
+    # Objective. A pairwise loss of prefops.losses (TRL names: sigmoid, ipo, simpo, ...), a list of them
+    # summed with loss_weights (["sigmoid", "sft"] with [1, alpha] is RPO), or an unpaired loss
+    # (kto, apo_zero_unpaired, bco) trained on prompt/completion/label rows or on unpaired pairs.
+    loss_type: str | list = "sigmoid"
+    loss_weights: list | None = None
     beta: float = 0.1
     label_smoothing: float = 0.0
-    loss_params: dict = dataclasses.field(default_factory=dict)
+    ld_alpha: float | None = None     # LD-DPO: weight of the tokens beyond the shorter response (padded only)
+    wpo: bool = False                 # WPO: weight each pair by how on-policy it is
+    desirable_weight: float = 1.0     # KTO's lambda_D and lambda_U
+    undesirable_weight: float = 1.0
+    loss_params: dict = dataclasses.field(default_factory=dict)  # other prefops.losses.PARAM_DEFAULTS keys
     reference: str = "auto"           # model | precomputed | none | auto (none for reference-free losses)
     loss_impl: str = "fused"          # fused | reference (materialises the logits)
+    strategy: str | None = None       # lean | budget (fused loss; None: prefops.configure's default)
+    budget: str | int | None = None   # the budget strategy's logits budget, e.g. "1GB"
 
     # Optimisation. Pairs per optimizer step = micro_batch_size * grad_accum_steps.
     sft_steps: int = 0
@@ -75,9 +84,12 @@ class Config:
         return self.micro_batch_size * self.grad_accum_steps
 
 
+UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
+
 CHOICES = {
     "reference": ("auto", "model", "precomputed", "none"),
     "loss_impl": ("fused", "reference"),
+    "strategy": (None, "lean", "budget"),
     "lr_schedule": ("cosine", "linear", "constant"),
     "bf16": ("auto", True, False),
 }
@@ -128,6 +140,40 @@ def validate(config: Config) -> None:
             raise ValueError(f"{key} must be a positive integer; got {getattr(config, key)!r}")
     if not 0 <= config.eval_fraction < 1:
         raise ValueError(f"eval_fraction must lie in [0, 1); got {config.eval_fraction}")
+    _validate_objective(config)
+
+
+def loss_types(config: Config) -> list[str]:
+    return [config.loss_type] if isinstance(config.loss_type, str) else list(config.loss_type)
+
+
+def is_unpaired(config: Config) -> bool:
+    return any(name in UNPAIRED_LOSSES for name in loss_types(config))
+
+
+def _validate_objective(config: Config) -> None:
+    from prefops.losses import LOSSES  # the registry is the source of truth for pairwise names
+
+    names = loss_types(config)
+    unknown = [name for name in names if name not in LOSSES and name not in UNPAIRED_LOSSES]
+    if unknown or not names:
+        raise ValueError(f"loss_type {unknown or config.loss_type!r} is unknown; valid: pairwise "
+                         f"{', '.join(sorted(LOSSES))} (or a list of them); unpaired {', '.join(UNPAIRED_LOSSES)}")
+    if is_unpaired(config):
+        if len(names) > 1:
+            raise ValueError(f"an unpaired loss_type ({', '.join(UNPAIRED_LOSSES)}) cannot be combined in a "
+                             f"list; got {config.loss_type!r}")
+        pairwise_only = {"loss_weights": None, "ld_alpha": None, "wpo": False, "label_smoothing": 0.0,
+                         "loss_params": {}}
+        for key, default in pairwise_only.items():
+            if getattr(config, key) != default:
+                raise ValueError(f"{key} applies to pairwise losses only; loss_type {names[0]!r} is unpaired")
+        if config.reference == "none":
+            raise ValueError(f"loss_type {names[0]!r} needs a reference: set reference to model or precomputed")
+    if config.ld_alpha is not None and config.packing:
+        raise ValueError("ld_alpha needs padded batches (it pairs chosen and rejected tokens): set packing: false")
+    if config.ld_alpha is not None and config.wpo:
+        raise ValueError("ld_alpha and wpo cannot be combined: WPO's weights are defined on unweighted log-probs")
 
 
 def default_path() -> Path:

@@ -9,7 +9,7 @@ Row formats (the TRL conventions), as JSONL lines or Hugging Face `datasets` row
 Every error names the row (file:line or source#index) and the field.
 
 A tokenised example is one prompt with k completions (k=2 for a pair: chosen,
-rejected). A batch of P examples holds k*P sequences, completion-major: all
+rejected; for an unpaired example its completion and a mismatched one for KTO's KL term). A batch of P examples holds k*P sequences, completion-major: all
 chosen, then all rejected. Targets are the next token on completion positions
 and -100 on prompt and padding. Batches are padded [S, T] or packed: flat
 tokens with per-sequence position ids and cu_seqlens.
@@ -158,29 +158,47 @@ def parse_row(where: str, row: dict) -> Record:
     return Record(where, prompt, [completion])
 
 
-def records_for(rows: list[tuple[str, dict]], stage: str) -> tuple[list[Record], list[str]]:
-    """Records a stage can train on (pairs for preference training, single completions for SFT),
-    and a note for each row skipped."""
+def records_for(rows: list[tuple[str, dict]], stage: str, *, unpaired: bool = False
+                ) -> tuple[list[Record], list[str]]:
+    """Records a stage can train on, and a note for each row skipped.
+
+    SFT takes single completions (the chosen of a pair, the desirable of unpaired rows);
+    pairwise losses take pairs; unpaired losses (`unpaired`) take labelled completions,
+    splitting each pair into a desirable chosen and an undesirable rejected completion.
+    Ranked rows become the pair (best, worst), as done for UltraFeedback.
+    """
     records, skipped = [], []
     for where, row in rows:
         record = parse_row(where, row)
-        if record.kind == "unpaired":
-            raise DataError(f"{where}: unpaired (KTO) rows need an unpaired loss; only pairwise losses "
-                            "are trained so far")
         if record.kind == "ranked":
-            # Binarise: the best against the worst completion, as done for UltraFeedback.
             best = max(range(len(record.scores)), key=record.scores.__getitem__)
             worst = min(range(len(record.scores)), key=record.scores.__getitem__)
             if record.scores[best] == record.scores[worst]:
                 skipped.append(f"{where} (all scores tie)")
                 continue
             record = Record(where, record.prompt, [record.completions[best], record.completions[worst]])
-        if stage == "sft" and record.kind == "pairwise":
-            record = Record(where, record.prompt, record.completions[:1])
-        if stage != "sft" and record.kind != "pairwise":
+        if stage == "sft":
+            if record.label is False:
+                skipped.append(f"{where} (undesirable completion: not used for SFT)")
+                continue
+            records.append(Record(where, record.prompt, record.completions[:1]))
+        elif unpaired:
+            if record.kind == "sft":
+                raise DataError(f"{where}: unpaired losses need a 'label' (true = desirable) or a "
+                                "prompt/chosen/rejected row; got prompt/completion only")
+            if record.kind == "pairwise":
+                records += [Record(where, record.prompt, record.completions[:1], label=True),
+                            Record(where, record.prompt, record.completions[1:], label=False)]
+            else:
+                records.append(record)
+        elif record.kind == "unpaired":
+            raise DataError(f"{where}: unpaired (KTO) rows need an unpaired loss: set loss_type to kto, "
+                            "apo_zero_unpaired or bco")
+        elif record.kind != "pairwise":
             raise DataError(f"{where}: preference training needs prompt/chosen/rejected or ranked rows, "
                             f"got a {record.kind} row")
-        records.append(record)
+        else:
+            records.append(record)
     return records, skipped
 
 
@@ -190,7 +208,8 @@ def records_for(rows: list[tuple[str, dict]], stage: str) -> tuple[list[Record],
 class Example:
     where: str
     prompt_ids: list[int]
-    completion_ids: list[list[int]]
+    completion_ids: list[list[int]]  # unpaired: [completion, the KL partner's completion]
+    label: bool | None = None        # unpaired only: True = desirable
 
 
 def _render(tokenizer, prompt, completion, where: str) -> tuple[str, str, bool]:
@@ -214,7 +233,7 @@ def tokenize(tokenizer, record: Record, append_eos: bool = True) -> Example:
             ids = ids + [tokenizer.eos_token_id]
         completion_ids.append(ids)
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=not templated)
-    return Example(record.where, prompt_ids, completion_ids)
+    return Example(record.where, prompt_ids, completion_ids, record.label)
 
 
 def truncate(example: Example, max_length: int) -> Example | None:
@@ -224,7 +243,7 @@ def truncate(example: Example, max_length: int) -> Example | None:
     # The first completion token is a target only if a prompt token precedes it.
     if any(len(ids) - (not prompt) < 1 for ids in completions):
         return None
-    return Example(example.where, prompt, completions)
+    return Example(example.where, prompt, completions, example.label)
 
 
 @dataclasses.dataclass
@@ -239,12 +258,12 @@ class Dataset:
         """Hash of the token ids: what a reference-log-prob cache is keyed by."""
         digest = hashlib.sha256()
         for example in self.examples:
-            digest.update(json.dumps([example.prompt_ids, example.completion_ids]).encode())
+            digest.update(json.dumps([example.prompt_ids, example.completion_ids, example.label]).encode())
         return digest.hexdigest()[:16]
 
 
 def build_dataset(records: list[Record], tokenizer, max_length: int, skipped: list[str],
-                  append_eos: bool = True) -> Dataset:
+                  append_eos: bool = True, seed: int = 0) -> Dataset:
     examples, skipped = [], list(skipped)
     for record in records:
         example = truncate(tokenize(tokenizer, record, append_eos), max_length)
@@ -254,7 +273,27 @@ def build_dataset(records: list[Record], tokenizer, max_length: int, skipped: li
             examples.append(example)
     if not examples:
         raise DataError(f"no example left to train on; first skipped: {skipped[0] if skipped else 'none'}")
+    if examples[0].label is not None:
+        examples = _with_kl_partners(examples, max_length, seed)
     return Dataset(examples, skipped)
+
+
+def _with_kl_partners(examples: list[Example], max_length: int, seed: int) -> list[Example]:
+    """Give each unpaired example a second completion: that of another example, for KTO's KL estimate.
+
+    KTO's reference point is the policy/reference log-ratio of completions that do not
+    answer their prompt. TRL pairs them within each batch; a fixed partner per example
+    (one cycle through a seeded shuffle) makes the estimate independent of batching,
+    micro-batching and sharding, and lets a reference cache hold it.
+    """
+    order = list(range(len(examples)))
+    random.Random(f"kl-{seed}").shuffle(order)
+    partner = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+    out = []
+    for i, example in enumerate(examples):
+        kl = examples[partner[i]].completion_ids[0][:max_length - len(example.prompt_ids)]
+        out.append(Example(example.where, example.prompt_ids, [example.completion_ids[0], kl], example.label))
+    return out
 
 
 def split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -275,6 +314,7 @@ class Batch:
     position_ids: torch.Tensor | None  # [1, N] packed: restarts at 0 in every sequence
     cu_seqlens: torch.Tensor | None    # [S + 1] packed
     indices: torch.Tensor              # dataset index of each example [P]
+    labels: torch.Tensor | None = None  # [P] bool, unpaired only (True = desirable)
 
     @property
     def packed(self) -> bool:
@@ -296,8 +336,28 @@ class Batch:
     def num_targets(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
 
+    @property
+    def seq_ids(self) -> torch.Tensor:
+        """Packed: the sequence index of every token [1, N]."""
+        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)[None]
+
+    def completion(self, k: int) -> "Batch":
+        """The sub-batch of every example's k-th completion (sequences k*P .. (k+1)*P - 1)."""
+        first, last = k * self.num_examples, (k + 1) * self.num_examples
+        if self.packed:
+            start, end = int(self.cu_seqlens[first]), int(self.cu_seqlens[last])
+            return dataclasses.replace(self, input_ids=self.input_ids[:, start:end], targets=self.targets[:, start:end],
+                                       position_ids=self.position_ids[:, start:end],
+                                       cu_seqlens=self.cu_seqlens[first:last + 1] - start)
+        width = int(self.attention_mask[first:last].sum(1).max())
+        return dataclasses.replace(self, input_ids=self.input_ids[first:last, :width],
+                                   targets=self.targets[first:last, :width],
+                                   attention_mask=self.attention_mask[first:last, :width])
+
     def to(self, device) -> "Batch":
-        return Batch(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
+        return Batch(**{field.name: None if getattr(self, field.name) is None else getattr(self, field.name).to(device)
+                        for field in dataclasses.fields(self)})
 
 
 def _sequence(prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -312,6 +372,7 @@ def collate(dataset: Dataset, indices: list[int], *, packing: bool) -> Batch:
     num_completions = len(examples[0].completion_ids)
     sequences = [_sequence(e.prompt_ids, e.completion_ids[k]) for k in range(num_completions) for e in examples]
     index_tensor = torch.tensor(indices)
+    labels = torch.tensor([e.label for e in examples]) if examples[0].label is not None else None
     if packing:
         lengths = torch.tensor([len(ids) for ids, _ in sequences])
         return Batch(
@@ -321,6 +382,7 @@ def collate(dataset: Dataset, indices: list[int], *, packing: bool) -> Batch:
             position_ids=torch.cat([torch.arange(n) for n in lengths.tolist()]).unsqueeze(0),
             cu_seqlens=torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int(),
             indices=index_tensor,
+            labels=labels,
         )
     width = max(len(ids) for ids, _ in sequences)
     pad_id = 0  # any valid id: attention and targets both ignore padding
@@ -331,6 +393,7 @@ def collate(dataset: Dataset, indices: list[int], *, packing: bool) -> Batch:
         position_ids=None,
         cu_seqlens=None,
         indices=index_tensor,
+        labels=labels,
     )
 
 

@@ -12,15 +12,19 @@ def _position(record: dict) -> tuple[int, int]:
 
 
 class RunLog:
-    def __init__(self, out_dir: Path, *, tensorboard: bool, resume_from: tuple[str, int] | None):
+    def __init__(self, out_dir: Path, *, tensorboard: bool, resume_from: tuple[str, int] | None,
+                 enabled: bool = True):
         self.path = out_dir / "log.jsonl"
+        self.enabled = enabled  # off on every rank but the first under torchrun
+        self.writer = None
+        if not enabled:
+            return
         if resume_from is None:
             self.path.write_text("")
         else:
             # Drop what a crashed run logged after its last checkpoint; the resumed run logs it again.
             keep = [r for r in self.records() if _position(r) <= (STAGES.index(resume_from[0]), resume_from[1])]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -34,6 +38,8 @@ class RunLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:

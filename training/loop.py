@@ -21,9 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from prefops.losses import REFERENCE_FREE, pairwise_loss
+import prefops
+from prefops import PreferenceLoss
+from prefops import reference as reference_ops
+from prefops.losses import REFERENCE_FREE, BCOLoss, kto_loss, pairwise_loss
 
-from . import checkpoint, references
+from . import checkpoint, distributed, references
+from . import config as C
 from . import data as D
 from . import model as M
 from .logs import RunLog
@@ -57,54 +61,221 @@ def explain_out_of_memory(config, where: str):
 
 
 # ----------------------------------------------------------------------------- objectives
+#
+# An objective is used in three calls per optimizer step (see run_batches):
+#   prepare(lm, batches) -> (totals, extras): without gradients, the step's sums (the
+#       normaliser and whatever else must be global, e.g. tokens for the NLL term) and
+#       per-micro-batch inputs such as reference log-probs; totals are then summed over ranks;
+#   objective(lm, batch, totals, extra) -> (summed loss, summed metrics) of one micro-batch;
+#   finish(sums, totals) -> the step's record (means), after sums are summed over ranks.
+# Dividing every micro-batch's summed loss by the global normaliser makes accumulation
+# and data parallelism exact: 4 micro-batches of 1 give the gradient of one batch of 4.
+
+def _chosen_tokens(batch: D.Batch) -> int:
+    return int((batch.completion(0).targets != D.IGNORE_INDEX).sum())
+
 
 class SFTObjective:
-    """Summed NLL of the completion tokens; a step divides it by the step's completion tokens."""
+    """Summed NLL of the completion tokens, over the step's completion tokens."""
 
     def __init__(self, loss_impl: str):
         self.loss_impl = loss_impl
 
-    def normaliser(self, batch: D.Batch) -> int:
-        return batch.num_targets
+    def prepare(self, lm, batches):
+        return {"normaliser": sum(batch.num_targets for batch in batches)}, [None] * len(batches)
 
-    def __call__(self, model, batch: D.Batch):
-        return -M.token_logprobs(model, batch, self.loss_impl).sum(), {}
+    def __call__(self, lm, batch, totals, extra):
+        return -M.token_logprobs(lm, batch, self.loss_impl).sum(), {}
+
+    def finish(self, sums, totals):
+        return {"loss": sums["loss"] / totals["normaliser"]}
+
+
+class StepPreferenceLoss(PreferenceLoss):
+    """PreferenceLoss whose NLL term (sft, cpo, orpo) divides by the mean chosen length of the
+    whole step (every micro-batch, every rank) rather than of one micro-batch."""
+
+    def __init__(self, *args, nll_mean_length: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nll_mean_length = nll_mean_length
+
+    def _sequence_loss(self, *args):
+        return super()._sequence_loss(*args[:-1], self.nll_mean_length)
 
 
 class PreferenceObjective:
-    """Summed per-pair loss of prefops.losses.pairwise_loss; a step divides it by the step's pairs."""
+    """A pairwise loss (or a weighted list of them), over the step's pairs.
+
+    loss_impl fused: prefops.PreferenceLoss from hidden states and the head weight.
+    loss_impl reference: materialised logits, then the same prefops.losses.pairwise_loss.
+    """
 
     def __init__(self, config, reference):
         self.config = config
         self.reference = reference  # batch -> (ref_chosen_logps, ref_rejected_logps) or (None, None)
 
-    def normaliser(self, batch: D.Batch) -> int:
-        return batch.num_examples
+    def prepare(self, lm, batches):
+        totals = {"normaliser": sum(batch.num_examples for batch in batches),
+                  "chosen_tokens": sum(map(_chosen_tokens, batches))}
+        return totals, [self.reference(batch) for batch in batches]
 
-    def __call__(self, model, batch: D.Batch):
-        sums, counts = M.sequence_logprobs(model, batch, self.config.loss_impl)
+    def __call__(self, lm, batch, totals, ref):
+        mean_length = totals["chosen_tokens"] / totals["normaliser"]
+        loss_fn = self._fused if self.config.loss_impl == "fused" else self._reference
+        loss, metrics = lm(batch, lambda hidden, head: loss_fn(hidden, head, batch, ref, mean_length))
         pairs = batch.num_examples
+        # Metrics are means over this micro-batch's pairs; weighted by them they sum to the step's.
+        return loss, {name: float(value) * pairs for name, value in metrics.items()
+                      if not name.startswith("num_tokens/")}
+
+    def finish(self, sums, totals):
+        return {name: value / totals["normaliser"] for name, value in sums.items()}
+
+    def _fused(self, hidden, head, batch, ref, mean_length):
+        config = self.config
+        hidden, weight, bias = M.head_inputs(hidden, head)
+        loss_fn = StepPreferenceLoss(
+            config.loss_type, config.beta, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
+            ld_alpha=config.ld_alpha, wpo=config.wpo, ignore_index=D.IGNORE_INDEX, temperature=head.temperature,
+            softcap=head.softcap, strategy=config.strategy, budget=config.budget, nll_mean_length=mean_length,
+            **config.loss_params)
+        loss, metrics = loss_fn(hidden, weight, batch.targets, bias=bias, seq_ids=batch.seq_ids if batch.packed else None,
+                                ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
+        return loss * batch.num_examples, metrics
+
+    def _reference(self, hidden, head, batch, ref, mean_length):
+        config = self.config
+        hidden, weight, bias = M.head_inputs(hidden, head)
+        options = dict(bias=bias, ignore_index=D.IGNORE_INDEX, temperature=head.temperature, softcap=head.softcap)
+        token = reference_ops.linear_logprobs(hidden, weight, batch.targets, **options)
+        sums, counts = M.sequence_sums(token, batch, M.ld_token_weights(batch, config.ld_alpha))
+        params = dict(config.loss_params, nll_mean_length=mean_length)
+        pairs = batch.num_examples
+        if config.wpo:
+            with torch.no_grad():  # WPO: exp(mean log p_t - log sum_v p_v^2) per sequence, chosen x rejected
+                log_sum_p2 = reference_ops.token_sum_p2(hidden, weight, batch.targets, **options).clamp_min(
+                    torch.finfo(torch.float32).tiny).log()
+                on_policy = (M.sequence_sums(token - log_sum_p2, batch)[0] / counts).exp()
+            params["pair_weights"] = on_policy[:pairs] * on_policy[pairs:]
         losses, metrics = pairwise_loss(
-            sums[:pairs], sums[pairs:], *self.reference(batch), loss_type=self.config.loss_type,
-            beta=self.config.beta, label_smoothing=self.config.label_smoothing,
-            chosen_lengths=counts[:pairs], rejected_lengths=counts[pairs:], **self.config.loss_params)
-        # Metrics are means over this micro-batch; weight them by its pairs to average over the step.
-        return losses.sum(), {name: float(value) * pairs for name, value in metrics.items()}
+            sums[:pairs], sums[pairs:], *ref, loss_type=config.loss_type, beta=config.beta,
+            label_smoothing=config.label_smoothing, loss_weights=config.loss_weights, chosen_lengths=counts[:pairs],
+            rejected_lengths=counts[pairs:], **params)
+        return losses.sum(), metrics
 
 
-def run_batches(model, objective, batches: list[D.Batch], autocast, *, backward: bool) -> dict:
-    """Loss and metrics of a step made of micro-batches, normalised over all of them."""
-    normaliser = sum(objective.normaliser(batch) for batch in batches)
-    totals = defaultdict(float)
-    for batch in batches:
-        with autocast():
-            loss, metrics = objective(model, batch)
+class UnpairedObjective:
+    """KTO (kto, apo_zero_unpaired) or BCO on labelled completions, over the step's completions.
+
+    Every example carries its completion and a mismatched one (data._with_kl_partners).
+    KTO's reference point z_0 = max(0, mean log-ratio of the mismatched completions) is
+    taken over the whole step on every rank before any backward pass, without gradient,
+    so it does not depend on how the step is split. BCO's running reward mean delta
+    is updated once per step with that step's rewards (after its loss, so a step's
+    micro-batches all see the same delta); it is saved in checkpoints.
+    """
+
+    def __init__(self, config, reference):
+        self.config = config
+        self.reference = reference  # batch -> (ref_logps, ref_kl_logps)
+        self.loss_type = C.loss_types(config)[0]
+        self.bco = BCOLoss(config.beta).eval() if self.loss_type == "bco" else None
+        self.step_rewards = []
+
+    def prepare(self, lm, batches):
+        refs = [self.reference(batch) for batch in batches]
+        totals = {"normaliser": sum(batch.num_examples for batch in batches),
+                  "desirable": sum(int(batch.labels.sum()) for batch in batches)}
+        totals["undesirable"] = totals["normaliser"] - totals["desirable"]
+        if self.loss_type == "kto":
+            kl_sums = [self._logps(lm, batch.completion(1)) - ref[1] for batch, ref in zip(batches, refs)]
+            totals.update(kl_sum=sum(float(kl.sum()) for kl in kl_sums), kl_count=totals["normaliser"])
+        return totals, refs
+
+    def _logps(self, lm, batch):
+        return M.sequence_logprobs(lm, batch, self.config.loss_impl)[0]
+
+    def _losses(self, logps, ref, labels, kl):
+        if self.bco is not None:
+            return self.bco(logps, ref, labels)
+        return kto_loss(logps, ref, labels, beta=self.config.beta, kl=kl, loss_type=self.loss_type,
+                        desirable_weight=self.config.desirable_weight,
+                        undesirable_weight=self.config.undesirable_weight)
+
+    def __call__(self, lm, batch, totals, ref):
+        own = batch.completion(0)
+        kl = max(0.0, totals["kl_sum"] / totals["kl_count"]) if "kl_sum" in totals else None
+        ref_logps = ref[0]
+        if self.config.loss_impl == "fused":
+            def fused(hidden, head):
+                hidden, weight, bias = M.head_inputs(hidden, head)
+                return prefops.sequence_objective(
+                    hidden, weight, own.targets, bias=bias, seq_ids=own.seq_ids if own.packed else None,
+                    groups=torch.arange(own.num_examples, device=hidden.device)[:, None],
+                    head=lambda logps, index, stats: self._losses(logps[:, 0], ref_logps[index], own.labels[index],
+                                                                  kl)[0].sum(),
+                    ignore_index=D.IGNORE_INDEX, temperature=head.temperature, softcap=head.softcap,
+                    strategy=self.config.strategy, budget=self.config.budget)
+            out = lm(own, fused)
+            loss, logps = out.loss, out.logps
+        else:
+            logps = self._logps(lm, own)
+            loss = self._losses(logps, ref_logps, own.labels, kl)[0].sum()
+            logps = logps.detach()
+        rewards = self.config.beta * (logps - ref_logps)
+        self.step_rewards.append(rewards)
+        labels = own.labels
+        return loss, {"rewards/chosen": float(rewards[labels].sum()), "rewards/rejected": float(rewards[~labels].sum()),
+                      "logps/chosen": float(logps[labels].sum()), "logps/rejected": float(logps[~labels].sum())}
+
+    def finish(self, sums, totals):
+        record = {"loss": sums["loss"] / totals["normaliser"]}
+        for name, group in (("chosen", "desirable"), ("rejected", "undesirable")):
+            if totals[group]:
+                for kind in ("rewards", "logps"):
+                    record[f"{kind}/{name}"] = sums[f"{kind}/{name}"] / totals[group]
+        if totals["desirable"] and totals["undesirable"]:
+            record["rewards/margins"] = record["rewards/chosen"] - record["rewards/rejected"]
+        if "kl_sum" in totals:
+            record["kl"] = max(0.0, totals["kl_sum"] / totals["kl_count"])
+        return record
+
+    def end_step(self, training: bool) -> None:
+        rewards, self.step_rewards = torch.cat(self.step_rewards), []
+        if self.bco is not None and training:
+            rewards = distributed.all_gather(rewards)
+            with torch.no_grad():
+                self.bco.train()  # BCOLoss folds the rewards it is given into delta in train mode
+                self.bco(rewards / self.config.beta, torch.zeros_like(rewards), torch.ones_like(rewards, dtype=torch.bool))
+                self.bco.eval()
+        if self.bco is not None:
+            self.last_delta = float(self.bco.delta)
+
+    def state_dict(self) -> dict:
+        return self.bco.state_dict() if self.bco is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.bco is not None:
+            self.bco.load_state_dict(state)
+
+
+def run_batches(lm, objective, batches: list[D.Batch], autocast, *, backward: bool) -> dict:
+    """Loss and metrics of a step made of micro-batches (this rank's), normalised over all ranks' batches."""
+    with torch.no_grad(), autocast():
+        totals, extras = objective.prepare(lm, batches)
+    totals = distributed.all_reduce_sums(totals)
+    sums = defaultdict(float)
+    for i, (batch, extra) in enumerate(zip(batches, extras)):
+        with distributed.gradient_sync(lm, i == len(batches) - 1), autocast():
+            loss, metrics = objective(lm, batch, totals, extra)
         if backward:
-            (loss / normaliser).backward()
-        totals["loss"] += float(loss.detach())
+            (loss / totals["normaliser"]).backward()
+        sums["loss"] += float(loss.detach())
         for name, value in metrics.items():
-            totals[name] += value
-    return {name: value / normaliser for name, value in totals.items()}
+            sums[name] += value
+    if hasattr(objective, "end_step"):
+        objective.end_step(backward)
+    return objective.finish(distributed.all_reduce_sums(sums), totals)
 
 
 def lr_factor(config, steps: int):
@@ -125,11 +296,15 @@ def lr_factor(config, steps: int):
 class Trainer:
     def __init__(self, config):
         self.config = config
-        self.device = M.resolve_device(config.device)
+        distributed.initialise()
+        self.device = distributed.local_device() if distributed.active() else M.resolve_device(config.device)
         self.seed_everything(config.seed)
         task_name = config.data.split(":", 1)[1] if config.data.startswith("synthetic:") else None
         self.task = TASKS.get(task_name)
         self.model, self.tokenizer = M.build(config, self.device, self.task and self.task.alphabet)
+        self.lm = M.FusedLM(self.model)
+        if distributed.active():
+            distributed.shard(self.lm)
         self.out_dir = Path(config.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.autocast = lambda: M.autocast(self.device, config.bf16)
@@ -147,9 +322,13 @@ class Trainer:
         config = self.config
         source = (config.sft_data or config.data) if stage == "sft" else config.data
         kind = "sft" if stage == "sft" else "preference"
+        unpaired = stage != "sft" and C.is_unpaired(config)
 
         def load(source, size):
-            return D.records_for(D.read_rows(source, kind=kind, size=size, seed=config.seed), stage)
+            return D.records_for(D.read_rows(source, kind=kind, size=size, seed=config.seed), stage, unpaired=unpaired)
+
+        def build(records, skipped):
+            return D.build_dataset(records, self.tokenizer, config.max_length, skipped, config.append_eos, config.seed)
 
         records, skipped = load(source, config.synthetic_size)
         if config.eval_data and stage != "sft":
@@ -157,21 +336,29 @@ class Trainer:
         else:
             records, eval_records = D.split(records, config.eval_fraction, config.seed)
             eval_skipped = []
-        train_set = D.build_dataset(records, self.tokenizer, config.max_length, skipped, config.append_eos)
-        eval_set = D.build_dataset(eval_records, self.tokenizer, config.max_length, eval_skipped,
-                                   config.append_eos) if eval_records else None
+        train_set = build(records, skipped)
+        eval_set = build(eval_records, eval_skipped) if eval_records else None
         for name, dataset in (("train", train_set), ("eval", eval_set)):
             if dataset is not None and dataset.skipped:
                 shown = "; ".join(dataset.skipped[:5])
-                tqdm.write(f"[{stage} {name}] skipped {len(dataset.skipped)} row(s) of "
-                           f"{len(dataset) + len(dataset.skipped)}: {shown}{' ...' if len(dataset.skipped) > 5 else ''}")
+                say(f"[{stage} {name}] skipped {len(dataset.skipped)} row(s) of "
+                    f"{len(dataset) + len(dataset.skipped)}: {shown}{' ...' if len(dataset.skipped) > 5 else ''}")
         return train_set, eval_set
 
     def reference_kind(self) -> str:
         if self.config.reference != "auto":
             return self.config.reference
-        loss_types = [self.config.loss_type] if isinstance(self.config.loss_type, str) else self.config.loss_type
-        return "none" if all(name in REFERENCE_FREE for name in loss_types) else "model"
+        return "none" if all(name in REFERENCE_FREE for name in C.loss_types(self.config)) else "model"
+
+    def frozen_reference(self) -> M.FusedLM:
+        """A frozen copy of the current model, sharded like it under torchrun."""
+        if not distributed.active():
+            return M.FusedLM(M.frozen_copy(self.model))
+        model, _ = M.build(self.config, self.device, self.task and self.task.alphabet)
+        reference = M.FusedLM(model)
+        distributed.shard(reference)
+        distributed.load_model_state(model, distributed.model_state(self.model))
+        return reference.eval().requires_grad_(False)
 
     def prepare(self, stage: str) -> None:
         """Datasets and objectives of a stage; for preference training the model is now the reference."""
@@ -183,18 +370,25 @@ class Trainer:
             return
         kind = self.reference_kind()
         # Precomputed log-probs keep no reference to the model, so its memory is freed after this call.
-        reference_model = M.frozen_copy(self.model) if kind != "none" else None
+        reference_lm = self.frozen_reference() if kind != "none" else None
 
-        def reference_for(dataset):
+        def objective_for(dataset):
             if kind == "none":
-                return references.no_reference
-            if kind == "model":
-                return references.frozen_model(reference_model, config.loss_impl, self.autocast)
-            return references.precomputed(reference_model, dataset, config, self.device, self.autocast)
+                reference = references.no_reference
+            elif kind == "model":
+                reference = references.frozen_model(reference_lm, config.loss_impl, self.autocast, config.ld_alpha)
+            else:
+                reference = references.precomputed(reference_lm, dataset, config, self.device, self.autocast)
+            return (UnpairedObjective if C.is_unpaired(config) else PreferenceObjective)(config, reference)
 
-        self.stages[stage] = Stage(config.steps, config.lr, train_set,
-                                   PreferenceObjective(config, reference_for(train_set)), eval_set,
-                                   eval_set and PreferenceObjective(config, reference_for(eval_set)))
+        self.stages[stage] = Stage(config.steps, config.lr, train_set, objective_for(train_set), eval_set,
+                                   eval_set and objective_for(eval_set))
+
+    def step_batches(self, dataset: D.Dataset, indices: list[int]) -> list[D.Batch]:
+        """This rank's micro-batches of a global step's example indices."""
+        mine, size = distributed.shard_of(indices), self.config.micro_batch_size
+        return [D.collate(dataset, mine[i:i + size], packing=self.config.packing).to(self.device)
+                for i in range(0, len(mine), size)]
 
     # --- evaluation
 
@@ -202,71 +396,91 @@ class Trainer:
     def evaluate(self, stage: str, step: int) -> dict:
         eval_set, objective = self.stages[stage].eval_set, self.stages[stage].eval_objective
         record = {"stage": stage, "kind": "eval", "step": step}
-        self.model.eval()
+        self.lm.eval()
         if eval_set is not None:
-            size = min(len(eval_set), self.config.eval_batches * self.config.micro_batch_size)
-            batches = [D.collate(eval_set, list(range(start, min(start + self.config.micro_batch_size, size))),
-                                 packing=self.config.packing).to(self.device)
-                       for start in range(0, size, self.config.micro_batch_size)]
+            chunk, ranks = self.config.micro_batch_size * distributed.world_size(), distributed.world_size()
+            size = min(len(eval_set), self.config.eval_batches * chunk) // ranks * ranks
+            batches = [batch for start in range(0, size, chunk)
+                       for batch in self.step_batches(eval_set, list(range(start, min(start + chunk, size))))]
             with explain_out_of_memory(self.config, f"{stage} evaluation at step {step}"):
-                record.update(run_batches(self.model, objective, batches, self.autocast, backward=False))
+                record.update(run_batches(self.lm, objective, batches, self.autocast, backward=False))
         if self.task is not None and stage != "sft":
-            record["win_rate"] = self.task.win_rate(
-                self.model, self.tokenizer, samples=self.config.win_rate_samples,
-                temperature=self.config.sample_temperature, seed=self.config.seed, device=self.device)
-        self.model.train()
+            with distributed.unsharded(self.lm):
+                record["win_rate"] = self.task.win_rate(
+                    self.model, self.tokenizer, samples=self.config.win_rate_samples,
+                    temperature=self.config.sample_temperature, seed=self.config.seed, device=self.device)
+        self.lm.train()
         return record
+
+    # --- checkpoints
+
+    def save(self, path: Path, stage: str, step: int, optimizer=None, scheduler=None) -> None:
+        """Every rank gathers its shards; rank 0 writes."""
+        model_state = distributed.model_state(self.model)
+        optimizer_state = optimizer and distributed.optimizer_state(self.model, optimizer)
+        objective = self.stages[stage].objective if stage in self.stages else None
+        if distributed.is_main():
+            checkpoint.save(path, config=self.config, model_state=model_state, stage=stage, step=step,
+                            optimizer_state=optimizer_state, scheduler=scheduler,
+                            objective_state=objective.state_dict() if hasattr(objective, "state_dict") else None)
+        distributed.barrier()
+
+    def load(self, path: Path) -> dict:
+        return checkpoint.load(path, config=self.config, model=self.model)
 
     # --- one stage
 
     def run_stage(self, stage: str, log: RunLog, resume: dict | None) -> None:
         config = self.config
         steps, lr, train_set, objective, _, _ = self.stages[stage]
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(config.adam_betas),
+        optimizer = torch.optim.AdamW(self.lm.parameters(), lr=lr, betas=tuple(config.adam_betas),
                                       weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
         start = 0
         if resume is not None:
-            self.model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
+            distributed.load_model_state(self.model, resume["model"])
+            distributed.load_optimizer_state(self.model, optimizer, resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
+            if resume.get("objective"):
+                objective.load_state_dict(resume["objective"])
             checkpoint.set_rng_state(resume["rng"])
             start = resume["step"]
         else:
             log.write(self.evaluate(stage, 0))
-        self.model.train()
-        bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, dynamic_ncols=True)
+        self.lm.train()
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, dynamic_ncols=True,
+                   disable=not distributed.is_main())
+        global_batch = config.batch_size * distributed.world_size()
         for step in bar:
             began = time.perf_counter()
-            indices = D.step_indices(len(train_set), step, config.batch_size, config.seed, stage)
-            batches = [D.collate(train_set, indices[i:i + config.micro_batch_size], packing=config.packing)
-                       .to(self.device) for i in range(0, len(indices), config.micro_batch_size)]
+            indices = D.step_indices(len(train_set), step, global_batch, config.seed, stage)
+            batches = self.step_batches(train_set, indices)
             with explain_out_of_memory(config, f"{stage} step {step + 1}"):
-                record = run_batches(self.model, objective, batches, self.autocast, backward=True)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or math.inf)
+                record = run_batches(self.lm, objective, batches, self.autocast, backward=True)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.lm.parameters(), config.grad_clip or math.inf)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             record_lr = scheduler.get_last_lr()[0]
             scheduler.step()
             seconds = time.perf_counter() - began
-            tokens = sum(batch.num_tokens for batch in batches)
+            counts = distributed.all_reduce_sums({"tokens": sum(batch.num_tokens for batch in batches),
+                                                  "completion_tokens": sum(batch.num_targets for batch in batches)})
             record = {"stage": stage, "kind": "train", "step": step + 1, **record, "lr": record_lr,
-                      "grad_norm": float(grad_norm), "tokens": tokens,
-                      "completion_tokens": sum(batch.num_targets for batch in batches),
-                      "tokens_per_s": tokens / seconds, "examples_per_s": len(indices) / seconds}
+                      "grad_norm": distributed.as_float(grad_norm), "tokens": int(counts["tokens"]),
+                      "completion_tokens": int(counts["completion_tokens"]),
+                      "tokens_per_s": counts["tokens"] / seconds, "examples_per_s": len(indices) / seconds}
             bar.set_postfix(loss=f"{record['loss']:.4f}", **(
                 {"acc": f"{record['rewards/accuracies']:.2f}"} if "rewards/accuracies" in record else {}))
             done = step + 1
             if done % config.log_every == 0 or done == steps:
                 log.write(record)
-                tqdm.write(format_record(record))
+                say(format_record(record))
             if done % config.eval_every == 0 or done == steps:
                 evaluation = self.evaluate(stage, done)
                 log.write(evaluation)
-                tqdm.write(format_record(evaluation))
+                say(format_record(evaluation))
             if done % config.checkpoint_every == 0 or done == steps:
-                checkpoint.save(self.out_dir / "last.pt", config=config, model=self.model, stage=stage,
-                                step=done, optimizer=optimizer, scheduler=scheduler)
+                self.save(self.out_dir / "last.pt", stage, done, optimizer, scheduler)
         bar.close()
 
     # --- the whole job
@@ -274,34 +488,34 @@ class Trainer:
     def train(self) -> dict:
         config = self.config
         began = time.time()
-        resume = (checkpoint.load(self.out_dir / "last.pt", config=config, model=self.model)
-                  if config.resume else None)
-        log = RunLog(self.out_dir, tensorboard=config.tensorboard,
+        resume = self.load(self.out_dir / "last.pt") if config.resume else None
+        log = RunLog(self.out_dir, tensorboard=config.tensorboard, enabled=distributed.is_main(),
                      resume_from=(resume["stage"], resume["step"]) if resume else None)
         if config.sft_steps:
             if resume is not None and resume["stage"] != "sft":
-                self.model.load_state_dict(self.sft_weights())  # the reference of the preference stage
+                distributed.load_model_state(self.model, self.sft_weights())  # the reference of the next stage
             else:
                 self.prepare("sft")
                 self.run_stage("sft", log, resume)
-                checkpoint.save(self.out_dir / "sft.pt", config=config, model=self.model, stage="sft",
-                                step=config.sft_steps)
+                self.save(self.out_dir / "sft.pt", "sft", config.sft_steps)
                 resume = None
         self.prepare("dpo")
         self.run_stage("dpo", log, resume)
+        if not distributed.is_main():
+            return {}
         if config.plot:
             log.plot(self.out_dir / "curves.png")
         summary = self.summary(log.records())
         summary["wall_s"] = round(time.time() - began, 1)
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.task is not None:
-            tqdm.write(f"{self.task.name}: scorer win rate of sampled answers {summary['win_rate_before']:.1%} "
-                       f"before DPO -> {summary['win_rate_after']:.1%} after (chance {self.task.chance:.0%})")
-        tqdm.write(f"done in {summary['wall_s']:.0f} s; log, curves and checkpoints in {self.out_dir}")
+            say(f"{self.task.name}: scorer win rate of sampled answers {summary['win_rate_before']:.1%} "
+                f"before {stage_name(config)} -> {summary['win_rate_after']:.1%} after (chance {self.task.chance:.0%})")
+        say(f"done in {summary['wall_s']:.0f} s; log, curves and checkpoints in {self.out_dir}")
         return summary
 
     def sft_weights(self) -> dict:
-        return checkpoint.load(self.out_dir / "sft.pt", config=self.config, model=self.model)["model"]
+        return self.load(self.out_dir / "sft.pt")["model"]
 
     def summary(self, records: list[dict]) -> dict:
         evals = [r for r in records if r["stage"] == "dpo" and r["kind"] == "eval"]
@@ -312,8 +526,19 @@ class Trainer:
         return summary
 
 
+def stage_name(config) -> str:
+    """What the preference stage is called in messages: DPO, or the loss (KTO, SimPO, ...)."""
+    names = C.loss_types(config)
+    return "DPO" if names[0] == "sigmoid" else "+".join(names).upper()
+
+
+def say(text: str) -> None:
+    if distributed.is_main():
+        tqdm.write(text)
+
+
 def format_record(record: dict) -> str:
-    shown = ("loss", "rewards/accuracies", "rewards/margins", "win_rate", "lr", "grad_norm", "tokens_per_s")
+    shown = ("loss", "rewards/accuracies", "rewards/margins", "kl", "win_rate", "lr", "grad_norm", "tokens_per_s")
     parts = [f"{key.split('/')[-1]}={record[key]:.4g}" for key in shown if key in record]
     return f"[{record['stage']} {record['kind']} {record['step']}] " + " ".join(parts)
 
@@ -325,11 +550,13 @@ def train(config) -> dict:
 def evaluate(config, path: str | None = None) -> dict:
     """Evaluate a checkpoint (default out_dir/last.pt) on the held-out split of its stage."""
     trainer = Trainer(config)
-    state = checkpoint.load(Path(path) if path else trainer.out_dir / "last.pt", config=config, model=trainer.model)
+    state = trainer.load(Path(path) if path else trainer.out_dir / "last.pt")
     if state["stage"] != "sft" and config.sft_steps:
-        trainer.model.load_state_dict(trainer.sft_weights())  # so prepare() freezes the right reference
+        distributed.load_model_state(trainer.model, trainer.sft_weights())  # so prepare() freezes the right reference
     trainer.prepare(state["stage"])
-    trainer.model.load_state_dict(state["model"])
+    distributed.load_model_state(trainer.model, state["model"])
+    if state.get("objective"):
+        trainer.stages[state["stage"]].eval_objective.load_state_dict(state["objective"])
     record = trainer.evaluate(state["stage"], state["step"])
-    tqdm.write(format_record(record))
+    say(format_record(record))
     return record

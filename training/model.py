@@ -55,10 +55,10 @@ def frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def weights_hash(model) -> str:
-    """Hash of every parameter and buffer: the key of a reference-log-prob cache."""
+def weights_hash(state: dict) -> str:
+    """Hash of a state dict (every parameter and buffer): the key of a reference-log-prob cache."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -103,8 +103,7 @@ def _packed_attention_mask(batch: Batch, model) -> torch.Tensor | None:
     implementation = model.config._attn_implementation or "eager"
     if implementation.startswith("flash"):
         return None
-    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
-    seq_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    seq_ids = batch.seq_ids[0]
     allowed = (seq_ids[:, None] == seq_ids[None, :]).tril()[None, None]
     if implementation == "eager":  # eager attention adds the mask to the scores
         dtype = next(model.parameters()).dtype
@@ -120,30 +119,67 @@ def hidden_states(model, batch: Batch) -> torch.Tensor:
     return output.last_hidden_state
 
 
-def token_logprobs(model, batch: Batch, loss_impl: str) -> torch.Tensor:
-    """fp32 log p(target) for every position of the batch (0 on ignored positions)."""
-    hidden = hidden_states(model, batch)
-    head = Head.of(model)
-    weight, bias = head.weight, head.bias
+class FusedLM(torch.nn.Module):
+    """A causal LM whose every use goes body -> hidden states -> fn(hidden, head), inside one forward.
+
+    Keeping the head's use inside this module's forward is what lets FSDP2 shard it:
+    with this module as the root FSDP unit, the lm_head weight (and a tied embedding)
+    is all-gathered before forward and its gradient reduce-scattered after backward,
+    although the lm_head module itself is never called.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch, fn):
+        return fn(hidden_states(self.model, batch), Head.of(self.model))
+
+
+def as_lm(model) -> FusedLM:
+    return model if isinstance(model, FusedLM) else FusedLM(model)
+
+
+def head_inputs(hidden: torch.Tensor, head: Head):
+    """(hidden, weight, bias) in one dtype: autocast's when on (as the lm_head GEMM would run), else the weight's."""
     device_type = hidden.device.type
-    # The fused op wants one dtype: that of autocast when on (as the lm_head GEMM would run), else the weight's.
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    return linear_logprobs_fn(loss_impl)(hidden, weight, batch.targets, bias=bias, ignore_index=IGNORE_INDEX,
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else head.weight.dtype
+    return hidden.to(dtype), head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
+
+
+def _token_logprobs(hidden, head: Head, targets, loss_impl: str) -> torch.Tensor:
+    hidden, weight, bias = head_inputs(hidden, head)
+    return linear_logprobs_fn(loss_impl)(hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX,
                                          temperature=head.temperature, softcap=head.softcap)
 
 
-def sequence_logprobs(model, batch: Batch, loss_impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed completion log-probs, completion token counts) per sequence [S]."""
-    logps = token_logprobs(model, batch, loss_impl)
+def token_logprobs(model, batch: Batch, loss_impl: str) -> torch.Tensor:
+    """fp32 log p(target) for every position of the batch (0 on ignored positions)."""
+    return as_lm(model)(batch, lambda hidden, head: _token_logprobs(hidden, head, batch.targets, loss_impl))
+
+
+def ld_token_weights(batch: Batch, ld_alpha: float | None) -> torch.Tensor | None:
+    """LD-DPO token weights of a padded [chosen; rejected] batch (None without ld_alpha)."""
+    if ld_alpha is None:
+        return None
     counted = batch.targets != IGNORE_INDEX
+    pairs = batch.num_examples
+    return torch.cat(prefops.losses.ld_dpo_token_weights(counted[:pairs], counted[pairs:], ld_alpha))
+
+
+def sequence_sums(token_logps: torch.Tensor, batch: Batch, token_weights: torch.Tensor | None = None):
+    """(weighted sums of token values, completion token counts) per sequence [S]."""
+    counted = batch.targets != IGNORE_INDEX
+    weights = counted.float() if token_weights is None else token_weights
     if batch.packed:
-        layout = dict(cu_seqlens=batch.cu_seqlens)
-        logps, counted = logps.reshape(-1), counted.reshape(-1)
-    else:
-        layout = {}
-    return (prefops.sequence_sum(logps, counted, **layout), prefops.sequence_count(logps, counted, **layout))
+        return (prefops.sequence_sum(token_logps.reshape(-1), weights.reshape(-1), cu_seqlens=batch.cu_seqlens),
+                prefops.sequence_count(token_logps.reshape(-1), counted.reshape(-1), cu_seqlens=batch.cu_seqlens))
+    return prefops.sequence_sum(token_logps, weights), prefops.sequence_count(token_logps, counted)
+
+
+def sequence_logprobs(model, batch: Batch, loss_impl: str, ld_alpha: float | None = None):
+    """(summed completion log-probs, completion token counts) per sequence [S]; LD-DPO-weighted with ld_alpha."""
+    return sequence_sums(token_logprobs(model, batch, loss_impl), batch, ld_token_weights(batch, ld_alpha))
 
 
 def autocast(device: torch.device, bf16: str | bool):

@@ -1,7 +1,9 @@
 """Reference log-probs for a dataset: from a frozen model, from a disk cache, or none.
 
-Each returns a function batch -> (ref_chosen_logps, ref_rejected_logps), looked up
-by the batch's example indices, so the loss code does not care which it is.
+Each returns a function batch -> one tensor [P] per completion of an example
+((ref_chosen_logps, ref_rejected_logps) for pairs, (completion, KL partner) for
+unpaired examples), looked up by the batch's example indices, so the loss code
+does not care which it is. With ld_alpha the sums are LD-DPO-weighted like the policy's.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from . import model as M
 from .data import Dataset, collate
 
@@ -19,12 +22,12 @@ def no_reference(batch):
     return None, None
 
 
-def frozen_model(reference_model, loss_impl: str, autocast):
+def frozen_model(reference_model, loss_impl: str, autocast, ld_alpha: float | None = None):
     @torch.no_grad()
     def logps(batch):
         with autocast():
-            sums, _ = M.sequence_logprobs(reference_model, batch, loss_impl)
-        return sums[:batch.num_examples], sums[batch.num_examples:]
+            sums, _ = M.sequence_logprobs(reference_model, batch, loss_impl, ld_alpha)
+        return sums.reshape(-1, batch.num_examples).unbind(0)
     return logps
 
 
@@ -32,28 +35,32 @@ def precomputed(reference_model, dataset: Dataset, config, device, autocast):
     """Log-probs of every example under the reference, cached per (dataset, reference weights).
 
     The reference model is needed only the first time; the cache file name is the
-    hash of the tokenised dataset and of the reference weights, so a changed dataset,
-    tokenizer, truncation or model never reads a stale cache.
+    hash of the tokenised dataset, of the reference weights and of ld_alpha, so a changed
+    dataset, tokenizer, truncation or model never reads a stale cache. Under torchrun
+    every rank computes the table (the sharded model runs in lockstep) and rank 0 writes it.
     """
-    path = Path(config.ref_cache_dir) / f"ref_logps-{dataset.fingerprint()}-{M.weights_hash(reference_model)}.pt"
-    if path.exists():
+    state = distributed.model_state(reference_model)  # collective under torchrun; full on rank 0
+    weights = distributed.broadcast(M.weights_hash(state) if distributed.is_main() else None)
+    weighting = "" if config.ld_alpha is None else f"-ld{config.ld_alpha:g}"
+    path = Path(config.ref_cache_dir) / f"ref_logps-{dataset.fingerprint()}-{weights}{weighting}.pt"
+    if distributed.broadcast(path.exists()):
         table = torch.load(path)
     else:
-        compute = frozen_model(reference_model, config.loss_impl, autocast)
+        compute = frozen_model(reference_model, config.loss_impl, autocast, config.ld_alpha)
         rows = []
         starts = range(0, len(dataset), config.micro_batch_size)
         for start in tqdm(starts, desc="reference log-probs", leave=False):
             indices = list(range(start, min(start + config.micro_batch_size, len(dataset))))
             batch = collate(dataset, indices, packing=config.packing).to(device)
-            chosen, rejected = compute(batch)
-            rows.append(torch.stack([chosen, rejected], dim=1).cpu())
+            rows.append(torch.stack(compute(batch), dim=1).cpu())
         table = torch.cat(rows)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(table, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        if distributed.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(table, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+        distributed.barrier()
     table = table.to(device)
 
     def logps(batch):
-        rows = table[batch.indices]
-        return rows[:, 0], rows[:, 1]
+        return table[batch.indices].unbind(1)
     return logps

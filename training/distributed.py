@@ -1,0 +1,169 @@
+"""Multi-process training under torchrun: FSDP2 sharding, each rank's share of a step, global sums.
+
+    torchrun --nproc_per_node 8 -m prefops.cli train CONFIG.yaml [--key value ...]
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+        -m prefops.cli train CONFIG.yaml
+
+micro_batch_size is per rank: a step holds micro_batch_size * grad_accum_steps *
+world_size examples, and rank r trains on the r-th contiguous slice of them. The
+decoder layers and then the whole model (body + head, see model.FusedLM) are
+FSDP2 units, so the lm_head weight is all-gathered for the fused loss and its
+gradient reduce-scattered like any other. Loss normalisers (pairs, tokens, KTO's
+KL sums) are all-reduced before the backward pass and gradients are summed, not
+averaged, over ranks: the step's gradient equals that of one process on the
+whole global batch. Without torchrun (WORLD_SIZE unset or 1) everything here is
+a no-op.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def initialise() -> None:
+    """Join the process group torchrun describes (nccl on GPUs, gloo on CPUs), once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def shard_of(indices: list[int]) -> list[int]:
+    """This rank's contiguous slice of a global step's example indices."""
+    size = len(indices) // world_size()
+    return indices[rank() * size:(rank() + 1) * size]
+
+
+def shard(lm: torch.nn.Module) -> None:
+    """FSDP2 over every decoder layer, then over the whole FusedLM (embeddings, final norm, lm_head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in lm.model.get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(lm)
+    # The loss is already divided by the global normaliser: sum gradients over ranks, do not average.
+    lm.set_gradient_divide_factor(1.0)
+
+
+def sharded(lm: torch.nn.Module) -> bool:
+    return hasattr(lm, "set_requires_gradient_sync")
+
+
+@contextlib.contextmanager
+def gradient_sync(lm: torch.nn.Module, sync: bool):
+    """Reduce-scatter gradients only after a step's last micro-batch (accumulate unsharded before)."""
+    if sharded(lm):
+        lm.set_requires_gradient_sync(sync)
+    yield
+
+
+def all_reduce_sums(values: dict) -> dict:
+    """Sum a dict of numbers (floats or scalar tensors) over ranks; returns floats."""
+    if not active():
+        return {key: float(value) for key, value in values.items()}
+    keys = sorted(values)
+    device = local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    packed = torch.tensor([float(values[key]) for key in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(packed)
+    return dict(zip(keys, packed.tolist()))
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors of every rank along dim 0."""
+    if not active():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast(value):
+    """Rank 0's picklable value on every rank."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def as_float(value) -> float:
+    """A scalar tensor's value; a DTensor (a gradient norm under FSDP2) is gathered first."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """The full (unsharded) state dict on CPU; every rank must call it, rank 0 gets the tensors."""
+    if not active():
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    if not active():
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_model_state(model: torch.nn.Module, state: dict) -> None:
+    """Load a full state dict; under torchrun rank 0's copy is scattered to every rank's shards."""
+    if not active():
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
+    if not active():
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+@contextlib.contextmanager
+def unsharded(lm: torch.nn.Module):
+    """Gather the root unit's parameters (embeddings, norm, lm_head) so the inner model can be
+    called directly, e.g. by generate(); the decoder layers gather themselves as usual."""
+    if not sharded(lm):
+        yield
+        return
+    lm.unshard()
+    try:
+        yield
+    finally:
+        lm.reshard()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
