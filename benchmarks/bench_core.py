@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from prefops.bench import (  # noqa: F401 - Problem, make_problem, ... stay importable from here
-    BETA, FORWARD_HEADERS, ROWS, TABLE_HEADERS, Problem, Row, Shape, bench_shape, environment_line, make_problem,
-    markdown_table, reference_outputs, setup_lines,
+    BETA, FORWARD_HEADERS, ROWS, TABLE_HEADERS, Problem, Row, Shape, add_timing_options, bench_shape,
+    environment_line, make_problem, markdown_table, reference_outputs, setup_lines, timing_defaults, write_report,
 )
 
 SHAPES = {
@@ -41,10 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     parser.add_argument("--forward-shapes", default="A",
                         help="shapes that also get the forward-only table ('' for none)")
-    parser.add_argument("--reps", type=int, help="timed repetitions per row (default 20 on CUDA, 3 on CPU)")
-    parser.add_argument("--warmup", type=int, help="untimed calls first (default 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes, to smoke-test the script")
+    add_timing_options(parser)
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
     args.shapes = [s for s in args.shapes.split(",") if s]
@@ -55,9 +52,7 @@ def parse_args(argv=None):
         unknown = sorted(set(value) - set(allowed))
         if unknown:
             parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
-    on_cuda = args.device == "cuda"
-    args.reps = args.reps or (20 if on_cuda else 3)
-    args.warmup = args.warmup if args.warmup is not None else (3 if on_cuda else 1)
+    timing_defaults(args)
     return args
 
 
@@ -89,8 +84,7 @@ def main(argv=None):
         report += "\n\n## Forward only (per-token log-probs)\n\n" + markdown_table(FORWARD_HEADERS, forward_tables)
     print(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+        write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,6 @@ re-exported here under the names the scripts import. Everything takes a
 torch.device so a script can also run on CPU as a smoke test.
 """
 from prefops.bench import (  # noqa: F401 - re-exports
-    GIB, Skipped, attempt, environment_line, fmt_gb, fmt_ms, free_memory, markdown_table, median_ms, peak_during,
-    relative_error,
+    GIB, Skipped, add_timing_options, attempt, environment_line, fmt_gb, fmt_ms, free_memory, markdown_table,
+    median_ms, peak_during, relative_error, timing_defaults, write_report,
 )

@@ -651,6 +651,26 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
+def add_timing_options(parser, tiny_help="tiny shapes, to smoke-test the script") -> None:
+    """--reps, --warmup, --device, --tiny: the options every benchmark script shares (see timing_defaults)."""
+    parser.add_argument("--reps", type=int, help="timed repetitions per row (default 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed calls first (default 3 on CUDA, 1 on CPU)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
+
+
+def timing_defaults(args) -> None:
+    """Fill in --reps and --warmup for the device: CUDA medians need more reps than a CPU smoke test."""
+    on_cuda = args.device == "cuda"
+    args.reps = args.reps or (20 if on_cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if on_cuda else 1)
+
+
+def write_report(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+
+
 def rows_option(text: str, option: str = "--rows") -> list[str]:
     keys = [key for key in text.split(",") if key]
     unknown = [key for key in keys if key not in ROWS]
@@ -677,11 +697,7 @@ def add_commands(subparsers) -> None:
                         "(default 1024,2048,4096,8192; '' for none)")
     parser.add_argument("--sweep-pairs", type=int, default=1, help="pairs per batch in the sweep (default 1)")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
-    parser.add_argument("--reps", type=int, help="timed repetitions per row (default 20 on CUDA, 3 on CPU)")
-    parser.add_argument("--warmup", type=int, help="untimed calls first (default 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--tiny", action="store_true",
-                        help=f"tiny shapes (H {TINY['hidden']}, V {TINY['vocab']}) to smoke-test, e.g. on CPU")
+    add_timing_options(parser, f"tiny shapes (H {TINY['hidden']}, V {TINY['vocab']}) to smoke-test, e.g. on CPU")
     parser.add_argument("--out-dir", type=Path, default=Path("prefops-bench"),
                         help="where report.md and the PNG plots go (default ./prefops-bench)")
     parser.set_defaults(run=run_bench)
@@ -710,10 +726,9 @@ def bench_config(args):
     if tokens < 2 * seq_len:
         raise ValueError(f"--tokens must hold at least one pair, 2 x --seq-len = {2 * seq_len}; got {tokens}")
     shape = Shape(pairs=tokens // (2 * seq_len), tokens=seq_len, hidden=hidden, vocab=vocab, softcap=softcap)
-    on_cuda = args.device == "cuda"
-    options = argparse.Namespace(
-        rows=rows_option(args.rows), reps=args.reps or (20 if on_cuda else 3),
-        warmup=args.warmup if args.warmup is not None else (3 if on_cuda else 1), forward_shapes=["run"])
+    options = argparse.Namespace(rows=rows_option(args.rows), reps=args.reps, warmup=args.warmup,
+                                 device=args.device, forward_shapes=["run"])
+    timing_defaults(options)
     return shape, seq_lens, options
 
 
@@ -744,4 +759,4 @@ def run_bench(args: argparse.Namespace, rest: list[str]) -> None:
                    sweep_table(series, seq_lens), "", "Plots: " + ", ".join(str(path) for path in plots)]
     text = "\n".join(report)
     print(text)
-    (args.out_dir / "report.md").write_text(text + "\n")
+    write_report(text, args.out_dir / "report.md")
