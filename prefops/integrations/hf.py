@@ -284,6 +284,7 @@ class PreferenceInputs:
         padding_free = position_ids is not None and shape[0] == 1
         attention_mask = batch.get("attention_mask")
         if padding_free:
+            _check_packed_attention()
             position_ids = _integer(_reshaped(position_ids, shape, "position_ids"), "position_ids")
             if attention_mask is not None and not bool(_reshaped(attention_mask, shape, "attention_mask").all()):
                 raise ValueError("a padding-free batch (input_ids [1, N] with position_ids) has no padding: "
@@ -330,6 +331,15 @@ class PreferenceInputs:
             raise ValueError("ld_alpha needs the padded [chosen; rejected] layout, not a padding-free batch")
         counted = self.targets != ignore_index
         return torch.cat(ld_dpo_token_weights(counted[:self.pairs], counted[self.pairs:], ld_alpha))
+
+
+def _check_packed_attention():
+    import transformers.masking_utils as masking
+
+    # Older transformers attend across the packed sequences unless the model runs flash attention.
+    if not hasattr(masking, "find_packed_sequence_indices"):
+        raise ValueError("padding-free batches need transformers >= 4.54, which keeps packed sequences apart "
+                         "given position_ids; upgrade transformers or pass a padded batch")
 
 
 def _integer(value, name):
