@@ -58,6 +58,14 @@ def test_compare_unknown_entry_names_the_families(capsys):
     assert "no entry named 'pairwise/nonsense'" in err and "pairwise" in err and "op" in err
 
 
+def test_compare_bad_options_exit_2(capsys):
+    assert main(["compare", "--only", "op", "--seed", "1", "--no-such-option"]) == 2
+    assert "unrecognised arguments: --no-such-option" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["compare", "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+
+
 def test_compare_registry_covers_every_pairwise_loss_and_both_strategies():
     names = set(compare.entries())
     from prefops.losses import LOSSES
