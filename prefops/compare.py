@@ -262,7 +262,7 @@ def pairwise_params(loss_type, generator):
     return {}
 
 
-def _pairwise_reference(hidden, weight, targets, ref, *, loss_type, beta, ld_alpha=None, wpo=False, **params):
+def pairwise_reference_loss(hidden, weight, targets, ref, *, loss_type, beta, ld_alpha=None, wpo=False, **params):
     """float64 pipeline: materialised logits -> per-sequence (weighted) sums -> the same pairwise_loss."""
     from .losses import ld_dpo_token_weights, pairwise_loss
     from .reference import token_sum_p2
@@ -305,7 +305,7 @@ def pairwise_entry(name, strategy, loss_type, **options):
         return {"loss": loss, **{k: metrics[k] for k in PAIRWISE_OUTPUTS}}
 
     def reference(hidden, weight, targets, ref, params):
-        loss, metrics = _pairwise_reference(hidden, weight, targets, ref.float().double(), loss_type=loss_type,
+        loss, metrics = pairwise_reference_loss(hidden, weight, targets, ref.float().double(), loss_type=loss_type,
                                             beta=PAIRWISE_BETA, **params)
         return {"loss": loss, **{k: metrics[k] for k in PAIRWISE_OUTPUTS}}
 
