@@ -109,6 +109,10 @@ def test_loss_types_match_trl_with_a_reference_model(tmp_path, loss_type, weight
     assert_same(*both(tmp_path, loss_type=loss_type, loss_weights=weights, label_smoothing=smoothing))
 
 
+def test_gradient_checkpointing_matches_trl(tmp_path):  # TRL's default; the hidden states are caught all the same
+    assert_same(*both(tmp_path, seed=2, gradient_checkpointing=True))
+
+
 def test_precomputed_reference_logps_match_trl(tmp_path):
     ours, theirs = both(tmp_path, with_ref_model=False, precompute_ref_log_probs=True,
                         loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3])
