@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import fused, tiles
+from . import fused
 from .checks import check_linear_inputs, check_targets_in_range
 from .config import BACKENDS, check_choice, get_settings
 from .sequences import sequence_stats
@@ -77,44 +77,6 @@ def top_k_summary(values: torch.Tensor, lse: torch.Tensor):
     return entropy.clamp_min(0.0).float(), mass.clamp_max(1.0).float()
 
 
-def _merge_top_k(values, ids, z, v0, k):
-    """Merge the top-k of a logits tile z [n, v] (first id v0) into the running (values, ids) [n, k]."""
-    tile_values, tile_ids = z.topk(min(k, z.shape[1]), dim=1)
-    values = torch.cat([values, tile_values], 1)
-    ids = torch.cat([ids, tile_ids + v0], 1)
-    values, pick = values.topk(k, dim=1)
-    return values, ids.gather(1, pick)
-
-
-def token_stats_top_k(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k):
-    """(tiles.Token, top-k logits [n, k] descending, their ids [n, k] int64) for the counted rows, in one pass."""
-    n, vocab = rows.numel(), weight.shape[0]
-    if backend == "triton":
-        from .kernels.logits_stats import launch_logits_stats
-
-        partial, values, ids = launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap,
-                                                   top_k=top_k)
-        values, pick = values.flatten(1).topk(top_k, dim=1)
-        return tiles.finalize(tiles.combine_splits(partial)), values, ids.flatten(1).gather(1, pick).long()
-    row_chunk = max(1, min(n, 1024))
-    # About four fp32 temporaries of the tile are alive at once, as in fused.token_stats.
-    v_chunk = max(1, min(vocab, workspace // (16 * row_chunk)))
-    parts = []
-    for r0 in range(0, n, row_chunk):
-        h_rows = hidden.index_select(0, rows[r0:r0 + row_chunk])
-        local = targets[r0:r0 + row_chunk]
-        stats = tiles.empty_stats(h_rows.shape[0], hidden.device)
-        values = torch.full((h_rows.shape[0], top_k), tiles.EMPTY, device=hidden.device)
-        ids = torch.full((h_rows.shape[0], top_k), -1, device=hidden.device, dtype=torch.long)
-        for v0 in range(0, vocab, v_chunk):
-            z = tiles.transform(fused._linear_fp32(h_rows, weight, bias, v0, v0 + v_chunk), temperature, softcap)
-            stats = tiles.combine(stats, tiles.tile_stats(z, local - v0))
-            values, ids = _merge_top_k(values, ids, z, v0, top_k)
-        parts.append((tiles.finalize(stats), values, ids))
-    tokens, values, ids = zip(*parts)
-    return tiles.Token(*(torch.cat(column) for column in zip(*tokens))), torch.cat(values), torch.cat(ids)
-
-
 def _resolve(backend, device, top_k):
     resolved = fused.resolve_backend(backend, device)
     if resolved == "triton" and top_k > MAX_TRITON_TOP_K:
@@ -161,15 +123,10 @@ def linear_diagnostics(hidden, weight, targets, *, bias=None, ignore_index=-100,
         hidden_2d = hidden_2d.contiguous()
     flat_targets = targets.reshape(-1)
     rows, counted_targets = fused.counted_rows(flat_targets, ignore_index)
-    if rows.numel() == 0:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        token = tiles.Token(empty, empty, empty, empty)
-        values, ids = hidden.new_zeros((0, top_k), dtype=torch.float32), rows.new_zeros((0, top_k))
-    else:
-        token, values, ids = token_stats_top_k(
-            hidden_2d, weight.contiguous(), bias, rows, counted_targets, float(temperature),
-            None if softcap is None else float(softcap), _resolve(requested, hidden.device, top_k),
-            settings.workspace, top_k)
+    token, values, ids = fused.token_stats(
+        hidden_2d, weight.contiguous(), bias, rows, counted_targets, float(temperature),
+        None if softcap is None else float(softcap), _resolve(requested, hidden.device, top_k),
+        settings.workspace, top_k)
     top_entropy, top_mass = top_k_summary(values, token.lse)
     n, shape = flat_targets.numel(), targets.shape
 

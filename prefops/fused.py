@@ -50,30 +50,43 @@ def _linear_fp32(h_rows, weight, bias, v0, v1):
     return linear if bias is None else linear + bias[v0:v1].float()
 
 
-def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace) -> tiles.Token:
-    """log p(target), lse, entropy and sum p^2 for the counted rows."""
+def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k=0):
+    """log p(target), lse, entropy and sum p^2 for the counted rows, as a tiles.Token.
+
+    With top_k > 0, returns (Token, top-k logits [n, k] descending, their ids [n, k] int64)
+    from the same pass over the vocabulary."""
     n, vocab = rows.numel(), weight.shape[0]
-    if n == 0:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return tiles.Token(empty, empty, empty, empty)
-    if backend == "triton":
+    if backend == "triton" and n:
         from .kernels import launch_logits_stats
 
-        partial = launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap)
-        return tiles.finalize(tiles.combine_splits(partial))
+        if not top_k:
+            return tiles.finalize(tiles.combine_splits(
+                launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap)))
+        partial, values, ids = launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap,
+                                                   top_k=top_k)
+        values, pick = values.flatten(1).topk(top_k, dim=1)
+        return tiles.finalize(tiles.combine_splits(partial)), values, ids.flatten(1).gather(1, pick).long()
     # About four fp32 temporaries of the tile are alive at once.
-    row_chunk = min(n, 1024)
+    row_chunk = max(1, min(n, 1024))
     v_chunk = max(1, min(vocab, workspace // (16 * row_chunk)))
     parts = []
     for r0 in range(0, n, row_chunk):
         h_rows = hidden.index_select(0, rows[r0:r0 + row_chunk])
         local = targets[r0:r0 + row_chunk]
         stats = tiles.empty_stats(h_rows.shape[0], hidden.device)
+        top = tiles.empty_top_k(h_rows.shape[0], top_k, hidden.device)
         for v0 in range(0, vocab, v_chunk):
             z = tiles.transform(_linear_fp32(h_rows, weight, bias, v0, v0 + v_chunk), temperature, softcap)
             stats = tiles.combine(stats, tiles.tile_stats(z, local - v0))
-        parts.append(tiles.finalize(stats))
-    return tiles.Token(*(torch.cat(column) for column in zip(*parts)))
+            if top_k:
+                top = tiles.merge_top_k(top, z, v0)
+        parts.append((tiles.finalize(stats), *top))
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        parts.append((tiles.Token(empty, empty, empty, empty), *tiles.empty_top_k(0, top_k, hidden.device)))
+    tokens, values, ids = zip(*parts)
+    token = tiles.Token(*(torch.cat(column) for column in zip(*tokens)))
+    return (token, torch.cat(values), torch.cat(ids)) if top_k else token
 
 
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

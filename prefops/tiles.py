@@ -62,6 +62,21 @@ def empty_stats(n: int, device) -> Stats:
     return Stats(torch.full((n,), EMPTY, device=device), zeros, zeros, zeros, zeros)
 
 
+def empty_top_k(n: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-k (logits, ids) [n, k] before any vocabulary block: EMPTY and -1."""
+    return (torch.full((n, k), EMPTY, device=device),
+            torch.full((n, k), -1, device=device, dtype=torch.long))
+
+
+def merge_top_k(top: tuple[torch.Tensor, torch.Tensor], z: torch.Tensor, v0: int):
+    """Merge the top-k of a logits tile z [n, v] (first id v0) into the running (values, ids) [n, k]."""
+    values, ids = top
+    k = values.shape[1]
+    tile_values, tile_ids = z.topk(min(k, z.shape[1]), dim=1)
+    values, pick = torch.cat([values, tile_values], 1).topk(k, dim=1)
+    return values, torch.cat([ids, tile_ids + v0], 1).gather(1, pick)
+
+
 def combine(x: Stats, y: Stats) -> Stats:
     """Merge the statistics of two disjoint vocabulary ranges."""
     m = torch.maximum(x.max, y.max)
