@@ -266,19 +266,20 @@ def pairwise_reference_loss(hidden, weight, targets, ref, *, loss_type, beta, ld
     """float64 pipeline: materialised logits -> per-sequence (weighted) sums -> the same pairwise_loss."""
     from .losses import ld_dpo_token_weights, pairwise_loss
     from .reference import token_sum_p2
+    pairs = targets.shape[0] // 2  # [chosen; rejected]
     token = reference_token_logps(hidden, weight, targets)
     counted = targets != IGNORE_INDEX
     weights = counted.double()
     if ld_alpha is not None:
-        weights = torch.cat(ld_dpo_token_weights(counted[:PAIRS], counted[PAIRS:], ld_alpha)).double()
+        weights = torch.cat(ld_dpo_token_weights(counted[:pairs], counted[pairs:], ld_alpha)).double()
     sums = (token * weights).sum(1)
     lengths = counted.sum(1).double()
     if wpo:
         log_sum_p2 = torch.where(counted, token_sum_p2(hidden, weight, targets).clamp_min(1e-300).log(), 0.0).sum(1)
         per_sequence = ((sums.detach() - log_sum_p2) / lengths).exp()
-        params["pair_weights"] = per_sequence[:PAIRS] * per_sequence[PAIRS:]
-    losses, metrics = pairwise_loss(sums[:PAIRS], sums[PAIRS:], ref[:PAIRS], ref[PAIRS:], loss_type=loss_type,
-                                    beta=beta, chosen_lengths=lengths[:PAIRS], rejected_lengths=lengths[PAIRS:],
+        params["pair_weights"] = per_sequence[:pairs] * per_sequence[pairs:]
+    losses, metrics = pairwise_loss(sums[:pairs], sums[pairs:], ref[:pairs], ref[pairs:], loss_type=loss_type,
+                                    beta=beta, chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:],
                                     **params)
     return losses.mean(), metrics
 
