@@ -7,11 +7,13 @@ from .objective import Objective, sequence_logps, sequence_objective
 from .preference import PreferenceLoss
 from .unpaired import UnpairedLoss
 from .listwise import ListwiseLoss
+from .token_kl import TokenKL, linear_token_kl, sequence_kl
 from .diagnostics import Diagnostics, SequenceDiagnostics, ches_scores, linear_diagnostics, sequence_diagnostics
 from . import losses, shared_prompt
 
 __all__ = [
-    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs", "Objective", "sequence_objective", "sequence_logps", "PreferenceLoss", "UnpairedLoss", "ListwiseLoss", "losses", "shared_prompt",
+    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs", "Objective", "sequence_objective", "sequence_logps", "PreferenceLoss", "UnpairedLoss", "ListwiseLoss", "losses",
+    "TokenKL", "linear_token_kl", "sequence_kl", "shared_prompt",
     "Diagnostics", "SequenceDiagnostics", "ches_scores", "linear_diagnostics", "sequence_diagnostics",
     "SequenceStats", "sequence_count", "sequence_mean", "sequence_stats", "sequence_sum",
 ]

@@ -6,5 +6,6 @@ compare against them. Pass float64 inputs for a high-precision reference.
 """
 from .diagnostics import ches_scores, linear_diagnostics
 from .logprobs import linear_logprobs, logits, token_sum_p2
+from .token_kl import linear_token_kl
 
-__all__ = ["logits", "linear_logprobs", "token_sum_p2", "linear_diagnostics", "ches_scores"]
+__all__ = ["logits", "linear_logprobs", "token_sum_p2", "linear_diagnostics", "ches_scores", "linear_token_kl"]
