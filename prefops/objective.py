@@ -27,7 +27,7 @@ from .config import BACKENDS, STRATEGIES, check_choice, get_settings, parse_byte
 from .ops import linear_logprobs
 from .sequences import sequence_sum
 
-STAT_NAMES = ("entropy", "log_sum_p2")
+STAT_NAMES = ("entropy", "log_sum_p2", "logp")
 # Rows of materialised logits handled per elementwise pass in the budget strategy:
 # bounds the fp32 temporaries to a few of these blocks.
 _BLOCK_ROWS = 64
@@ -40,7 +40,8 @@ class Objective(NamedTuple):
     """[S] per-sequence sums of token_weights * log p(target) (detached)."""
     stats: dict
     """Per-sequence tensors (detached): 'count' (counted tokens) and the requested extras:
-    'entropy' (sum of per-token entropies), 'log_sum_p2' (sum over tokens of log sum_v p_v^2)."""
+    'entropy' (sum of per-token entropies), 'log_sum_p2' (sum over tokens of log sum_v p_v^2) and
+    'logp' (the plain sum of log p(target), without token_weights)."""
 
 
 def _check_layout(targets, seq_ids, groups, token_weights):
@@ -78,6 +79,8 @@ def _sequence_stats(token, counted, seq_ids, num_sequences, wanted):
     stats = {"count": _per_sequence(counted.float(), seq_ids, num_sequences)}
     if "entropy" in wanted:
         stats["entropy"] = _per_sequence(torch.where(counted, token.entropy.detach(), 0.0), seq_ids, num_sequences)
+    if "logp" in wanted:
+        stats["logp"] = _per_sequence(torch.where(counted, token.logp.detach(), 0.0), seq_ids, num_sequences)
     if "log_sum_p2" in wanted:
         log_sum_p2 = torch.where(counted, token.sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log(), 0.0)
         stats["log_sum_p2"] = _per_sequence(log_sum_p2, seq_ids, num_sequences)
@@ -97,7 +100,7 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
         seq_ids: [...] sequence index of every token (-1 for none); defaults to the
             row index of a padded [B, T] batch.
         token_weights: [...] weights in the per-sequence sum (e.g. LD-DPO); default 1.
-        stats: extra per-sequence statistics to pass to the head: 'entropy', 'log_sum_p2'.
+        stats: extra per-sequence statistics to pass to the head: 'entropy', 'log_sum_p2', 'logp'.
         strategy, budget: 'lean' or 'budget' and its byte budget; default from prefops.configure().
     """
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,

@@ -95,25 +95,27 @@ class PreferenceLoss(torch.nn.Module):
         def head(logps, group_index, stats):
             pick = lambda values: None if values is None else values[group_index]  # noqa: E731
             losses, _ = self._sequence_loss(logps[:, 0], logps[:, 1], pick(ref[0]), pick(ref[1]), stats["count"],
-                                            self._wpo_weights(logps, stats), mean_length)
+                                            self._wpo_weights(stats), mean_length)
             return losses.sum() / pairs
 
-        stats = ("log_sum_p2",) if self.wpo else ()
+        stats = ("log_sum_p2", "logp") if self.wpo else ()
         out = sequence_objective(hidden, weight, targets, head=head, groups=groups, seq_ids=seq_ids,
                                  token_weights=token_weights, bias=bias, stats=stats, strategy=self.strategy,
                                  budget=self.budget, **self.options)
         logps = out.logps[groups]
         seq_stats = {k: v[groups] for k, v in out.stats.items()}
         _, metrics = self._sequence_loss(logps[:, 0], logps[:, 1], ref[0], ref[1], seq_stats["count"],
-                                         self._wpo_weights(logps, seq_stats), mean_length)
+                                         self._wpo_weights(seq_stats), mean_length)
         metrics["num_tokens/chosen"] = seq_stats["count"][:, 0].sum()
         metrics["num_tokens/rejected"] = seq_stats["count"][:, 1].sum()
         return out.loss, metrics
 
-    def _wpo_weights(self, logps, stats):
+    def _wpo_weights(self, stats):
+        """WPO's exp(mean_t[log p_t - log sum_v p_v^2]) per sequence, over every completion token
+        (unweighted, as TRL's use_weighting even with ld_alpha)."""
         if not self.wpo:
             return None
-        per_sequence = ((logps.detach() - stats["log_sum_p2"]) / stats["count"]).exp()
+        per_sequence = ((stats["logp"] - stats["log_sum_p2"]) / stats["count"]).exp()
         return per_sequence[:, 0] * per_sequence[:, 1]
 
     def _token_weights(self, targets, seq_ids, token_weights):

@@ -32,7 +32,8 @@ def reference_loss(hidden, weight, targets, ref, *, loss_type, ld_alpha=None, wp
     if wpo:
         sum_p2 = prefops.reference.token_sum_p2(hidden, weight, targets)
         log_sum_p2 = torch.where(counted, sum_p2.clamp_min(1e-300).log(), 0.0).sum(1)
-        w = ((sums.detach() - log_sum_p2) / lengths).exp()
+        plain_sums = torch.where(counted, token, 0.0).sum(1)  # WPO ignores the LD weights, as TRL
+        w = ((plain_sums.detach() - log_sum_p2) / lengths).exp()
         params["pair_weights"] = w[:PAIRS] * w[PAIRS:]
     losses, metrics = pairwise_loss(sums[:PAIRS], sums[PAIRS:], ref[:PAIRS], ref[PAIRS:], loss_type=loss_type,
                                     chosen_lengths=lengths[:PAIRS], rejected_lengths=lengths[PAIRS:], **params)
@@ -48,6 +49,7 @@ CASES = [
     dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
     dict(loss_type="sigmoid", ld_alpha=0.5),
     dict(loss_type="sigmoid", wpo=True),
+    dict(loss_type="sigmoid", wpo=True, ld_alpha=0.5),
 ]
 
 

@@ -121,7 +121,7 @@ def test_precomputed_reference_logps_match_trl(tmp_path):
     assert_same(ours, theirs)
 
 
-@pytest.mark.parametrize("options", [dict(ld_alpha=0.5), dict(use_weighting=True)])
+@pytest.mark.parametrize("options", [dict(ld_alpha=0.5), dict(use_weighting=True), dict(ld_alpha=0.5, use_weighting=True)])
 def test_ld_dpo_and_wpo_match_trl(tmp_path, options):
     assert_same(*both(tmp_path, seed=3, **options))
 
@@ -171,8 +171,3 @@ def test_training_steps_run(tmp_path):
     assert len(logged) == 2 and all(abs(entry["loss"]) < 100 for entry in logged)
     assert not torch.equal(before, trainer.model.lm_head.weight.detach())
 
-
-def test_wpo_with_ld_alpha_is_refused(tmp_path):
-    vocab = len(tokenizer())
-    with pytest.raises(NotImplementedError, match="use_weighting together with ld_alpha"):
-        run(PrefopsDPOTrainer, llama(vocab), tmp_path, llama(vocab, 1), ld_alpha=0.5, use_weighting=True)

@@ -81,9 +81,6 @@ class PrefopsDPOTrainer(DPOTrainer):
             if data_collator is None:
                 data_collator = DataCollatorForPaddingFreePreference(args.max_length, args.truncation_mode)
         super().__init__(model, ref_model, args, data_collator, *rest, **kwargs)
-        if self.use_weighting and self.ld_alpha is not None:
-            # prefops.PreferenceLoss forms WPO weights from the LD-weighted sums; TRL from the plain per-token mean.
-            raise NotImplementedError("use_weighting together with ld_alpha is not supported by PrefopsDPOTrainer")
         self.args.padding_free = self.padding_free = padding_free
         self.prefops_loss = PreferenceLoss(
             self.loss_types, beta=self.beta, label_smoothing=self.label_smoothing, loss_weights=self.loss_weights,
