@@ -15,11 +15,17 @@ import torch
 
 from .losses import REFERENCE_FREE, ld_dpo_token_weights, pairwise_loss
 from .losses.pairwise import TOKEN_LEVEL_LOSSES
+from .config import get_settings
 from .losses.token_level import tgdpo_token_rewards
 from .objective import sequence_objective
 from .ops import linear_logprobs
 from .sequences import sequence_sum
 from .token_kl import linear_token_kl
+
+# Loss types whose loss of a pair depends on the other pairs of the batch.
+BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired")
+# Parameters that carry one value per pair, sliced with the pairs when the budget strategy chunks them.
+PER_PAIR_PARAMS = ("preference_probs", "pair_weights", "chosen_margin_rewards", "rejected_margin_rewards")
 
 
 class PreferenceLoss(torch.nn.Module):
@@ -48,12 +54,16 @@ class PreferenceLoss(torch.nn.Module):
         names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         self.needs_reference = any(name not in REFERENCE_FREE for name in names)
         self.token_level = any(name in TOKEN_LEVEL_LOSSES for name in names)
+        self.batch_coupled = any(name in BATCH_COUPLED_LOSSES for name in names)
         if self.token_level and wpo:
             raise ValueError("wpo cannot be combined with the TDPO losses")
 
     def _sequence_loss(self, chosen, rejected, ref_chosen, ref_rejected, lengths, pair_weights, mean_length,
-                       seq_kl=None):
+                       seq_kl=None, group_index=None):
         params = dict(self.params, nll_mean_length=mean_length)
+        if group_index is not None:  # the budget strategy hands the head a chunk of the pairs
+            params.update({name: params[name][group_index] for name in PER_PAIR_PARAMS
+                           if isinstance(params.get(name), torch.Tensor)})
         if seq_kl is not None:
             params.update(chosen_seq_kl=seq_kl[:, 0], rejected_seq_kl=seq_kl[:, 1])
         if pair_weights is not None:
@@ -95,12 +105,12 @@ class PreferenceLoss(torch.nn.Module):
         def head(logps, group_index, stats):
             pick = lambda values: None if values is None else values[group_index]  # noqa: E731
             losses, _ = self._sequence_loss(logps[:, 0], logps[:, 1], pick(ref[0]), pick(ref[1]), stats["count"],
-                                            self._wpo_weights(stats), mean_length)
+                                            self._wpo_weights(stats), mean_length, group_index=group_index)
             return losses.sum() / pairs
 
         stats = ("log_sum_p2", "logp") if self.wpo else ()
         out = sequence_objective(hidden, weight, targets, head=head, groups=groups, seq_ids=seq_ids,
-                                 token_weights=token_weights, bias=bias, stats=stats, strategy=self.strategy,
+                                 token_weights=token_weights, bias=bias, stats=stats, strategy=self._strategy(),
                                  budget=self.budget, **self.options)
         logps = out.logps[groups]
         seq_stats = {k: v[groups] for k, v in out.stats.items()}
@@ -109,6 +119,14 @@ class PreferenceLoss(torch.nn.Module):
         metrics["num_tokens/chosen"] = seq_stats["count"][:, 0].sum()
         metrics["num_tokens/rejected"] = seq_stats["count"][:, 1].sum()
         return out.loss, metrics
+
+    def _strategy(self):
+        strategy = self.strategy or get_settings().strategy
+        if strategy == "budget" and self.batch_coupled:
+            warnings.warn(f"loss_type {self.loss_type!r} couples the pairs of a batch (AOT sorts across it), so it "
+                          "cannot run chunk by chunk; using the lean strategy", stacklevel=3)
+            return "lean"
+        return strategy
 
     def _wpo_weights(self, stats):
         """WPO's exp(mean_t[log p_t - log sum_v p_v^2]) per sequence, over every completion token

@@ -55,7 +55,9 @@ def test_kto_matches_reference(loss_type, strategy, dtype):
 def test_kto_reference_point_from_mismatched_pairs():
     hidden, weight, targets, labels, ref = make_batch()
     kl_hidden = torch.roll(hidden, 1, dims=0)  # each completion after another prompt
-    ref_kl_hidden = kl_hidden + 0.3 * torch.randn_like(kl_hidden)
+    # Seeded so the estimate is positive and the clamp at 0 does not hide the value.
+    noise = torch.randn(kl_hidden.shape, generator=torch.Generator().manual_seed(1))
+    ref_kl_hidden = kl_hidden + 0.3 * noise
     module = UnpairedLoss("kto", beta=BETA)
     loss, metrics = module(hidden, weight, targets, labels=labels, ref_logps=ref.float(), kl_hidden=kl_hidden,
                            kl_targets=targets, ref_kl_hidden=ref_kl_hidden, ref_weight=weight)

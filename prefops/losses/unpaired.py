@@ -78,8 +78,9 @@ def kto_loss(policy_logps, ref_logps, labels, *, beta=0.1, kl=None, desirable_we
     else:
         kl = policy.new_zeros(())
         shifted = logratios
-    desirable = desirable_weight * (1 - torch.sigmoid(beta * shifted))
-    undesirable = undesirable_weight * (1 - torch.sigmoid(-beta * shifted))
+    # 1 - σ(x) written as σ(-x): no cancellation (and a gradient) when σ saturates near 1.
+    desirable = desirable_weight * torch.sigmoid(-beta * shifted)
+    undesirable = undesirable_weight * torch.sigmoid(beta * shifted)
     losses = torch.where(labels, desirable, undesirable)
     with torch.no_grad():
         metrics = _unpaired_metrics(policy, beta * logratios, labels, {"kl": kl})
