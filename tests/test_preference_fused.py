@@ -50,6 +50,10 @@ CASES = [
     dict(loss_type="sigmoid", ld_alpha=0.5),
     dict(loss_type="sigmoid", wpo=True),
     dict(loss_type="sigmoid", wpo=True, ld_alpha=0.5),
+    # Per-pair parameters: the budget strategy must hand each chunk its own pairs' values.
+    dict(loss_type="sppo", preference_probs=torch.tensor([0.9, 0.6, 0.75], dtype=torch.float64)),
+    dict(loss_type="modpo", modpo_weights=[0.6, 0.4], chosen_margin_rewards=torch.tensor([[1.0], [0.2], [-0.5]]),
+         rejected_margin_rewards=torch.tensor([[0.1], [0.4], [-1.5]])),
 ]
 
 
@@ -117,3 +121,13 @@ def test_odd_number_of_sequences_is_rejected():
     hidden, weight, targets, ref = make_batch()
     with pytest.raises(ValueError, match="even number of sequences"):
         prefops.PreferenceLoss("simpo")(hidden[:-1], weight, targets[:-1])
+
+
+def test_batch_coupled_losses_run_lean_under_budget():
+    hidden, weight, targets, ref = make_batch()
+    refs = dict(ref_chosen_logps=ref[:PAIRS].float(), ref_rejected_logps=ref[PAIRS:].float())
+    lean, _ = prefops.PreferenceLoss("aot", strategy="lean")(hidden, weight, targets, **refs)
+    with pytest.warns(UserWarning, match="couples the pairs"):
+        budget, _ = prefops.PreferenceLoss("aot", strategy="budget", budget=2 * LENGTH * VOCAB * 4)(
+            hidden, weight, targets, **refs)
+    assert torch.equal(lean, budget)
