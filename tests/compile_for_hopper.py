@@ -24,23 +24,28 @@ HOPPER = GPUTarget("cuda", 90, 32)
 INT_POINTERS = {"rows_ptr", "targets_ptr", "top_ids_ptr"}
 # Pointers to hidden states, weights, biases and logit tiles: bf16 as in training.
 HALF_POINTERS = {"h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr", "ha_ptr", "wa_ptr", "ba_ptr", "hb_ptr",
-                 "wb_ptr", "bb_ptr", "logits_ptr"}
+                 "wb_ptr", "bb_ptr", "logits_ptr", "ref_logits_ptr", "logits_a_ptr", "logits_b_ptr"}
 # Kernels whose out_ptr receives a tile of logit gradients in the input dtype.
 HALF_OUTPUT = {"logits_grad_kernel", "token_kl_grad_kernel"}
 FLOAT_SCALARS = {"inv_temperature", "softcap"}
 # Switches that are off by default (everything else named HAS_* / *_FIRST is tried on and off).
 DEFAULTS = {"IEEE": False, "UPCAST": False, "TOP_K": 0, "TOP_KP": 1}
 VARIANTS = {"TOP_K": [(("TOP_K", 10), ("TOP_KP", 16))], "IEEE": [(("IEEE", True),)]}
-UNTUNED_BLOCKS = {"rows_stats_kernel": {"BLOCK_V": 4096}, "rows_grad_kernel": {"BLOCK_V": 2048}}
+UNTUNED_BLOCKS = {"rows_stats_kernel": {"BLOCK_V": 4096}, "rows_grad_kernel": {"BLOCK_V": 2048},
+                  "rows_kl_stats_kernel": {"BLOCK_V": 4096}, "rows_kl_grad_kernel": {"BLOCK_V": 2048}}
 
 
 def kernels():
     for info in pkgutil.iter_modules(prefops.kernels.__path__):
         module = importlib.import_module(f"prefops.kernels.{info.name}")
         for name, obj in sorted(vars(module).items()):
-            fn = getattr(obj, "fn", obj)
-            if isinstance(fn, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+            if isinstance(jit_function(obj), triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 yield name, obj
+
+
+def jit_function(obj):
+    """The JITFunction under an autotuner; a plain @triton.jit kernel is one itself (its .fn is the Python source)."""
+    return obj.fn if isinstance(obj, triton.runtime.Autotuner) else obj
 
 
 def signature(name, fn):
@@ -69,7 +74,7 @@ def variants(name, kernel, fn):
 
 def main():
     for name, kernel in kernels():
-        fn = getattr(kernel, "fn", kernel)
+        fn = jit_function(kernel)
         for constants in variants(name, kernel, fn):
             source = ASTSource(fn=fn, signature=signature(name, fn), constexprs=constants)
             try:

@@ -1,0 +1,154 @@
+"""Budget strategy of the per-token KL: statistics and in-place gradient over two materialised logit rows.
+
+The policy logits P [n, V] and the reference logits R [n, V] of one chunk sit in memory
+(one GEMM each). With z = f(P), y = f(R), f(x) = softcap * tanh(x / temperature / softcap),
+and a = the side that weights the KL, b = the other (a = y, b = z for KL(p_ref || p_θ);
+swapped for KL(p_θ || p_ref)):
+
+rows_kl_stats_kernel, one program a row, one running state per lane merged at the end:
+    m_a, s_a = Σ exp(z_a - m_a),  m_b, s_b = Σ exp(z_b - m_b),
+    c = Σ exp(z_a - m_a) ((z_a - m_a) - (z_b - m_b)),  t_a = z_a[target],  t_b = z_b[target]
+(when a block raises the maxima, c <- e^(m_a - m_a') (c + ((m_a - m_a') - (m_b - m_b')) s_a));
+prefops.token_kl.finalize_kl turns them into KL(a || b) = c / s_a + log s_b - log s_a,
+both lse and both log-probs of the target.
+
+rows_kl_grad_kernel overwrites P with d loss / dP, loss = Σ_r g_kl KL_r + g_logp log p_θ(target_r):
+    dz_v = g_kl (p_v - r_v)                        KL(p_ref || p_θ)  (POLICY_FIRST false)
+         = g_kl p_v (log p_v - log r_v - KL)       KL(p_θ || p_ref)  (POLICY_FIRST true)
+           + g_logp ([v = target] - p_v),  then * (1 - (z / softcap)^2) / temperature,
+with p = exp(z - lse_θ), r = exp(y - lse_ref). The caller's dh = dP W and dW = dP^T h
+GEMMs need no third N x V buffer.
+
+Stores: 7 floats a row from the stats pass (the caller keeps lse_θ, lse_ref, KL); nothing
+else. Recomputes p and r from the stored logits in the gradient pass.
+Cost: stats ~16 n V elementwise FLOPs, reads 2 n V elements; gradient ~14 n V FLOPs,
+reads 2 n V and writes n V elements (2 bytes each in bf16): a few percent of the two
+GEMMs that produced the rows.
+"""
+import triton
+import triton.language as tl
+
+from .logits_tile import tanh
+
+EMPTY = tl.constexpr(-1.0e38)
+
+
+@triton.jit
+def _transform(x, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+    z = x.to(tl.float32) * inv_temperature
+    if HAS_SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def rows_kl_stats_kernel(logits_a_ptr, logits_b_ptr, targets_ptr, out_ptr, n_rows, vocab_size, stride_a, stride_b,
+                         inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    target = tl.load(targets_ptr + row)
+    base_a = logits_a_ptr + row.to(tl.int64) * stride_a
+    base_b = logits_b_ptr + row.to(tl.int64) * stride_b
+    m_a = tl.full((BLOCK_V,), EMPTY, dtype=tl.float32)
+    m_b = tl.full((BLOCK_V,), EMPTY, dtype=tl.float32)
+    s_a = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    s_b = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    c = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    t_a = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    t_b = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for v0 in range(0, vocab_size, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        inside = offs < vocab_size
+        za = _transform(tl.load(base_a + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
+        zb = _transform(tl.load(base_b + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
+        za = tl.where(inside, za, EMPTY)
+        zb = tl.where(inside, zb, EMPTY)
+        ma_new = tl.maximum(m_a, za)
+        mb_new = tl.maximum(m_b, zb)
+        scale_a = tl.exp(m_a - ma_new)
+        shift_a = za - ma_new
+        shift_b = zb - mb_new
+        ea = tl.where(inside, tl.exp(shift_a), 0.0)
+        eb = tl.where(inside, tl.exp(shift_b), 0.0)
+        c = scale_a * (c + ((m_a - ma_new) - (m_b - mb_new)) * s_a) + ea * (shift_a - shift_b)
+        s_a = scale_a * s_a + ea
+        s_b = tl.exp(m_b - mb_new) * s_b + eb
+        hit = offs == target
+        t_a += tl.where(hit, za, 0.0)
+        t_b += tl.where(hit, zb, 0.0)
+        m_a = ma_new
+        m_b = mb_new
+    # Merge the lanes as prefops.token_kl.combine_kl_splits merges vocabulary splits.
+    row_a = tl.max(m_a, axis=0)
+    row_b = tl.max(m_b, axis=0)
+    delta_a = m_a - row_a
+    delta_b = m_b - row_b
+    scale_a = tl.exp(delta_a)
+    plane = n_rows
+    tl.store(out_ptr + row, row_a)
+    tl.store(out_ptr + plane + row, tl.sum(s_a * scale_a, axis=0))
+    tl.store(out_ptr + 2 * plane + row, row_b)
+    tl.store(out_ptr + 3 * plane + row, tl.sum(s_b * tl.exp(delta_b), axis=0))
+    tl.store(out_ptr + 4 * plane + row, tl.sum(scale_a * (c + (delta_a - delta_b) * s_a), axis=0))
+    tl.store(out_ptr + 5 * plane + row, tl.sum(t_a, axis=0))
+    tl.store(out_ptr + 6 * plane + row, tl.sum(t_b, axis=0))
+
+
+@triton.jit
+def rows_kl_grad_kernel(logits_ptr, ref_logits_ptr, targets_ptr, lse_ptr, ref_lse_ptr, kl_ptr, grad_kl_ptr,
+                        grad_logp_ptr, vocab_size, stride_row, stride_ref, inv_temperature, softcap,
+                        HAS_SOFTCAP: tl.constexpr, POLICY_FIRST: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    block = tl.program_id(1)
+    offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
+    inside = offs < vocab_size
+    ptrs = logits_ptr + row.to(tl.int64) * stride_row + offs
+    target = tl.load(targets_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    ref_lse = tl.load(ref_lse_ptr + row)
+    grad_kl = tl.load(grad_kl_ptr + row)
+    grad_logp = tl.load(grad_logp_ptr + row)
+    z = _transform(tl.load(ptrs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
+    y = _transform(tl.load(ref_logits_ptr + row.to(tl.int64) * stride_ref + offs, mask=inside, other=0.0),
+                   inv_temperature, softcap, HAS_SOFTCAP)
+    log_p = z - lse
+    log_r = y - ref_lse
+    p = tl.exp(log_p)
+    if POLICY_FIRST:
+        dkl = p * (log_p - log_r - tl.load(kl_ptr + row))
+    else:
+        dkl = p - tl.exp(log_r)
+    dz = grad_kl * dkl - grad_logp * p + tl.where(offs == target, grad_logp, 0.0)
+    if HAS_SOFTCAP:
+        capped = z / softcap
+        dz = dz * (1.0 - capped * capped)
+    tl.store(ptrs, (dz * inv_temperature).to(logits_ptr.dtype.element_ty), mask=inside)
+
+
+def launch_rows_kl_stats(logits, ref_logits, targets, policy_first, temperature, softcap):
+    """KLStats of every row of the policy and reference logits [n, V] (unit stride along V);
+    targets [n] int (-1: none). Side a is the policy when policy_first."""
+    import torch
+
+    from ..token_kl import KLStats
+
+    n, vocab = logits.shape
+    first, second = (logits, ref_logits) if policy_first else (ref_logits, logits)
+    out = torch.empty((7, n), device=logits.device, dtype=torch.float32)
+    if n:
+        rows_kl_stats_kernel[(n,)](first, second, targets, out, n, vocab, first.stride(0), second.stride(0),
+                                   1.0 / temperature, softcap or 1.0, HAS_SOFTCAP=softcap is not None,
+                                   BLOCK_V=min(4096, triton.next_power_of_2(vocab)), num_warps=8)
+    return KLStats(*out.unbind(0))
+
+
+def launch_rows_kl_grad(logits, ref_logits, targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first,
+                        temperature, softcap):
+    """Replace the policy logits [n, V] by d loss / d logits, row r scaled by grad_kl[r] and grad_logp[r]."""
+    n, vocab = logits.shape
+    if n:
+        block = min(2048, triton.next_power_of_2(vocab))
+        rows_kl_grad_kernel[(n, triton.cdiv(vocab, block))](
+            logits, ref_logits, targets, lse, ref_lse, kl, grad_kl, grad_logp, vocab, logits.stride(0),
+            ref_logits.stride(0), 1.0 / temperature, softcap or 1.0, HAS_SOFTCAP=softcap is not None,
+            POLICY_FIRST=policy_first, BLOCK_V=block, num_warps=4)
+    return logits
