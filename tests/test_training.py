@@ -85,6 +85,7 @@ def tiny_model_and_batch(tmp_path):
     {"loss_type": "simpo", "loss_params": {"simpo_gamma": 0.3}, "label_smoothing": 0.1},
     {"wpo": True},
     {"ld_alpha": 0.5},
+    {"ld_alpha": 0.5, "wpo": True},
     {"label_smoothing": 0.2, "strategy": "budget", "budget": "64KB"},
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "sigmoid")
 def test_fused_and_reference_give_same_first_step_gradients(tiny_model_and_batch, objective):

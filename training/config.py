@@ -172,8 +172,6 @@ def _validate_objective(config: Config) -> None:
             raise ValueError(f"loss_type {names[0]!r} needs a reference: set reference to model or precomputed")
     if config.ld_alpha is not None and config.packing:
         raise ValueError("ld_alpha needs padded batches (it pairs chosen and rejected tokens): set packing: false")
-    if config.ld_alpha is not None and config.wpo:
-        raise ValueError("ld_alpha and wpo cannot be combined: WPO's weights are defined on unweighted log-probs")
 
 
 def default_path() -> Path:

@@ -61,13 +61,17 @@ def shard_of(indices: list[int]) -> list[int]:
 
 def shard(lm: torch.nn.Module) -> None:
     """FSDP2 over every decoder layer, then over the whole FusedLM (embeddings, final norm, lm_head)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for layer in lm.model.get_decoder().layers:
         fully_shard(layer)
     fully_shard(lm)
-    # The loss is already divided by the global normaliser: sum gradients over ranks, do not average.
-    lm.set_gradient_divide_factor(1.0)
+    # The loss is already divided by the global normaliser: every unit sums gradients over ranks rather
+    # than averaging them, with a plain SUM (which gloo supports, unlike NCCL's pre-multiplied sum).
+    for module in lm.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def sharded(lm: torch.nn.Module) -> bool:

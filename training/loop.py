@@ -85,7 +85,7 @@ class SFTObjective:
         return {"normaliser": sum(batch.num_targets for batch in batches)}, [None] * len(batches)
 
     def __call__(self, lm, batch, totals, extra):
-        return -M.token_logprobs(lm, batch, self.loss_impl).sum(), {}
+        return lm(batch, lambda hidden, head: -M.head_logprobs(hidden, head, batch.targets, self.loss_impl).sum()), {}
 
     def finish(self, sums, totals):
         return {"loss": sums["loss"] / totals["normaliser"]}
@@ -99,8 +99,13 @@ class StepPreferenceLoss(PreferenceLoss):
         super().__init__(*args, **kwargs)
         self.nll_mean_length = nll_mean_length
 
-    def _sequence_loss(self, *args):
-        return super()._sequence_loss(*args[:-1], self.nll_mean_length)
+    def _sequence_loss(self, *args, **kwargs):
+        # The 7th argument is the mean chosen length (see the lead's note: PreferenceLoss should take it as input).
+        if "mean_length" in kwargs:
+            kwargs["mean_length"] = self.nll_mean_length
+        else:
+            args = (*args[:6], self.nll_mean_length, *args[7:])
+        return super()._sequence_loss(*args, **kwargs)
 
 
 class PreferenceObjective:

@@ -147,7 +147,8 @@ def head_inputs(hidden: torch.Tensor, head: Head):
     return hidden.to(dtype), head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
 
 
-def _token_logprobs(hidden, head: Head, targets, loss_impl: str) -> torch.Tensor:
+def head_logprobs(hidden, head: Head, targets, loss_impl: str) -> torch.Tensor:
+    """fp32 log p(target) per position from final hidden states and the head."""
     hidden, weight, bias = head_inputs(hidden, head)
     return linear_logprobs_fn(loss_impl)(hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX,
                                          temperature=head.temperature, softcap=head.softcap)
@@ -155,7 +156,7 @@ def _token_logprobs(hidden, head: Head, targets, loss_impl: str) -> torch.Tensor
 
 def token_logprobs(model, batch: Batch, loss_impl: str) -> torch.Tensor:
     """fp32 log p(target) for every position of the batch (0 on ignored positions)."""
-    return as_lm(model)(batch, lambda hidden, head: _token_logprobs(hidden, head, batch.targets, loss_impl))
+    return as_lm(model)(batch, lambda hidden, head: head_logprobs(hidden, head, batch.targets, loss_impl))
 
 
 def ld_token_weights(batch: Batch, ld_alpha: float | None) -> torch.Tensor | None:

@@ -1,0 +1,103 @@
+"""prefops.training under torchrun's environment: FSDP2 on 2 CPU processes (gloo) equals one process.
+
+The two ranks each train on half of the global step; their summed (reduce-scattered)
+gradients must equal those of a single process on the whole step, lm_head included,
+which the fused op reads outside any lm_head forward call.
+"""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from prefops.training import data as D, loop as L
+
+from test_training import make_config
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is unavailable")
+
+try:
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+    from torch.distributed.tensor import distribute_tensor
+except ImportError:  # pragma: no cover - torch < 2.6
+    pytestmark = pytest.mark.skip(reason="FSDP2 (torch.distributed.fsdp.fully_shard) is unavailable")
+
+# Per rank: 2 micro-batches of 1 (so gradient sync is skipped on the first); globally 4 pairs.
+RANKS, MICRO, ACCUM = 2, 1, 2
+
+
+def _config(tmp_path, tied, **overrides):
+    lengths = [1, 7, 2, 5, 3, 9, 4, 6]  # unequal, so the NLL term's global token count matters
+    path = tmp_path / "pairs.jsonl"
+    if not path.exists():
+        path.write_text("".join(json.dumps({"prompt": "q" * n, "chosen": "a" * n, "rejected": "b" * (10 - n)}) + "\n"
+                                for n in lengths))
+    values = dict(data=str(path), eval_fraction=0.0, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
+                  model_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": tied})
+    return make_config(tmp_path, **{**values, **overrides})
+
+
+def _step_zero(trainer):
+    """Loss record and full gradients after step 0 of the preference stage, on this rank's share."""
+    trainer.prepare("dpo")
+    train_set, objective = trainer.stages["dpo"].train_set, trainer.stages["dpo"].objective
+    with torch.no_grad():  # move off the reference, identically in every layout
+        generator = torch.Generator().manual_seed(1)
+        for p in trainer.model.parameters():
+            delta = 0.05 * torch.randn(p.shape, generator=generator)
+            if hasattr(p, "device_mesh"):
+                delta = distribute_tensor(delta, p.device_mesh, p.placements)
+            p.add_(delta)
+    batches = trainer.step_batches(train_set, D.step_indices(len(train_set), 0, MICRO * ACCUM * RANKS, 0, "dpo"))
+    record = L.run_batches(trainer.lm, objective, batches, trainer.autocast, backward=True)
+    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for name, p in trainer.model.named_parameters()}
+    return record, grads
+
+
+def _worker(rank, port, tmp_path, results, tied):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        trainer = L.Trainer(_config(tmp_path, tied, micro_batch_size=MICRO, grad_accum_steps=ACCUM,
+                                    out_dir=str(tmp_path / "step")))
+        assert hasattr(trainer.lm, "set_requires_gradient_sync")  # sharded with FSDP2
+        record, grads = _step_zero(trainer)
+        if rank == 0:
+            torch.save({"record": record, "grads": grads}, results)
+        # The whole job runs too: SFT, the sharded frozen reference, eval, win rate, checkpoints.
+        summary = L.Trainer(_config(tmp_path, tied, micro_batch_size=MICRO, grad_accum_steps=ACCUM, sft_steps=1, steps=2,
+                                    out_dir=str(tmp_path / "job"), reference="precomputed")).train()
+        assert (summary != {}) == (rank == 0)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied_embeddings"])
+def test_two_gloo_ranks_give_the_gradients_of_one_process(tmp_path, tied):
+    results = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), tmp_path, str(results), tied), nprocs=RANKS, join=True)
+    distributed = torch.load(results)
+    single = L.Trainer(_config(tmp_path, tied, micro_batch_size=MICRO * ACCUM * RANKS, out_dir=str(tmp_path / "single")))
+    record, grads = _step_zero(single)
+    for name, value in record.items():
+        assert distributed["record"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert set(grads) == set(distributed["grads"]) and ("lm_head.weight" in grads) == (not tied)
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(distributed["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    log = [json.loads(line) for line in open(tmp_path / "job" / "log.jsonl")]
+    assert [r["step"] for r in log if r["stage"] == "dpo" and r["kind"] == "train"] == [1, 2]
+    assert (tmp_path / "job" / "last.pt").exists()
