@@ -47,8 +47,13 @@ def build(config, device: torch.device, chars: str | None = None):
         model = transformers.AutoModelForCausalLM.from_pretrained(
             config.model, attn_implementation=config.attn_implementation, **config.model_config)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     return model.to(device), tokenizer
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (transformers 5 renamed the switch)."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
 
 
 def frozen_copy(model):
