@@ -138,7 +138,7 @@ class PreferenceObjective:
 
     def _fused(self, hidden, head, batch, ref, mean_length):
         config = self.config
-        hidden, weight, bias = M.head_inputs(hidden, head)
+        hidden, weight, bias = head.cast(hidden)
         loss_fn = StepPreferenceLoss(
             config.loss_type, config.beta, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
             ld_alpha=config.ld_alpha, wpo=config.wpo, ignore_index=D.IGNORE_INDEX, temperature=head.temperature,
@@ -150,7 +150,7 @@ class PreferenceObjective:
 
     def _reference(self, hidden, head, batch, ref, mean_length):
         config = self.config
-        hidden, weight, bias = M.head_inputs(hidden, head)
+        hidden, weight, bias = head.cast(hidden)
         options = dict(bias=bias, ignore_index=D.IGNORE_INDEX, temperature=head.temperature, softcap=head.softcap)
         token = reference_ops.linear_logprobs(hidden, weight, batch.targets, **options)
         sums, counts = M.sequence_sums(token, batch, M.ld_token_weights(batch, config.ld_alpha))
@@ -213,7 +213,7 @@ class UnpairedObjective:
         ref_logps = ref[0]
         if self.config.loss_impl == "fused":
             def fused(hidden, head):
-                hidden, weight, bias = M.head_inputs(hidden, head)
+                hidden, weight, bias = head.cast(hidden)
                 return prefops.sequence_objective(
                     hidden, weight, own.targets, bias=bias, seq_ids=own.seq_ids if own.packed else None,
                     groups=torch.arange(own.num_examples, device=hidden.device)[:, None],

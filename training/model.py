@@ -1,7 +1,8 @@
 """The model side: build or load a causal LM, run its body, score targets straight from hidden states.
 
-The lm_head is never called. The decoder body gives final hidden states; they go
-with the lm_head weight (plus the model's logit scaling and softcap) into
+The lm_head multiplies no rows: prefops.integrations.hf gives the final hidden
+states (the model's own forward with an empty logits_to_keep) and the head (the
+lm_head weight plus the model's logit scaling and softcap), and they go into
 linear_logprobs, which returns log p(target) without building the N x V logits
 (loss_impl: fused) or by materialising them (loss_impl: reference, for checking).
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 
 import torch
@@ -17,6 +17,7 @@ import transformers
 
 import prefops
 from prefops import reference as reference_ops
+from prefops.integrations.hf import LMHead, final_hidden_states
 
 from .data import IGNORE_INDEX, Batch
 from .tokenizer import CharTokenizer
@@ -71,28 +72,6 @@ def weights_hash(state: dict) -> str:
 
 # ----------------------------------------------------------------------------- the fused head
 
-@dataclasses.dataclass
-class Head:
-    """What turns a final hidden state into logits, read from the model and its config."""
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    temperature: float
-    softcap: float | None
-
-    @classmethod
-    def of(cls, model) -> "Head":
-        text_config = model.config.get_text_config()
-        output = model.get_output_embeddings()  # the tied embedding when tie_word_embeddings
-        temperature = 1.0
-        # Cohere-style models multiply the logits by logit_scale; Granite divides by logits_scaling.
-        if getattr(text_config, "logit_scale", None):
-            temperature /= text_config.logit_scale
-        if getattr(text_config, "logits_scaling", None):
-            temperature *= text_config.logits_scaling
-        return cls(output.weight, getattr(output, "bias", None), temperature,
-                   getattr(text_config, "final_logit_softcapping", None) or None)
-
-
 def linear_logprobs_fn(loss_impl: str):
     """prefops.linear_logprobs (fused) when the package has it, else the materialising reference."""
     if loss_impl == "fused" and hasattr(prefops, "linear_logprobs"):
@@ -100,37 +79,19 @@ def linear_logprobs_fn(loss_impl: str):
     return reference_ops.linear_logprobs
 
 
-def _packed_attention_mask(batch: Batch, model) -> torch.Tensor | None:
-    """Block-diagonal causal mask [1, 1, N, N], so packed sequences cannot attend to each other.
-
-    flash-attn's varlen kernels find the sequence boundaries from position_ids, so they get no mask.
-    """
-    implementation = model.config._attn_implementation or "eager"
-    if implementation.startswith("flash"):
-        return None
-    seq_ids = batch.seq_ids[0]
-    allowed = (seq_ids[:, None] == seq_ids[None, :]).tril()[None, None]
-    if implementation == "eager":  # eager attention adds the mask to the scores
-        dtype = next(model.parameters()).dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
-    return allowed
-
-
 def hidden_states(model, batch: Batch) -> torch.Tensor:
-    body = model.get_decoder()
-    mask = _packed_attention_mask(batch, model) if batch.packed else batch.attention_mask
-    output = body(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
-    return output.last_hidden_state
+    """Final hidden states of the batch; packed sequences are kept apart by transformers (from position_ids)."""
+    return final_hidden_states(model, batch.input_ids, None if batch.packed else batch.attention_mask,
+                               batch.position_ids)
 
 
 class FusedLM(torch.nn.Module):
-    """A causal LM whose every use goes body -> hidden states -> fn(hidden, head), inside one forward.
+    """A causal LM whose every use goes body -> hidden states -> fn(hidden, LMHead), inside one forward.
 
     Keeping the head's use inside this module's forward is what lets FSDP2 shard it:
     with this module as the root FSDP unit, the lm_head weight (and a tied embedding)
     is all-gathered before forward and its gradient reduce-scattered after backward,
-    although the lm_head module itself is never called.
+    although the lm_head module itself multiplies no rows.
     """
 
     def __init__(self, model):
@@ -138,23 +99,16 @@ class FusedLM(torch.nn.Module):
         self.model = model
 
     def forward(self, batch: Batch, fn):
-        return fn(hidden_states(self.model, batch), Head.of(self.model))
+        return fn(hidden_states(self.model, batch), LMHead.of(self.model))
 
 
 def as_lm(model) -> FusedLM:
     return model if isinstance(model, FusedLM) else FusedLM(model)
 
 
-def head_inputs(hidden: torch.Tensor, head: Head):
-    """(hidden, weight, bias) in one dtype: autocast's when on (as the lm_head GEMM would run), else the weight's."""
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else head.weight.dtype
-    return hidden.to(dtype), head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
-
-
-def head_logprobs(hidden, head: Head, targets, loss_impl: str) -> torch.Tensor:
+def head_logprobs(hidden, head: LMHead, targets, loss_impl: str) -> torch.Tensor:
     """fp32 log p(target) per position from final hidden states and the head."""
-    hidden, weight, bias = head_inputs(hidden, head)
+    hidden, weight, bias = head.cast(hidden)
     return linear_logprobs_fn(loss_impl)(hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX,
                                          temperature=head.temperature, softcap=head.softcap)
 
