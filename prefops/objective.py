@@ -13,6 +13,10 @@ budget  groups are packed into chunks whose logits fit `budget` bytes; for each
         groups, and d(hW^T) is formed in place and turned into dh and dW by two
         GEMMs. Three GEMMs instead of four; backward only scales the stored
         gradients. Used when every group fits the budget, else lean.
+
+The budget chunk loop (budget_objective) is shared with the per-token KL of the
+TDPO losses (prefops.token_kl.sequence_kl_objective): a ChunkRows object says
+which per-token values a chunk's logits give and how their gradient is formed.
 """
 from __future__ import annotations
 
@@ -116,17 +120,18 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
     weights = counted.float() if token_weights is None else torch.where(counted, token_weights.reshape(-1).float(), 0.0)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     if strategy == "budget":
-        plan = _plan_budget(flat_seq, counted, groups, num_sequences, weight, budget)
+        plan = plan_budget(flat_seq, counted, groups, num_sequences, weight, budget)
         if plan is not None:
             check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
             row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
                                                 hidden.device)
-            state = _BudgetState(head, groups, flat_seq, counted, weights, num_sequences, set(stats), plan,
-                                 row_backend)
-            loss = _BudgetObjective.apply(flat_hidden, weight, bias, flat_targets, state, float(temperature),
-                                          softcap, settings.fp32_weight_grad)
-            return Objective(loss, state.logps, state.stats)
-        warnings.warn("a loss group does not fit the memory budget; using the lean strategy", stacklevel=2)
+            count = _per_sequence(counted.float(), flat_seq, num_sequences)
+            math = _LogpRows(head, groups, weights, counted.float(), count, set(stats), float(temperature), softcap,
+                             row_backend)
+            loss, sums = budget_objective(flat_hidden, weight, bias, flat_targets, math, plan, groups, flat_seq,
+                                          num_sequences)
+            return Objective(loss, sums["logps"], {"count": count, **{name: sums[name] for name in stats}})
+        warn_lean(stacklevel=2)
     token = linear_logprobs(flat_hidden, weight, torch.where(counted, flat_targets, ignore_index), bias=bias,
                             ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                             return_entropy="entropy" in stats, return_sum_p2="log_sum_p2" in stats, backend=backend)
@@ -156,8 +161,13 @@ def sequence_logps(hidden, weight, targets, *, seq_ids=None, num_sequences=None,
                         num_sequences=num_sequences)
 
 
-def _plan_budget(seq_ids, counted, groups, num_sequences, weight, budget):
-    """Chunks of whole groups whose logits fit the budget, or None if some group does not.
+def warn_lean(stacklevel):
+    warnings.warn("a loss group does not fit the memory budget; using the lean strategy", stacklevel=stacklevel + 1)
+
+
+def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1):
+    """Chunks of whole groups whose logits (`sides` [rows, V] tensors) fit the budget, or None if
+    some group does not.
 
     Returns a list of (group indices, counted row indices sorted by group)."""
     group_of_sequence = torch.full((num_sequences,), -1, dtype=torch.long, device=groups.device)
@@ -170,7 +180,7 @@ def _plan_budget(seq_ids, counted, groups, num_sequences, weight, budget):
     order = torch.argsort(row_group, stable=True)
     rows, row_group = rows[order], row_group[order]
     tokens_per_group = torch.bincount(row_group, minlength=groups.shape[0]).tolist()
-    bytes_per_row = weight.shape[0] * (weight.element_size() if weight.is_cuda else 4)
+    bytes_per_row = sides * weight.shape[0] * (weight.element_size() if weight.is_cuda else 4)
     limit = max(1, budget // bytes_per_row)
     if max(tokens_per_group, default=0) > limit:
         return None
@@ -184,57 +194,93 @@ def _plan_budget(seq_ids, counted, groups, num_sequences, weight, budget):
     return [(torch.arange(g0, g1, device=groups.device), rows[r0:r1]) for g0, g1, r0, r1 in chunks]
 
 
-class _BudgetState:
+class ChunkRows:
+    """What the budget strategy's chunk loop asks of a family of per-token quantities: the
+    statistics of a chunk's materialised logits, the head on the chunk's groups, and the
+    logit gradient formed in place. The core op (log p(target)) and the per-token KL
+    (prefops.token_kl) are the two implementations.
+
+    weights: {name: [N] per-token weights}; the loop sums weight * value per sequence for
+        every name token_values returns.
+    differentiable: the names whose per-sequence sums the head is differentiated in.
+    """
+
+    weights: dict
+    differentiable: tuple
+
+    def token_values(self, logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> tuple[dict, object]:
+        """({name: [n] per-token values}, what the gradient needs) of a chunk; rows index the flat
+        tokens, targets are theirs."""
+        raise NotImplementedError
+
+    def head(self, sums: dict, group_index: torch.Tensor) -> torch.Tensor:
+        """Loss of the groups group_index from their per-sequence sums {name: [G', K]}."""
+        raise NotImplementedError
+
+    def logit_grads_in_place(self, logits: torch.Tensor, targets: torch.Tensor, saved, grads: dict) -> None:
+        """Overwrite logits with d loss / d logits, given {name: [n] d loss / d value} per token."""
+        raise NotImplementedError
+
+
+def budget_objective(hidden, weight, bias, targets, math: ChunkRows, plan, groups, seq_ids, num_sequences):
+    """The budget strategy's loss (differentiable in hidden, weight, bias) and the per-sequence
+    sums {name: [S]} (detached) of every value math produces. hidden [N, H], targets [N]."""
+    run = _BudgetRun(math, plan, groups, seq_ids, num_sequences)
+    loss = _BudgetObjective.apply(hidden, weight, bias, targets, run, get_settings().fp32_weight_grad)
+    return loss, run.sums
+
+
+class _BudgetRun:
     """What the budget strategy needs besides tensors, and what it hands back."""
 
-    def __init__(self, head, groups, seq_ids, counted, weights, num_sequences, wanted, plan, backend):
-        self.head, self.groups, self.seq_ids, self.counted, self.weights = head, groups, seq_ids, counted, weights
-        self.num_sequences, self.wanted, self.plan, self.backend = num_sequences, wanted, plan, backend
-        self.logps, self.stats = None, None
+    def __init__(self, math, plan, groups, seq_ids, num_sequences):
+        self.math, self.plan, self.groups, self.seq_ids, self.num_sequences = math, plan, groups, seq_ids, num_sequences
+        self.sums = None
 
 
 class _BudgetObjective(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, state, temperature, softcap, fp32_weight_grad):
-        vocab = weight.shape[0]
+    def forward(ctx, hidden, weight, bias, targets, run, fp32_weight_grad):
+        vocab, math = weight.shape[0], run.math
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = fused.WeightGrad(weight, fp32_weight_grad or weight.dtype == torch.float32) \
             if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros(vocab, device=hidden.device) if bias is not None and ctx.needs_input_grad[2] else None
-        n = targets.numel()
-        token = tiles.Token(*(hidden.new_zeros(n, dtype=torch.float32) for _ in range(4)))
-        logps = hidden.new_zeros(state.num_sequences, dtype=torch.float32)
+        sums = {name: hidden.new_zeros(run.num_sequences, dtype=torch.float32) for name in math.weights}
         loss = hidden.new_zeros((), dtype=torch.float32)
-        for group_index, rows in state.plan:
+        for group_index, rows in run.plan:
             h_rows = hidden.index_select(0, rows)
             local_targets = targets.index_select(0, rows)
-            logits = _materialise(h_rows, weight, bias)
-            chunk = _chunk_token_stats(logits, local_targets, temperature, softcap, state.backend)
-            for column, value in zip(token, chunk):
-                column.index_copy_(0, rows, value)
-            seq = state.seq_ids.index_select(0, rows)
-            logps.index_add_(0, seq, chunk.logp * state.weights.index_select(0, rows))
-            chunk_logps = _gather(logps, state.groups[group_index]).requires_grad_()
+            logits = materialise(h_rows, weight, bias)
+            seq = run.seq_ids.index_select(0, rows)
+            weights = {name: w.index_select(0, rows) for name, w in math.weights.items()}
+            values, saved = math.token_values(logits, rows, local_targets)
+            for name, value in values.items():
+                sums[name].index_add_(0, seq, value * weights[name])
+            slots = run.groups[group_index]
+            chunk_sums = {name: _gather(total, slots) for name, total in sums.items()}
+            inputs = [chunk_sums[name].requires_grad_() for name in math.differentiable]
             with torch.enable_grad():
-                chunk_loss = state.head(chunk_logps, group_index, _group_stats(state, token, group_index))
-                (grad_logps,) = torch.autograd.grad(chunk_loss, chunk_logps, allow_unused=True)
+                chunk_loss = math.head(chunk_sums, group_index)
+                grads = torch.autograd.grad(chunk_loss, inputs, allow_unused=True)
             loss += chunk_loss.detach()
-            if grad_h is None and grad_w is None and grad_b is None:
-                continue
-            grad_sequence = logps.new_zeros(state.num_sequences)
-            if grad_logps is not None:
-                slots = state.groups[group_index]
-                grad_sequence.index_add_(0, slots[slots >= 0], grad_logps[slots >= 0])
-            grad_token = grad_sequence.index_select(0, seq) * state.weights.index_select(0, rows)
-            _logit_grads_in_place(logits, local_targets, chunk, grad_token, temperature, softcap, state.backend)
-            if grad_h is not None:
-                grad_h.index_copy_(0, rows, fused.matmul_fp32(logits, _as(weight, logits)).to(hidden.dtype))
-            if grad_w is not None:
-                grad_w.add(0, vocab, logits, _as(h_rows, logits))
-            if grad_b is not None:
-                grad_b += logits.sum(0, dtype=torch.float32)
-        state.logps = logps
-        state.stats = _sequence_stats(token, state.counted, state.seq_ids, state.num_sequences, state.wanted)
+            if grad_h is not None or grad_w is not None or grad_b is not None:
+                token_grads = {}
+                for name, grad in zip(math.differentiable, grads):
+                    grad_sequence = loss.new_zeros(run.num_sequences)
+                    if grad is not None:
+                        grad_sequence.index_add_(0, slots[slots >= 0], grad[slots >= 0])
+                    token_grads[name] = grad_sequence.index_select(0, seq) * weights[name]
+                math.logit_grads_in_place(logits, local_targets, saved, token_grads)
+                if grad_h is not None:
+                    grad_h.index_copy_(0, rows, fused.matmul_fp32(logits, _as(weight, logits)).to(hidden.dtype))
+                if grad_w is not None:
+                    grad_w.add(0, vocab, logits, _as(h_rows, logits))
+                if grad_b is not None:
+                    grad_b += logits.sum(0, dtype=torch.float32)
+            # Free this chunk's logits before the next GEMM allocates its own: the budget holds one chunk.
+            del logits, saved
+        run.sums = sums
         ctx.save_for_backward(*(g for g in (grad_h, grad_w.result() if grad_w else None,
                                             grad_b.to(bias.dtype) if grad_b is not None else None)
                                 if g is not None))
@@ -248,14 +294,14 @@ class _BudgetObjective(torch.autograd.Function):
         for present in ctx.present:
             grad = next(saved) if present else None
             grads.append(None if grad is None else (grad * grad_loss).to(grad.dtype))
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 def _as(tensor, like):
     return tensor if tensor.dtype == like.dtype else tensor.to(like.dtype)
 
 
-def _materialise(h_rows, weight, bias):
+def materialise(h_rows, weight, bias):
     """Logits [n, V] of one chunk: the GEMM in the input dtype on GPU (as every trainer does),
     fp32 on CPU where half-precision GEMMs are slow and inexact."""
     if h_rows.is_cuda:
@@ -263,6 +309,31 @@ def _materialise(h_rows, weight, bias):
     return torch.nn.functional.linear(h_rows.float(), weight.float(), None if bias is None else bias.float())
 
 
+class _LogpRows(ChunkRows):
+    """The core op's per-token quantities: token_weights * log p(target), differentiated by the
+    head, and the requested statistics ('entropy', 'log_sum_p2', 'logp'), passed to it as is."""
+
+    differentiable = ("logps",)
+
+    def __init__(self, head, groups, weights, counted, count, wanted, temperature, softcap, backend):
+        self.user_head, self.groups, self.count, self.wanted = head, groups, count, wanted
+        self.temperature, self.softcap, self.backend = temperature, softcap, backend
+        self.weights = {"logps": weights, **{name: counted for name in wanted}}
+
+    def token_values(self, logits, rows, targets):
+        token = _chunk_token_stats(logits, targets, self.temperature, self.softcap, self.backend)
+        values = {"logps": token.logp, "entropy": token.entropy, "logp": token.logp}
+        if "log_sum_p2" in self.wanted:
+            values["log_sum_p2"] = token.sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log()
+        return {name: values[name] for name in self.weights}, token
+
+    def head(self, sums, group_index):
+        stats = {"count": _gather(self.count, self.groups[group_index])}
+        stats.update({name: sums[name].detach() for name in self.wanted})
+        return self.user_head(sums["logps"], group_index, stats)
+
+    def logit_grads_in_place(self, logits, targets, saved, grads):
+        _logit_grads_in_place(logits, targets, saved, grads["logps"], self.temperature, self.softcap, self.backend)
 def _chunk_token_stats(logits, targets, temperature, softcap, backend) -> tiles.Token:
     if backend == "triton":
         from .kernels import launch_rows_stats
@@ -287,8 +358,3 @@ def _logit_grads_in_place(logits, targets, token, grad_logp, temperature, softca
         grad = tiles.tile_grad(z, targets[block], token.lse[block], None, grad_logp[block],
                                torch.zeros_like(grad_logp[block]), None, temperature, softcap)
         logits[block] = grad.to(logits.dtype)
-
-
-def _group_stats(state, token, group_index):
-    stats = _sequence_stats(token, state.counted, state.seq_ids, state.num_sequences, state.wanted)
-    return {k: _gather(v, state.groups[group_index]) for k, v in stats.items()}

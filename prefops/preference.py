@@ -20,7 +20,7 @@ from .losses.token_level import tgdpo_token_rewards
 from .objective import sequence_objective
 from .ops import linear_logprobs
 from .sequences import sequence_sum
-from .token_kl import linear_token_kl
+from .token_kl import sequence_kl_objective
 
 # Loss types whose loss of a pair depends on the other pairs of the batch.
 BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired")
@@ -91,16 +91,16 @@ class PreferenceLoss(torch.nn.Module):
         token_weights = self._token_weights(targets, seq_ids, token_weights)
         token_weights = self._tgdpo_weights(targets, seq_ids, pairs, token_weights, token_rewards, ref_hidden,
                                             ref_weight, ref_bias, rm_hidden, rm_weight, rm_bias)
-        if self.token_level:
-            return self._token_level_forward(hidden, weight, targets, bias, seq_ids, pairs, token_weights,
-                                             ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)
-        ref = self._reference(targets, seq_ids, token_weights, ref_chosen_logps, ref_rejected_logps,
-                              ref_hidden, ref_weight, ref_bias, pairs)
-
         counted = targets != self.options["ignore_index"]
         chosen_tokens = counted[:pairs].sum() if seq_ids is None else (counted.reshape(-1) & (
             seq_ids.reshape(-1) < pairs) & (seq_ids.reshape(-1) >= 0)).sum()
         mean_length = chosen_tokens.float() / pairs
+        if self.token_level:
+            return self._token_level_forward(hidden, weight, targets, bias, seq_ids, pairs, groups, mean_length,
+                                             token_weights, ref_chosen_logps, ref_rejected_logps, ref_hidden,
+                                             ref_weight, ref_bias)
+        ref = self._reference(targets, seq_ids, token_weights, ref_chosen_logps, ref_rejected_logps,
+                              ref_hidden, ref_weight, ref_bias, pairs)
 
         def head(logps, group_index, stats):
             pick = lambda values: None if values is None else values[group_index]  # noqa: E731
@@ -179,33 +179,33 @@ class PreferenceLoss(torch.nn.Module):
         weights = 1 + sign * (self.tgdpo_alpha * self.beta) * token_rewards.float()
         return weights if token_weights is None else weights * token_weights
 
-    def _token_level_forward(self, hidden, weight, targets, bias, seq_ids, pairs, token_weights, ref_chosen,
-                             ref_rejected, ref_hidden, ref_weight, ref_bias):
-        """TDPO: per-token KL, policy and reference log-probs from one fused pass, then pairwise_loss."""
+    def _token_level_forward(self, hidden, weight, targets, bias, seq_ids, pairs, groups, mean_length, token_weights,
+                             ref_chosen, ref_rejected, ref_hidden, ref_weight, ref_bias):
+        """TDPO: per-token KL, policy and reference log-probs from one fused pass (lean: prefops.linear_token_kl;
+        budget: whole pairs' policy and reference logits materialised), then pairwise_loss."""
         if ref_hidden is None or ref_weight is None:
             raise ValueError(f"loss_type {self.loss_type!r} needs ref_hidden and ref_weight: the per-token KL needs "
                              "the reference's whole next-token distribution, not only ref_chosen_logps")
         if ref_chosen is not None or ref_rejected is not None:
             raise ValueError("pass either ref_hidden/ref_weight or ref_chosen_logps/ref_rejected_logps, not both")
-        if self.strategy == "budget":
-            warnings.warn("the TDPO losses have no budget strategy yet; using the lean one", stacklevel=3)
-        ignore_index = self.options["ignore_index"]
-        counted = targets != ignore_index
-        if seq_ids is not None:
-            counted = counted & (seq_ids >= 0)
-        token = linear_token_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
-                                direction=self.kl_direction, targets=torch.where(counted, targets, ignore_index),
-                                **self.options)
-        weights = counted.float() if token_weights is None else torch.where(counted, token_weights, 0.0)
-        total = lambda values: _sequence_totals(values, seq_ids, 2 * pairs).view(2, pairs).t()  # noqa: E731
-        logps, ref_logps = total(token.logp * weights), total(token.ref_logp * weights)
-        seq_kl, lengths = total(token.kl), total(counted.float())
-        chosen_tokens = lengths[:, 0].sum()
-        losses, metrics = self._sequence_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], lengths,
-                                              None, chosen_tokens / pairs, seq_kl=seq_kl)
-        metrics["num_tokens/chosen"] = chosen_tokens
+
+        def head(logps, group_index, stats):
+            losses, _ = self._sequence_loss(logps[:, 0], logps[:, 1], stats["ref_logp"][:, 0],
+                                            stats["ref_logp"][:, 1], stats["count"], None, mean_length,
+                                            seq_kl=stats["kl"], group_index=group_index)
+            return losses.sum() / pairs
+
+        out = sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, head=head, groups=groups,
+                                    seq_ids=seq_ids, token_weights=token_weights, bias=bias, ref_bias=ref_bias,
+                                    direction=self.kl_direction, strategy=self._strategy(), budget=self.budget,
+                                    **self.options)
+        logps, lengths = out.logps[groups], out.stats["count"][groups]
+        ref_logps, seq_kl = out.stats["ref_logp"][groups], out.stats["kl"][groups]
+        _, metrics = self._sequence_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], lengths, None,
+                                         mean_length, seq_kl=seq_kl)
+        metrics["num_tokens/chosen"] = lengths[:, 0].sum()
         metrics["num_tokens/rejected"] = lengths[:, 1].sum()
-        return losses.mean(), metrics
+        return out.loss, metrics
 
     @torch.no_grad()
     def _reference(self, targets, seq_ids, token_weights, ref_chosen, ref_rejected, ref_hidden, ref_weight,

@@ -25,6 +25,16 @@ reference logits) and, in backward, recomputes both tiles and forms
 then dh and dW with the core op's chunk scheduling (prefops.fused.linear_grads).
 Forward stores lse_θ, lse_ref and KL per counted token (12 bytes). Differentiable in
 the policy hidden states, weight and bias only: the reference is frozen.
+
+sequence_kl_objective puts a sequence-level head (TDPO) on top, with the two strategies
+of prefops.sequence_objective. Lean is the op above. Budget packs whole loss groups into
+chunks whose policy AND reference logits fit the budget; per chunk two GEMMs materialise
+them, kernels/rows_kl.py gives KL, both lse and both target log-probs, the head runs on
+the chunk, the policy logits are overwritten by the gradient formed above, and two GEMMs
+give dh and dW: four GEMMs instead of six, backward only scales. The op alone has no
+budget strategy: it returns per-token values whose upstream gradient is known only in
+backward, so it would have to keep the N x V logits (not a bounded budget) or recompute
+them, which is what lean does.
 """
 from __future__ import annotations
 
@@ -34,7 +44,9 @@ import torch
 
 from . import fused, tiles
 from .checks import check_float, check_linear_inputs, check_targets_in_range, check_tensor
-from .config import BACKENDS, check_choice, get_settings
+from .config import BACKENDS, STRATEGIES, check_choice, get_settings, parse_bytes
+from .objective import (_BLOCK_ROWS, ChunkRows, Objective, _check_layout, _gather, _per_sequence,
+                        budget_objective, materialise, plan_budget, warn_lean)
 from .ops import IMPLEMENTATIONS
 
 DIRECTIONS = ("ref_policy", "policy_ref")
@@ -312,6 +324,9 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bi
         temperature, softcap: the same logit transform on both sides, as in prefops.linear_logprobs.
         backend: 'auto', 'triton' or 'torch' (default from prefops.configure()).
 
+    Always the lean (recompute) strategy: a budget strategy needs the loss's gradient during
+    forward (see sequence_kl_objective).
+
     Returns fp32 [...] KL (or TokenKL(kl, logp, ref_logp)). Differentiable in hidden, weight and bias;
     the reference side gets no gradient. Nothing is saved when no input requires grad.
     """
@@ -366,3 +381,116 @@ def sequence_kl(hidden, weight, ref_hidden, ref_weight, targets, *, seq_ids=None
     if seq_ids is None:
         return sequence_sum(kl, mask)
     return sequence_sum(kl.reshape(-1), seq_ids=seq_ids.reshape(-1), num_sequences=num_sequences)
+
+
+def sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, *, head, groups, seq_ids=None,
+                          token_weights=None, bias=None, ref_bias=None, direction="ref_policy", ignore_index=-100,
+                          temperature=1.0, softcap=None, strategy=None, budget=None, backend=None) -> Objective:
+    """Sequence-level heads over the per-token KL and both models' target log-probs (the TDPO losses).
+
+    Args as prefops.sequence_objective (layout: padded [B, T] or flat tokens with seq_ids) and
+    prefops.linear_token_kl (the reference side, direction, transform), with
+        head: head(logps [G', K], group_index [G'], stats {name: [G', K]}) -> scalar, additive over
+            groups; logps = Σ_t w_t log p_θ(y_t), stats 'kl' = Σ_t KL_t (both differentiable),
+            'ref_logp' = Σ_t w_t log p_ref(y_t) and 'count' (counted tokens).
+        strategy, budget: 'lean' (prefops.linear_token_kl) or 'budget' (the policy and the reference
+            logits of whole groups within `budget` bytes, both counted); default from
+            prefops.configure(). Budget falls back to lean with a warning when a group does not fit.
+
+    Returns Objective(loss, logps [S], stats {'kl', 'ref_logp', 'count'} [S]), all but loss detached.
+    """
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
+                        softcap=softcap)
+    check_reference_inputs(hidden, weight, ref_hidden, ref_weight, ref_bias)
+    check_choice(direction, DIRECTIONS, "direction")
+    settings = get_settings()
+    strategy = check_choice(strategy or settings.strategy, STRATEGIES, "strategy")
+    budget = settings.budget if budget is None else parse_bytes(budget)
+    flat_seq, groups, num_sequences = _check_layout(targets, seq_ids, groups, token_weights)
+    flat_targets = targets.reshape(-1)
+    counted = (flat_targets != ignore_index) & (flat_seq >= 0)
+    weights = counted.float() if token_weights is None else torch.where(counted, token_weights.reshape(-1).float(), 0.0)
+    count = _per_sequence(counted.float(), flat_seq, num_sequences)
+    flatten = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    if strategy == "budget":
+        plan = plan_budget(flat_seq, counted, groups, num_sequences, weight, budget, sides=2)
+        if plan is not None:
+            check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
+            row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
+                                                hidden.device)
+            reference = (flatten(ref_hidden).detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach())
+            math = _KLRows(head, groups, weights, counted.float(), count, reference, direction == "policy_ref",
+                           float(temperature), softcap, row_backend)
+            loss, sums = budget_objective(flatten(hidden), weight, bias, flat_targets, math, plan, groups, flat_seq,
+                                          num_sequences)
+            return Objective(loss, sums["logps"], {"count": count, "kl": sums["kl"], "ref_logp": sums["ref_logps"]})
+        warn_lean(stacklevel=2)
+    token = linear_token_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, direction=direction,
+                            targets=torch.where(counted.view(targets.shape), targets, ignore_index),
+                            ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend)
+    total = lambda values, w: _per_sequence(values.reshape(-1) * w, flat_seq, num_sequences)  # noqa: E731
+    logps, kl = total(token.logp, weights), total(token.kl, counted.float())
+    ref_logps = total(token.ref_logp, weights)
+    stats = {"kl": _gather(kl, groups), "ref_logp": _gather(ref_logps, groups), "count": _gather(count, groups)}
+    loss = head(_gather(logps, groups), torch.arange(groups.shape[0], device=groups.device), stats)
+    return Objective(loss, logps.detach(), {"count": count, "kl": kl.detach(), "ref_logp": ref_logps})
+
+
+class _KLRows(ChunkRows):
+    """Budget strategy of the per-token KL: per chunk, the reference logits are materialised
+    beside the policy's (forward only) and stay until the policy gradient is formed."""
+
+    differentiable = ("logps", "kl")
+
+    def __init__(self, head, groups, weights, counted, count, reference, policy_first, temperature, softcap,
+                 backend):
+        self.user_head, self.groups, self.count, self.reference = head, groups, count, reference
+        self.policy_first, self.temperature, self.softcap, self.backend = policy_first, temperature, softcap, backend
+        self.weights = {"logps": weights, "kl": counted, "ref_logps": weights}
+
+    def token_values(self, logits, rows, targets):
+        ref_hidden, ref_weight, ref_bias = self.reference
+        ref_logits = materialise(ref_hidden.index_select(0, rows), ref_weight, ref_bias)
+        stats = rows_kl_stats(logits, ref_logits, targets, self.policy_first, self.temperature, self.softcap,
+                              self.backend)
+        kl, lse_a, lse_b, logp_a, logp_b = finalize_kl(stats)
+        lse, ref_lse = _sides(lse_a, lse_b, self.policy_first)
+        logp, ref_logp = _sides(logp_a, logp_b, self.policy_first)
+        return {"logps": logp, "kl": kl, "ref_logps": ref_logp}, (ref_logits, lse, ref_lse, kl)
+
+    def head(self, sums, group_index):
+        stats = {"kl": sums["kl"], "ref_logp": sums["ref_logps"], "count": _gather(self.count, self.groups[group_index])}
+        return self.user_head(sums["logps"], group_index, stats)
+
+    def logit_grads_in_place(self, logits, targets, saved, grads):
+        rows_kl_grads_in_place(logits, saved[0], targets, *saved[1:], grads["kl"], grads["logps"], self.policy_first,
+                               self.temperature, self.softcap, self.backend)
+
+
+def rows_kl_stats(logits, ref_logits, targets, policy_first, temperature, softcap, backend) -> KLStats:
+    """KLStats of materialised policy and reference logits [n, V] (side a = policy when policy_first)."""
+    if backend == "triton":
+        from .kernels import launch_rows_kl_stats
+
+        return launch_rows_kl_stats(logits, ref_logits, targets, policy_first, temperature, softcap)
+    parts = []
+    for r0 in range(0, logits.shape[0], _BLOCK_ROWS):
+        z, y = (tiles.transform(x[r0:r0 + _BLOCK_ROWS], temperature, softcap) for x in (logits, ref_logits))
+        parts.append(tile_kl_stats(*_sides(z, y, policy_first), targets[r0:r0 + _BLOCK_ROWS]))
+    return KLStats(*(torch.cat(column) for column in zip(*parts)))
+
+
+def rows_kl_grads_in_place(logits, ref_logits, targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first,
+                           temperature, softcap, backend):
+    """Overwrite the policy logits [n, V] with d(Σ g_kl KL + g_logp log p_θ(target)) / d logits."""
+    if backend == "triton":
+        from .kernels import launch_rows_kl_grad
+
+        launch_rows_kl_grad(logits, ref_logits, targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first,
+                            temperature, softcap)
+        return
+    for r0 in range(0, logits.shape[0], _BLOCK_ROWS):
+        block = slice(r0, r0 + _BLOCK_ROWS)
+        z, y = (tiles.transform(x[block], temperature, softcap) for x in (logits, ref_logits))
+        logits[block] = tile_kl_grad(z, y, targets[block], lse[block], ref_lse[block], kl[block], grad_kl[block],
+                                     grad_logp[block], policy_first, temperature, softcap).to(logits.dtype)
