@@ -221,6 +221,12 @@ def test_checkpoint_from_another_model_or_config_is_refused(tmp_path):
         L.train(other_loss)
     # Observation-only keys may change on resume.
     L.train(dataclass_replace(config, resume=True, log_every=5, eval_every=3))
+    # So may the number of processes for evaluation, but not to resume (the global batch would change).
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    torch.save({**state, "world_size": 2}, tmp_path / "run" / "last.pt")
+    with pytest.raises(checkpoint.CheckpointMismatch, match="written by 2 process.*this run has 1"):
+        L.train(dataclass_replace(config, resume=True))
+    L.evaluate(config)
 
 
 def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):

@@ -39,7 +39,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(path: Path, *, config, model_state: dict, stage: str, step: int, optimizer_state: dict | None = None,
-         scheduler=None, objective_state: dict | None = None, summary: dict | None = None) -> None:
+         scheduler=None, objective_state: dict | None = None, summary: dict | None = None,
+         world_size: int = 1) -> None:
     """Write a checkpoint from full (unsharded) model and optimizer state dicts."""
     state = {
         "stage": stage,
@@ -52,6 +53,7 @@ def save(path: Path, *, config, model_state: dict, stage: str, step: int, optimi
         "objective": objective_state or {},  # loss state, e.g. BCO's running reward mean
         "rng": rng_state(),
         "summary": summary or {},
+        "world_size": world_size,
     }
     # A crash mid-write must never leave a truncated checkpoint behind: write aside, then rename.
     temporary = path.with_name(path.name + ".tmp")
@@ -59,8 +61,9 @@ def save(path: Path, *, config, model_state: dict, stage: str, step: int, optimi
     os.replace(temporary, path)
 
 
-def load(path: Path, *, config, model) -> dict:
-    """Read a checkpoint, refusing one written for another model or a different training config."""
+def load(path: Path, *, config, model, world_size: int | None = None) -> dict:
+    """Read a checkpoint, refusing one written for another model or a different training config
+    (or, to resume, by another number of processes: micro_batch_size is per process)."""
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path} to resume from")
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -78,4 +81,10 @@ def load(path: Path, *, config, model) -> dict:
         details = "; ".join(f"{k}: {state['config'].get(k)!r} -> {current[k]!r}" for k in changed)
         raise CheckpointMismatch(f"{path} was written with another config ({details}); resuming would not "
                                  "reproduce the run. Restore those values or start a new out_dir")
+    written_by = state.get("world_size", 1)
+    if world_size is not None and written_by != world_size:
+        raise CheckpointMismatch(
+            f"{path} was written by {written_by} process(es) and this run has {world_size}: micro_batch_size is per "
+            "process, so the global batch would change. Resume with the same number of processes (torchrun "
+            "--nproc_per_node), or scale micro_batch_size / grad_accum_steps and start a new out_dir")
     return state

@@ -153,12 +153,19 @@ def is_unpaired(config: Config) -> bool:
 
 def _validate_objective(config: Config) -> None:
     from prefops.losses import LOSSES  # the registry is the source of truth for pairwise names
+    from prefops.losses.pairwise import TOKEN_LEVEL_LOSSES
 
     names = loss_types(config)
+    pairwise = sorted(set(LOSSES) - set(TOKEN_LEVEL_LOSSES))
+    token_level = [name for name in names if name in TOKEN_LEVEL_LOSSES]
+    if token_level:
+        raise ValueError(f"loss_type {token_level[0]!r} needs the reference model's per-token distributions "
+                         "(prefops.PreferenceLoss with ref_hidden/ref_weight), which prefops train does not pass yet; "
+                         f"sequence-level losses: {', '.join(pairwise)}")
     unknown = [name for name in names if name not in LOSSES and name not in UNPAIRED_LOSSES]
     if unknown or not names:
         raise ValueError(f"loss_type {unknown or config.loss_type!r} is unknown; valid: pairwise "
-                         f"{', '.join(sorted(LOSSES))} (or a list of them); unpaired {', '.join(UNPAIRED_LOSSES)}")
+                         f"{', '.join(pairwise)} (or a list of them); unpaired {', '.join(UNPAIRED_LOSSES)}")
     if is_unpaired(config):
         if len(names) > 1:
             raise ValueError(f"an unpaired loss_type ({', '.join(UNPAIRED_LOSSES)}) cannot be combined in a "

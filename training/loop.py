@@ -427,11 +427,13 @@ class Trainer:
         if distributed.is_main():
             checkpoint.save(path, config=self.config, model_state=model_state, stage=stage, step=step,
                             optimizer_state=optimizer_state, scheduler=scheduler,
-                            objective_state=objective.state_dict() if hasattr(objective, "state_dict") else None)
+                            objective_state=objective.state_dict() if hasattr(objective, "state_dict") else None,
+                            world_size=distributed.world_size())
         distributed.barrier()
 
-    def load(self, path: Path) -> dict:
-        return checkpoint.load(path, config=self.config, model=self.model)
+    def load(self, path: Path, *, resuming: bool = False) -> dict:
+        return checkpoint.load(path, config=self.config, model=self.model,
+                               world_size=distributed.world_size() if resuming else None)
 
     # --- one stage
 
@@ -493,7 +495,7 @@ class Trainer:
     def train(self) -> dict:
         config = self.config
         began = time.time()
-        resume = self.load(self.out_dir / "last.pt") if config.resume else None
+        resume = self.load(self.out_dir / "last.pt", resuming=True) if config.resume else None
         log = RunLog(self.out_dir, tensorboard=config.tensorboard, enabled=distributed.is_main(),
                      resume_from=(resume["stage"], resume["step"]) if resume else None)
         if config.sft_steps:
