@@ -1,0 +1,231 @@
+"""The budget strategy of the per-token KL (TDPO): PreferenceLoss('tdpo1'/'tdpo2', strategy='budget')
+against the lean strategy and the float64 pipeline on materialised logits (loss, dh, dW, metrics),
+both KL directions and backends (the rows_kl kernels under the interpreter on CPU), several chunks;
+the row kernels against the tile math; memory within the budget; the fallback to lean."""
+import warnings
+
+import pytest
+import torch
+
+import prefops
+from conftest import TOLERANCE, relative_error
+from prefops import tiles
+from prefops.losses import pairwise_loss
+from prefops.memory import AllocationRecorder
+from prefops.reference.token_kl import linear_token_kl as reference_token_kl
+from prefops.token_kl import (finalize_kl, rows_kl_grads_in_place, rows_kl_stats, sequence_kl_objective,
+                              tile_kl_grad, tile_kl_stats)
+
+PAIRS, LENGTH, HIDDEN, REF_HIDDEN, VOCAB = 3, 9, 23, 19, 331
+BETA, ALPHA = 0.3, 0.7
+# The policy and the reference logits of one pair in fp32 (CPU): three chunks.
+ONE_PAIR = 2 * (2 * LENGTH) * VOCAB * 4
+
+
+def make_batch(dtype, *, scale=4.0, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, s=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * s  # noqa: E731
+    batch = {"hidden": rand(2 * PAIRS, LENGTH, HIDDEN), "weight": rand(VOCAB, HIDDEN, s=scale / HIDDEN**0.5),
+             "ref_hidden": rand(2 * PAIRS, LENGTH, REF_HIDDEN),
+             "ref_weight": rand(VOCAB, REF_HIDDEN, s=scale / REF_HIDDEN**0.5),
+             "bias": rand(VOCAB) if bias else None, "ref_bias": rand(VOCAB) if bias else None}
+    batch = {k: None if v is None else v.to(dtype) for k, v in batch.items()}
+    targets = torch.randint(0, VOCAB, (2 * PAIRS, LENGTH), generator=g)
+    targets[:, :2] = -100
+    for row in range(2 * PAIRS):  # uneven lengths
+        targets[row, LENGTH - int(torch.randint(0, 4, (), generator=g)):] = -100
+    batch["targets"] = targets
+    return batch
+
+
+def fused_run(batch, loss_type, direction, **options):
+    module = prefops.PreferenceLoss(loss_type, beta=BETA, tdpo_alpha=ALPHA, kl_direction=direction, **options)
+    h, w = batch["hidden"].clone().requires_grad_(), batch["weight"].clone().requires_grad_()
+    b = None if batch["bias"] is None else batch["bias"].clone().requires_grad_()
+    loss, metrics = module(h, w, batch["targets"], bias=b, ref_hidden=batch["ref_hidden"],
+                           ref_weight=batch["ref_weight"], ref_bias=batch["ref_bias"])
+    loss.backward()
+    return loss.detach(), [h.grad, w.grad] + ([b.grad] if b is not None else []), metrics
+
+
+def reference_run(batch, loss_type, direction, **transform):
+    """Float64: materialised logits -> per-token KL and log-probs -> sums -> pairwise_loss."""
+    up = lambda x: None if x is None else x.double()  # noqa: E731
+    leaves = [up(batch[k]).requires_grad_() for k in ("hidden", "weight", "bias") if batch[k] is not None]
+    kl, logp, ref_logp = reference_token_kl(leaves[0], leaves[1], up(batch["ref_hidden"]), up(batch["ref_weight"]),
+                                            bias=leaves[2] if len(leaves) > 2 else None,
+                                            ref_bias=up(batch["ref_bias"]), targets=batch["targets"],
+                                            direction=direction, **transform)
+    pair = lambda x: x.sum(1).view(2, PAIRS)  # noqa: E731
+    (cw, cl), (rw, rl), (kw, kr) = pair(logp), pair(ref_logp), pair(kl)
+    (nc, nr) = pair((batch["targets"] != -100).double())
+    losses, metrics = pairwise_loss(cw, cl, rw, rl, loss_type=loss_type, beta=BETA, chosen_lengths=nc,
+                                    rejected_lengths=nr, chosen_seq_kl=kw, rejected_seq_kl=kr, tdpo_alpha=ALPHA)
+    loss = losses.mean()
+    return loss.detach(), list(torch.autograd.grad(loss, leaves)), metrics
+
+
+def strict():
+    """No silent fallback to lean: any UserWarning fails the test."""
+    catcher = warnings.catch_warnings()
+    catcher.__enter__()
+    warnings.simplefilter("error", UserWarning)
+    return catcher
+
+
+def check_close(actual, expected, tolerance):
+    loss, grads, metrics = actual
+    want_loss, want_grads, want_metrics = expected
+    assert relative_error(loss, want_loss) <= tolerance
+    for name, grad, want in zip(("hidden", "weight", "bias"), grads, want_grads):
+        assert relative_error(grad, want) <= tolerance, f"grad of {name}"
+    for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl/chosen", "kl/rejected"):
+        assert relative_error(metrics[name], want_metrics[name]) <= tolerance, name
+
+
+CASES = [("tdpo2", "ref_policy", {}), ("tdpo1", "ref_policy", {"softcap": 9.0}),
+         ("tdpo2", "policy_ref", {"temperature": 0.8}), ("tdpo1", "policy_ref", {})]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss_type,direction,transform", CASES, ids=str)
+def test_budget_matches_lean_and_float64(loss_type, direction, transform, dtype, backend):
+    batch = make_batch(dtype, bias=direction == "policy_ref", seed=len(str(transform)))
+    catcher = strict()
+    try:
+        with prefops.settings(backend=backend, workspace=40_000):
+            budget = fused_run(batch, loss_type, direction, strategy="budget", budget=ONE_PAIR, **transform)
+            lean = fused_run(batch, loss_type, direction, strategy="lean", **transform)
+    finally:
+        catcher.__exit__(None, None, None)
+    expected = reference_run(batch, loss_type, direction, **transform)
+    check_close(budget, expected, TOLERANCE[dtype])
+    check_close(lean, expected, TOLERANCE[dtype])
+    # Both strategies run the same fp32 math on the same rounded inputs: closer to each other than to float64.
+    check_close(budget, lean, 1e-5 if dtype == torch.float32 else 5e-3)
+    assert float(budget[2]["num_tokens/chosen"]) == float((batch["targets"][:PAIRS] != -100).sum())
+
+
+def test_large_logits_and_packed_layout():
+    """Logits of size ~1e2 (shifted statistics must not cancel); flat tokens with seq_ids give the padded result."""
+    batch = make_batch(torch.float32, scale=100.0, seed=3)
+    catcher = strict()
+    try:
+        padded = fused_run(batch, "tdpo2", "ref_policy", strategy="budget", budget=ONE_PAIR)
+        keep = (batch["targets"] != -100).reshape(-1)
+        seq_ids = torch.arange(2 * PAIRS).repeat_interleave(LENGTH)[keep]
+        flat = lambda x: x.reshape(-1, x.shape[-1])[keep]  # noqa: E731
+        module = prefops.PreferenceLoss("tdpo2", beta=BETA, tdpo_alpha=ALPHA, strategy="budget", budget=ONE_PAIR)
+        packed, _ = module(flat(batch["hidden"]), batch["weight"], batch["targets"].reshape(-1)[keep],
+                           seq_ids=seq_ids, ref_hidden=flat(batch["ref_hidden"]), ref_weight=batch["ref_weight"])
+    finally:
+        catcher.__exit__(None, None, None)
+    check_close(padded, reference_run(batch, "tdpo2", "ref_policy"), 1e-5)
+    assert relative_error(packed, padded[0]) <= 1e-6
+
+
+def test_token_weights_and_forward_only():
+    """token_weights scale both log-prob sums, never the KL; without grad the budget pass only evaluates."""
+    batch = make_batch(torch.float32, seed=4)
+    token_weights = torch.rand(2 * PAIRS, LENGTH) * (batch["targets"] != -100)
+    args = (batch["hidden"], batch["weight"], batch["ref_hidden"], batch["ref_weight"], batch["targets"])
+    groups = torch.stack([torch.arange(PAIRS), torch.arange(PAIRS) + PAIRS], 1)
+
+    def head(logps, group_index, stats):
+        return (logps - stats["ref_logp"] - 0.5 * stats["kl"] * stats["count"]).square().sum()
+
+    outs = {strategy: sequence_kl_objective(*args, head=head, groups=groups, token_weights=token_weights,
+                                            strategy=strategy, budget=ONE_PAIR)
+            for strategy in ("lean", "budget")}
+    kl, logp, ref_logp = (x.double() for x in reference_token_kl(*(x.double() for x in args[:4]), targets=args[4]))
+    sums = lambda x: x.sum(1)  # noqa: E731
+    count = sums((batch["targets"] != -100).double())
+    weighted = lambda x: sums(x * token_weights.double())  # noqa: E731
+    want = (weighted(logp) - weighted(ref_logp) - 0.5 * sums(kl) * count)[groups].square().sum()
+    for out in outs.values():
+        assert relative_error(out.loss, want) <= 1e-5
+        assert relative_error(out.stats["kl"], sums(kl)) <= 1e-5
+        assert relative_error(out.stats["ref_logp"], weighted(ref_logp)) <= 1e-5
+    with torch.no_grad():
+        again = sequence_kl_objective(*args, head=head, groups=groups, token_weights=token_weights, strategy="budget",
+                                      budget=ONE_PAIR)
+    assert torch.equal(again.loss, outs["budget"].loss.detach())
+
+
+# 1 keeps the offset rows' logits exact in fp32 (1 / 0.9 would round |z| ~ 1e3 by ~1e-4); the
+# end-to-end tests cover temperatures.
+TEMPERATURE = 1.0
+
+
+@pytest.mark.parametrize("policy_first", [False, True])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_row_kernels_match_tile_math(policy_first, softcap):
+    from prefops.kernels import launch_rows_kl_grad, launch_rows_kl_stats
+
+    n, vocab = 5, 5003  # more than one vocabulary block, odd length
+    logits, ref_logits = torch.randn(n, vocab, dtype=torch.float64) * 50, torch.randn(n, vocab, dtype=torch.float64)
+    logits[0, :] -= 1e3  # rows far from zero: the shifted statistics must not cancel
+    ref_logits[1, :] += 1e3
+    logits, ref_logits = logits.float().double(), ref_logits.float().double()  # the kernels' inputs, exactly
+    targets = torch.randint(0, vocab, (n,))
+    z, y = (tiles.transform(x, TEMPERATURE, softcap).double() for x in (logits, ref_logits))
+    want = finalize_kl(rows_kl_stats(logits, ref_logits, targets, policy_first, TEMPERATURE, softcap, "torch"))
+    want64 = finalize_kl(tile_kl_stats(*((z, y) if policy_first else (y, z)), targets))
+    got = finalize_kl(launch_rows_kl_stats(logits.float(), ref_logits.float(), targets, policy_first, TEMPERATURE,
+                                           softcap))
+    for name, value, torch_value, expected in zip(("kl", "lse_a", "lse_b", "logp_a", "logp_b"), got, want, want64):
+        assert relative_error(value, expected) <= 1e-5, name
+        assert relative_error(torch_value, expected) <= 1e-5, name
+    kl, lse_a, lse_b = want64[:3]
+    lse, ref_lse = (lse_a, lse_b) if policy_first else (lse_b, lse_a)
+    # The per-row inputs in fp32, as the kernels get them; the float64 gradient from the same rounded values
+    # (an fp32 lse of a row near -1e3 is off by ~1e-4, which no kernel can undo).
+    per_row = [x.float() for x in (lse, ref_lse, kl, torch.randn(n), torch.randn(n))]
+    expected = tile_kl_grad(z, y, targets, *(x.double() for x in per_row), policy_first, TEMPERATURE, softcap)
+    grad = launch_rows_kl_grad(logits.float(), ref_logits.float(), targets, *per_row, policy_first, TEMPERATURE,
+                               softcap)
+    torch_grad = logits.float()
+    rows_kl_grads_in_place(torch_grad, ref_logits.float(), targets, *per_row, policy_first, TEMPERATURE, softcap,
+                           "torch")
+    assert relative_error(grad, expected) <= 1e-5
+    assert relative_error(torch_grad, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_budget_stays_within_its_budget(backend):
+    pairs, length, hidden_size, vocab = 4, 24, 16, 1009
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2 * pairs, length, hidden_size, generator=g).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=g) / 4).requires_grad_()
+    ref_hidden, ref_weight = hidden.detach() + 0.1, weight.detach() * 1.1
+    targets = torch.randint(0, vocab, (2 * pairs, length), generator=g)
+    targets[:, :4] = -100
+    budget = 2 * (2 * 20) * vocab * 4  # one pair's policy and reference logits in fp32
+    module = prefops.PreferenceLoss("tdpo2", strategy="budget", budget=budget)
+    recorder = AllocationRecorder()
+    catcher = strict()
+    try:
+        with recorder, prefops.settings(backend=backend):
+            module(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight)[0].backward()
+    finally:
+        catcher.__exit__(None, None, None)
+    biggest_bytes, biggest_numel, where = max(recorder.sizes)
+    chunk = 2 * 20 * vocab * 4
+    assert biggest_bytes >= chunk, "no chunk of logits was materialised: the budget path did not run"
+    assert biggest_bytes <= max(budget, weight.numel() * 4, hidden.numel() * 4), where
+    assert biggest_numel < 2 * pairs * 20 * vocab
+    if backend == "torch":  # (the interpreter keeps a launch's arguments alive: no peak to check on "triton")
+        # One chunk (both sides) live at a time, beside the gradients, their scaled copies and the
+        # fp32 temporaries of a row block of each side (bounded by _BLOCK_ROWS rows).
+        gradient_bytes = (hidden.numel() + weight.numel()) * 4
+        assert recorder.peak <= budget + 2 * gradient_bytes + 8 * chunk, recorder.peak
+    assert hidden.grad is not None and weight.grad is not None
+
+
+def test_falls_back_to_lean_when_a_pair_does_not_fit():
+    batch = make_batch(torch.float32, seed=5)
+    with pytest.warns(UserWarning, match="does not fit the memory budget"):
+        small = fused_run(batch, "tdpo2", "ref_policy", strategy="budget", budget=ONE_PAIR // 4)
+    lean = fused_run(batch, "tdpo2", "ref_policy", strategy="lean")
+    check_close(small, lean, 1e-6)
