@@ -10,6 +10,8 @@ reference model is the policy plus noise. Rows:
   naive   both logits tensors materialised (bf16 GEMMs, fp32 log_softmax), per-token KL,
           log-probs, sums, TDPO2
   prefops PreferenceLoss("tdpo2"): prefops.linear_token_kl, one fused pass (lean)
+  budget  PreferenceLoss("tdpo2", strategy="budget"): whole pairs' policy and reference logits
+          materialised within prefops.settings().budget (default 1 GiB), gradient formed in place
 Each row's loss and gradients are checked against a chunked fp32-logit computation.
 Target (issue #5): prefops <= 1.7x the floor with <= 0.5 GB beyond the gradients.
 """
@@ -86,13 +88,17 @@ def build_naive(p: TDPOProblem):
     return loss
 
 
-def build_prefops(p: TDPOProblem):
-    module = prefops.PreferenceLoss("tdpo2", beta=BETA, tdpo_alpha=ALPHA, ignore_index=IGNORE_INDEX)
-    return lambda: module(p.hidden, p.weight, p.targets, ref_hidden=p.ref_hidden, ref_weight=p.ref_weight)[0]
+def build_prefops(strategy):
+    def build(p: TDPOProblem):
+        module = prefops.PreferenceLoss("tdpo2", beta=BETA, tdpo_alpha=ALPHA, ignore_index=IGNORE_INDEX,
+                                        strategy=strategy)
+        return lambda: module(p.hidden, p.weight, p.targets, ref_hidden=p.ref_hidden, ref_weight=p.ref_weight)[0]
+    return build
 
 
 ROWS = {"naive": ("naive PyTorch (two materialised logits)", build_naive),
-        "prefops": ("prefops PreferenceLoss('tdpo2'), lean", build_prefops)}
+        "prefops": ("prefops PreferenceLoss('tdpo2'), lean", build_prefops("lean")),
+        "budget": ("prefops PreferenceLoss('tdpo2'), budget", build_prefops("budget"))}
 
 
 def build_floor(p: TDPOProblem):
