@@ -78,12 +78,10 @@ def sharded(lm: torch.nn.Module) -> bool:
     return hasattr(lm, "set_requires_gradient_sync")
 
 
-@contextlib.contextmanager
-def gradient_sync(lm: torch.nn.Module, sync: bool):
-    """Reduce-scatter gradients only after a step's last micro-batch (accumulate unsharded before)."""
+def set_gradient_sync(lm: torch.nn.Module, sync: bool) -> None:
+    """Reduce-scatter gradients only in a step's last backward (accumulate unsharded before it)."""
     if sharded(lm):
         lm.set_requires_gradient_sync(sync)
-    yield
 
 
 def all_reduce_sums(values: dict) -> dict:

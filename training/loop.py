@@ -243,6 +243,8 @@ class UnpairedObjective:
             record["rewards/margins"] = record["rewards/chosen"] - record["rewards/rejected"]
         if "kl_sum" in totals:
             record["kl"] = max(0.0, totals["kl_sum"] / totals["kl_count"])
+        if self.bco is not None:
+            record["delta"] = float(self.bco.delta)
         return record
 
     def end_step(self, training: bool) -> None:
@@ -253,8 +255,6 @@ class UnpairedObjective:
                 self.bco.train()  # BCOLoss folds the rewards it is given into delta in train mode
                 self.bco(rewards / self.config.beta, torch.zeros_like(rewards), torch.ones_like(rewards, dtype=torch.bool))
                 self.bco.eval()
-        if self.bco is not None:
-            self.last_delta = float(self.bco.delta)
 
     def state_dict(self) -> dict:
         return self.bco.state_dict() if self.bco is not None else {}
@@ -271,7 +271,8 @@ def run_batches(lm, objective, batches: list[D.Batch], autocast, *, backward: bo
     totals = distributed.all_reduce_sums(totals)
     sums = defaultdict(float)
     for i, (batch, extra) in enumerate(zip(batches, extras)):
-        with distributed.gradient_sync(lm, i == len(batches) - 1), autocast():
+        distributed.set_gradient_sync(lm, i == len(batches) - 1)
+        with autocast():
             loss, metrics = objective(lm, batch, totals, extra)
         if backward:
             (loss / totals["normaliser"]).backward()
