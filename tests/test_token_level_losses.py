@@ -230,5 +230,5 @@ def test_preference_loss_bad_input_is_named():
         prefops.PreferenceLoss("sigmoid", tgdpo_alpha=0.5)(*args, **ref, token_rewards=torch.zeros(PAIRS, LENGTH))
     with pytest.raises(ValueError, match="token_weights must be a tensor of the shape of targets"):
         prefops.PreferenceLoss("sigmoid")(*args, **ref, token_weights=torch.ones(LENGTH))
-    with pytest.warns(UserWarning, match="no budget strategy"):
-        prefops.PreferenceLoss("tdpo2", strategy="budget")(*args, **ref)
+    with pytest.warns(UserWarning, match="does not fit the memory budget"):
+        prefops.PreferenceLoss("tdpo2", strategy="budget", budget=1024)(*args, **ref)
