@@ -48,7 +48,7 @@ class Config:
     strategy: str | None = None       # lean | budget (fused loss; None: prefops.configure's default)
     budget: str | int | None = None   # the budget strategy's logits budget, e.g. "1GB"
 
-    # Optimisation. Pairs per optimizer step = micro_batch_size * grad_accum_steps.
+    # Optimisation. Examples per optimizer step = micro_batch_size * grad_accum_steps * processes (torchrun).
     sft_steps: int = 0
     sft_lr: float = 1e-3
     steps: int = 100

@@ -1,10 +1,12 @@
-"""The training loop: an optional SFT stage, then preference optimisation (DPO family).
+"""The training loop: an optional SFT stage, then preference optimisation (DPO family, KTO, BCO).
 
 Read top to bottom: objectives, the learning-rate schedule, then the Trainer that
 builds everything from a Config and runs the stages. Every optimizer step sees
-micro_batch_size * grad_accum_steps examples; its loss is normalised by the
-number of pairs (preference) or completion tokens (SFT) of the whole step, so
-accumulating 4 micro-batches of 1 gives the gradient of one batch of 4.
+micro_batch_size * grad_accum_steps examples per process (times the number of
+processes under torchrun, see distributed.py); its loss is normalised by the
+number of pairs or completions (preference) or completion tokens (SFT) of the
+whole step, so accumulating 4 micro-batches of 1 gives the gradient of one batch
+of 4, and 2 processes give the gradient of one process on their whole batch.
 """
 from __future__ import annotations
 
