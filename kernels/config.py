@@ -22,3 +22,21 @@ def stats_configs():
 
 def grad_configs():
     return _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)])
+
+
+def pair_configs():
+    # Two fp32 logit tiles (policy and reference) are live at once, so the tiles are
+    # half the core kernels' (no spills at 8 warps).
+    return _configs([(64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4),
+                     (128, 128, 64, 8, 3)])
+
+
+def vocabulary_splits(n_rows, vocab, device):
+    """(splits, columns per split) of a streaming pass over the vocabulary: enough
+    (row block of 128, split) programs to fill the GPU twice when few rows count."""
+    import torch
+
+    programs = 2 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2)
+    splits = max(1, min(triton.cdiv(programs, triton.cdiv(n_rows, 128)), triton.cdiv(vocab, 2048)))
+    v_per_split = triton.cdiv(triton.cdiv(vocab, splits), 256) * 256
+    return triton.cdiv(vocab, v_per_split), v_per_split

@@ -19,7 +19,7 @@ writes 5 * N * splits floats (+ 2 * TOP_K * N * splits values and ids).
 import triton
 import triton.language as tl
 
-from .config import interpreting, stats_configs
+from .config import interpreting, stats_configs, vocabulary_splits
 from .logits_tile import logits_tile
 from .topk_stats import topk_init, topk_update
 
@@ -93,13 +93,7 @@ def launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softca
 
     n = rows.numel()
     vocab, hidden_size = weight.shape
-    # Enough (row block, split) programs to fill the GPU twice when few rows count.
-    programs = 2 * (torch.cuda.get_device_properties(hidden.device).multi_processor_count
-                    if hidden.is_cuda else 2)
-    row_blocks = triton.cdiv(n, 128)
-    splits = max(1, min(triton.cdiv(programs, row_blocks), triton.cdiv(vocab, 2048)))
-    v_per_split = triton.cdiv(triton.cdiv(vocab, splits), 256) * 256
-    splits = triton.cdiv(vocab, v_per_split)
+    splits, v_per_split = vocabulary_splits(n, vocab, hidden.device)
     out = torch.empty((5, n, splits), device=hidden.device, dtype=torch.float32)
     # Without top-k the kernel never touches these pointers: out stands in for them.
     top = torch.empty((n, splits, top_k), device=hidden.device, dtype=torch.float32) if top_k else out

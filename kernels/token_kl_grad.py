@@ -16,12 +16,11 @@ reads both sides' h rows and W blocks, writes n v elements in the policy dtype.
 import triton
 import triton.language as tl
 
-from .config import interpreting
+from .config import interpreting, pair_configs
 from .logits_tile import logits_tile
-from .token_kl_stats import PAIR_CONFIGS
 
 
-@triton.autotune(configs=PAIR_CONFIGS, key=["hidden_size", "ref_hidden_size", "IEEE", "POLICY_FIRST"])
+@triton.autotune(configs=pair_configs(), key=["hidden_size", "ref_hidden_size", "IEEE", "POLICY_FIRST"])
 @triton.jit
 def token_kl_grad_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, rows_ptr, targets_ptr, lse_ptr, ref_lse_ptr,
                          kl_ptr, grad_kl_ptr, grad_logp_ptr, out_ptr,

@@ -20,17 +20,13 @@ writes 7 N splits floats.
 import triton
 import triton.language as tl
 
-from .config import _configs, interpreting
+from .config import interpreting, pair_configs, vocabulary_splits
 from .logits_tile import logits_tile
-
-# Two fp32 logit tiles are live at once, so the tiles are half the core kernels' (no spills at 8 warps).
-PAIR_CONFIGS = _configs([(64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4),
-                         (128, 128, 64, 8, 3)])
 
 EMPTY = tl.constexpr(-1.0e38)
 
 
-@triton.autotune(configs=PAIR_CONFIGS, key=["hidden_a", "hidden_b", "vocab_size", "IEEE"])
+@triton.autotune(configs=pair_configs(), key=["hidden_a", "hidden_b", "vocab_size", "IEEE"])
 @triton.jit
 def token_kl_stats_kernel(ha_ptr, wa_ptr, ba_ptr, hb_ptr, wb_ptr, bb_ptr, rows_ptr, targets_ptr, out_ptr,
                           n_rows, vocab_size, hidden_a, hidden_b, stride_ha, stride_wa, stride_hb, stride_wb,
@@ -86,16 +82,6 @@ def token_kl_stats_kernel(ha_ptr, wa_ptr, ba_ptr, hb_ptr, wb_ptr, bb_ptr, rows_p
     tl.store(out + 4 * plane, c, mask=row_mask)
     tl.store(out + 5 * plane, t_a, mask=row_mask)
     tl.store(out + 6 * plane, t_b, mask=row_mask)
-
-
-def vocabulary_splits(n_rows, vocab, device):
-    """(splits, columns per split): enough (row block, split) programs to fill the GPU twice."""
-    import torch
-
-    programs = 2 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2)
-    splits = max(1, min(triton.cdiv(programs, triton.cdiv(n_rows, 128)), triton.cdiv(vocab, 2048)))
-    v_per_split = triton.cdiv(triton.cdiv(vocab, splits), 256) * 256
-    return triton.cdiv(vocab, v_per_split), v_per_split
 
 
 def launch_token_kl_stats(hidden_a, weight_a, bias_a, hidden_b, weight_b, bias_b, rows, targets, temperature,
