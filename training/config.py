@@ -85,6 +85,8 @@ class Config:
 
 
 UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
+# Pairwise losses whose loss of a pair depends on the other pairs of its batch.
+BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired")
 
 CHOICES = {
     "reference": ("auto", "model", "precomputed", "none"),
@@ -177,6 +179,10 @@ def _validate_objective(config: Config) -> None:
                 raise ValueError(f"{key} applies to pairwise losses only; loss_type {names[0]!r} is unpaired")
         if config.reference == "none":
             raise ValueError(f"loss_type {names[0]!r} needs a reference: set reference to model or precomputed")
+    coupled = [name for name in names if name in BATCH_COUPLED_LOSSES]
+    if coupled and config.grad_accum_steps > 1:
+        raise ValueError(f"loss_type {coupled[0]!r} couples the pairs of a batch (it sorts across them), so its loss "
+                         "cannot be accumulated over micro-batches: set grad_accum_steps: 1")
     if config.ld_alpha is not None and config.packing:
         raise ValueError("ld_alpha needs padded batches (it pairs chosen and rejected tokens): set packing: false")
 

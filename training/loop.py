@@ -312,6 +312,10 @@ class Trainer:
         self.model, self.tokenizer = M.build(config, self.device, self.task and self.task.alphabet)
         self.lm = M.FusedLM(self.model)
         if distributed.active():
+            coupled = set(C.loss_types(config)) & set(C.BATCH_COUPLED_LOSSES)
+            if coupled:
+                raise ValueError(f"loss_type {sorted(coupled)[0]!r} couples the pairs of a batch, so it cannot be "
+                                 "split over processes: run it in one process")
             distributed.shard(self.lm)
         self.out_dir = Path(config.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
