@@ -104,6 +104,15 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's picklable value, in rank order."""
+    if not active():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def broadcast(value):
     """Rank 0's picklable value on every rank."""
     if not active():

@@ -37,7 +37,8 @@ def precomputed(reference_model, dataset: Dataset, config, device, autocast):
     The reference model is needed only the first time; the cache file name is the
     hash of the tokenised dataset, of the reference weights and of ld_alpha, so a changed
     dataset, tokenizer, truncation or model never reads a stale cache. Under torchrun
-    every rank computes the table (the sharded model runs in lockstep) and rank 0 writes it.
+    each rank computes its share of the micro-batches, every rank gets the whole table,
+    and rank 0 writes it.
     """
     state = distributed.model_state(reference_model)  # collective under torchrun; full on rank 0
     weights = distributed.broadcast(M.weights_hash(state) if distributed.is_main() else None)
@@ -47,13 +48,18 @@ def precomputed(reference_model, dataset: Dataset, config, device, autocast):
         table = torch.load(path)
     else:
         compute = frozen_model(reference_model, config.loss_impl, autocast, config.ld_alpha)
-        rows = []
-        starts = range(0, len(dataset), config.micro_batch_size)
-        for start in tqdm(starts, desc="reference log-probs", leave=False):
-            indices = list(range(start, min(start + config.micro_batch_size, len(dataset))))
+        chunks = [list(range(start, min(start + config.micro_batch_size, len(dataset))))
+                  for start in range(0, len(dataset), config.micro_batch_size)]
+        ranks = distributed.world_size()
+        chunks += chunks[:-len(chunks) % ranks]  # every rank runs as many forwards: FSDP's collectives pair up
+        rows = {}
+        for indices in tqdm(chunks[distributed.rank()::ranks], desc="reference log-probs", leave=False,
+                            disable=not distributed.is_main()):
             batch = collate(dataset, indices, packing=config.packing).to(device)
-            rows.append(torch.stack(compute(batch), dim=1).cpu())
-        table = torch.cat(rows)
+            rows.update(zip(indices, torch.stack(compute(batch), dim=1).cpu()))
+        for part in distributed.all_gather_objects(rows):
+            rows.update(part)
+        table = torch.stack([rows[i] for i in range(len(dataset))])
         if distributed.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(table, path.with_suffix(".tmp"))
