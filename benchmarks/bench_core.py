@@ -13,14 +13,12 @@ See benchmarks/README.md for setting up a GPU box.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-import torch
-
 from prefops.bench import (  # noqa: F401 - Problem, make_problem, ... stay importable from here
-    BETA, FORWARD_HEADERS, ROWS, TABLE_HEADERS, Problem, Row, Shape, add_timing_options, bench_shape,
-    environment_line, make_problem, markdown_table, reference_outputs, setup_lines, timing_defaults, write_report,
+    BETA, FORWARD_HEADERS, ROWS, TABLE_HEADERS, Problem, Row, Shape, add_choices_option, add_timing_options,
+    bench_shape, environment_line, finish_report, make_problem, markdown_table, reference_outputs, require_device,
+    setup_lines, timing_defaults,
 )
 
 SHAPES = {
@@ -37,30 +35,20 @@ TINY_SHAPES = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="A,L,Q", help="comma-separated subset of " + ",".join(SHAPES))
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
-    parser.add_argument("--forward-shapes", default="A",
-                        help="shapes that also get the forward-only table ('' for none)")
+    add_choices_option(parser, "--shapes", SHAPES)
+    add_choices_option(parser, "--rows", ROWS)
+    add_choices_option(parser, "--forward-shapes", SHAPES, "A",
+                       "shapes that also get the forward-only table ('' for none)")
     add_timing_options(parser)
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
-    args.shapes = [s for s in args.shapes.split(",") if s]
-    args.rows = [r for r in args.rows.split(",") if r]
-    args.forward_shapes = [s for s in args.forward_shapes.split(",") if s]
-    for value, allowed, option in ((args.shapes, SHAPES, "--shapes"), (args.rows, ROWS, "--rows"),
-                                   (args.forward_shapes, SHAPES, "--forward-shapes")):
-        unknown = sorted(set(value) - set(allowed))
-        if unknown:
-            parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
     timing_defaults(args)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("no CUDA device: use --device cpu --tiny for a smoke test")
-    device = torch.device(args.device)
+    device = require_device(args)
     shapes = TINY_SHAPES if args.tiny else SHAPES
 
     header = [
@@ -82,9 +70,7 @@ def main(argv=None):
     report = "\n".join(header) + "\n\n## Forward + backward\n\n" + markdown_table(TABLE_HEADERS, tables)
     if forward_tables:
         report += "\n\n## Forward only (per-token log-probs)\n\n" + markdown_table(FORWARD_HEADERS, forward_tables)
-    print(report)
-    if args.out:
-        write_report(report, args.out)
+    finish_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ import torch
 
 import prefops
 from prefops.diagnostics import linear_diagnostics
-from common import environment_line, markdown_table, median_ms
+from common import (add_timing_options, environment_line, finish_report, markdown_table, median_ms, require_device,
+                    timing_defaults)
 
 IGNORE_INDEX = -100
 COUNTED_FRACTION = 0.65
 LOGIT_STD = 4.0
+WARMUP = (5, 1)  # --warmup defaults on CUDA and on CPU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +98,13 @@ def run(shape: Shape, device: torch.device, reps: int, warmup: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="tiny shape (smoke test of the script)")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    add_timing_options(parser, "tiny shape (smoke test of the script)", warmup=WARMUP)
     parser.add_argument("--out", type=Path, help="append the results (markdown) to this file")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = require_device(args)
+    timing_defaults(args, warmup=WARMUP)
     shape = TINY if args.tiny else SHAPE_A
-    reps, warmup = (3, 1) if args.tiny else (args.reps, args.warmup)
-    floor, rows = run(shape, device, reps, warmup)
+    floor, rows = run(shape, device, args.reps, args.warmup)
     table = markdown_table(
         ["row", "median ms", "x floor", "added to the forward", "max abs error (sample)", "top-k ids = torch.topk"],
         [(name, f"{ms:.3f}", f"{ms / floor:.2f}", "" if extra is None else f"{extra:+.1%}", error, agree)
@@ -114,10 +113,7 @@ def main(argv=None):
     text = (f"### Diagnostics overhead, shape {'tiny' if args.tiny else 'A'} "
             f"({shape.sequences} x {shape.tokens}, H {shape.hidden}, V {shape.vocab}, "
             f"{COUNTED_FRACTION:.0%} counted)\n\n{environment_line(device)}\n\n{table}\n")
-    print(text)
-    if args.out:
-        with args.out.open("a") as handle:
-            handle.write(text + "\n")
+    finish_report(text, args.out, append=True)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from prefops.bench import (GIB, Problem, Row, Shape, attempt, build_floor, environment_line, exact_sequence_logps,
-                           fmt_gb, fmt_ms, make_problem, markdown_table, measure_row, median_ms, naive_token_logps,
-                           token_chunks)
+from prefops.bench import (GIB, Problem, Row, Shape, add_choices_option, add_timing_options, attempt, build_floor,
+                           environment_line, exact_sequence_logps, finish_report, fmt_gb, fmt_ms, make_problem,
+                           markdown_table, measure_row, median_ms, naive_token_logps, require_device,
+                           timing_defaults, token_chunks)
 from prefops.listwise import ListwiseLoss
 from prefops.losses.listwise import LISTWISE_LOSSES, listwise_loss
 
@@ -119,44 +120,25 @@ def run(args, device):
     report = "\n".join(header) + "\n\n" + markdown_table(
         ["row", "loss_type", "median ms", "× floor", "GB beyond grads", "loss rel err", "dh rel err", "dW rel err",
          "note"], table)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+    finish_report(report, args.out)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    row_names = ("naive", "compile", "lean", "budget")
-    parser.add_argument("--rows", default=",".join(row_names), help="comma-separated subset of " + ",".join(row_names))
-    parser.add_argument("--loss-types", default="plackett_luce,lipo_lambda",
-                        help="comma-separated subset of " + ",".join(LISTWISE_LOSSES))
-    parser.add_argument("--reps", type=int, help="timed repetitions per row (default 20 on CUDA, 3 on CPU)")
-    parser.add_argument("--warmup", type=int, help="untimed calls first (default 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--tiny", action="store_true", help="tiny shape, to smoke-test the script")
+    add_choices_option(parser, "--rows", ("naive", "compile", "lean", "budget"))
+    add_choices_option(parser, "--loss-types", LISTWISE_LOSSES, "plackett_luce,lipo_lambda")
+    add_timing_options(parser, "tiny shape, to smoke-test the script")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
-    args.rows = [r for r in args.rows.split(",") if r]
-    args.loss_types = [t for t in args.loss_types.split(",") if t]
-    for value, allowed, option in ((args.rows, row_names, "--rows"), (args.loss_types, LISTWISE_LOSSES,
-                                                                       "--loss-types")):
-        unknown = sorted(set(value) - set(allowed))
-        if unknown:
-            parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
     if "pro" in args.loss_types:
         parser.error("--loss-types: 'pro' needs response lengths, which this script does not pass")
-    on_cuda = args.device == "cuda"
-    args.reps = args.reps or (20 if on_cuda else 3)
-    args.warmup = args.warmup if args.warmup is not None else (3 if on_cuda else 1)
+    timing_defaults(args)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("no CUDA device: use --device cpu --tiny for a smoke test")
-    run(args, torch.device(args.device))
+    run(args, require_device(args))
 
 
 if __name__ == "__main__":

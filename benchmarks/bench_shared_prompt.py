@@ -25,12 +25,13 @@ import torch
 import transformers
 
 import prefops
-from common import attempt, environment_line, markdown_table, median_ms, peak_during, relative_error
+from common import (GIB, add_timing_options, attempt, environment_line, finish_report, markdown_table, median_ms,
+                    peak_during, relative_error, require_device, timing_defaults)
 from prefops.losses import pairwise_loss
 from prefops.shared_prompt import build_layout, shared_prompt_hidden_states
 
 BETA = 0.1
-GIB = 1 << 30
+REPS = (10, 2)  # --reps defaults on CUDA and on CPU
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True,
                 rope_theta=500000.0)
@@ -53,15 +54,12 @@ def parse_args(argv=None):
     parser.add_argument("--rows", help="comma-separated layout:attention rows, the first is the baseline (default "
                         + ",".join(f"{a}:{b}" for a, b in ROWS) + "; on CPU without flex_attention, "
                         "which has no backward there)")
-    parser.add_argument("--reps", type=int, help="timed repetitions per row (default 10 on CUDA, 2 on CPU)")
-    parser.add_argument("--warmup", type=int, help="untimed calls first (default 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--tiny", action="store_true", help="tiny model and lengths, to smoke-test the script")
+    add_timing_options(parser, "tiny model and lengths, to smoke-test the script", reps=REPS)
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
+    timing_defaults(args, reps=REPS)
     cuda = args.device == "cuda"
-    defaults = dict(examples=2, prompt=96 if args.tiny else 2048, response=16 if args.tiny else 256,
-                    reps=10 if cuda else 2, warmup=3 if cuda else 1)
+    defaults = dict(examples=2, prompt=96 if args.tiny else 2048, response=16 if args.tiny else 256)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -191,9 +189,7 @@ def bench_k(model, k, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("no CUDA device: run with --device cpu --tiny for a smoke test")
+    device = require_device(args)
     model = build_model(args, device)
     config = model.config
     header = [
@@ -213,10 +209,7 @@ def main(argv=None):
     for k in args.ks:
         table += bench_k(model, k, args, device)
     report = "\n".join(header) + "\n\n" + markdown_table(HEADERS, table)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+    finish_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,12 @@ import torch.nn.functional as F
 
 import prefops
 from bench_core import SHAPES, TINY_SHAPES
-from prefops.bench import (IGNORE_INDEX, attempt, environment_line, fmt_gb, fmt_ms, make_problem, markdown_table,
-                           median_ms, peak_during, relative_error, token_chunks)
+from prefops.bench import (IGNORE_INDEX, add_choices_option, add_timing_options, attempt, environment_line,
+                           finish_report, fmt_gb, fmt_ms, make_problem, markdown_table, median_ms, peak_during,
+                           relative_error, require_device, timing_defaults, token_chunks)
 
 BETA, ALPHA = 0.1, 0.5
+REPS = (20, 2)  # --reps defaults on CUDA and on CPU
 # Reference = policy + this much relative noise on h and W: a per-token KL of order 1 nat.
 REFERENCE_NOISE = 0.3
 
@@ -182,26 +184,13 @@ def bench_shape(name, shape, args, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="A", help="comma-separated subset of " + ",".join(SHAPES))
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
-    parser.add_argument("--reps", type=int, help="timed repetitions (default 20 on CUDA, 2 on CPU)")
-    parser.add_argument("--warmup", type=int, help="untimed calls first (default 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes, to smoke-test the script")
+    add_choices_option(parser, "--shapes", SHAPES, "A")
+    add_choices_option(parser, "--rows", ROWS)
+    add_timing_options(parser, reps=REPS)
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
-    args.shapes = [s for s in args.shapes.split(",") if s]
-    args.rows = [r for r in args.rows.split(",") if r]
-    for value, allowed, option in ((args.shapes, SHAPES, "--shapes"), (args.rows, ROWS, "--rows")):
-        unknown = sorted(set(value) - set(allowed))
-        if unknown:
-            parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
-    on_cuda = args.device == "cuda"
-    if on_cuda and not torch.cuda.is_available():
-        sys.exit("no CUDA device: use --device cpu --tiny for a smoke test")
-    args.reps = args.reps or (20 if on_cuda else 2)
-    args.warmup = args.warmup if args.warmup is not None else (3 if on_cuda else 1)
-    device = torch.device(args.device)
+    device = require_device(args)
+    timing_defaults(args, reps=REPS)
     shapes = TINY_SHAPES if args.tiny else SHAPES
 
     rows = []
@@ -217,10 +206,7 @@ def main(argv=None):
         markdown_table(["shape", "row", "median ms", "× floor", "GB beyond grads", "loss rel err", "dh rel err",
                         "dW rel err", "note"], rows),
     ])
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+    finish_report(report, args.out)
 
 
 if __name__ == "__main__":

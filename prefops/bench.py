@@ -651,32 +651,77 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
-def add_timing_options(parser, tiny_help="tiny shapes, to smoke-test the script") -> None:
-    """--reps, --warmup, --device, --tiny: the options every benchmark script shares (see timing_defaults)."""
-    parser.add_argument("--reps", type=int, help="timed repetitions per row (default 20 on CUDA, 3 on CPU)")
-    parser.add_argument("--warmup", type=int, help="untimed calls first (default 3 on CUDA, 1 on CPU)")
+def add_timing_options(parser, tiny_help="tiny shapes, to smoke-test the script", *, reps=(20, 3),
+                       warmup=(3, 1)) -> None:
+    """--reps, --warmup, --device, --tiny: the options every benchmark script shares.
+
+    reps and warmup are the (CUDA, CPU) defaults; pass the same ones to timing_defaults."""
+    parser.add_argument("--reps", type=int,
+                        help=f"timed repetitions per row (default {reps[0]} on CUDA, {reps[1]} on CPU)")
+    parser.add_argument("--warmup", type=int,
+                        help=f"untimed calls first (default {warmup[0]} on CUDA, {warmup[1]} on CPU)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--tiny", action="store_true", help=tiny_help)
 
 
-def timing_defaults(args) -> None:
-    """Fill in --reps and --warmup for the device: CUDA medians need more reps than a CPU smoke test."""
-    on_cuda = args.device == "cuda"
-    args.reps = args.reps or (20 if on_cuda else 3)
-    args.warmup = args.warmup if args.warmup is not None else (3 if on_cuda else 1)
+def timing_defaults(args, *, reps=(20, 3), warmup=(3, 1)) -> None:
+    """Fill in --reps and --warmup for the device from the (CUDA, CPU) defaults: CUDA medians need more reps
+    than a CPU smoke test."""
+    on_cpu = int(args.device != "cuda")
+    args.reps = args.reps or reps[on_cpu]
+    args.warmup = args.warmup if args.warmup is not None else warmup[on_cpu]
 
 
-def write_report(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
+def require_device(args) -> torch.device:
+    """torch.device(args.device); exits saying how to smoke-test when it asks for CUDA and there is none."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: use --device cpu --tiny for a smoke test")
+    return torch.device(args.device)
+
+
+def comma_choices(allowed):
+    """An argparse type: comma-separated names, each one of `allowed`, as a list ('' gives none)."""
+    def names(text: str) -> list[str]:
+        chosen = [name for name in text.split(",") if name]
+        unknown = [name for name in chosen if name not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+        return chosen
+    return names
+
+
+def add_choices_option(parser, option: str, allowed, default: Optional[str] = None,
+                       help: Optional[str] = None) -> None:
+    """A comma-separated subset of `allowed` (default: all), parsed to a list; argparse names the option in
+    its error."""
+    everything = ",".join(allowed)
+    parser.add_argument(option, type=comma_choices(allowed), default=everything if default is None else default,
+                        help=help or "comma-separated subset of " + everything)
+
+
+def choices_option(text: str, allowed, option: str) -> list[str]:
+    """comma_choices outside argparse: ValueError naming `option` and the allowed names."""
+    try:
+        return comma_choices(allowed)(text)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"{option}: {error}") from None
 
 
 def rows_option(text: str, option: str = "--rows") -> list[str]:
-    keys = [key for key in text.split(",") if key]
-    unknown = [key for key in keys if key not in ROWS]
-    if unknown:
-        raise ValueError(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
-    return keys
+    return choices_option(text, ROWS, option)
+
+
+def write_report(text: str, path: Path, *, append: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a" if append else "w") as handle:
+        handle.write(text + "\n")
+
+
+def finish_report(text: str, path: Optional[Path], *, append: bool = False) -> None:
+    """Print the report, and write it to `path` (--out) when given."""
+    print(text)
+    if path:
+        write_report(text, path, append=append)
 
 
 def add_commands(subparsers) -> None:
