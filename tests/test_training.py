@@ -54,7 +54,8 @@ NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
 
 def _first_step_gradients(model, config, batch, reference_lm=None):
     reference_lm = reference_lm or M.FusedLM(M.frozen_copy(model))
-    reference = references.frozen_model(reference_lm, "reference", NO_AUTOCAST, config.ld_alpha)
+    reference = (references.frozen_distributions(reference_lm, NO_AUTOCAST) if C.is_token_level(config)
+                 else references.frozen_model(reference_lm, "reference", NO_AUTOCAST, config.ld_alpha))
     objective = L.PreferenceObjective(config, reference)
     model.zero_grad()
     record = L.run_batches(M.FusedLM(model), objective, [batch], NO_AUTOCAST, backward=True)
@@ -87,6 +88,8 @@ def tiny_model_and_batch(tmp_path):
     {"ld_alpha": 0.5},
     {"ld_alpha": 0.5, "wpo": True},
     {"label_smoothing": 0.2, "strategy": "budget", "budget": "64KB"},
+    {"loss_type": "tdpo1"},
+    {"loss_type": ["tdpo2", "sft"], "kl_direction": "policy_ref", "loss_params": {"tdpo_alpha": 0.3}},
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "sigmoid")
 def test_fused_and_reference_give_same_first_step_gradients(tiny_model_and_batch, objective):
     """Every config field of the pairwise loss reaches both paths, and they agree."""

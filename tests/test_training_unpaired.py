@@ -59,7 +59,7 @@ def test_labelled_rows_need_an_unpaired_loss_and_prompt_completion_rows_a_label(
     ({"ld_alpha": 0.5, "packing": True}, "ld_alpha needs padded batches"),
     ({"strategy": "fast"}, "strategy must be one of None, lean, budget"),
     ({"loss_type": "aot", "grad_accum_steps": 2}, "'aot' couples the pairs of a batch.*grad_accum_steps: 1"),
-    ({"loss_type": ["sigmoid", "tdpo1"]}, "'tdpo1' needs the reference model's per-token distributions"),
+    ({"loss_type": ["sigmoid", "tdpo1"], "reference": "precomputed"}, "'tdpo1' needs the reference model's whole"),
 ])
 def test_objective_config_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):

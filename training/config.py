@@ -38,6 +38,7 @@ class Config:
     loss_weights: list | None = None
     beta: float = 0.1
     label_smoothing: float = 0.0
+    kl_direction: str = "ref_policy"  # tdpo1/tdpo2's per-token KL: ref_policy (TDPO's) | policy_ref
     ld_alpha: float | None = None     # LD-DPO: weight of the tokens beyond the shorter response (padded only)
     wpo: bool = False                 # WPO: weight each pair by how on-policy it is
     desirable_weight: float = 1.0     # KTO's lambda_D and lambda_U
@@ -92,6 +93,7 @@ CHOICES = {
     "reference": ("auto", "model", "precomputed", "none"),
     "loss_impl": ("fused", "reference"),
     "strategy": (None, "lean", "budget"),
+    "kl_direction": ("ref_policy", "policy_ref"),
     "lr_schedule": ("cosine", "linear", "constant"),
     "bf16": ("auto", True, False),
 }
@@ -149,6 +151,11 @@ def loss_types(config: Config) -> list[str]:
     return [config.loss_type] if isinstance(config.loss_type, str) else list(config.loss_type)
 
 
+def is_token_level(config: Config) -> bool:
+    from prefops.losses.pairwise import TOKEN_LEVEL_LOSSES
+    return any(name in TOKEN_LEVEL_LOSSES for name in loss_types(config))
+
+
 def is_unpaired(config: Config) -> bool:
     return any(name in UNPAIRED_LOSSES for name in loss_types(config))
 
@@ -158,13 +165,14 @@ def _validate_objective(config: Config) -> None:
     from prefops.losses.pairwise import TOKEN_LEVEL_LOSSES
 
     names = loss_types(config)
-    pairwise = sorted(set(LOSSES) - set(TOKEN_LEVEL_LOSSES))
+    pairwise = sorted({**LOSSES, **TOKEN_LEVEL_LOSSES})
     token_level = [name for name in names if name in TOKEN_LEVEL_LOSSES]
-    if token_level:
-        raise ValueError(f"loss_type {token_level[0]!r} needs the reference model's per-token distributions "
-                         "(prefops.PreferenceLoss with ref_hidden/ref_weight), which prefops train does not pass yet; "
-                         f"sequence-level losses: {', '.join(pairwise)}")
-    unknown = [name for name in names if name not in LOSSES and name not in UNPAIRED_LOSSES]
+    if token_level and config.reference not in ("auto", "model"):
+        raise ValueError(f"loss_type {token_level[0]!r} needs the reference model's whole next-token distributions: "
+                         f"set reference to model (or auto); got {config.reference!r}")
+    if token_level and (config.ld_alpha is not None or config.wpo):
+        raise ValueError(f"loss_type {token_level[0]!r} cannot be combined with ld_alpha or wpo")
+    unknown = [name for name in names if name not in pairwise and name not in UNPAIRED_LOSSES]
     if unknown or not names:
         raise ValueError(f"loss_type {unknown or config.loss_type!r} is unknown; valid: pairwise "
                          f"{', '.join(pairwise)} (or a list of them); unpaired {', '.join(UNPAIRED_LOSSES)}")

@@ -119,7 +119,10 @@ class PreferenceObjective:
 
     def __init__(self, config, reference):
         self.config = config
-        self.reference = reference  # batch -> (ref_chosen_logps, ref_rejected_logps) or (None, None)
+        # batch -> (ref_chosen_logps, ref_rejected_logps), (None, None), or for the token-level
+        # losses (ref_hidden, ref_head): see references.
+        self.reference = reference
+        self.token_level = C.is_token_level(config)
 
     def prepare(self, lm, batches):
         totals = {"normaliser": sum(batch.num_examples for batch in batches),
@@ -143,21 +146,37 @@ class PreferenceObjective:
         hidden, weight, bias = head.cast(hidden)
         loss_fn = StepPreferenceLoss(
             config.loss_type, config.beta, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
-            ld_alpha=config.ld_alpha, wpo=config.wpo, ignore_index=D.IGNORE_INDEX, temperature=head.temperature,
-            softcap=head.softcap, strategy=config.strategy, budget=config.budget, nll_mean_length=mean_length,
-            **config.loss_params)
+            ld_alpha=config.ld_alpha, wpo=config.wpo, kl_direction=config.kl_direction, ignore_index=D.IGNORE_INDEX,
+            temperature=head.temperature, softcap=head.softcap, strategy=config.strategy, budget=config.budget,
+            nll_mean_length=mean_length, **config.loss_params)
+        if self.token_level:
+            ref_hidden, ref_weight, ref_bias = ref[1].cast(ref[0])
+            reference = dict(ref_hidden=ref_hidden.to(hidden.dtype), ref_weight=ref_weight.to(hidden.dtype),
+                             ref_bias=None if ref_bias is None else ref_bias.to(hidden.dtype))
+        else:
+            reference = dict(ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
         loss, metrics = loss_fn(hidden, weight, batch.targets, bias=bias, seq_ids=batch.seq_ids if batch.packed else None,
-                                ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
+                                **reference)
         return loss * batch.num_examples, metrics
 
     def _reference(self, hidden, head, batch, ref, mean_length):
         config = self.config
         hidden, weight, bias = head.cast(hidden)
         options = dict(bias=bias, ignore_index=D.IGNORE_INDEX, temperature=head.temperature, softcap=head.softcap)
-        token = reference_ops.linear_logprobs(hidden, weight, batch.targets, **options)
-        sums, counts = M.sequence_sums(token, batch, M.ld_token_weights(batch, config.ld_alpha))
         params = dict(config.loss_params, nll_mean_length=mean_length)
         pairs = batch.num_examples
+        if self.token_level:  # TDPO: per-token KL and both models' log-probs from materialised logits
+            ref_hidden, ref_weight, ref_bias = ref[1].cast(ref[0])
+            kl, token, ref_token = reference_ops.linear_token_kl(
+                hidden, weight, ref_hidden.to(hidden.dtype), ref_weight.to(hidden.dtype), direction=config.kl_direction,
+                ref_bias=None if ref_bias is None else ref_bias.to(hidden.dtype), targets=batch.targets, **options)
+            kl_sums = M.sequence_sums(kl, batch)[0]
+            params.update(chosen_seq_kl=kl_sums[:pairs], rejected_seq_kl=kl_sums[pairs:])
+            ref_sums = M.sequence_sums(ref_token, batch)[0]
+            ref = ref_sums[:pairs], ref_sums[pairs:]
+        else:
+            token = reference_ops.linear_logprobs(hidden, weight, batch.targets, **options)
+        sums, counts = M.sequence_sums(token, batch, M.ld_token_weights(batch, config.ld_alpha))
         if config.wpo:
             with torch.no_grad():  # WPO: exp(mean log p_t - log sum_v p_v^2) per sequence, chosen x rejected
                 log_sum_p2 = reference_ops.token_sum_p2(hidden, weight, batch.targets, **options).clamp_min(
@@ -387,6 +406,8 @@ class Trainer:
         def objective_for(dataset):
             if kind == "none":
                 reference = references.no_reference
+            elif kind == "model" and C.is_token_level(config):
+                reference = references.frozen_distributions(reference_lm, self.autocast)
             elif kind == "model":
                 reference = references.frozen_model(reference_lm, config.loss_impl, self.autocast, config.ld_alpha)
             else:

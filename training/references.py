@@ -4,9 +4,11 @@ Each returns a function batch -> one tensor [P] per completion of an example
 ((ref_chosen_logps, ref_rejected_logps) for pairs, (completion, KL partner) for
 unpaired examples), looked up by the batch's example indices, so the loss code
 does not care which it is. With ld_alpha the sums are LD-DPO-weighted like the policy's.
+Token-level losses get the reference's hidden states and head instead (frozen_distributions).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -29,6 +31,29 @@ def frozen_model(reference_model, loss_impl: str, autocast, ld_alpha: float | No
             sums, _ = M.sequence_logprobs(reference_model, batch, loss_impl, ld_alpha)
         return sums.reshape(-1, batch.num_examples).unbind(0)
     return logps
+
+
+def frozen_distributions(reference_model, autocast):
+    """For token-level losses (TDPO): batch -> (the reference's final hidden states, its LMHead).
+
+    Under torchrun the head weight is copied out once: FSDP frees a gathered weight after each forward.
+    """
+    head = None
+
+    def keep(hidden, batch_head):
+        nonlocal head
+        if head is None:
+            head = batch_head if not distributed.active() else dataclasses.replace(
+                batch_head, weight=batch_head.weight.detach().clone(),
+                bias=None if batch_head.bias is None else batch_head.bias.detach().clone())
+        return hidden
+
+    @torch.no_grad()
+    def distributions(batch):
+        with autocast():
+            hidden = reference_model(batch, keep)
+        return hidden, head
+    return distributions
 
 
 def precomputed(reference_model, dataset: Dataset, config, device, autocast):
