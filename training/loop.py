@@ -102,7 +102,8 @@ class StepPreferenceLoss(PreferenceLoss):
         self.nll_mean_length = nll_mean_length
 
     def _sequence_loss(self, *args, **kwargs):
-        # The 7th argument is the mean chosen length (see the lead's note: PreferenceLoss should take it as input).
+        # PreferenceLoss computes the mean chosen length from its own batch and passes it as the 7th argument
+        # (it overrides an nll_mean_length parameter); the step's replaces it here.
         if "mean_length" in kwargs:
             kwargs["mean_length"] = self.nll_mean_length
         else:
