@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    add_timing_options, attempt, environment_line, fmt_gb, free_memory, markdown_table, median_ms, peak_during,
-    timing_defaults, write_report,
+    add_choices_option, add_timing_options, attempt, environment_line, finish_report, fmt_gb, free_memory,
+    markdown_table, median_ms, peak_during, require_device, timing_defaults,
 )
 
 from prefops.training import config as C, data as D, loop as L, model as M  # noqa: E402
@@ -52,8 +52,8 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", default="throughput,longest", help="comma-separated: throughput, longest")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
+    add_choices_option(parser, "--part", ("throughput", "longest"))
+    add_choices_option(parser, "--rows", tuple(ROWS))
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (throughput)")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens of every sequence")
@@ -64,20 +64,12 @@ def parse_args(argv=None):
     add_timing_options(parser, tiny_help="a tiny model and short sequences, to smoke-test the script")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
-    args.part = [p for p in args.part.split(",") if p]
-    args.rows = [r for r in args.rows.split(",") if r]
-    for value, allowed, option in ((args.part, ("throughput", "longest"), "--part"), (args.rows, ROWS, "--rows")):
-        unknown = sorted(set(value) - set(allowed))
-        if unknown:
-            parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA device here: run on a GPU, or smoke-test with --device cpu --tiny")
     defaults = (64, 256, 64) if args.tiny else (4096, 131072, 1024)
     args.start, args.stop, args.granularity = (given or default for given, default in zip(
         (args.start, args.stop, args.granularity), defaults))
     if args.tiny:
         args.seq_len, args.prompt_len = min(args.seq_len, 64), min(args.prompt_len, 16)
-    timing_defaults(args)
+    timing_defaults(args, reps=(10, 3), warmup=(2, 1))  # a 1B training step is long: fewer reps than kernels
     return args
 
 
@@ -85,7 +77,7 @@ class Bench:
     """One model, optimizer and trainer config per row; the step is the trainer's."""
 
     def __init__(self, args, row: str):
-        self.args, self.device = args, torch.device(args.device)
+        self.args, self.device = args, require_device(args)
         self.config = C.from_dict(dict(
             loss_type="sigmoid", beta=0.1, loss_impl=ROWS[row], reference="precomputed", bf16=args.device == "cuda",
             gradient_checkpointing=not args.no_checkpointing, micro_batch_size=args.pairs))
@@ -179,7 +171,7 @@ def longest(args, row: str) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = require_device(args)
     mode = "tiny model (smoke test)" if args.tiny else "Llama-3.2-1B shape, random init"
     lines = ["# Training benchmark: DPO sigmoid, prefops vs naive loss", "", environment_line(device), "",
              f"{mode}; bf16 autocast {'on' if args.device == 'cuda' else 'off'}; gradient checkpointing "
@@ -194,10 +186,7 @@ def main(argv=None):
         rows = [longest(args, row) for row in args.rows]
         lines += [f"## Longest single pair (both sequences), {args.granularity}-token resolution", "",
                   markdown_table(["loss", "longest that trains", "shortest that runs out of memory"], rows), ""]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        write_report(report, args.out)
+    finish_report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
