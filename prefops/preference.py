@@ -60,7 +60,8 @@ class PreferenceLoss(torch.nn.Module):
 
     def _sequence_loss(self, chosen, rejected, ref_chosen, ref_rejected, lengths, pair_weights, mean_length,
                        seq_kl=None, group_index=None):
-        params = dict(self.params, nll_mean_length=mean_length)
+        # A caller's nll_mean_length (a whole step's, across micro-batches and ranks) wins over this batch's.
+        params = {"nll_mean_length": mean_length, **self.params}
         if group_index is not None:  # the budget strategy hands the head a chunk of the pairs
             params.update({name: params[name][group_index] for name in PER_PAIR_PARAMS
                            if isinstance(params.get(name), torch.Tensor)})

@@ -93,24 +93,6 @@ class SFTObjective:
         return {"loss": sums["loss"] / totals["normaliser"]}
 
 
-class StepPreferenceLoss(PreferenceLoss):
-    """PreferenceLoss whose NLL term (sft, cpo, orpo) divides by the mean chosen length of the
-    whole step (every micro-batch, every rank) rather than of one micro-batch."""
-
-    def __init__(self, *args, nll_mean_length: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.nll_mean_length = nll_mean_length
-
-    def _sequence_loss(self, *args, **kwargs):
-        # PreferenceLoss computes the mean chosen length from its own batch and passes it as the 7th argument
-        # (it overrides an nll_mean_length parameter); the step's replaces it here.
-        if "mean_length" in kwargs:
-            kwargs["mean_length"] = self.nll_mean_length
-        else:
-            args = (*args[:6], self.nll_mean_length, *args[7:])
-        return super()._sequence_loss(*args, **kwargs)
-
-
 class PreferenceObjective:
     """A pairwise loss (or a weighted list of them), over the step's pairs.
 
@@ -145,7 +127,7 @@ class PreferenceObjective:
     def _fused(self, hidden, head, batch, ref, mean_length):
         config = self.config
         hidden, weight, bias = head.cast(hidden)
-        loss_fn = StepPreferenceLoss(
+        loss_fn = PreferenceLoss(
             config.loss_type, config.beta, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
             ld_alpha=config.ld_alpha, wpo=config.wpo, kl_direction=config.kl_direction, ignore_index=D.IGNORE_INDEX,
             temperature=head.temperature, softcap=head.softcap, strategy=config.strategy, budget=config.budget,
