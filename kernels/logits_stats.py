@@ -3,8 +3,10 @@
 For each counted row r and each vocabulary split, streaming over vocabulary
 blocks without storing any logits:
     m = max z,  s = sum exp(z - m),  a = sum exp(z - m)(z - m),
-    q = sum exp(2(z - m)),  t = z[target_r]
-(see prefops/tiles.py for how they turn into log p, lse, entropy, sum p^2).
+    q = sum exp(2(z - m)),  t = z[target_r],  u = sum z
+(see prefops/tiles.py for how they turn into log p, lse, entropy, sum p^2,
+the mean logit u / V and top-1 = (t >= m)). u is a plain sum: no rescaling
+when the running max moves, one add per logit.
 With TOP_K > 0 (forward-only diagnostics) the same tiles also feed a running
 top-k of the logits per row (kernels/topk_stats.py); TOP_K = 0 compiles that
 code away, so the training path pays nothing for it.
@@ -12,9 +14,10 @@ code away, so the training path pays nothing for it.
 Stores for backward: nothing here; the caller keeps lse and entropy per row
 (8 bytes a token). Backward recomputes the logits blockwise.
 
-Cost: 2 * N * V * H FLOPs (one GEMM over the counted rows only); reads h once
-per vocabulary split and W once per row block (L2 absorbs most re-reads);
-writes 5 * N * splits floats (+ 2 * TOP_K * N * splits values and ids).
+Cost: 2 * N * V * H FLOPs (one GEMM over the counted rows only) plus a few
+elementwise ops (one exp) per logit; reads h once per vocabulary split and W
+once per row block (L2 absorbs most re-reads); writes 6 * N * splits floats
+(+ 2 * TOP_K * N * splits values and ids).
 """
 import triton
 import triton.language as tl
@@ -46,6 +49,7 @@ def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr, top
     a = tl.zeros((BLOCK_N,), dtype=tl.float32)
     q = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if TOP_K > 0:
         top, top_ids = topk_init(BLOCK_N, TOP_K, TOP_KP)
     v_start = pid_s * v_per_split
@@ -63,6 +67,7 @@ def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr, top
         s = rescale * s + tl.sum(e, axis=1)
         q = rescale * rescale * q + tl.sum(e * e, axis=1)
         t += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
+        u += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
         m = m_new
         if TOP_K > 0:
             top, top_ids = topk_update(top, top_ids, z, offs_v, row_mask[:, None] & v_mask[None, :], TOP_K, TOP_KP)
@@ -74,6 +79,7 @@ def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr, top
     tl.store(out + 2 * plane, a, mask=row_mask)
     tl.store(out + 3 * plane, q, mask=row_mask)
     tl.store(out + 4 * plane, t, mask=row_mask)
+    tl.store(out + 5 * plane, u, mask=row_mask)
     if TOP_K > 0:
         slots = tl.arange(0, TOP_KP)
         at = (offs_n * splits + pid_s)[:, None] * TOP_K + slots[None, :]
@@ -94,7 +100,7 @@ def launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softca
     n = rows.numel()
     vocab, hidden_size = weight.shape
     splits, v_per_split = vocabulary_splits(n, vocab, hidden.device)
-    out = torch.empty((5, n, splits), device=hidden.device, dtype=torch.float32)
+    out = torch.empty((6, n, splits), device=hidden.device, dtype=torch.float32)
     # Without top-k the kernel never touches these pointers: out stands in for them.
     top = torch.empty((n, splits, top_k), device=hidden.device, dtype=torch.float32) if top_k else out
     top_ids = torch.empty((n, splits, top_k), device=hidden.device, dtype=torch.int32) if top_k else out

@@ -3,14 +3,15 @@
 For each row r of a materialised logits chunk L [n, V] (the output of one GEMM),
 with z = softcap * tanh(L / temperature / softcap):
     m = max z,  s = sum exp(z - m),  a = sum exp(z - m)(z - m),
-    q = sum exp(2(z - m)),  t = z[target_r]
-(prefops/tiles.py turns them into log p, lse, entropy, sum p^2).
+    q = sum exp(2(z - m)),  t = z[target_r],  u = sum z
+(prefops/tiles.py turns them into log p, lse, entropy, sum p^2, the mean logit
+u / V and top-1 = (t >= m)). u is a plain sum, never rescaled.
 
-Stores: 5 floats a row; nothing else. The gradient kernel (rows_grad.py) reads
+Stores: 6 floats a row; nothing else. The gradient kernel (rows_grad.py) reads
 the logits again and overwrites them with d loss / dL in place.
 
-Cost: ~8 n V elementwise FLOPs; reads n V elements once (2 bytes each in bf16),
-writes 20 n bytes. At V = 128256 in bf16 that is 256 KB a row, a few percent of
+Cost: ~9 n V elementwise FLOPs; reads n V elements once (2 bytes each in bf16),
+writes 24 n bytes. At V = 128256 in bf16 that is 256 KB a row, a few percent of
 the time of the GEMM that produced it.
 """
 import triton
@@ -32,6 +33,7 @@ def rows_stats_kernel(logits_ptr, targets_ptr, out_ptr, n_rows, vocab_size, stri
     a = tl.zeros((BLOCK_V,), dtype=tl.float32)
     q = tl.zeros((BLOCK_V,), dtype=tl.float32)
     t = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_V,), dtype=tl.float32)
     # One running state per lane, merged at the end: no cross-lane reduction inside the loop.
     for v0 in range(0, vocab_size, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
@@ -39,6 +41,7 @@ def rows_stats_kernel(logits_ptr, targets_ptr, out_ptr, n_rows, vocab_size, stri
         z = tl.load(base + offs, mask=inside, other=0.0).to(tl.float32) * inv_temperature
         if HAS_SOFTCAP:
             z = softcap * tanh(z / softcap)
+        u += tl.where(inside, z, 0.0)
         z = tl.where(inside, z, EMPTY)
         m_new = tl.maximum(m, z)
         rescale = tl.exp(m - m_new)
@@ -58,6 +61,7 @@ def rows_stats_kernel(logits_ptr, targets_ptr, out_ptr, n_rows, vocab_size, stri
     tl.store(out_ptr + 2 * plane + row, tl.sum(c * (a + delta * s), axis=0))
     tl.store(out_ptr + 3 * plane + row, tl.sum(q * c * c, axis=0))
     tl.store(out_ptr + 4 * plane + row, tl.sum(t, axis=0))
+    tl.store(out_ptr + 5 * plane + row, tl.sum(u, axis=0))
 
 
 def launch_rows_stats(logits, targets, temperature, softcap):
@@ -67,7 +71,7 @@ def launch_rows_stats(logits, targets, temperature, softcap):
     from ..tiles import Stats
 
     n, vocab = logits.shape
-    out = torch.empty((5, n), device=logits.device, dtype=torch.float32)
+    out = torch.empty((6, n), device=logits.device, dtype=torch.float32)
     if n:
         rows_stats_kernel[(n,)](logits, targets, out, n, vocab, logits.stride(0), 1.0 / temperature, softcap or 1.0,
                                 HAS_SOFTCAP=softcap is not None, BLOCK_V=_block(vocab), num_warps=8)

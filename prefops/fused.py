@@ -51,7 +51,7 @@ def _linear_fp32(h_rows, weight, bias, v0, v1):
 
 
 def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k=0):
-    """log p(target), lse, entropy and sum p^2 for the counted rows, as a tiles.Token.
+    """log p(target), lse, entropy, sum p^2, sum of the logits and top-1 for the counted rows, as a tiles.Token.
 
     With top_k > 0, returns (Token, top-k logits [n, k] descending, their ids [n, k] int64)
     from the same pass over the vocabulary."""
@@ -82,8 +82,8 @@ def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backe
                 top = tiles.merge_top_k(top, z, v0)
         parts.append((tiles.finalize(stats), *top))
     if not parts:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        parts.append((tiles.Token(empty, empty, empty, empty), *tiles.empty_top_k(0, top_k, hidden.device)))
+        token = tiles.finalize(tiles.empty_stats(0, hidden.device))
+        parts.append((token, *tiles.empty_top_k(0, top_k, hidden.device)))
     tokens, values, ids = zip(*parts)
     token = tiles.Token(*(torch.cat(column) for column in zip(*tokens)))
     return (token, torch.cat(values), torch.cat(ids)) if top_k else token

@@ -28,10 +28,10 @@ import torch
 from . import fused, tiles
 from .checks import check_linear_inputs, check_targets_in_range
 from .config import BACKENDS, STRATEGIES, check_choice, get_settings, parse_bytes
-from .ops import linear_logprobs
+from .ops import linear_logprobs, token_outputs
 from .sequences import sequence_sum
 
-STAT_NAMES = ("entropy", "log_sum_p2", "logp")
+STAT_NAMES = ("entropy", "log_sum_p2", "logp", "mean_logit", "top1")
 # Rows of materialised logits handled per elementwise pass in the budget strategy:
 # bounds the fp32 temporaries to a few of these blocks.
 _BLOCK_ROWS = 64
@@ -44,8 +44,10 @@ class Objective(NamedTuple):
     """[S] per-sequence sums of token_weights * log p(target) (detached)."""
     stats: dict
     """Per-sequence tensors (detached): 'count' (counted tokens) and the requested extras:
-    'entropy' (sum of per-token entropies), 'log_sum_p2' (sum over tokens of log sum_v p_v^2) and
-    'logp' (the plain sum of log p(target), without token_weights)."""
+    'entropy' (sum of per-token entropies), 'log_sum_p2' (sum over tokens of log sum_v p_v^2),
+    'logp' (the plain sum of log p(target), without token_weights), 'mean_logit' (sum over tokens
+    of the mean logit sum_v z_v / V) and 'top1' (number of tokens whose target is an argmax of z,
+    ties counting; see prefops.tiles)."""
 
 
 def _check_layout(targets, seq_ids, groups, token_weights):
@@ -79,15 +81,18 @@ def _gather(per_sequence, groups):
     return torch.where(groups >= 0, per_sequence[groups.clamp_min(0)], 0.0)
 
 
-def _sequence_stats(token, counted, seq_ids, num_sequences, wanted):
+def _stat_values(wanted, logp, entropy, sum_p2, mean_logit, top1):
+    """Per-token values (detached) of the requested statistics, from one pass's outputs."""
+    values = {"entropy": lambda: entropy.detach(), "logp": lambda: logp.detach(),
+              "log_sum_p2": lambda: sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log(),
+              "mean_logit": lambda: mean_logit, "top1": lambda: top1.float()}
+    return {name: values[name]() for name in wanted}
+
+
+def _sequence_stats(values, counted, seq_ids, num_sequences):
     stats = {"count": _per_sequence(counted.float(), seq_ids, num_sequences)}
-    if "entropy" in wanted:
-        stats["entropy"] = _per_sequence(torch.where(counted, token.entropy.detach(), 0.0), seq_ids, num_sequences)
-    if "logp" in wanted:
-        stats["logp"] = _per_sequence(torch.where(counted, token.logp.detach(), 0.0), seq_ids, num_sequences)
-    if "log_sum_p2" in wanted:
-        log_sum_p2 = torch.where(counted, token.sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log(), 0.0)
-        stats["log_sum_p2"] = _per_sequence(log_sum_p2, seq_ids, num_sequences)
+    for name, value in values.items():
+        stats[name] = _per_sequence(torch.where(counted, value, 0.0), seq_ids, num_sequences)
     return stats
 
 
@@ -104,7 +109,9 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
         seq_ids: [...] sequence index of every token (-1 for none); defaults to the
             row index of a padded [B, T] batch.
         token_weights: [...] weights in the per-sequence sum (e.g. LD-DPO); default 1.
-        stats: extra per-sequence statistics to pass to the head: 'entropy', 'log_sum_p2', 'logp'.
+        stats: extra per-sequence statistics to pass to the head (detached, summed over the
+            counted tokens without token_weights): 'entropy', 'log_sum_p2', 'logp', 'mean_logit',
+            'top1' (see Objective.stats). They come from the same pass at no measurable cost.
         strategy, budget: 'lean' or 'budget' and its byte budget; default from prefops.configure().
     """
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
@@ -132,12 +139,11 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
                                           num_sequences)
             return Objective(loss, sums["logps"], {"count": count, **{name: sums[name] for name in stats}})
         warn_lean(stacklevel=2)
-    token = linear_logprobs(flat_hidden, weight, torch.where(counted, flat_targets, ignore_index), bias=bias,
-                            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                            return_entropy="entropy" in stats, return_sum_p2="log_sum_p2" in stats, backend=backend)
-    token_logp = token if isinstance(token, torch.Tensor) else token.logp
+    token_logp, _, *extras = token_outputs(flat_hidden, weight, torch.where(counted, flat_targets, ignore_index),
+                                           bias=bias, ignore_index=ignore_index, temperature=temperature,
+                                           softcap=softcap, backend=backend)
     logps = _per_sequence(token_logp * weights, flat_seq, num_sequences)
-    seq_stats = _sequence_stats(token, counted, flat_seq, num_sequences, stats)
+    seq_stats = _sequence_stats(_stat_values(stats, token_logp, *extras), counted, flat_seq, num_sequences)
     group_index = torch.arange(groups.shape[0], device=groups.device)
     loss = head(_gather(logps, groups), group_index, {k: _gather(v, groups) for k, v in seq_stats.items()})
     return Objective(loss, logps.detach(), seq_stats)
@@ -311,7 +317,7 @@ def materialise(h_rows, weight, bias):
 
 class _LogpRows(ChunkRows):
     """The core op's per-token quantities: token_weights * log p(target), differentiated by the
-    head, and the requested statistics ('entropy', 'log_sum_p2', 'logp'), passed to it as is."""
+    head, and the requested statistics (STAT_NAMES), passed to it as is."""
 
     differentiable = ("logps",)
 
@@ -322,10 +328,9 @@ class _LogpRows(ChunkRows):
 
     def token_values(self, logits, rows, targets):
         token = _chunk_token_stats(logits, targets, self.temperature, self.softcap, self.backend)
-        values = {"logps": token.logp, "entropy": token.entropy, "logp": token.logp}
-        if "log_sum_p2" in self.wanted:
-            values["log_sum_p2"] = token.sum_p2.clamp_min(torch.finfo(torch.float32).tiny).log()
-        return {name: values[name] for name in self.weights}, token
+        stats = _stat_values(self.wanted, token.logp, token.entropy, token.sum_p2,
+                             token.logit_sum / logits.shape[1], token.top1)
+        return {"logps": token.logp, **stats}, token
 
     def head(self, sums, group_index):
         stats = {"count": _gather(self.count, self.groups[group_index])}
@@ -334,6 +339,8 @@ class _LogpRows(ChunkRows):
 
     def logit_grads_in_place(self, logits, targets, saved, grads):
         _logit_grads_in_place(logits, targets, saved, grads["logps"], self.temperature, self.softcap, self.backend)
+
+
 def _chunk_token_stats(logits, targets, temperature, softcap, backend) -> tiles.Token:
     if backend == "triton":
         from .kernels import launch_rows_stats

@@ -3,6 +3,8 @@
 linear_logprobs: log p(target | hidden) = z_target - logsumexp(z), z = f(hidden W^T + b),
 without the N x V logits. Forward keeps lse and entropy per counted token (8 bytes);
 backward recomputes the logits blockwise (prefops/fused.py schedules the chunks).
+The same pass also yields, undifferentiated and never saved for backward, sum_v p_v^2,
+the mean logit sum_v z_v / V and whether the target is the argmax (token_outputs).
 """
 from __future__ import annotations
 
@@ -33,13 +35,15 @@ def _scatter(rows, values, n):
 def _forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             targets: torch.Tensor, ignore_index: int, temperature: float,
                             softcap: Optional[float], backend: str, workspace: int
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden [N, H], targets [N] -> (logp, lse, entropy, sum_p2), each [N] fp32."""
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor]:
+    """hidden [N, H], targets [N] -> (logp, lse, entropy, sum_p2, mean_logit) [N] fp32 and top1 [N] bool."""
     check_targets_in_range(targets, weight.shape[0], ignore_index)
     rows, counted_targets = fused.counted_rows(targets, ignore_index)
     token = fused.token_stats(hidden, weight, bias, rows, counted_targets, temperature, softcap,
                               fused.resolve_backend(backend, hidden.device), workspace)
     n = targets.numel()
+    token = token._replace(logit_sum=token.logit_sum / weight.shape[0])
     return tuple(_scatter(rows, value, n) for value in token)
 
 
@@ -49,7 +53,7 @@ linear_logprobs_forward = torch.library.custom_op("prefops::linear_logprobs", mu
 @linear_logprobs_forward.register_fake
 def _(hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace):
     n = targets.numel()
-    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(4))
+    return (*(hidden.new_empty(n, dtype=torch.float32) for _ in range(5)), hidden.new_empty(n, dtype=torch.bool))
 
 
 def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -85,10 +89,10 @@ def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, output[1], output[2])
     ctx.options = (ignore_index, temperature, softcap, backend, workspace, get_settings().fp32_weight_grad)
-    ctx.mark_non_differentiable(output[3])
+    ctx.mark_non_differentiable(*output[3:])
 
 
-def _backward(ctx, grad_logp, grad_lse, grad_entropy, _grad_sum_p2):
+def _backward(ctx, grad_logp, grad_lse, grad_entropy, *_not_differentiable):
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
     ignore_index, temperature, softcap, backend, workspace, fp32_weight_grad = ctx.options
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
@@ -112,6 +116,26 @@ IMPLEMENTATIONS = {
 }
 
 
+def token_outputs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
+                  backend=None):
+    """Every per-token output of the fused pass, shaped like targets: (logp, lse, entropy,
+    sum_p2, mean_logit, top1); see linear_logprobs. logp, lse and entropy are differentiable;
+    sum_p2, mean_logit (sum_v z_v / V) and top1 (bool: target's logit >= every logit, so a
+    tie counts) are not. All are 0 / False at ignored tokens."""
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
+                        temperature=temperature, softcap=softcap)
+    settings = get_settings()
+    backend = check_choice(backend or settings.backend, BACKENDS, "backend")
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    if hidden_2d.stride(-1) != 1:
+        hidden_2d = hidden_2d.contiguous()
+    outputs = linear_logprobs_forward(
+        hidden_2d, weight.contiguous(), bias, targets.reshape(-1), ignore_index, float(temperature),
+        None if softcap is None else float(softcap), backend, settings.workspace,
+    )
+    return tuple(value.view(targets.shape) for value in outputs)
+
+
 def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
                     return_lse=False, return_entropy=False, return_sum_p2=False, backend=None):
     """Per-token log p(target | hidden) through the lm_head, without the N x V logits.
@@ -131,21 +155,11 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, te
     Returns fp32 log-probs shaped like targets (0 at ignored tokens), or a LogProbs
     tuple when an extra output is requested. Runs without saving anything for backward
     when no input requires grad (the forward-only path for reference models).
+    The mean logit and top-1 of TRL's metrics come from token_outputs (same pass).
     """
-    check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
-                        temperature=temperature, softcap=softcap)
-    settings = get_settings()
-    backend = check_choice(backend or settings.backend, BACKENDS, "backend")
-    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-    if hidden_2d.stride(-1) != 1:
-        hidden_2d = hidden_2d.contiguous()
-    logp, lse, entropy, sum_p2 = linear_logprobs_forward(
-        hidden_2d, weight.contiguous(), bias, targets.reshape(-1), ignore_index, float(temperature),
-        None if softcap is None else float(softcap), backend, settings.workspace,
-    )
-    shape = targets.shape
-    logp = logp.view(shape)
+    logp, lse, entropy, sum_p2, _, _ = token_outputs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                                                     temperature=temperature, softcap=softcap, backend=backend)
     if not (return_lse or return_entropy or return_sum_p2):
         return logp
-    return LogProbs(logp, lse.view(shape) if return_lse else None, entropy.view(shape) if return_entropy else None,
-                    sum_p2.view(shape).detach() if return_sum_p2 else None)
+    return LogProbs(logp, lse if return_lse else None, entropy if return_entropy else None,
+                    sum_p2.detach() if return_sum_p2 else None)

@@ -7,8 +7,12 @@ rows of logits) and documents the algebra in one place.
 Per row, over a vocabulary range, we keep the online-softmax statistics
     m = max z,  s = sum exp(z - m),  a = sum exp(z - m) (z - m),
     q = sum exp(2 (z - m)),  t = z[target] (0 if the target is elsewhere),
+    u = sum z  (a plain sum, never rescaled),
 from which  lse = m + log s,  log p(target) = t - lse,
-entropy = log s - a / s  and  sum_v p_v^2 = q / s^2.
+entropy = log s - a / s,  sum_v p_v^2 = q / s^2,  mean logit = u / V
+and  top1 = (t >= m): the target is an argmax. A tie with another vocabulary entry
+counts as top-1 (torch.argmax, and TRL, would pick the lower id); exact ties of
+fp32 logits are rare enough that the metric does not notice.
 Keeping `a` shifted by m avoids the cancellation of lse - E[z] at |z| ~ 1e3.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ class Stats(NamedTuple):
     shifted: torch.Tensor
     sumexp2: torch.Tensor
     target: torch.Tensor
+    logit_sum: torch.Tensor
 
 
 class Token(NamedTuple):
@@ -35,6 +40,10 @@ class Token(NamedTuple):
     lse: torch.Tensor
     entropy: torch.Tensor
     sum_p2: torch.Tensor
+    logit_sum: torch.Tensor
+    """sum_v z_v; divided by V it is TRL's mean logit (the vocabulary size is the caller's)."""
+    top1: torch.Tensor
+    """bool: the target's logit is the row maximum (ties count)."""
 
 
 def transform(linear: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
@@ -54,12 +63,12 @@ def tile_stats(z: torch.Tensor, local_targets: torch.Tensor) -> Stats:
     e = shifted.exp()
     inside = (local_targets >= 0) & (local_targets < z.shape[1])
     picked = z.gather(1, local_targets.clamp(0, z.shape[1] - 1).long()[:, None]).squeeze(1)
-    return Stats(m, e.sum(1), (e * shifted).sum(1), (e * e).sum(1), torch.where(inside, picked, 0.0))
+    return Stats(m, e.sum(1), (e * shifted).sum(1), (e * e).sum(1), torch.where(inside, picked, 0.0), z.sum(1))
 
 
 def empty_stats(n: int, device) -> Stats:
     zeros = torch.zeros(n, device=device)
-    return Stats(torch.full((n,), EMPTY, device=device), zeros, zeros, zeros, zeros)
+    return Stats(torch.full((n,), EMPTY, device=device), zeros, zeros, zeros, zeros, zeros)
 
 
 def empty_top_k(n: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +96,7 @@ def combine(x: Stats, y: Stats) -> Stats:
         cx * (x.shifted + (x.max - m) * x.sumexp) + cy * (y.shifted + (y.max - m) * y.sumexp),
         x.sumexp2 * cx * cx + y.sumexp2 * cy * cy,
         x.target + y.target,
+        x.logit_sum + y.logit_sum,
     )
 
 
@@ -101,13 +111,15 @@ def combine_splits(partial: Stats) -> Stats:
         (c * (partial.shifted + delta * partial.sumexp)).sum(1),
         (partial.sumexp2 * c * c).sum(1),
         partial.target.sum(1),
+        partial.logit_sum.sum(1),
     )
 
 
 def finalize(stats: Stats) -> Token:
     log_s = stats.sumexp.log()
     lse = stats.max + log_s
-    return Token(stats.target - lse, lse, log_s - stats.shifted / stats.sumexp, stats.sumexp2 / stats.sumexp**2)
+    return Token(stats.target - lse, lse, log_s - stats.shifted / stats.sumexp, stats.sumexp2 / stats.sumexp**2,
+                 stats.logit_sum, stats.target >= stats.max)
 
 
 def tile_grad(z, local_targets, lse, entropy, grad_logp, grad_lse, grad_entropy, temperature, softcap):
