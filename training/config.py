@@ -30,10 +30,13 @@ class Config:
     max_length: int = 64
     append_eos: bool = True           # end every completion with the tokenizer's EOS token
     packing: bool = False             # padding-free batches (flat tokens + cu_seqlens)
+    shared_prompt: bool = False       # preference stage: each prompt once, then its completions (prefops.shared_prompt)
+    list_size: int = 4                # completions per ranked row of a synthetic task (listwise, curriculum)
 
     # Objective. A pairwise loss of prefops.losses (TRL names: sigmoid, ipo, simpo, ...), a list of them
     # summed with loss_weights (["sigmoid", "sft"] with [1, alpha] is RPO), or an unpaired loss
-    # (kto, apo_zero_unpaired, bco) trained on prompt/completion/label rows or on unpaired pairs.
+    # (kto, apo_zero_unpaired, bco) trained on prompt/completion/label rows or on unpaired pairs,
+    # or a listwise loss (plackett_luce, lipo_lambda, pro, adpo, list_ce, dcg_pairwise, all_pairs) on ranked rows.
     loss_type: str | list = "sigmoid"
     loss_weights: list | None = None
     beta: float = 0.1
@@ -43,7 +46,8 @@ class Config:
     wpo: bool = False                 # WPO: weight each pair by how on-policy it is
     desirable_weight: float = 1.0     # KTO's lambda_D and lambda_U
     undesirable_weight: float = 1.0
-    loss_params: dict = dataclasses.field(default_factory=dict)  # other prefops.losses.PARAM_DEFAULTS keys
+    loss_params: dict = dataclasses.field(default_factory=dict)  # other PARAM_DEFAULTS / LISTWISE_PARAM_DEFAULTS keys
+    curriculum: str | int = "none"    # Curry-DPO on ranked rows: none | rank (a stage per rank gap) | n stages
     reference: str = "auto"           # model | precomputed | none | auto (none for reference-free losses)
     loss_impl: str = "fused"          # fused | reference (materialises the logits)
     strategy: str | None = None       # lean | budget (fused loss; None: prefops.configure's default)
@@ -160,8 +164,27 @@ def is_unpaired(config: Config) -> bool:
     return any(name in UNPAIRED_LOSSES for name in loss_types(config))
 
 
+def is_listwise(config: Config) -> bool:
+    from prefops.losses.listwise import LISTWISE_LOSSES
+    return any(name in LISTWISE_LOSSES for name in loss_types(config))
+
+
+def uses_ranked_rows(config: Config) -> bool:
+    """Whether the preference stage keeps whole ranked lists (listwise losses, curriculum pairs)."""
+    return is_listwise(config) or config.curriculum != "none"
+
+
+def needs_reference(config: Config) -> bool:
+    from prefops.losses import REFERENCE_FREE
+    from prefops.losses.listwise import LISTWISE_PARAM_DEFAULTS, _needs_reference
+    if is_listwise(config):
+        return _needs_reference(config.loss_type, {**LISTWISE_PARAM_DEFAULTS, **config.loss_params})
+    return any(name not in REFERENCE_FREE for name in loss_types(config))
+
+
 def _validate_objective(config: Config) -> None:
     from prefops.losses import LOSSES  # the registry is the source of truth for pairwise names
+    from prefops.losses.listwise import LISTWISE_LOSSES
     from prefops.losses.pairwise import TOKEN_LEVEL_LOSSES
 
     names = loss_types(config)
@@ -172,21 +195,46 @@ def _validate_objective(config: Config) -> None:
                          f"set reference to model (or auto); got {config.reference!r}")
     if token_level and (config.ld_alpha is not None or config.wpo):
         raise ValueError(f"loss_type {token_level[0]!r} cannot be combined with ld_alpha or wpo")
-    unknown = [name for name in names if name not in pairwise and name not in UNPAIRED_LOSSES]
+    unknown = [name for name in names
+               if name not in pairwise and name not in UNPAIRED_LOSSES and name not in LISTWISE_LOSSES]
     if unknown or not names:
         raise ValueError(f"loss_type {unknown or config.loss_type!r} is unknown; valid: pairwise "
-                         f"{', '.join(pairwise)} (or a list of them); unpaired {', '.join(UNPAIRED_LOSSES)}")
-    if is_unpaired(config):
+                         f"{', '.join(pairwise)} (or a list of them); unpaired {', '.join(UNPAIRED_LOSSES)}; "
+                         f"listwise {', '.join(LISTWISE_LOSSES)}")
+    for family, members, extra in (("an unpaired", UNPAIRED_LOSSES, {"loss_params": {}}),
+                                   ("a listwise", tuple(LISTWISE_LOSSES), {})):
+        if not any(name in members for name in names):
+            continue
         if len(names) > 1:
-            raise ValueError(f"an unpaired loss_type ({', '.join(UNPAIRED_LOSSES)}) cannot be combined in a "
-                             f"list; got {config.loss_type!r}")
-        pairwise_only = {"loss_weights": None, "ld_alpha": None, "wpo": False, "label_smoothing": 0.0,
-                         "loss_params": {}}
+            raise ValueError(f"{family} loss_type ({', '.join(members)}) cannot be combined in a list; "
+                             f"got {config.loss_type!r}")
+        pairwise_only = {"loss_weights": None, "ld_alpha": None, "wpo": False, "label_smoothing": 0.0, **extra}
+        hint = " (all_pairs and dcg_pairwise take pairwise options in loss_params)" if extra == {} else ""
         for key, default in pairwise_only.items():
             if getattr(config, key) != default:
-                raise ValueError(f"{key} applies to pairwise losses only; loss_type {names[0]!r} is unpaired")
-        if config.reference == "none":
+                raise ValueError(f"{key} applies to pairwise losses only; loss_type {names[0]!r} is "
+                                 f"{family.split()[1]}{hint}")
+        if config.reference == "none" and needs_reference(config):
             raise ValueError(f"loss_type {names[0]!r} needs a reference: set reference to model or precomputed")
+    curriculum = config.curriculum
+    if curriculum != "none":
+        if curriculum != "rank" and (isinstance(curriculum, bool) or not isinstance(curriculum, int) or curriculum < 1):
+            raise ValueError(f"curriculum must be none, rank or a number of stages >= 1; got {curriculum!r}")
+        if is_unpaired(config) or is_listwise(config):
+            raise ValueError(f"curriculum turns ranked lists into pairs for a pairwise loss; loss_type "
+                             f"{names[0]!r} is {'unpaired' if is_unpaired(config) else 'listwise'}")
+    if not isinstance(config.list_size, int) or config.list_size < 2:
+        raise ValueError(f"list_size must be an integer >= 2; got {config.list_size!r}")
+    if config.shared_prompt:
+        if is_unpaired(config):
+            raise ValueError(f"shared_prompt packs a prompt's pair or list; loss_type {names[0]!r} is unpaired")
+        if config.ld_alpha is not None:
+            raise ValueError("ld_alpha needs padded batches (it pairs chosen and rejected tokens): "
+                             "set shared_prompt: false")
+        if "flash" in config.attn_implementation:
+            raise ValueError(f"shared_prompt needs an attention mask flash-attention's varlen kernels cannot "
+                             f"express: set attn_implementation to sdpa, eager or flex_attention; got "
+                             f"{config.attn_implementation!r}")
     coupled = [name for name in names if name in BATCH_COUPLED_LOSSES]
     if coupled and config.grad_accum_steps > 1:
         raise ValueError(f"loss_type {coupled[0]!r} couples the pairs of a batch (it sorts across them), so its loss "

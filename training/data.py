@@ -9,10 +9,15 @@ Row formats (the TRL conventions), as JSONL lines or Hugging Face `datasets` row
 Every error names the row (file:line or source#index) and the field.
 
 A tokenised example is one prompt with k completions (k=2 for a pair: chosen,
-rejected; for an unpaired example its completion and a mismatched one for KTO's KL term). A batch of P examples holds k*P sequences, completion-major: all
-chosen, then all rejected. Targets are the next token on completion positions
-and -100 on prompt and padding. Batches are padded [S, T] or packed: flat
-tokens with per-sequence position ids and cu_seqlens.
+rejected; for an unpaired example its completion and a mismatched one for KTO's
+KL term; for a ranked list its k scored completions, k may vary). A batch of P
+examples holds its sequences completion-major (slot-major): every example's first
+completion, then every second one, ... (for pairs: all chosen, then all rejected);
+`lists` [P, K] gives each list's sequences. Targets are the next token on
+completion positions and -100 on prompt and padding. Batches are padded [S, T],
+packed (flat tokens with per-sequence position ids and cu_seqlens), or
+shared-prompt packed (prefops.shared_prompt: each prompt once, then its
+completions, in one row; targets are then the scored tokens only, see collate).
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ from pathlib import Path
 
 import torch
 
+from prefops.losses.curriculum import curriculum_pairs
+from prefops.shared_prompt import SharedPromptLayout, build_layout
+
 from .synthetic import TASKS
 
 IGNORE_INDEX = -100
@@ -36,13 +44,14 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- reading rows
 
-def read_rows(source: str, *, kind: str, size: int, seed: int) -> list[tuple[str, dict]]:
-    """(where, row) pairs from a source; `kind` picks the rows of a synthetic task."""
+def read_rows(source: str, *, kind: str, size: int, seed: int, list_size: int = 4) -> list[tuple[str, dict]]:
+    """(where, row) pairs from a source; `kind` (and `list_size` for "ranked") picks the rows of a synthetic task."""
     if source.startswith("synthetic:"):
         name = source.split(":", 1)[1]
         if name not in TASKS:
             raise DataError(f"unknown synthetic task {name!r}; available: {', '.join(TASKS)}")
-        return [(f"{source}#{i}", row) for i, row in enumerate(TASKS[name].rows(kind, size, seed))]
+        rows = TASKS[name].rows(kind, size, seed, **({"list_size": list_size} if kind == "ranked" else {}))
+        return [(f"{source}#{i}", row) for i, row in enumerate(rows)]
     if source.startswith("hf:"):
         return _read_hf(source)
     return _read_jsonl(Path(source))
@@ -89,6 +98,7 @@ class Record:
     completions: list          # pairwise: [chosen, rejected]; sft/unpaired: [completion]; ranked: all
     scores: list | None = None  # ranked only
     label: bool | None = None   # unpaired only
+    stage: int | None = None    # curriculum pairs only: the pair's stage, easy (0) to hard
 
     @property
     def kind(self) -> str:
@@ -158,14 +168,16 @@ def parse_row(where: str, row: dict) -> Record:
     return Record(where, prompt, [completion])
 
 
-def records_for(rows: list[tuple[str, dict]], stage: str, *, unpaired: bool = False
+def records_for(rows: list[tuple[str, dict]], stage: str, *, unpaired: bool = False, ranked: bool = False
                 ) -> tuple[list[Record], list[str]]:
     """Records a stage can train on, and a note for each row skipped.
 
     SFT takes single completions (the chosen of a pair, the desirable of unpaired rows);
     pairwise losses take pairs; unpaired losses (`unpaired`) take labelled completions,
     splitting each pair into a desirable chosen and an undesirable rejected completion.
-    Ranked rows become the pair (best, worst), as done for UltraFeedback.
+    Ranked rows become the pair (best, worst), as done for UltraFeedback, unless
+    `ranked` (listwise losses, curriculum pairs) keeps whole lists: a pair is then the
+    list [chosen, rejected] with scores [1, 0].
     """
     records, skipped = [], []
     for where, row in rows:
@@ -176,7 +188,10 @@ def records_for(rows: list[tuple[str, dict]], stage: str, *, unpaired: bool = Fa
             if record.scores[best] == record.scores[worst]:
                 skipped.append(f"{where} (all scores tie)")
                 continue
-            record = Record(where, record.prompt, [record.completions[best], record.completions[worst]])
+            if not ranked:
+                record = Record(where, record.prompt, [record.completions[best], record.completions[worst]])
+        elif ranked and stage != "sft" and record.kind == "pairwise":
+            record = Record(where, record.prompt, record.completions, scores=[1, 0])
         if stage == "sft":
             if record.label is False:
                 skipped.append(f"{where} (undesirable completion: not used for SFT)")
@@ -194,12 +209,27 @@ def records_for(rows: list[tuple[str, dict]], stage: str, *, unpaired: bool = Fa
         elif record.kind == "unpaired":
             raise DataError(f"{where}: unpaired (KTO) rows need an unpaired loss: set loss_type to kto, "
                             "apo_zero_unpaired or bco")
-        elif record.kind != "pairwise":
+        elif record.kind not in ("pairwise", "ranked"):
             raise DataError(f"{where}: preference training needs prompt/chosen/rejected or ranked rows, "
                             f"got a {record.kind} row")
         else:
             records.append(record)
     return records, skipped
+
+
+def curriculum_records(records: list[Record], stages: int | str) -> list[Record]:
+    """Curry-DPO: each ranked list's pairs (the best against every worse completion), easy -> hard.
+
+    prefops.losses.curriculum_pairs orders them by stage (an int n: n near-equal stages
+    of decreasing score gap; 'rank': one stage per rank distance, largest first), and
+    then by gap; each pair keeps its stage, which step_indices trains in order.
+    """
+    pairs = curriculum_pairs(scores=[record.scores for record in records], stages=stages)
+    return [Record(f"{records[pair.list_index].where}[{pair.chosen_index}>{pair.rejected_index}]",
+                   records[pair.list_index].prompt,
+                   [records[pair.list_index].completions[pair.chosen_index],
+                    records[pair.list_index].completions[pair.rejected_index]], stage=pair.stage)
+            for pair in pairs]
 
 
 # ----------------------------------------------------------------------------- tokenising
@@ -210,6 +240,8 @@ class Example:
     prompt_ids: list[int]
     completion_ids: list[list[int]]  # unpaired: [completion, the KL partner's completion]
     label: bool | None = None        # unpaired only: True = desirable
+    scores: list | None = None       # ranked lists only: one per completion, larger = better
+    stage: int | None = None         # curriculum pairs only
 
 
 def _render(tokenizer, prompt, completion, where: str) -> tuple[str, str, bool]:
@@ -233,7 +265,7 @@ def tokenize(tokenizer, record: Record, append_eos: bool = True) -> Example:
             ids = ids + [tokenizer.eos_token_id]
         completion_ids.append(ids)
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=not templated)
-    return Example(record.where, prompt_ids, completion_ids, record.label)
+    return Example(record.where, prompt_ids, completion_ids, record.label, record.scores, record.stage)
 
 
 def truncate(example: Example, max_length: int) -> Example | None:
@@ -243,7 +275,7 @@ def truncate(example: Example, max_length: int) -> Example | None:
     # The first completion token is a target only if a prompt token precedes it.
     if any(len(ids) - (not prompt) < 1 for ids in completions):
         return None
-    return Example(example.where, prompt, completions, example.label)
+    return dataclasses.replace(example, prompt_ids=prompt, completion_ids=completions)
 
 
 @dataclasses.dataclass
@@ -253,6 +285,12 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def curriculum(self) -> tuple | None:
+        """The stage of every example when they are curriculum pairs (trained stage by stage), else None."""
+        stages = tuple(example.stage for example in self.examples)
+        return None if stages[0] is None else stages
 
     def fingerprint(self) -> str:
         """Hash of the token ids: what a reference-log-prob cache is keyed by."""
@@ -315,6 +353,9 @@ class Batch:
     cu_seqlens: torch.Tensor | None    # [S + 1] packed
     indices: torch.Tensor              # dataset index of each example [P]
     labels: torch.Tensor | None = None  # [P] bool, unpaired only (True = desirable)
+    lists: torch.Tensor | None = None   # [P, K] ranked lists only: sequence index of each slot, -1 empty
+    scores: torch.Tensor | None = None  # [P, K] ranked lists only: score of each slot (0 in empty ones)
+    layout: SharedPromptLayout | None = None  # shared-prompt packing (targets are then the scored tokens)
 
     @property
     def packed(self) -> bool:
@@ -335,6 +376,11 @@ class Batch:
     @property
     def num_targets(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
+
+    @property
+    def tokens_saved(self) -> int:
+        """Tokens the model did not run because each prompt was packed once (shared_prompt)."""
+        return 0 if self.layout is None else self.layout.tokens_saved
 
     @property
     def seq_ids(self) -> torch.Tensor:
@@ -367,12 +413,44 @@ def _sequence(prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[in
     return ids, targets + [IGNORE_INDEX]
 
 
-def collate(dataset: Dataset, indices: list[int], *, packing: bool) -> Batch:
+def _lists(examples: list[Example]) -> torch.Tensor:
+    """[P, K]: the slot-major sequence index of each example's completions, -1 where a list is shorter."""
+    width = max(len(e.completion_ids) for e in examples)
+    lists = torch.full((len(examples), width), -1)
+    count = 0
+    for k in range(width):
+        for p, example in enumerate(examples):
+            if k < len(example.completion_ids):
+                lists[p, k], count = count, count + 1
+    return lists
+
+
+def collate(dataset: Dataset, indices: list[int], *, packing: bool, shared_prompt: bool = False) -> Batch:
+    """A batch of the examples `indices`: padded, packed, or shared-prompt packed.
+
+    shared_prompt: prefops.shared_prompt.build_layout(packing="flat") puts each prompt
+    once, followed by its completions, in one row; the batch is then a packed batch
+    whose targets [1, N] are the layout's scored tokens (sequence-ordered, so
+    cu_seqlens delimits them) and whose hidden states are the layout's gathered rows
+    (model.hidden_states), so every loss path reads it like any packed batch.
+    """
     examples = [dataset.examples[i] for i in indices]
-    num_completions = len(examples[0].completion_ids)
-    sequences = [_sequence(e.prompt_ids, e.completion_ids[k]) for k in range(num_completions) for e in examples]
+    lists = _lists(examples)
+    slots = sorted((lists >= 0).nonzero().tolist(), key=lambda slot: int(lists[slot[0], slot[1]]))
+    sequences = [_sequence(examples[p].prompt_ids, examples[p].completion_ids[k]) for p, k in slots]
     index_tensor = torch.tensor(indices)
     labels = torch.tensor([e.label for e in examples]) if examples[0].label is not None else None
+    ranked = {}
+    if examples[0].scores is not None:
+        scores = torch.tensor([e.scores + [0.0] * (lists.shape[1] - len(e.scores)) for e in examples],
+                              dtype=torch.float32)
+        ranked = dict(lists=lists, scores=scores)
+    if shared_prompt:
+        layout = build_layout([e.prompt_ids for e in examples], [e.completion_ids for e in examples], packing="flat")
+        counts = torch.bincount(layout.seq_ids, minlength=layout.num_sequences)
+        return Batch(input_ids=layout.input_ids, targets=layout.targets[None], attention_mask=None,
+                     position_ids=layout.position_ids, cu_seqlens=torch.nn.functional.pad(counts.cumsum(0), (1, 0)).int(),
+                     indices=index_tensor, labels=labels, layout=layout, **ranked)
     if packing:
         lengths = torch.tensor([len(ids) for ids, _ in sequences])
         return Batch(
@@ -383,6 +461,7 @@ def collate(dataset: Dataset, indices: list[int], *, packing: bool) -> Batch:
             cu_seqlens=torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int(),
             indices=index_tensor,
             labels=labels,
+            **ranked,
         )
     width = max(len(ids) for ids, _ in sequences)
     pad_id = 0  # any valid id: attention and targets both ignore padding
@@ -394,20 +473,27 @@ def collate(dataset: Dataset, indices: list[int], *, packing: bool) -> Batch:
         cu_seqlens=None,
         indices=index_tensor,
         labels=labels,
+        **ranked,
     )
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_order(size: int, seed: int, stage: str, epoch: int) -> list[int]:
+def _epoch_order(size: int, seed: int, stage: str, epoch: int, curriculum: tuple | None) -> list[int]:
     key = int(hashlib.sha256(f"{seed}-{stage}-{epoch}".encode()).hexdigest()[:15], 16)
-    return torch.randperm(size, generator=torch.Generator().manual_seed(key)).tolist()
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(key)).tolist()
+    if curriculum is None:
+        return order
+    # Curriculum stages in sequence, each one shuffled within: a stable sort of the shuffle by stage.
+    return sorted(order, key=curriculum.__getitem__)
 
 
-def step_indices(size: int, step: int, batch_size: int, seed: int, stage: str) -> list[int]:
+def step_indices(size: int, step: int, batch_size: int, seed: int, stage: str,
+                 curriculum: tuple | None = None) -> list[int]:
     """Example indices of optimizer step `step`: a reshuffle every epoch, a pure function of the step.
 
     Because the data order depends on nothing but (seed, stage, step), a resumed run
-    sees exactly the batches an uninterrupted run would.
+    sees exactly the batches an uninterrupted run would. `curriculum` (the stage of
+    every example, Dataset.curriculum) makes every epoch go through the stages in order.
     """
     positions = range(step * batch_size, (step + 1) * batch_size)
-    return [_epoch_order(size, seed, stage, p // size)[p % size] for p in positions]
+    return [_epoch_order(size, seed, stage, p // size, curriculum)[p % size] for p in positions]

@@ -1,10 +1,10 @@
-"""The training loop: an optional SFT stage, then preference optimisation (DPO family, KTO, BCO).
+"""The training loop: an optional SFT stage, then preference optimisation (DPO family, KTO, BCO, listwise).
 
 Read top to bottom: objectives, the learning-rate schedule, then the Trainer that
 builds everything from a Config and runs the stages. Every optimizer step sees
 micro_batch_size * grad_accum_steps examples per process (times the number of
 processes under torchrun, see distributed.py); its loss is normalised by the
-number of pairs or completions (preference) or completion tokens (SFT) of the
+number of pairs, lists or completions (preference) or completion tokens (SFT) of the
 whole step, so accumulating 4 micro-batches of 1 gives the gradient of one batch
 of 4, and 2 processes give the gradient of one process on their whole batch.
 """
@@ -24,9 +24,10 @@ import torch
 from tqdm import tqdm
 
 import prefops
-from prefops import PreferenceLoss
+from prefops import ListwiseLoss, PreferenceLoss
 from prefops import reference as reference_ops
-from prefops.losses import REFERENCE_FREE, BCOLoss, kto_loss, pairwise_loss
+from prefops.losses import BCOLoss, kto_loss, pairwise_loss
+from prefops.losses.listwise import PAIR_BASED, listwise_loss, preference_matrix
 
 from . import checkpoint, distributed, references
 from . import config as C
@@ -112,8 +113,12 @@ class PreferenceObjective:
                   "chosen_tokens": sum(map(_chosen_tokens, batches))}
         return totals, [self.reference(batch) for batch in batches]
 
+    def nll_mean_length(self, totals) -> float:
+        """The NLL term's mean chosen length, over the whole step (not one micro-batch)."""
+        return totals["chosen_tokens"] / totals["normaliser"]
+
     def __call__(self, lm, batch, totals, ref):
-        mean_length = totals["chosen_tokens"] / totals["normaliser"]
+        mean_length = self.nll_mean_length(totals)
         loss_fn = self._fused if self.config.loss_impl == "fused" else self._reference
         loss, metrics = lm(batch, lambda hidden, head: loss_fn(hidden, head, batch, ref, mean_length))
         pairs = batch.num_examples
@@ -170,6 +175,68 @@ class PreferenceObjective:
             sums[:pairs], sums[pairs:], *ref, loss_type=config.loss_type, beta=config.beta,
             label_smoothing=config.label_smoothing, loss_weights=config.loss_weights, chosen_lengths=counts[:pairs],
             rejected_lengths=counts[pairs:], **params)
+        return losses.sum(), metrics
+
+
+class ListwiseObjective(PreferenceObjective):
+    """A listwise loss (prefops.losses.listwise) over ranked lists, over the step's lists.
+
+    loss_impl fused: prefops.ListwiseLoss from hidden states and the head weight.
+    loss_impl reference: materialised logits, then the same prefops.losses.listwise_loss.
+    The pair-based types' NLL term (pairwise_type sft, cpo, orpo) takes the mean chosen
+    length over every ordered pair of the step, so it too accumulates exactly.
+    """
+
+    def prepare(self, lm, batches):
+        totals = {"normaliser": sum(batch.num_examples for batch in batches), "pairs": 0, "pair_chosen_tokens": 0}
+        if self.config.loss_type in PAIR_BASED:
+            for batch in batches:
+                mask = batch.lists >= 0
+                counted = (batch.targets != D.IGNORE_INDEX).float()
+                lengths = torch.where(mask, M.sequence_sums(counted, batch)[1][batch.lists.clamp_min(0)], 0)
+                better = preference_matrix(torch.where(mask, batch.scores, 0.0), mask)
+                totals["pairs"] += int(better.sum())
+                totals["pair_chosen_tokens"] += float((better.sum(-1) * lengths).sum())
+        return totals, [self.reference(batch) for batch in batches]
+
+    def nll_mean_length(self, totals) -> float:
+        return totals["pair_chosen_tokens"] / max(totals["pairs"], 1)
+
+    def _params(self, mean_length):
+        return {**self.config.loss_params,
+                **({"nll_mean_length": mean_length} if self.config.loss_type in PAIR_BASED else {})}
+
+    @staticmethod
+    def _reference_slots(batch, ref):
+        """The reference's per-slot tuple -> [P, K] (None for reference-free losses)."""
+        return None if ref[0] is None else torch.stack(ref[:batch.lists.shape[1]], dim=1)
+
+    def _fused(self, hidden, head, batch, ref, mean_length):
+        config = self.config
+        hidden, weight, bias = head.cast(hidden)
+        loss_fn = ListwiseLoss(config.loss_type, config.beta, ignore_index=D.IGNORE_INDEX, temperature=head.temperature,
+                               softcap=head.softcap, strategy=config.strategy, budget=config.budget,
+                               **self._params(mean_length))
+        ref_slots, ref_logps = self._reference_slots(batch, ref), None
+        if ref_slots is not None:  # per sequence [S], as ListwiseLoss takes it
+            mask = batch.lists >= 0
+            ref_logps = ref_slots.new_zeros(int(mask.sum())).index_put_((batch.lists[mask],), ref_slots[mask])
+        loss, metrics = loss_fn(
+            hidden, weight, batch.targets, lists=batch.lists, scores=batch.scores, bias=bias,
+            seq_ids=batch.seq_ids if batch.packed else None, ref_logps=ref_logps)
+        return loss * batch.num_examples, metrics
+
+    def _reference(self, hidden, head, batch, ref, mean_length):
+        config = self.config
+        hidden, weight, bias = head.cast(hidden)
+        token = reference_ops.linear_logprobs(hidden, weight, batch.targets, bias=bias, ignore_index=D.IGNORE_INDEX,
+                                              temperature=head.temperature, softcap=head.softcap)
+        sums, counts = M.sequence_sums(token, batch)
+        mask = batch.lists >= 0
+        slots = lambda values: torch.where(mask, values[batch.lists.clamp_min(0)], 0.0)  # noqa: E731
+        losses, metrics = listwise_loss(slots(sums), self._reference_slots(batch, ref), scores=batch.scores, mask=mask,
+                                        lengths=slots(counts), loss_type=config.loss_type, beta=config.beta,
+                                        **self._params(mean_length))
         return losses.sum(), metrics
 
 
@@ -335,13 +402,17 @@ class Trainer:
     def datasets(self, stage: str) -> tuple[D.Dataset, D.Dataset | None]:
         config = self.config
         source = (config.sft_data or config.data) if stage == "sft" else config.data
-        kind = "sft" if stage == "sft" else "preference"
+        ranked = stage != "sft" and C.uses_ranked_rows(config)
+        kind = "sft" if stage == "sft" else "ranked" if ranked else "preference"
         unpaired = stage != "sft" and C.is_unpaired(config)
 
         def load(source, size):
-            return D.records_for(D.read_rows(source, kind=kind, size=size, seed=config.seed), stage, unpaired=unpaired)
+            rows = D.read_rows(source, kind=kind, size=size, seed=config.seed, list_size=config.list_size)
+            return D.records_for(rows, stage, unpaired=unpaired, ranked=ranked)
 
         def build(records, skipped):
+            if ranked and config.curriculum != "none":  # after the split, so a prompt's pairs stay on one side
+                records = D.curriculum_records(records, config.curriculum)
             return D.build_dataset(records, self.tokenizer, config.max_length, skipped, config.append_eos, config.seed)
 
         records, skipped = load(source, config.synthetic_size)
@@ -362,7 +433,7 @@ class Trainer:
     def reference_kind(self) -> str:
         if self.config.reference != "auto":
             return self.config.reference
-        return "none" if all(name in REFERENCE_FREE for name in C.loss_types(self.config)) else "model"
+        return "model" if C.needs_reference(self.config) else "none"
 
     def frozen_reference(self) -> M.FusedLM:
         """A frozen copy of the current model, sharded like it under torchrun."""
@@ -395,7 +466,9 @@ class Trainer:
                 reference = references.frozen_model(reference_lm, config.loss_impl, self.autocast, config.ld_alpha)
             else:
                 reference = references.precomputed(reference_lm, dataset, config, self.device, self.autocast)
-            return (UnpairedObjective if C.is_unpaired(config) else PreferenceObjective)(config, reference)
+            family = (UnpairedObjective if C.is_unpaired(config) else ListwiseObjective if C.is_listwise(config)
+                      else PreferenceObjective)
+            return family(config, reference)
 
         self.stages[stage] = Stage(config.steps, config.lr, train_set, objective_for(train_set), eval_set,
                                    eval_set and objective_for(eval_set))
@@ -403,7 +476,8 @@ class Trainer:
     def step_batches(self, dataset: D.Dataset, indices: list[int]) -> list[D.Batch]:
         """This rank's micro-batches of a global step's example indices."""
         mine, size = distributed.shard_of(indices), self.config.micro_batch_size
-        return [D.collate(dataset, mine[i:i + size], packing=self.config.packing).to(self.device)
+        return [D.collate(dataset, mine[i:i + size], packing=self.config.packing,
+                          shared_prompt=self.config.shared_prompt).to(self.device)
                 for i in range(0, len(mine), size)]
 
     # --- evaluation
@@ -471,7 +545,7 @@ class Trainer:
         global_batch = config.batch_size * distributed.world_size()
         for step in bar:
             began = time.perf_counter()
-            indices = D.step_indices(len(train_set), step, global_batch, config.seed, stage)
+            indices = D.step_indices(len(train_set), step, global_batch, config.seed, stage, train_set.curriculum)
             batches = self.step_batches(train_set, indices)
             with explain_out_of_memory(config, f"{stage} step {step + 1}"):
                 record = run_batches(self.lm, objective, batches, self.autocast, backward=True)
@@ -481,11 +555,13 @@ class Trainer:
             record_lr = scheduler.get_last_lr()[0]
             scheduler.step()
             seconds = time.perf_counter() - began
-            counts = distributed.all_reduce_sums({"tokens": sum(batch.num_tokens for batch in batches),
-                                                  "completion_tokens": sum(batch.num_targets for batch in batches)})
+            counts = {"tokens": sum(batch.num_tokens for batch in batches),
+                      "completion_tokens": sum(batch.num_targets for batch in batches)}
+            if config.shared_prompt:  # prompt tokens not run again for each completion
+                counts["tokens_saved"] = sum(batch.tokens_saved for batch in batches)
+            counts = distributed.all_reduce_sums(counts)
             record = {"stage": stage, "kind": "train", "step": step + 1, **record, "lr": record_lr,
-                      "grad_norm": distributed.as_float(grad_norm), "tokens": int(counts["tokens"]),
-                      "completion_tokens": int(counts["completion_tokens"]),
+                      "grad_norm": distributed.as_float(grad_norm), **{name: int(n) for name, n in counts.items()},
                       "tokens_per_s": counts["tokens"] / seconds, "examples_per_s": len(indices) / seconds}
             bar.set_postfix(loss=f"{record['loss']:.4f}", **(
                 {"acc": f"{record['rewards/accuracies']:.2f}"} if "rewards/accuracies" in record else {}))

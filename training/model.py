@@ -18,6 +18,7 @@ import transformers
 import prefops
 from prefops import reference as reference_ops
 from prefops.integrations.hf import LMHead, final_hidden_states
+from prefops.shared_prompt import shared_prompt_hidden_states
 
 from .data import IGNORE_INDEX, Batch
 from .tokenizer import CharTokenizer
@@ -80,7 +81,11 @@ def linear_logprobs_fn(loss_impl: str):
 
 
 def hidden_states(model, batch: Batch) -> torch.Tensor:
-    """Final hidden states of the batch; packed sequences are kept apart by transformers (from position_ids)."""
+    """Final hidden states of the batch; packed sequences are kept apart by transformers (from position_ids).
+
+    A shared-prompt batch gives [1, N, H]: the rows that predict its N scored tokens."""
+    if batch.layout is not None:
+        return batch.layout.gather(shared_prompt_hidden_states(model, batch.layout))[None]
     return final_hidden_states(model, batch.input_ids, None if batch.packed else batch.attention_mask,
                                batch.position_ids)
 

@@ -2,7 +2,8 @@
 
 Each returns a function batch -> one tensor [P] per completion of an example
 ((ref_chosen_logps, ref_rejected_logps) for pairs, (completion, KL partner) for
-unpaired examples), looked up by the batch's example indices, so the loss code
+unpaired examples, one per list slot for ranked lists, 0 in a shorter list's
+empty slots; a precomputed table has as many slots as the dataset's longest list), looked up by the batch's example indices, so the loss code
 does not care which it is. With ld_alpha the sums are LD-DPO-weighted like the policy's.
 Token-level losses get the reference's hidden states and head instead (frozen_distributions).
 """
@@ -24,12 +25,19 @@ def no_reference(batch):
     return None, None
 
 
+def per_slot(sums: torch.Tensor, batch) -> tuple:
+    """Per-sequence values [S] -> one tensor [P] per completion slot (batches are slot-major)."""
+    if batch.lists is None:
+        return sums.reshape(-1, batch.num_examples).unbind(0)
+    return torch.where(batch.lists >= 0, sums[batch.lists.clamp_min(0)], 0.0).unbind(1)
+
+
 def frozen_model(reference_model, loss_impl: str, autocast, ld_alpha: float | None = None):
     @torch.no_grad()
     def logps(batch):
         with autocast():
             sums, _ = M.sequence_logprobs(reference_model, batch, loss_impl, ld_alpha)
-        return sums.reshape(-1, batch.num_examples).unbind(0)
+        return per_slot(sums, batch)
     return logps
 
 
@@ -77,11 +85,12 @@ def precomputed(reference_model, dataset: Dataset, config, device, autocast):
                   for start in range(0, len(dataset), config.micro_batch_size)]
         ranks = distributed.world_size()
         chunks += chunks[:-len(chunks) % ranks]  # every rank runs as many forwards: FSDP's collectives pair up
-        rows = {}
+        rows, width = {}, max(len(example.completion_ids) for example in dataset.examples)
         for indices in tqdm(chunks[distributed.rank()::ranks], desc="reference log-probs", leave=False,
                             disable=not distributed.is_main()):
             batch = collate(dataset, indices, packing=config.packing).to(device)
-            rows.update(zip(indices, torch.stack(compute(batch), dim=1).cpu()))
+            slots = torch.stack(compute(batch), dim=1)
+            rows.update(zip(indices, torch.nn.functional.pad(slots, (0, width - slots.shape[1])).cpu()))
         for part in distributed.all_gather_objects(rows):
             rows.update(part)
         table = torch.stack([rows[i] for i in range(len(dataset))])

@@ -40,13 +40,27 @@ class Addition:
         answer = rng.randint(0, self.answers - 2)
         return answer + 1 if answer >= total else answer  # uniform over the wrong digits
 
-    def rows(self, kind: str, n: int, seed: int) -> list[dict]:
-        """`n` rows of kind "preference" (prompt/chosen/rejected) or "sft" (prompt/completion)."""
+    def score(self, prompt: str, completion: str) -> int:
+        """Ground-truth quality: 0 for the sum, minus the distance from it otherwise."""
+        a, b = (int(x) for x in prompt.rstrip("=").split("+"))
+        return -abs(int(completion) - (a + b))
+
+    def rows(self, kind: str, n: int, seed: int, list_size: int = 4) -> list[dict]:
+        """`n` rows of kind "preference" (prompt/chosen/rejected), "ranked" (prompt/completions/scores,
+        `list_size` candidates) or "sft" (prompt/completion)."""
+        if kind == "ranked" and not 2 <= list_size <= self.answers:
+            raise ValueError(f"list_size must lie in [2, {self.answers}] for the {self.name} task; got {list_size}")
         rng = random.Random(f"{self.name}-{kind}-{seed}")
         rows = []
         for _ in range(n):
             a, b = self._operands(rng)
-            if kind == "preference":
+            if kind == "ranked":
+                prompt = self.prompt(a, b)
+                wrong = rng.sample([d for d in range(self.answers) if d != a + b], list_size - 1)
+                completions = [str(d) for d in rng.sample([a + b, *wrong], list_size)]
+                rows.append({"prompt": prompt, "completions": completions,
+                             "scores": [self.score(prompt, c) for c in completions]})
+            elif kind == "preference":
                 rows.append({"prompt": self.prompt(a, b), "chosen": str(a + b),
                              "rejected": str(self._wrong_answer(rng, a + b))})
             else:
