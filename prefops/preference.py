@@ -24,6 +24,8 @@ from .token_kl import sequence_kl_objective
 
 # Loss types whose loss of a pair depends on the other pairs of the batch.
 BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired")
+# Per-sequence statistics behind TRL's token metrics (entropy, logits/*, mean_token_accuracy).
+TOKEN_METRIC_STATS = ("entropy", "mean_logit", "top1")
 # Parameters that carry one value per pair, sliced with the pairs when the budget strategy chunks them.
 PER_PAIR_PARAMS = ("preference_probs", "pair_weights", "chosen_margin_rewards", "rejected_margin_rewards")
 
@@ -39,16 +41,24 @@ class PreferenceLoss(torch.nn.Module):
     kl_direction: the per-token KL of the TDPO losses ('tdpo1', 'tdpo2'): 'ref_policy' (TDPO's
         KL(π_ref || π_θ)) or 'policy_ref'. Those losses need ref_hidden and ref_weight: the KL, the
         policy and the reference log-probs come from one fused pass (prefops.linear_token_kl).
+    token_metrics: also return TRL's per-token metrics of the policy, from the same fused pass:
+        'entropy' (mean next-token entropy over chosen and rejected completion tokens),
+        'logits/chosen' and 'logits/rejected' (mean over those tokens of sum_v z_v / V) and
+        'mean_token_accuracy' (fraction of chosen completion tokens whose target is an argmax
+        of z; a tie counts as a hit, where TRL gives it to the lowest id). Each is a sum over
+        this batch's tokens divided by their count (0 with no token), as TRL logs it per step.
+        Off by default only to keep the metrics of existing callers unchanged; the cost is a few
+        per-sequence sums. Not available for the token-level (TDPO) losses.
     Other keyword parameters go to prefops.losses.pairwise_loss.
     """
 
     def __init__(self, loss_type="sigmoid", beta=0.1, *, label_smoothing=0.0, loss_weights=None, ld_alpha=None,
-                 wpo=False, tgdpo_alpha=None, kl_direction="ref_policy", ignore_index=-100, temperature=1.0,
-                 softcap=None, strategy=None, budget=None, **params):
+                 wpo=False, tgdpo_alpha=None, kl_direction="ref_policy", token_metrics=False, ignore_index=-100,
+                 temperature=1.0, softcap=None, strategy=None, budget=None, **params):
         super().__init__()
         self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
         self.loss_weights, self.ld_alpha, self.wpo, self.params = loss_weights, ld_alpha, wpo, params
-        self.tgdpo_alpha, self.kl_direction = tgdpo_alpha, kl_direction
+        self.tgdpo_alpha, self.kl_direction, self.token_metrics = tgdpo_alpha, kl_direction, token_metrics
         self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap)
         self.strategy, self.budget = strategy, budget
         names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -57,6 +67,8 @@ class PreferenceLoss(torch.nn.Module):
         self.batch_coupled = any(name in BATCH_COUPLED_LOSSES for name in names)
         if self.token_level and wpo:
             raise ValueError("wpo cannot be combined with the TDPO losses")
+        if self.token_level and token_metrics:
+            raise ValueError("token_metrics is not available for the TDPO losses (their fused pass is the KL's)")
 
     def _sequence_loss(self, chosen, rejected, ref_chosen, ref_rejected, lengths, pair_weights, mean_length,
                        seq_kl=None, group_index=None):
@@ -109,7 +121,7 @@ class PreferenceLoss(torch.nn.Module):
                                             self._wpo_weights(stats), mean_length, group_index=group_index)
             return losses.sum() / pairs
 
-        stats = ("log_sum_p2", "logp") if self.wpo else ()
+        stats = (("log_sum_p2", "logp") if self.wpo else ()) + (TOKEN_METRIC_STATS if self.token_metrics else ())
         out = sequence_objective(hidden, weight, targets, head=head, groups=groups, seq_ids=seq_ids,
                                  token_weights=token_weights, bias=bias, stats=stats, strategy=self._strategy(),
                                  budget=self.budget, **self.options)
@@ -119,6 +131,8 @@ class PreferenceLoss(torch.nn.Module):
                                          self._wpo_weights(seq_stats), mean_length)
         metrics["num_tokens/chosen"] = seq_stats["count"][:, 0].sum()
         metrics["num_tokens/rejected"] = seq_stats["count"][:, 1].sum()
+        if self.token_metrics:
+            metrics.update(trl_token_metrics(seq_stats))
         return out.loss, metrics
 
     def _strategy(self):
@@ -228,6 +242,20 @@ class PreferenceLoss(torch.nn.Module):
             if value is not None and tuple(value.shape) != (pairs,):
                 raise ValueError(f"{name} must have shape [P] = ({pairs},); got {tuple(value.shape)}")
         return ref_chosen, ref_rejected
+
+
+def trl_token_metrics(stats):
+    """TRL's token metrics from per-sequence sums {name: [P, 2]} (columns chosen, rejected) of
+    TOKEN_METRIC_STATS and 'count': token sums over the batch / token counts, 0 with no token."""
+    count = stats["count"]
+
+    def per_token(total, tokens):
+        return torch.where(tokens > 0, total / tokens.clamp_min(1), 0.0)
+
+    return {"entropy": per_token(stats["entropy"].sum(), count.sum()),
+            "logits/chosen": per_token(stats["mean_logit"][:, 0].sum(), count[:, 0].sum()),
+            "logits/rejected": per_token(stats["mean_logit"][:, 1].sum(), count[:, 1].sum()),
+            "mean_token_accuracy": per_token(stats["top1"][:, 0].sum(), count[:, 0].sum())}
 
 
 def _sequence_totals(values, seq_ids, num_sequences):

@@ -23,7 +23,7 @@ CHARS = "abcdefghij "
 PAIRS = 4
 TOLERANCE = 1e-5  # both sides fp32: TRL's chunked log-softmax and the fused op
 METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected"]
+           "logps/rejected", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"]
 
 
 def tokenizer():

@@ -15,9 +15,12 @@ go back to back in one row with restarting position_ids (transformers keeps them
 from attending to each other), so no padding token reaches the body or the head.
 
 Metrics keep TRL's names (rewards/chosen, rewards/rejected, rewards/accuracies,
-rewards/margins, logps/chosen, logps/rejected, num_tokens, aux_loss). TRL's
-entropy, logits/* and mean_token_accuracy are not logged: they would need
-per-token statistics the fused loss does not return.
+rewards/margins, logps/chosen, logps/rejected, num_tokens, aux_loss, and entropy,
+logits/chosen, logits/rejected, mean_token_accuracy from the same fused pass:
+PreferenceLoss(token_metrics=True)). As in TRL, those four are token-weighted
+across ranks: each rank's value times its token count, summed, over the summed
+counts. Top-1 counts a tie at the maximum logit as a hit, where TRL's argmax
+takes the lowest id; exact ties of fp32 logits are rare.
 
 Written against TRL 1.x (its DPOTrainer's compute_loss / compute_ref_log_probs).
 """
@@ -34,6 +37,10 @@ from ..preference import PreferenceLoss
 from .hf import PreferenceInputs, _peft_reference, check_head, completion_logps, fused_loss
 
 __all__ = ["DataCollatorForPaddingFreePreference", "PrefopsDPOTrainer"]
+
+# TRL's ratio metrics and the token counts (PreferenceLoss metrics) they are averages over.
+TOKEN_WEIGHTED = {"entropy": ("num_tokens/chosen", "num_tokens/rejected"), "logits/chosen": ("num_tokens/chosen",),
+                  "logits/rejected": ("num_tokens/rejected",), "mean_token_accuracy": ("num_tokens/chosen",)}
 
 
 @dataclasses.dataclass
@@ -85,7 +92,8 @@ class PrefopsDPOTrainer(DPOTrainer):
         self.prefops_loss = PreferenceLoss(
             self.loss_types, beta=self.beta, label_smoothing=self.label_smoothing, loss_weights=self.loss_weights,
             ld_alpha=self.ld_alpha, wpo=self.use_weighting, f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.args.discopop_tau)
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.args.discopop_tau,
+            token_metrics=True)
         check_head(self.model)
 
     def compute_ref_log_probs(self, model, inputs):
@@ -117,9 +125,14 @@ class PrefopsDPOTrainer(DPOTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _log_metrics(self, mode, metrics, inputs):
+        gather = lambda value: self.accelerator.gather_for_metrics(value.detach().float().reshape(1))  # noqa: E731
         for name, value in metrics.items():
-            gathered = self.accelerator.gather_for_metrics(value.detach().float().reshape(1))
-            self._metrics[mode][name].append(gathered.mean().item())
+            if name in TOKEN_WEIGHTED:
+                tokens = sum(metrics[count] for count in TOKEN_WEIGHTED[name])
+                total, tokens = gather(value * tokens).sum(), gather(tokens).sum()
+                self._metrics[mode][name].append((total / tokens).item() if tokens > 0 else 0.0)
+            else:
+                self._metrics[mode][name].append(gather(value).mean().item())
         if mode == "train":
             mask = inputs.get("attention_mask")
             tokens = inputs["input_ids"].numel() if mask is None else mask.sum()
