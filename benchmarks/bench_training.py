@@ -28,19 +28,14 @@ Each part and row runs in one process well inside 10 minutes on an H100; pass
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    add_choices_option, add_timing_options, attempt, environment_line, finish_report, fmt_gb, free_memory,
-    markdown_table, median_ms, peak_during, require_device, timing_defaults,
-)
-
-from prefops.training import config as C, data as D, loop as L, model as M  # noqa: E402
+from prefops.bench import (add_choices_option, add_timing_options, attempt, environment_line, finish_report, fmt_gb,
+                           free_memory, markdown_table, median_ms, peak_during, require_device, timing_defaults)
+from prefops.training import config as C, data as D, loop as L, model as M
 
 ROWS = {"prefops": "fused", "naive": "reference"}
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -52,8 +47,10 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_choices_option(parser, "--part", ("throughput", "longest"))
-    add_choices_option(parser, "--rows", tuple(ROWS))
+    add_choices_option(parser, "--part", ("throughput", "longest"),
+                       help="comma-separated parts: throughput (step time, tokens/s, peak memory) and/or longest "
+                            "(the longest single pair a step can train); default both")
+    add_choices_option(parser, "--rows", ROWS)
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (throughput)")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens of every sequence")
@@ -76,8 +73,8 @@ def parse_args(argv=None):
 class Bench:
     """One model, optimizer and trainer config per row; the step is the trainer's."""
 
-    def __init__(self, args, row: str):
-        self.args, self.device = args, require_device(args)
+    def __init__(self, args, device: torch.device, row: str):
+        self.args, self.device = args, device
         self.config = C.from_dict(dict(
             loss_type="sigmoid", beta=0.1, loss_impl=ROWS[row], reference="precomputed", bf16=args.device == "cuda",
             gradient_checkpointing=not args.no_checkpointing, micro_batch_size=args.pairs))
@@ -119,8 +116,8 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
 
-def throughput(args, row: str) -> list:
-    bench = Bench(args, row)
+def throughput(args, device, row: str) -> list:
+    bench = Bench(args, device, row)
     batch, reference = bench.batch(args.pairs, args.seq_len)
     first = bench.step(batch, reference)  # also allocates the AdamW state, so the peak below is the step's own
     ms = median_ms(lambda: bench.step(batch, reference), device=bench.device, reps=args.reps, warmup=args.warmup)
@@ -149,8 +146,8 @@ def trains(bench: Bench, length: int) -> bool:
     return reason is None
 
 
-def longest(args, row: str) -> list:
-    bench = Bench(args, row)
+def longest(args, device, row: str) -> list:
+    bench = Bench(args, device, row)
     step = args.granularity
     stop = args.stop // step * step
     good, bad, length = 0, None, max(step, args.start // step * step)
@@ -177,13 +174,13 @@ def main(argv=None):
              f"{mode}; bf16 autocast {'on' if args.device == 'cuda' else 'off'}; gradient checkpointing "
              f"{'off' if args.no_checkpointing else 'on'}; AdamW; prompt {args.prompt_len} tokens per sequence", ""]
     if "throughput" in args.part:
-        rows = [throughput(args, row) for row in args.rows]
+        rows = [throughput(args, device, row) for row in args.rows]
         lines += [f"## Throughput: {args.pairs} pairs x {args.seq_len} tokens per sequence", "",
                   markdown_table(["loss", "batch", "step ms (median)", "tokens/s", "peak beyond weights+state",
                                   "max allocated", "first-step loss"], rows), ""]
         free_memory()
     if "longest" in args.part:
-        rows = [longest(args, row) for row in args.rows]
+        rows = [longest(args, device, row) for row in args.rows]
         lines += [f"## Longest single pair (both sequences), {args.granularity}-token resolution", "",
                   markdown_table(["loss", "longest that trains", "shortest that runs out of memory"], rows), ""]
     finish_report("\n".join(lines), args.out)
