@@ -19,14 +19,11 @@ PAIRS, LENGTH, HIDDEN, VOCAB = 3, 9, 19, 331
 def reference_stats(hidden, weight, targets, bias=None, **transform):
     """Float64 (entropy, mean logit, top1) per token from the materialised logits; 0 / False at ignored tokens."""
     up = lambda x: None if x is None else x.double()  # noqa: E731
-    z = reference_logits(up(hidden), up(weight), bias=up(bias), **transform)
-    counted = targets != -100
-    picked = z.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
-    p = z.softmax(-1)
-    entropy = -(p * z.log_softmax(-1)).sum(-1)
-    zero = lambda x: torch.where(counted, x, 0)  # noqa: E731
+    entropy, mean_logit, top1 = prefops.reference.token_metrics(up(hidden), up(weight), targets, bias=up(bias),
+                                                                **transform)
     # The mean logit's error is set by the size of the logits it averages, not by the mean itself.
-    return zero(entropy), zero(z.mean(-1)), counted & (picked >= z.max(-1).values), zero(z.abs().mean(-1))
+    scale = reference_logits(up(hidden), up(weight), bias=up(bias), **transform).abs().mean(-1)
+    return entropy, mean_logit, top1, torch.where(targets != -100, scale, 0.0)
 
 
 def top1_in_fp32(hidden, weight, targets, bias=None, **transform):

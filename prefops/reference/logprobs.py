@@ -47,3 +47,15 @@ def token_sum_p2(hidden, weight, targets, *, bias=None, ignore_index=-100, tempe
     z = logits(hidden, weight, bias=bias, temperature=temperature, softcap=softcap)
     p = torch.softmax(z, dim=-1)
     return torch.where(targets != ignore_index, (p * p).sum(-1), p.new_zeros(()))
+
+
+def token_metrics(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None):
+    """(entropy, mean logit sum_v z_v / V, target-is-top-1) per token; 0 / False at ignored tokens.
+
+    A target that ties the largest logit counts as top-1."""
+    z = logits(hidden, weight, bias=bias, temperature=temperature, softcap=softcap)
+    counted = targets != ignore_index
+    picked = z.gather(-1, torch.where(counted, targets, 0)[..., None]).squeeze(-1)
+    entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    return (torch.where(counted, entropy, 0.0), torch.where(counted, z.mean(-1), 0.0),
+            counted & (picked >= z.max(-1).values))
