@@ -35,9 +35,9 @@ import torch
 import prefops
 from bench_core import SHAPES, TINY_SHAPES
 from prefops.bench import (BETA, IGNORE_INDEX, Problem, Skipped, add_choices_option, add_timing_options, attempt,
-                           build_floor, environment_line, exact_sequence_logps, finish_report, fmt_gb, fmt_ms,
-                           make_problem, markdown_table, median_ms, naive_token_logps, peak_during, relative_error,
-                           require_device, timing_defaults, token_chunks)
+                           build_floor, environment_line, finish_report, fmt_gb, fmt_ms, make_problem, markdown_table,
+                           median_ms, naive_token_logps, peak_during, reference_outputs, relative_error,
+                           require_device, timing_defaults)
 from prefops.losses import REFERENCE_FREE, kto_loss, pairwise_loss
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo", "kto")
@@ -196,20 +196,8 @@ ROWS = {
 # ---------------------------------------------------------------- measuring
 
 def exact_outputs(p: Problem, head, dtype):
-    """(loss, dh, dW) of head over per-sequence sums from logits in `dtype`, in token chunks: the yardstick."""
-    sums = exact_sequence_logps(p.hidden, p.weight, p.targets, None, dtype).requires_grad_()
-    loss = head(sums, p.mask.sum(-1).to(dtype))
-    loss.backward()
-    # d loss / d token logp is its sequence's gradient; push it through each chunk's logits.
-    token_grads = sums.grad.repeat_interleave(p.targets.shape[1])
-    hidden, targets = p.hidden.detach().view(-1, p.hidden.shape[-1]), p.targets.view(-1)
-    weight = p.weight.detach().to(dtype).requires_grad_()
-    dh = torch.empty(hidden.shape, device=hidden.device, dtype=dtype)
-    for chunk in token_chunks(targets.numel()):
-        rows = hidden[chunk].to(dtype).requires_grad_()
-        naive_token_logps(rows, weight, targets[chunk]).backward(token_grads[chunk])
-        dh[chunk] = rows.grad
-    return loss.detach(), dh.view(p.hidden.shape), weight.grad
+    """(loss, dh, dW) of head over per-sequence sums from logits in `dtype`: the yardstick."""
+    return reference_outputs(p, dtype, loss_of=lambda sums: head(sums, p.mask.sum(-1).to(dtype)))
 
 
 @dataclasses.dataclass

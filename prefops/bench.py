@@ -405,8 +405,10 @@ def forward_ops(p: Problem):
     }
 
 
-def reference_outputs(p: Problem, dtype=torch.float32):
+def reference_outputs(p: Problem, dtype=torch.float32, loss_of=None):
     """(loss, dh, dW) from logits in `dtype`, in token chunks: the yardstick for every row, naive included.
+
+    loss_of(sequence_logps [2P]) gives the loss; the DPO loss against p.ref by default.
 
     The naive row rounds bf16 logits, which alone moves a long sequence's
     log-prob sum by about 1e-2 relative; an fp32 yardstick keeps that from
@@ -414,7 +416,7 @@ def reference_outputs(p: Problem, dtype=torch.float32):
     yardstick for fp32 problems (the CPU checks).
     """
     sequence_logps = exact_sequence_logps(p.hidden, p.weight, p.targets, p.softcap, dtype).requires_grad_()
-    loss = dpo_loss(sequence_logps, p.ref)
+    loss = dpo_loss(sequence_logps, p.ref) if loss_of is None else loss_of(sequence_logps)
     loss.backward()
     # d loss / d token logp is its sequence's gradient; push it through each chunk's logits.
     token_grads = sequence_logps.grad.repeat_interleave(p.targets.shape[1])
