@@ -15,6 +15,7 @@ import torch.distributed as dist
 from prefops.training import data as D, loop as L
 
 from test_training import make_config
+from test_training_listwise import ranked_rows, write_jsonl
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is unavailable")
@@ -41,6 +42,10 @@ def _config(tmp_path, case, **overrides):
                                 "tie_word_embeddings": case == "tied_embeddings"})
     if case == "tdpo":  # the reference's head is gathered by its own FSDP root and copied out
         values.update(loss_type="tdpo1", loss_weights=None)
+    if case == "listwise_shared_prompt":  # ragged lists, their NLL term's step-wide length, shared-prompt batches
+        values.update(data=write_jsonl(tmp_path / "ranked.jsonl", ranked_rows()), loss_type="all_pairs",
+                      loss_weights=None, shared_prompt=True,
+                      loss_params={"pairwise_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]})
     return make_config(tmp_path, **{**values, **overrides})
 
 
@@ -89,7 +94,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["lm_head", "tied_embeddings", "tdpo"])
+@pytest.mark.parametrize("case", ["lm_head", "tied_embeddings", "tdpo", "listwise_shared_prompt"])
 def test_two_gloo_ranks_give_the_gradients_of_one_process(tmp_path, case):
     results = tmp_path / "rank0.pt"
     torch.multiprocessing.spawn(_worker, args=(_free_port(), tmp_path, str(results), case), nprocs=RANKS, join=True)

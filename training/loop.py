@@ -121,13 +121,19 @@ class PreferenceObjective:
         mean_length = self.nll_mean_length(totals)
         loss_fn = self._fused if self.config.loss_impl == "fused" else self._reference
         loss, metrics = lm(batch, lambda hidden, head: loss_fn(hidden, head, batch, ref, mean_length))
-        pairs = batch.num_examples
-        # Metrics are means over this micro-batch's pairs; weighted by them they sum to the step's.
-        return loss, {name: float(value) * pairs for name, value in metrics.items()
-                      if not name.startswith("num_tokens/")}
+        counts = self.counts(batch)
+        # Metrics are means over this micro-batch's pairs (or lists, ordered pairs, responses: METRIC_TOTALS);
+        # weighted by those counts they sum to the step's.
+        return loss, {name: float(value) * counts[self.METRIC_TOTALS.get(name, "normaliser")]
+                      for name, value in metrics.items() if not name.startswith("num_tokens/")}
+
+    METRIC_TOTALS: dict = {}
+
+    def counts(self, batch) -> dict:
+        return {"normaliser": batch.num_examples}
 
     def finish(self, sums, totals):
-        return {name: value / totals["normaliser"] for name, value in sums.items()}
+        return {name: value / totals[self.METRIC_TOTALS.get(name, "normaliser")] for name, value in sums.items()}
 
     def _fused(self, hidden, head, batch, ref, mean_length):
         config = self.config
@@ -184,20 +190,28 @@ class ListwiseObjective(PreferenceObjective):
     loss_impl fused: prefops.ListwiseLoss from hidden states and the head weight.
     loss_impl reference: materialised logits, then the same prefops.losses.listwise_loss.
     The pair-based types' NLL term (pairwise_type sft, cpo, orpo) takes the mean chosen
-    length over every ordered pair of the step, so it too accumulates exactly.
+    length over every ordered pair of the step, so it too accumulates exactly. Every
+    list has an ordered pair (rows whose scores all tie are skipped), so kendall_tau
+    and top1_accuracy are means over lists like the loss.
     """
 
+    METRIC_TOTALS = {"rewards/accuracies": "pairs", "rewards/mean": "responses", "logps/mean": "responses"}
+
+    def counts(self, batch) -> dict:
+        """Lists, ordered pairs, responses, and the chosen tokens summed over the ordered pairs."""
+        mask = batch.lists >= 0
+        counted = (batch.targets != D.IGNORE_INDEX).float()
+        lengths = torch.where(mask, M.sequence_sums(counted, batch)[1][batch.lists.clamp_min(0)], 0)
+        better = preference_matrix(torch.where(mask, batch.scores, 0.0), mask)
+        return {"normaliser": batch.num_examples, "pairs": int(better.sum()), "responses": int(mask.sum()),
+                "pair_chosen_tokens": float((better.sum(-1) * lengths).sum())}
+
     def prepare(self, lm, batches):
-        totals = {"normaliser": sum(batch.num_examples for batch in batches), "pairs": 0, "pair_chosen_tokens": 0}
-        if self.config.loss_type in PAIR_BASED:
-            for batch in batches:
-                mask = batch.lists >= 0
-                counted = (batch.targets != D.IGNORE_INDEX).float()
-                lengths = torch.where(mask, M.sequence_sums(counted, batch)[1][batch.lists.clamp_min(0)], 0)
-                better = preference_matrix(torch.where(mask, batch.scores, 0.0), mask)
-                totals["pairs"] += int(better.sum())
-                totals["pair_chosen_tokens"] += float((better.sum(-1) * lengths).sum())
-        return totals, [self.reference(batch) for batch in batches]
+        totals = defaultdict(float)
+        for batch in batches:
+            for name, value in self.counts(batch).items():
+                totals[name] += value
+        return dict(totals), [self.reference(batch) for batch in batches]
 
     def nll_mean_length(self, totals) -> float:
         return totals["pair_chosen_tokens"] / max(totals["pairs"], 1)
