@@ -62,20 +62,27 @@ def _first_step_gradients(model, config, batch, reference_lm=None):
     return torch.tensor(record["loss"]), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+def model_dataset_reference(config, records, *, scale=0.05, softcap=None):
+    """A tiny model, the dataset of `records`, and a frozen copy as reference, which the model is then
+    moved off (so that losses are not at their symmetric point)."""
+    model, tokenizer = M.build(config, torch.device("cpu"), "0123456789+=")
+    model.config.final_logit_softcapping = softcap
+    dataset = D.build_dataset(records, tokenizer, 16, [])
+    reference = M.FusedLM(M.frozen_copy(model))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return config, model, dataset, reference
+
+
 @pytest.fixture
 def tiny_model_and_batch(tmp_path):
     config = make_config(tmp_path, model_config={**TINY, "tie_word_embeddings": True})
-    model, tokenizer = M.build(config, torch.device("cpu"), "0123456789+=")
-    model.config.final_logit_softcapping = 3.0  # exercised through Head.of, as Gemma-2 would set it
     # Completions of unequal lengths, so that length-aware options (LD-DPO, SimPO) matter.
     records = [D.Record(f"row{i}", f"{i}+{i}=", [str(2 * i) * (1 + i % 3), str(i) * (1 + (i + 1) % 4)])
                for i in range(8)]
-    dataset = D.build_dataset(records, tokenizer, 16, [])
-    reference = M.FusedLM(M.frozen_copy(model))
-    with torch.no_grad():  # move off the reference so the loss is not at its symmetric point
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return config, model, dataset, reference
+    # softcap: exercised through Head.of, as Gemma-2 would set it
+    return model_dataset_reference(config, records, softcap=3.0)
 
 
 @pytest.mark.parametrize("objective", [

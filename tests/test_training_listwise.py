@@ -9,7 +9,8 @@ from prefops.training import config as C, data as D, loop as L, model as M, refe
 from prefops.training.synthetic import TASKS
 from prefops.training.tokenizer import CharTokenizer
 
-from test_training import NO_AUTOCAST, TINY, make_config, tiny_model_and_batch, train_records  # noqa: F401
+from test_training import (  # noqa: F401 - tiny_model_and_batch is a fixture
+    NO_AUTOCAST, TINY, make_config, model_dataset_reference, tiny_model_and_batch, train_records)
 
 
 def write_jsonl(path, rows):
@@ -66,14 +67,8 @@ def test_ranked_batches_are_slot_major_in_every_layout(tmp_path):
 def ranked_setup(tmp_path):
     path = write_jsonl(tmp_path / "ranked.jsonl", ranked_rows())
     config = make_config(tmp_path, model_config={**TINY, "tie_word_embeddings": True}, data=path, eval_fraction=0.0)
-    model, tokenizer = M.build(config, torch.device("cpu"), "0123456789+=")
     records, _ = D.records_for(D.read_rows(path, kind="ranked", size=0, seed=0), "dpo", ranked=True)
-    dataset = D.build_dataset(records, tokenizer, 16, [])
-    reference = M.FusedLM(M.frozen_copy(model))
-    with torch.no_grad():  # move off the reference so the loss is not at its symmetric point
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return config, model, dataset, reference
+    return model_dataset_reference(config, records)
 
 
 def _gradients(model, config, batch, reference_lm):

@@ -7,7 +7,7 @@ import torch
 from prefops.training import config as C, data as D, loop as L, model as M, references
 from prefops.training.tokenizer import CharTokenizer
 
-from test_training import NO_AUTOCAST, TINY, make_config
+from test_training import NO_AUTOCAST, TINY, make_config, model_dataset_reference
 
 
 def write_jsonl(path, rows):
@@ -71,14 +71,8 @@ def kto_setup(tmp_path):
     path = write_jsonl(tmp_path / "kto.jsonl", [
         {"prompt": f"{i}+{i}=", "completion": str(i) * (1 + i % 3), "label": i % 3 != 1} for i in range(8)])
     config = make_config(tmp_path, model_config={**TINY, "tie_word_embeddings": True}, data=path, eval_fraction=0.0)
-    model, tokenizer = M.build(config, torch.device("cpu"), "0123456789+=")
     records, _ = D.records_for(D.read_rows(path, kind="preference", size=0, seed=0), "dpo", unpaired=True)
-    dataset = D.build_dataset(records, tokenizer, 16, [])
-    reference = M.FusedLM(M.frozen_copy(model))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return config, model, dataset, reference
+    return model_dataset_reference(config, records, scale=0.1)
 
 
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired", "bco"])

@@ -101,6 +101,8 @@ class PreferenceObjective:
     loss_impl reference: materialised logits, then the same prefops.losses.pairwise_loss.
     """
 
+    METRIC_TOTALS: dict = {}  # metric -> the count (a key of counts()) it is a mean over; default the pairs
+
     def __init__(self, config, reference):
         self.config = config
         # batch -> (ref_chosen_logps, ref_rejected_logps), (None, None), or for the token-level
@@ -126,8 +128,6 @@ class PreferenceObjective:
         # weighted by those counts they sum to the step's.
         return loss, {name: float(value) * counts[self.METRIC_TOTALS.get(name, "normaliser")]
                       for name, value in metrics.items() if not name.startswith("num_tokens/")}
-
-    METRIC_TOTALS: dict = {}
 
     def counts(self, batch) -> dict:
         return {"normaliser": batch.num_examples}
