@@ -373,3 +373,11 @@ def test_curriculum_bad_input():
         curriculum_pairs(scores=[[1.0, 2.0]], stages=0)
     with pytest.raises(ValueError, match="not a \\(tied\\) ordering"):
         curriculum_pairs(ranks=[[1, 5]])
+
+
+def test_metrics_are_finite_when_every_reward_ties():
+    # At the first step the policy equals the reference: every implicit reward is 0.
+    logps = torch.full((2, 3), -5.0)
+    _, metrics = listwise_loss(logps, logps.clone(), scores=torch.tensor([[3.0, 1.0, 2.0], [0.0, 1.0, 2.0]]))
+    assert all(torch.isfinite(value).all() for value in metrics.values())
+    assert float(metrics["rewards/kendall_tau"]) == 0.0

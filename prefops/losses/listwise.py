@@ -14,7 +14,8 @@ no ordered pair; the pair-based losses give it 0.
 Metrics (detached scalars; implicit reward r_i = β Δ_i, or the loss's own
 reference-free reward): rewards/accuracies (fraction of ordered pairs i ≻ j with
 r_i > r_j, pooled over the batch), rewards/kendall_tau (Kendall τ-b between r and
-ψ, mean over lists that have an ordered pair and untied rewards), rewards/top1_accuracy
+ψ, mean over lists that have an ordered pair; a list whose rewards all tie, as at
+the first step, counts as τ = 0 rather than NaN), rewards/top1_accuracy
 (fraction of lists with an ordered pair whose highest reward is a best response,
 strictly above every other), rewards/chosen, rewards/rejected (mean reward of
 the best and of the worst responses, mean over lists), rewards/margins (their
@@ -405,7 +406,7 @@ def listwise_metrics(b: ListBatch, loss_type) -> dict:
     other_reward = torch.where(mask & ~b.is_best, rewards, -math.inf).amax(1)
     metrics = {
         "rewards/accuracies": (better & ahead).sum() / better.sum().to(rewards.dtype),
-        "rewards/kendall_tau": _masked_mean(kendall, untied > 0),
+        "rewards/kendall_tau": _masked_mean(kendall, ordered),
         "rewards/top1_accuracy": _masked_mean((top_reward > other_reward).to(rewards.dtype), ordered),
         "rewards/chosen": _masked_mean(rewards, b.is_best, 1).mean(),
         "rewards/rejected": _masked_mean(rewards, b.is_worst, 1).mean(),
