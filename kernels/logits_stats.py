@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .config import interpreting, stats_configs, vocabulary_splits
-from .logits_tile import logits_tile
+from .logits_tile import counted_row_block, logits_tile
 from .topk_stats import topk_init, topk_update
 
 EMPTY = tl.constexpr(-1.0e38)
@@ -37,12 +37,8 @@ def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr, top
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                         TOP_K: tl.constexpr, TOP_KP: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs_n < n_rows
-    rows = tl.load(rows_ptr + offs_n, mask=row_mask, other=0)
-    targets = tl.load(targets_ptr + offs_n, mask=row_mask, other=-1)
+    offs_n, row_mask, rows, targets = counted_row_block(rows_ptr, targets_ptr, n_rows, BLOCK_N)
 
     m = tl.full((BLOCK_N,), EMPTY, dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)

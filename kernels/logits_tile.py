@@ -19,6 +19,23 @@ def tanh(x):
 
 
 @triton.jit
+def counted_row_block(rows_ptr, targets_ptr, n_rows, BLOCK_N: tl.constexpr):
+    """This program's block of counted rows: (offsets, mask, row indices into h, targets; -1 past the end)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_n < n_rows
+    rows = tl.load(rows_ptr + offs_n, mask=row_mask, other=0)
+    targets = tl.load(targets_ptr + offs_n, mask=row_mask, other=-1)
+    return offs_n, row_mask, rows, targets
+
+
+@triton.jit
+def vocab_block(v_begin, v_count, BLOCK_V: tl.constexpr):
+    """This program's columns of a gradient tile over [v_begin, v_begin + v_count): (local, mask, global)."""
+    local_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return local_v, local_v < v_count, v_begin + local_v
+
+
+@triton.jit
 def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size, stride_h, stride_w,
                 inv_temperature, softcap,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .config import interpreting, pair_configs
-from .logits_tile import logits_tile
+from .logits_tile import counted_row_block, logits_tile, vocab_block
 
 
 @triton.autotune(configs=pair_configs(), key=["hidden_size", "ref_hidden_size", "IEEE", "POLICY_FIRST"])
@@ -29,15 +29,8 @@ def token_kl_grad_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, rows_ptr, 
                          HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          POLICY_FIRST: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs_n < n_rows
-    local_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_mask = local_v < v_count
-    offs_v = v_begin + local_v
-    rows = tl.load(rows_ptr + offs_n, mask=row_mask, other=0)
-    targets = tl.load(targets_ptr + offs_n, mask=row_mask, other=-1)
+    offs_n, row_mask, rows, targets = counted_row_block(rows_ptr, targets_ptr, n_rows, BLOCK_N)
+    local_v, v_mask, offs_v = vocab_block(v_begin, v_count, BLOCK_V)
     lse = tl.load(lse_ptr + offs_n, mask=row_mask, other=0.0)
     ref_lse = tl.load(ref_lse_ptr + offs_n, mask=row_mask, other=0.0)
     grad_kl = tl.load(grad_kl_ptr + offs_n, mask=row_mask, other=0.0)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .config import interpreting, pair_configs, vocabulary_splits
-from .logits_tile import logits_tile
+from .logits_tile import counted_row_block, logits_tile
 
 EMPTY = tl.constexpr(-1.0e38)
 
@@ -34,12 +34,8 @@ def token_kl_stats_kernel(ha_ptr, wa_ptr, ba_ptr, hb_ptr, wb_ptr, bb_ptr, rows_p
                           HAS_BIAS_A: tl.constexpr, HAS_BIAS_B: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                           IEEE: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs_n < n_rows
-    rows = tl.load(rows_ptr + offs_n, mask=row_mask, other=0)
-    targets = tl.load(targets_ptr + offs_n, mask=row_mask, other=-1)
+    offs_n, row_mask, rows, targets = counted_row_block(rows_ptr, targets_ptr, n_rows, BLOCK_N)
 
     m_a = tl.full((BLOCK_N,), EMPTY, dtype=tl.float32)
     m_b = tl.full((BLOCK_N,), EMPTY, dtype=tl.float32)
