@@ -262,7 +262,8 @@ def pairwise_params(loss_type, generator):
     return {}
 
 
-def pairwise_reference_loss(hidden, weight, targets, ref, *, loss_type, beta, ld_alpha=None, wpo=False, **params):
+def pairwise_reference_loss(hidden, weight, targets, ref, *, loss_type, beta=0.1, ld_alpha=None, wpo=False,
+                            **params):
     """float64 pipeline: materialised logits -> per-sequence (weighted) sums -> the same pairwise_loss."""
     from .losses import ld_dpo_token_weights, pairwise_loss
     from .reference import token_sum_p2
@@ -276,7 +277,8 @@ def pairwise_reference_loss(hidden, weight, targets, ref, *, loss_type, beta, ld
     lengths = counted.sum(1).double()
     if wpo:
         log_sum_p2 = torch.where(counted, token_sum_p2(hidden, weight, targets).clamp_min(1e-300).log(), 0.0).sum(1)
-        per_sequence = ((sums.detach() - log_sum_p2) / lengths).exp()
+        plain_sums = torch.where(counted, token, 0.0).sum(1)  # WPO ignores the LD weights, as TRL
+        per_sequence = ((plain_sums.detach() - log_sum_p2) / lengths).exp()
         params["pair_weights"] = per_sequence[:pairs] * per_sequence[pairs:]
     losses, metrics = pairwise_loss(sums[:pairs], sums[pairs:], ref[:pairs], ref[pairs:], loss_type=loss_type,
                                     beta=beta, chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:],
@@ -322,6 +324,7 @@ def _pairwise_entries():
         ("sigmoid+js_divergence", "sigmoid", {"f_divergence_type": "js_divergence"}),
         ("sigmoid+ld_alpha", "sigmoid", {"ld_alpha": 0.5}),
         ("sigmoid+wpo", "sigmoid", {"wpo": True}),
+        ("sigmoid+wpo+ld_alpha", "sigmoid", {"wpo": True, "ld_alpha": 0.5}),
     ]
     return [pairwise_entry(name, strategy, loss_type, **options)
             for name, loss_type, options in variants for strategy in ("lean", "budget")]

@@ -5,7 +5,7 @@ import torch
 
 import prefops
 from conftest import TOLERANCE, relative_error
-from prefops.losses import ld_dpo_token_weights, pairwise_loss
+from prefops.compare import pairwise_reference_loss as reference_loss
 
 PAIRS, LENGTH, HIDDEN, VOCAB = 3, 11, 21, 307
 
@@ -19,25 +19,6 @@ def make_batch(dtype=torch.float32):
         targets[row, LENGTH - torch.randint(0, 4, ()).item():] = -100
     ref = torch.randn(2 * PAIRS, dtype=torch.float64) - 40
     return hidden, weight, targets, ref
-
-
-def reference_loss(hidden, weight, targets, ref, *, loss_type, ld_alpha=None, wpo=False, **params):
-    token = prefops.reference.linear_logprobs(hidden, weight, targets)
-    counted = targets != -100
-    weights = counted.double()
-    if ld_alpha is not None:
-        weights = torch.cat(ld_dpo_token_weights(counted[:PAIRS], counted[PAIRS:], ld_alpha)).double()
-    sums = (token * weights).sum(1)
-    lengths = counted.sum(1).double()
-    if wpo:
-        sum_p2 = prefops.reference.token_sum_p2(hidden, weight, targets)
-        log_sum_p2 = torch.where(counted, sum_p2.clamp_min(1e-300).log(), 0.0).sum(1)
-        plain_sums = torch.where(counted, token, 0.0).sum(1)  # WPO ignores the LD weights, as TRL
-        w = ((plain_sums.detach() - log_sum_p2) / lengths).exp()
-        params["pair_weights"] = w[:PAIRS] * w[PAIRS:]
-    losses, metrics = pairwise_loss(sums[:PAIRS], sums[PAIRS:], ref[:PAIRS], ref[PAIRS:], loss_type=loss_type,
-                                    chosen_lengths=lengths[:PAIRS], rejected_lengths=lengths[PAIRS:], **params)
-    return losses.mean(), metrics
 
 
 CASES = [
