@@ -446,8 +446,47 @@ def token_kl_entry(direction):
                  cast=("ref_hidden", "ref_weight"))
 
 
+def tdpo_entry(loss_type, direction, strategy):
+    """PreferenceLoss(tdpo1 | tdpo2) from policy and reference hidden states against the float64 pipeline:
+    materialised logits -> per-token KL and log-probs -> sequence sums -> the same pairwise_loss."""
+    from .losses import pairwise_loss
+    from .preference import PreferenceLoss
+    from .reference import token_kl as reference_kl
+
+    def make(generator):
+        # The policy near its reference, as in training: sequence KLs of a few nats, not hundreds,
+        # whose fp32 rounding would swamp the loss they are subtracted in.
+        policy, noise = token_batch(generator, 2 * PAIRS), token_batch(generator, 2 * PAIRS, scale=1.0)
+        return {**policy, "ref_hidden": policy["hidden"] + 0.3 * noise["hidden"],
+                "ref_weight": policy["weight"] + 0.3 * noise["weight"]}
+
+    def fused(hidden, weight, targets, ref_hidden, ref_weight):
+        module = PreferenceLoss(loss_type, beta=PAIRWISE_BETA, kl_direction=direction, strategy=strategy,
+                                budget=2 * 2 * 2 * LENGTH * VOCAB * 4)
+        loss, metrics = module(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight)
+        return {"loss": loss, **{k: metrics[k] for k in PAIRWISE_OUTPUTS}}
+
+    def reference(hidden, weight, targets, ref_hidden, ref_weight):
+        kl, logp, ref_logp = reference_kl.linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets=targets,
+                                                          direction=direction)
+        counted = targets != IGNORE_INDEX
+        sums = [torch.where(counted, x, 0.0).sum(1) for x in (logp, ref_logp, kl)]
+        (chosen, rejected), (ref_chosen, ref_rejected), (kl_chosen, kl_rejected) = (
+            (x[:PAIRS], x[PAIRS:]) for x in sums)
+        lengths = counted.sum(1).double()
+        losses, metrics = pairwise_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type=loss_type,
+                                        beta=PAIRWISE_BETA, chosen_lengths=lengths[:PAIRS],
+                                        rejected_lengths=lengths[PAIRS:], chosen_seq_kl=kl_chosen,
+                                        rejected_seq_kl=kl_rejected)
+        return {"loss": losses.mean(), **{k: metrics[k] for k in PAIRWISE_OUTPUTS}}
+
+    return Entry(f"tdpo/{loss_type}/{direction}/{strategy}", make, fused, reference, cast=("ref_hidden", "ref_weight"))
+
+
 def _token_kl_entries():
-    return [token_kl_entry(direction) for direction in ("ref_policy", "policy_ref")]
+    return [token_kl_entry(direction) for direction in ("ref_policy", "policy_ref")] + [
+        tdpo_entry(loss_type, direction, strategy) for loss_type in ("tdpo1", "tdpo2")
+        for direction in ("ref_policy", "policy_ref") for strategy in ("lean", "budget")]
 
 
 # ---------------------------------------------------------------- diffusion
