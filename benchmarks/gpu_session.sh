@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every GPU measurement the issues ask for, in phases that each fit a 10-minute
+# command, for a session with a short lease on one H100/H200:
+#
+#   bash benchmarks/gpu_session.sh check        # install, GPU tests, prefops compare on CUDA (bf16 and fp32)
+#   bash benchmarks/gpu_session.sh core         # bench_core at A, L, Q (issue 2)
+#   bash benchmarks/gpu_session.sh families     # bench_losses, bench_listwise, bench_tdpo, bench_diagnostics (3, 4, 5)
+#   bash benchmarks/gpu_session.sh training     # bench_training throughput, then the longest pair of each row (6)
+#   bash benchmarks/gpu_session.sh shared       # bench_shared_prompt (7)
+#
+# Reports go to $OUT (the device tool's output folder) or ./gpu-results. The
+# first phase of a fresh machine installs the wheels fetched beforehand with
+# benchmarks/fetch_wheels.sh (carried as .whl); later phases on the same
+# machine skip it. Copy each report into benchmarks/RESULTS.md with its device line.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+install() {
+    if ! python3 -c "import prefops.kernels" 2>/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        python3 -m pip install -q --no-index --find-links .whl/build --no-deps -e .
+    fi
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+}
+
+run() {  # name, command...: log to $out/name.log, keep going when one fails
+    local name=$1
+    shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$out/$name.log" | tail -40
+}
+
+install
+case "${1:-check}" in
+    check)
+        run gpu-tests python3 -m pytest -q -m gpu tests
+        run compare-bf16 python3 -m prefops.cli compare --device cuda --dtype bfloat16
+        run compare-fp32 python3 -m prefops.cli compare --device cuda --dtype float32 ;;
+    core)
+        for shape in A L Q; do
+            run "core-$shape" python3 benchmarks/bench_core.py --shapes "$shape" --forward-shapes "$shape" \
+                --out "$out/core-$shape.md"
+        done ;;
+    families)
+        run losses python3 benchmarks/bench_losses.py --out "$out/losses.md"
+        run listwise python3 benchmarks/bench_listwise.py --out "$out/listwise.md"
+        run tdpo python3 benchmarks/bench_tdpo.py --out "$out/tdpo.md"
+        run diagnostics python3 benchmarks/bench_diagnostics.py --out "$out/diagnostics.md" ;;
+    training)
+        run training-throughput python3 benchmarks/bench_training.py --part throughput --out "$out/training.md"
+        run training-longest-prefops python3 benchmarks/bench_training.py --part longest --rows prefops \
+            --out "$out/training-longest-prefops.md"
+        run training-longest-naive python3 benchmarks/bench_training.py --part longest --rows naive \
+            --out "$out/training-longest-naive.md" ;;
+    shared)
+        run shared-prompt python3 benchmarks/bench_shared_prompt.py --out "$out/shared-prompt.md" ;;
+    *)
+        echo "unknown phase ${1}; choose check, core, families, training or shared" >&2
+        exit 2 ;;
+esac
