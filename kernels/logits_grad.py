@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .config import interpreting, grad_configs
-from .logits_tile import counted_row_block, logits_tile, vocab_block
+from .logits_tile import counted_row_block, linear_grad, logits_tile, vocab_block
 
 
 @triton.autotune(configs=grad_configs(), key=["hidden_size", "IEEE", "HAS_ENTROPY"])
@@ -40,10 +40,7 @@ def logits_grad_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, entr
         grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=row_mask, other=0.0)
         coef = coef - grad_entropy[:, None] * (log_p + entropy[:, None])
     dz = p * coef + tl.where(offs_v[None, :] == targets[:, None], grad_logp[:, None], 0.0)
-    if HAS_SOFTCAP:
-        capped = z / softcap
-        dz = dz * (1.0 - capped * capped)
-    dz = dz * inv_temperature
+    dz = linear_grad(dz, z, inv_temperature, softcap, HAS_SOFTCAP)
     out = out_ptr + offs_n[:, None] * stride_out + local_v[None, :]
     tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & v_mask[None, :])
 

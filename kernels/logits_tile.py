@@ -19,6 +19,24 @@ def tanh(x):
 
 
 @triton.jit
+def transform(linear, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap * tanh(u / softcap) with u = linear / temperature, in fp32."""
+    z = linear.to(tl.float32) * inv_temperature
+    if HAS_SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def linear_grad(dz, z, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+    """d loss / d(h W^T + b) from d loss / dz: the softcap and temperature chain rule, dz/du = 1 - (z/softcap)^2."""
+    if HAS_SOFTCAP:
+        capped = z / softcap
+        dz = dz * (1.0 - capped * capped)
+    return dz * inv_temperature
+
+
+@triton.jit
 def counted_row_block(rows_ptr, targets_ptr, n_rows, BLOCK_N: tl.constexpr):
     """This program's block of counted rows: (offsets, mask, row indices into h, targets; -1 past the end)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -59,7 +77,4 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size
             acc = tl.dot(h, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    z = acc * inv_temperature
-    if HAS_SOFTCAP:
-        z = softcap * tanh(z / softcap)
-    return z
+    return transform(acc, inv_temperature, softcap, HAS_SOFTCAP)

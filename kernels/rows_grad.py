@@ -12,7 +12,7 @@ Cost: ~10 n V elementwise FLOPs; reads and writes n V elements once each.
 import triton
 import triton.language as tl
 
-from .logits_tile import tanh
+from .logits_tile import linear_grad, transform
 
 
 @triton.jit
@@ -27,14 +27,10 @@ def rows_grad_kernel(logits_ptr, targets_ptr, lse_ptr, grad_logp_ptr, grad_lse_p
     lse = tl.load(lse_ptr + row)
     grad_logp = tl.load(grad_logp_ptr + row)
     grad_lse = tl.load(grad_lse_ptr + row)
-    z = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) * inv_temperature
-    if HAS_SOFTCAP:
-        z = softcap * tanh(z / softcap)
+    z = transform(tl.load(ptrs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
     dz = tl.exp(z - lse) * (grad_lse - grad_logp) + tl.where(offs == target, grad_logp, 0.0)
-    if HAS_SOFTCAP:
-        capped = z / softcap
-        dz = dz * (1.0 - capped * capped)
-    tl.store(ptrs, (dz * inv_temperature).to(logits_ptr.dtype.element_ty), mask=inside)
+    dz = linear_grad(dz, z, inv_temperature, softcap, HAS_SOFTCAP)
+    tl.store(ptrs, dz.to(logits_ptr.dtype.element_ty), mask=inside)
 
 
 def launch_rows_grad(logits, targets, lse, grad_logp, grad_lse, temperature, softcap):

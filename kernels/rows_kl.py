@@ -28,17 +28,9 @@ GEMMs that produced the rows.
 import triton
 import triton.language as tl
 
-from .logits_tile import tanh
+from .logits_tile import linear_grad, transform
 
 EMPTY = tl.constexpr(-1.0e38)
-
-
-@triton.jit
-def _transform(x, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
-    z = x.to(tl.float32) * inv_temperature
-    if HAS_SOFTCAP:
-        z = softcap * tanh(z / softcap)
-    return z
 
 
 @triton.jit
@@ -58,8 +50,8 @@ def rows_kl_stats_kernel(logits_a_ptr, logits_b_ptr, targets_ptr, out_ptr, n_row
     for v0 in range(0, vocab_size, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         inside = offs < vocab_size
-        za = _transform(tl.load(base_a + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
-        zb = _transform(tl.load(base_b + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
+        za = transform(tl.load(base_a + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
+        zb = transform(tl.load(base_b + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
         za = tl.where(inside, za, EMPTY)
         zb = tl.where(inside, zb, EMPTY)
         ma_new = tl.maximum(m_a, za)
@@ -107,8 +99,8 @@ def rows_kl_grad_kernel(logits_ptr, ref_logits_ptr, targets_ptr, lse_ptr, ref_ls
     ref_lse = tl.load(ref_lse_ptr + row)
     grad_kl = tl.load(grad_kl_ptr + row)
     grad_logp = tl.load(grad_logp_ptr + row)
-    z = _transform(tl.load(ptrs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
-    y = _transform(tl.load(ref_logits_ptr + row.to(tl.int64) * stride_ref + offs, mask=inside, other=0.0),
+    z = transform(tl.load(ptrs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
+    y = transform(tl.load(ref_logits_ptr + row.to(tl.int64) * stride_ref + offs, mask=inside, other=0.0),
                    inv_temperature, softcap, HAS_SOFTCAP)
     log_p = z - lse
     log_r = y - ref_lse
@@ -118,10 +110,8 @@ def rows_kl_grad_kernel(logits_ptr, ref_logits_ptr, targets_ptr, lse_ptr, ref_ls
     else:
         dkl = p - tl.exp(log_r)
     dz = grad_kl * dkl - grad_logp * p + tl.where(offs == target, grad_logp, 0.0)
-    if HAS_SOFTCAP:
-        capped = z / softcap
-        dz = dz * (1.0 - capped * capped)
-    tl.store(ptrs, (dz * inv_temperature).to(logits_ptr.dtype.element_ty), mask=inside)
+    dz = linear_grad(dz, z, inv_temperature, softcap, HAS_SOFTCAP)
+    tl.store(ptrs, dz.to(logits_ptr.dtype.element_ty), mask=inside)
 
 
 def launch_rows_kl_stats(logits, ref_logits, targets, policy_first, temperature, softcap):

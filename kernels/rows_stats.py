@@ -17,7 +17,7 @@ the time of the GEMM that produced it.
 import triton
 import triton.language as tl
 
-from .logits_tile import tanh
+from .logits_tile import transform
 
 EMPTY = tl.constexpr(-1.0e38)
 
@@ -38,9 +38,7 @@ def rows_stats_kernel(logits_ptr, targets_ptr, out_ptr, n_rows, vocab_size, stri
     for v0 in range(0, vocab_size, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         inside = offs < vocab_size
-        z = tl.load(base + offs, mask=inside, other=0.0).to(tl.float32) * inv_temperature
-        if HAS_SOFTCAP:
-            z = softcap * tanh(z / softcap)
+        z = transform(tl.load(base + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
         u += tl.where(inside, z, 0.0)
         z = tl.where(inside, z, EMPTY)
         m_new = tl.maximum(m, z)

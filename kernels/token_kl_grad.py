@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .config import interpreting, pair_configs
-from .logits_tile import counted_row_block, logits_tile, vocab_block
+from .logits_tile import counted_row_block, linear_grad, logits_tile, vocab_block
 
 
 @triton.autotune(configs=pair_configs(), key=["hidden_size", "ref_hidden_size", "IEEE", "POLICY_FIRST"])
@@ -50,10 +50,7 @@ def token_kl_grad_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, rows_ptr, 
         dkl = p - tl.exp(log_r)
     dz = grad_kl[:, None] * dkl - grad_logp[:, None] * p
     dz += tl.where(offs_v[None, :] == targets[:, None], grad_logp[:, None], 0.0)
-    if HAS_SOFTCAP:
-        capped = z / softcap
-        dz = dz * (1.0 - capped * capped)
-    dz = dz * inv_temperature
+    dz = linear_grad(dz, z, inv_temperature, softcap, HAS_SOFTCAP)
     out = out_ptr + offs_n[:, None] * stride_out + local_v[None, :]
     tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & v_mask[None, :])
 

@@ -44,7 +44,9 @@ def test_budget_matches_float64(backend, transform, dtype, scale):
     token = prefops.reference.linear_logprobs(*leaves[:2], targets, bias=leaves[2], **transform)
     expected = head(token.sum(1)[groups], None, None)
     expected_grads = torch.autograd.grad(expected, leaves)
-    tolerance = TOLERANCE[dtype]
+    # Logits of a few hundred are only known to their fp32 ulp (~3e-5), which bounds the agreement
+    # of p and so of the gradients with float64 (as in test_linear_logprobs' magnitude test).
+    tolerance = TOLERANCE[dtype] if scale < 10 else 1e-4
     assert relative_error(loss, expected) <= tolerance
     for grad, want in zip(grads, expected_grads):
         assert relative_error(grad, want) <= tolerance
