@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prefops.bench import (  # noqa: F401 - Problem, make_problem, ... stay importable from here
     BETA, FORWARD_HEADERS, ROWS, TABLE_HEADERS, Problem, Row, Shape, add_choices_option, add_timing_options,
-    bench_shape, environment_line, finish_report, make_problem, markdown_table, reference_outputs, require_device,
+    bench_shape, finish_report, make_problem, markdown_table, reference_outputs, report_heading, require_device,
     setup_lines, timing_defaults,
 )
 
@@ -52,9 +52,7 @@ def main(argv=None):
     shapes = TINY_SHAPES if args.tiny else SHAPES
 
     header = [
-        "# prefops core-op benchmark" + (" (TINY SMOKE TEST: timings meaningless)" if args.tiny else ""),
-        "",
-        environment_line(device),
+        *report_heading("prefops core-op benchmark", args.tiny, device),
         "",
         *setup_lines(args, device),
         "",

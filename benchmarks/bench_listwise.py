@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from prefops.bench import (GIB, Problem, Row, Shape, add_choices_option, add_timing_options, attempt, build_floor,
-                           environment_line, exact_sequence_logps, finish_report, fmt_gb, fmt_ms, make_problem,
+                           report_heading, exact_sequence_logps, finish_report, fmt_gb, fmt_ms, make_problem,
                            markdown_table, measure_row, median_ms, naive_token_logps, require_device,
                            timing_defaults, token_chunks)
 from prefops.listwise import ListwiseLoss
@@ -108,9 +108,7 @@ def run(args, device):
                 table.append([row.label, loss_type, fmt_ms(ms), ratio, fmt_gb(beyond), *errors, row.note])
             print("  " + " | ".join(table[-1]), file=sys.stderr, flush=True)
     header = [
-        "# prefops listwise benchmark" + (" (TINY SMOKE TEST: timings meaningless)" if args.tiny else ""),
-        "",
-        environment_line(device),
+        *report_heading("prefops listwise benchmark", args.tiny, device),
         "",
         f"{prompts} prompts × {RESPONSES} responses × {shape.tokens} tokens, H {shape.hidden}, V {shape.vocab}; "
         f"the core benchmark's data; beta {BETA}, mean over lists; median of {args.reps} reps after "

@@ -35,7 +35,7 @@ import torch
 import prefops
 from bench_core import SHAPES, TINY_SHAPES
 from prefops.bench import (BETA, IGNORE_INDEX, Problem, Skipped, add_choices_option, add_timing_options, attempt,
-                           build_floor, environment_line, finish_report, fmt_gb, fmt_ms, make_problem, markdown_table,
+                           build_floor, report_heading, finish_report, fmt_gb, fmt_ms, make_problem, markdown_table,
                            median_ms, naive_token_logps, peak_during, reference_outputs, relative_error,
                            require_device, timing_defaults)
 from prefops.losses import REFERENCE_FREE, kto_loss, pairwise_loss
@@ -306,8 +306,7 @@ def main(argv=None):
     for name in args.shapes:
         table += bench_shape(name, shapes[name], args, device)
     report = "\n".join([
-        "# prefops loss-type benchmark" + (" (TINY SMOKE TEST: timings meaningless)" if args.tiny else ""), "",
-        environment_line(device), "",
+        *report_heading("prefops loss-type benchmark", args.tiny, device), "",
         f"Forward + backward from final hidden states and lm_head; data as bench_core.py; beta {BETA}, "
         f"simpo_gamma {SIMPO_GAMMA}, KTO: chosen rows desirable, rejected rows undesirable, z_0 = {KTO_KL} fixed; "
         f"median of {args.reps} reps after {args.warmup} warm-up"

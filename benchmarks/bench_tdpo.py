@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 import prefops
 from bench_core import SHAPES, TINY_SHAPES
-from prefops.bench import (IGNORE_INDEX, add_choices_option, add_timing_options, attempt, environment_line,
+from prefops.bench import (IGNORE_INDEX, add_choices_option, add_timing_options, attempt,
                            finish_report, fmt_gb, fmt_ms, make_problem, markdown_table, median_ms, peak_during,
-                           relative_error, require_device, timing_defaults, token_chunks)
+                           relative_error, report_heading, require_device, timing_defaults, token_chunks)
 
 BETA, ALPHA = 0.1, 0.5
 REPS = (20, 2)  # --reps defaults on CUDA and on CPU
@@ -197,8 +197,7 @@ def main(argv=None):
     for name in args.shapes:
         rows += bench_shape(name, shapes[name], args, device)
     report = "\n".join([
-        "# prefops TDPO benchmark" + (" (TINY SMOKE TEST: timings meaningless)" if args.tiny else ""), "",
-        environment_line(device), "",
+        *report_heading("prefops TDPO benchmark", args.tiny, device), "",
         f"TDPO2 (beta {BETA}, alpha {ALPHA}), KL(p_ref || p_θ) per token, mean over pairs; data as bench_core.py, "
         f"reference = policy + {REFERENCE_NOISE} x std noise on h and W; median of {args.reps} reps after "
         f"{args.warmup} warm-up. Memory = peak during fwd+bwd beyond the inputs and W.grad + h.grad. "

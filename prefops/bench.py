@@ -175,6 +175,12 @@ def environment_line(device: torch.device) -> str:
             f"prefops commit {commit} | {date}")
 
 
+def report_heading(title: str, tiny: bool, device: torch.device) -> list[str]:
+    """A report's first lines: its title (marked when the shapes are tiny) and the environment."""
+    return ["# " + title + (" (TINY SMOKE TEST: timings meaningless)" if tiny else ""), "",
+            environment_line(device)]
+
+
 def markdown_table(headers, rows) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -790,8 +796,7 @@ def run_bench(args: argparse.Namespace, rest: list[str]) -> None:
                  + (f", softcap {shape.softcap:g}" if shape.softcap is not None else ""))
     table, forward_table = bench_shape("run", shape, options, device, record_cpu=True)
     report = [
-        "# prefops bench" + (" (TINY SMOKE TEST: timings meaningless)" if args.tiny else ""), "",
-        environment_line(device), "", *setup_lines(options, device, record_cpu=True), "",
+        *report_heading("prefops bench", args.tiny, device), "", *setup_lines(options, device, record_cpu=True), "",
         f"{described}; table batch: {shape.pairs} pairs × {shape.tokens} tokens.", "",
         "## Forward + backward", "", markdown_table(TABLE_HEADERS, table), "",
         "## Forward only (per-token log-probs)", "", markdown_table(FORWARD_HEADERS, forward_table),
