@@ -19,6 +19,13 @@ def tanh(x):
 
 
 @triton.jit
+def row_columns(vocab_size, BLOCK_V: tl.constexpr):
+    """A row-kernel program's place in a materialised [n, V] tensor: (row, columns, columns inside V)."""
+    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return tl.program_id(0), offs, offs < vocab_size
+
+
+@triton.jit
 def transform(linear, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
     """z = softcap * tanh(u / softcap) with u = linear / temperature, in fp32."""
     z = linear.to(tl.float32) * inv_temperature

@@ -12,16 +12,13 @@ Cost: ~10 n V elementwise FLOPs; reads and writes n V elements once each.
 import triton
 import triton.language as tl
 
-from .logits_tile import linear_grad, transform
+from .logits_tile import linear_grad, row_columns, transform
 
 
 @triton.jit
 def rows_grad_kernel(logits_ptr, targets_ptr, lse_ptr, grad_logp_ptr, grad_lse_ptr, vocab_size, stride_row,
                      inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0)
-    block = tl.program_id(1)
-    offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
-    inside = offs < vocab_size
+    row, offs, inside = row_columns(vocab_size, BLOCK_V)
     ptrs = logits_ptr + row.to(tl.int64) * stride_row + offs
     target = tl.load(targets_ptr + row)
     lse = tl.load(lse_ptr + row)

@@ -28,7 +28,7 @@ GEMMs that produced the rows.
 import triton
 import triton.language as tl
 
-from .logits_tile import linear_grad, transform
+from .logits_tile import linear_grad, row_columns, transform
 
 EMPTY = tl.constexpr(-1.0e38)
 
@@ -89,10 +89,7 @@ def rows_kl_stats_kernel(logits_a_ptr, logits_b_ptr, targets_ptr, out_ptr, n_row
 def rows_kl_grad_kernel(logits_ptr, ref_logits_ptr, targets_ptr, lse_ptr, ref_lse_ptr, kl_ptr, grad_kl_ptr,
                         grad_logp_ptr, vocab_size, stride_row, stride_ref, inv_temperature, softcap,
                         HAS_SOFTCAP: tl.constexpr, POLICY_FIRST: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0)
-    block = tl.program_id(1)
-    offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
-    inside = offs < vocab_size
+    row, offs, inside = row_columns(vocab_size, BLOCK_V)
     ptrs = logits_ptr + row.to(tl.int64) * stride_row + offs
     target = tl.load(targets_ptr + row)
     lse = tl.load(lse_ptr + row)
