@@ -7,6 +7,10 @@ blocks without storing any logits:
 (see prefops/tiles.py for how they turn into log p, lse, entropy, sum p^2,
 the mean logit u / V and top-1 = (t >= m)). u is a plain sum: no rescaling
 when the running max moves, one add per logit.
+Only m, s and t are always kept: ENTROPY, SUM_P2 and LOGIT_SUM switch a, q and u
+on. With them off (the training path, log p alone) a 128 x 128 tile at 8 warps
+compiles for sm_90 to half the fp32 adds and FMAs per tile (202 against 408 in
+SASS) and 8 bytes of spilled registers instead of 88.
 With TOP_K > 0 (forward-only diagnostics) the same tiles also feed a running
 top-k of the logits per row (kernels/topk_stats.py); TOP_K = 0 compiles that
 code away, so the training path pays nothing for it.
@@ -29,12 +33,14 @@ from .topk_stats import topk_init, topk_update
 EMPTY = tl.constexpr(-1.0e38)
 
 
-@triton.autotune(configs=stats_configs(), key=["hidden_size", "vocab_size", "IEEE", "TOP_K"])
+@triton.autotune(configs=stats_configs(), key=["hidden_size", "vocab_size", "IEEE", "TOP_K", "ENTROPY", "SUM_P2",
+                                                 "LOGIT_SUM"])
 @triton.jit
 def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr, top_ptr, top_ids_ptr,
                         n_rows, vocab_size, hidden_size, stride_h, stride_w, v_per_split, splits,
                         inv_temperature, softcap,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                        ENTROPY: tl.constexpr, SUM_P2: tl.constexpr, LOGIT_SUM: tl.constexpr,
                         TOP_K: tl.constexpr, TOP_KP: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
@@ -59,11 +65,14 @@ def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr, top
         rescale = tl.exp(m - m_new)
         shifted = z - m_new[:, None]
         e = tl.where(v_mask[None, :], tl.exp(shifted), 0.0)
-        a = rescale * (a + (m - m_new) * s) + tl.sum(e * shifted, axis=1)
+        if ENTROPY:
+            a = rescale * (a + (m - m_new) * s) + tl.sum(e * shifted, axis=1)
         s = rescale * s + tl.sum(e, axis=1)
-        q = rescale * rescale * q + tl.sum(e * e, axis=1)
+        if SUM_P2:
+            q = rescale * rescale * q + tl.sum(e * e, axis=1)
         t += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
-        u += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
+        if LOGIT_SUM:
+            u += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
         m = m_new
         if TOP_K > 0:
             top, top_ids = topk_update(top, top_ids, z, offs_v, row_mask[:, None] & v_mask[None, :], TOP_K, TOP_KP)
@@ -84,8 +93,10 @@ def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr, top
         tl.store(top_ids_ptr + at, top_ids, mask=keep)
 
 
-def launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap, top_k=0):
+def launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap, top_k=0,
+                        extras=(True, True, True)):
     """Run the kernel for the counted rows; returns partial Stats of shape [n, splits].
+    extras: (entropy, sum_p2, logit_sum) statistics to accumulate; the others stay at their initial 0.
 
     With top_k > 0 returns (Stats, values [n, splits, top_k], ids [n, splits, top_k]): the
     top-k logits of each split (slots a split cannot fill hold -1e38 and id -1)."""
@@ -107,6 +118,7 @@ def launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softca
         1.0 / temperature, softcap or 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         IEEE=hidden.dtype == torch.float32 or interpreting(), UPCAST=interpreting(),
+        ENTROPY=extras[0], SUM_P2=extras[1], LOGIT_SUM=extras[2],
         TOP_K=top_k, TOP_KP=triton.next_power_of_2(max(top_k, 1)),
     )
     stats = Stats(*out.unbind(0))

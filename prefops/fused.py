@@ -50,8 +50,12 @@ def _linear_fp32(h_rows, weight, bias, v0, v1):
     return linear if bias is None else linear + bias[v0:v1].float()
 
 
-def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k=0):
+def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k=0,
+                extras=(True, True, True)):
     """log p(target), lse, entropy, sum p^2, sum of the logits and top-1 for the counted rows, as a tiles.Token.
+
+    extras: whether entropy, sum p^2 and the logit sum are wanted; the Triton kernel
+    skips the others (their values are then meaningless), the PyTorch path computes them anyway.
 
     With top_k > 0, returns (Token, top-k logits [n, k] descending, their ids [n, k] int64)
     from the same pass over the vocabulary."""
@@ -61,9 +65,9 @@ def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backe
 
         if not top_k:
             return tiles.finalize(tiles.combine_splits(
-                launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap)))
+                launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap, extras=extras)))
         partial, values, ids = launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap,
-                                                   top_k=top_k)
+                                                   top_k=top_k, extras=extras)
         values, pick = values.flatten(1).topk(top_k, dim=1)
         return tiles.finalize(tiles.combine_splits(partial)), values, ids.flatten(1).gather(1, pick).long()
     # About four fp32 temporaries of the tile are alive at once.

@@ -32,6 +32,8 @@ from .ops import linear_logprobs, token_outputs
 from .sequences import sequence_sum
 
 STAT_NAMES = ("entropy", "log_sum_p2", "logp", "mean_logit", "top1")
+# The statistics that need an optional accumulator of the fused pass (ops.EXTRAS).
+STAT_EXTRAS = {"entropy": "entropy", "log_sum_p2": "sum_p2", "mean_logit": "mean_logit"}
 # Rows of materialised logits handled per elementwise pass in the budget strategy:
 # bounds the fp32 temporaries to a few of these blocks.
 _BLOCK_ROWS = 64
@@ -141,7 +143,8 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
         warn_lean(stacklevel=2)
     token_logp, _, *extras = token_outputs(flat_hidden, weight, torch.where(counted, flat_targets, ignore_index),
                                            bias=bias, ignore_index=ignore_index, temperature=temperature,
-                                           softcap=softcap, backend=backend)
+                                           softcap=softcap, extras=[STAT_EXTRAS[name] for name in stats
+                                                                    if name in STAT_EXTRAS], backend=backend)
     logps = _per_sequence(token_logp * weights, flat_seq, num_sequences)
     seq_stats = _sequence_stats(_stat_values(stats, token_logp, *extras), counted, flat_seq, num_sequences)
     group_index = torch.arange(groups.shape[0], device=groups.device)

@@ -34,24 +34,27 @@ def _scatter(rows, values, n):
 
 def _forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             targets: torch.Tensor, ignore_index: int, temperature: float,
-                            softcap: Optional[float], backend: str, workspace: int
+                            softcap: Optional[float], backend: str, workspace: int, extras: list[bool]
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                        torch.Tensor]:
-    """hidden [N, H], targets [N] -> (logp, lse, entropy, sum_p2, mean_logit) [N] fp32 and top1 [N] bool."""
+    """hidden [N, H], targets [N] -> (logp, lse, entropy, sum_p2, mean_logit) [N] fp32 and top1 [N] bool.
+
+    extras: [entropy, sum_p2, mean_logit] to compute; an output left out is all zeros."""
     check_targets_in_range(targets, weight.shape[0], ignore_index)
     rows, counted_targets = fused.counted_rows(targets, ignore_index)
     token = fused.token_stats(hidden, weight, bias, rows, counted_targets, temperature, softcap,
-                              fused.resolve_backend(backend, hidden.device), workspace)
+                              fused.resolve_backend(backend, hidden.device), workspace, extras=tuple(extras))
     n = targets.numel()
     token = token._replace(logit_sum=token.logit_sum / weight.shape[0])
-    return tuple(_scatter(rows, value, n) for value in token)
+    wanted = (True, True, *extras, True)
+    return tuple(_scatter(rows, value, n) if keep else value.new_zeros(n) for value, keep in zip(token, wanted))
 
 
 linear_logprobs_forward = torch.library.custom_op("prefops::linear_logprobs", mutates_args=())(_forward_impl)
 
 
 @linear_logprobs_forward.register_fake
-def _(hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace):
+def _(hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace, extras):
     n = targets.numel()
     return (*(hidden.new_empty(n, dtype=torch.float32) for _ in range(5)), hidden.new_empty(n, dtype=torch.bool))
 
@@ -86,10 +89,11 @@ def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_lse, grad_ent
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace = inputs
+    hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace, extras = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, output[1], output[2])
     ctx.options = (ignore_index, temperature, softcap, backend, workspace, get_settings().fp32_weight_grad)
-    ctx.mark_non_differentiable(*output[3:])
+    # An entropy that was not computed (zeros) must not pass a gradient on.
+    ctx.mark_non_differentiable(*output[3:], *([] if extras[0] else [output[2]]))
 
 
 def _backward(ctx, grad_logp, grad_lse, grad_entropy, *_not_differentiable):
@@ -104,7 +108,7 @@ def _backward(ctx, grad_logp, grad_lse, grad_entropy, *_not_differentiable):
     )
     keep = lambda grad, needed: grad if needed else None  # noqa: E731
     return (keep(grad_h, needs[0]), keep(grad_w, needs[1]), keep(grad_b, needs[2]),
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 linear_logprobs_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -116,14 +120,23 @@ IMPLEMENTATIONS = {
 }
 
 
+EXTRAS = ("entropy", "sum_p2", "mean_logit")
+
+
 def token_outputs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
-                  backend=None):
+                  extras=EXTRAS, backend=None):
     """Every per-token output of the fused pass, shaped like targets: (logp, lse, entropy,
     sum_p2, mean_logit, top1); see linear_logprobs. logp, lse and entropy are differentiable;
     sum_p2, mean_logit (sum_v z_v / V) and top1 (bool: target's logit >= every logit, so a
-    tie counts) are not. All are 0 / False at ignored tokens."""
+    tie counts) are not. All are 0 / False at ignored tokens.
+
+    extras: which of EXTRAS to compute; one left out costs nothing and comes back as None
+    (logp, lse and top1 are always there)."""
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
                         temperature=temperature, softcap=softcap)
+    for name in extras:
+        check_choice(name, EXTRAS, "extras entry")
+    wanted = [name in extras for name in EXTRAS]
     settings = get_settings()
     backend = check_choice(backend or settings.backend, BACKENDS, "backend")
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
@@ -131,9 +144,10 @@ def token_outputs(hidden, weight, targets, *, bias=None, ignore_index=-100, temp
         hidden_2d = hidden_2d.contiguous()
     outputs = linear_logprobs_forward(
         hidden_2d, weight.contiguous(), bias, targets.reshape(-1), ignore_index, float(temperature),
-        None if softcap is None else float(softcap), backend, settings.workspace,
+        None if softcap is None else float(softcap), backend, settings.workspace, wanted,
     )
-    return tuple(value.view(targets.shape) for value in outputs)
+    present = (True, True, *wanted, True)
+    return tuple(value.view(targets.shape) if keep else None for value, keep in zip(outputs, present))
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
@@ -157,8 +171,10 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, te
     when no input requires grad (the forward-only path for reference models).
     The mean logit and top-1 of TRL's metrics come from token_outputs (same pass).
     """
+    extras = [name for name, wanted in zip(EXTRAS, (return_entropy, return_sum_p2, False)) if wanted]
     logp, lse, entropy, sum_p2, _, _ = token_outputs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
-                                                     temperature=temperature, softcap=softcap, backend=backend)
+                                                     temperature=temperature, softcap=softcap, extras=extras,
+                                                     backend=backend)
     if not (return_lse or return_entropy or return_sum_p2):
         return logp
     return LogProbs(logp, lse if return_lse else None, entropy if return_entropy else None,

@@ -6,11 +6,23 @@ each kernel to a cubin with triton's bundled ptxas: every autotune config with
 the default switches, then every switch flipped once. Run in a process without
 TRITON_INTERPRET (tests/test_kernels_compile.py does that). Prints one line per
 compiled variant and exits non-zero on the first failure.
+
+With --profile it instead compiles each autotune config the way a launch on real
+shapes does (pointers and the hidden size, vocabulary and strides specialised as
+multiples of 16; no bias or softcap; log p alone) and reports, from the SASS, what
+decides a tile kernel's speed on the chip: shared memory, registers, spilled stack
+bytes, wgmma (HGMMA) instructions, 16-byte asynchronous copies and scalar 2-byte
+loads. A tile kernel (one with a BLOCK_K loop) fails the profile when it runs its
+GEMM without wgmma, loads its operands other than by 16-byte asynchronous copies,
+or needs more shared memory than an H100 block gets.
 """
 import importlib
 import os
 import pkgutil
+import re
+import subprocess
 import sys
+import tempfile
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
@@ -31,8 +43,11 @@ FLOAT_SCALARS = {"inv_temperature", "softcap"}
 # Switches that are off by default (everything else named HAS_* / *_FIRST is tried on and off).
 DEFAULTS = {"IEEE": False, "UPCAST": False, "TOP_K": 0, "TOP_KP": 1}
 VARIANTS = {"TOP_K": [(("TOP_K", 10), ("TOP_KP", 16))], "IEEE": [(("IEEE", True),)]}
-UNTUNED_BLOCKS = {"rows_stats_kernel": {"BLOCK_V": 4096}, "rows_grad_kernel": {"BLOCK_V": 2048},
-                  "rows_kl_stats_kernel": {"BLOCK_V": 4096}, "rows_kl_grad_kernel": {"BLOCK_V": 2048}}
+# Kernels launched without an autotuner: the block and warps their launchers pass at a large vocabulary.
+UNTUNED = {"rows_stats_kernel": triton.Config({"BLOCK_V": 4096}, num_warps=8),
+           "rows_grad_kernel": triton.Config({"BLOCK_V": 2048}, num_warps=4),
+           "rows_kl_stats_kernel": triton.Config({"BLOCK_V": 4096}, num_warps=8),
+           "rows_kl_grad_kernel": triton.Config({"BLOCK_V": 2048}, num_warps=4)}
 
 
 def kernels():
@@ -61,10 +76,14 @@ def signature(name, fn):
     return types
 
 
+def launch_configs(name, kernel):
+    return kernel.configs if hasattr(kernel, "configs") else [UNTUNED[name]]
+
+
 def variants(name, kernel, fn):
     switches = {p.name: DEFAULTS.get(p.name, True) for p in fn.params
                 if p.is_constexpr and not p.name.startswith("BLOCK_")}
-    blocks = [c.kwargs for c in kernel.configs] if hasattr(kernel, "configs") else [UNTUNED_BLOCKS[name]]
+    blocks = [c.kwargs for c in launch_configs(name, kernel)]
     for block in blocks:
         yield {**switches, **block}
     for switch, value in switches.items():
@@ -72,7 +91,66 @@ def variants(name, kernel, fn):
             yield {**switches, **dict(change), **blocks[0]}
 
 
+# Integers a real launch passes as multiples of 16 (H and V of every released model, their
+# row strides, the split width), which Triton's launcher specialises on.
+ALIGNED_INTS = ("hidden", "ref_hidden_size", "vocab_size", "v_per_split", "stride_")
+# The training path: no bias or softcap, log p without the optional statistics.
+PROFILE_SWITCHES = {"ENTROPY": False, "SUM_P2": False, "LOGIT_SUM": False}
+SHARED_MEMORY_PER_BLOCK = 227 * 1024
+
+
+def launch_attrs(fn):
+    return {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+            if not p.is_constexpr and (p.name.endswith("_ptr") or p.name.startswith(ALIGNED_INTS))}
+
+
+def resources(compiled):
+    """What the compiler made of one config: {smem, regs, stack, hgmma, copy16, scalar16}."""
+    tool = triton.knobs.nvidia.cuobjdump.path
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+    return {"smem": compiled.metadata.shared, "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)), "hgmma": sass.count("HGMMA"),
+            "copy16": len(re.findall(r"LDGSTS\S*\.128", sass)), "scalar16": len(re.findall(r"LDG\S*\.U16", sass))}
+
+
+def profile_problems(fn, usage):
+    if "BLOCK_K" not in fn.arg_names:
+        return []
+    return [problem for problem, bad in (
+        ("no wgmma", usage["hgmma"] == 0), ("no 16-byte async copies", usage["copy16"] == 0),
+        ("scalar 2-byte loads", usage["scalar16"] > 0),
+        ("too much shared memory", usage["smem"] > SHARED_MEMORY_PER_BLOCK)) if bad]
+
+
+def profile():
+    failed = False
+    for name, kernel in kernels():
+        fn = jit_function(kernel)
+        switches = {p.name: False if p.name.startswith("HAS_") else PROFILE_SWITCHES.get(p.name,
+                                                                                          DEFAULTS.get(p.name, True))
+                    for p in fn.params if p.is_constexpr and not p.name.startswith("BLOCK_")}
+        for config in launch_configs(name, kernel):
+            source = ASTSource(fn=fn, signature=signature(name, fn), constexprs={**switches, **config.kwargs},
+                               attrs=launch_attrs(fn))
+            compiled = triton.compile(source, target=HOPPER,
+                                      options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+            usage = resources(compiled)
+            problems = profile_problems(fn, usage)
+            failed |= bool(problems)
+            blocks = "x".join(str(v) for v in config.kwargs.values())
+            print(f"{'FAILED' if problems else 'profile'} {name} {blocks} warps={config.num_warps} "
+                  f"stages={config.num_stages} " + " ".join(f"{k}={v}" for k, v in usage.items())
+                  + (f" ({', '.join(problems)})" if problems else ""), flush=True)
+    return 1 if failed else 0
+
+
 def main():
+    if "--profile" in sys.argv[1:]:
+        return profile()
     for name, kernel in kernels():
         fn = jit_function(kernel)
         for constants in variants(name, kernel, fn):

@@ -89,10 +89,43 @@ def test_extra_outputs_save_nothing_for_backward():
     assert sorted(saved) == sorted([hidden.numel(), weight.numel(), 12, 12, 12])
 
 
-def test_custom_op_schema_and_fake_agree():
+@pytest.mark.parametrize("extras", [[True, True, True], [False, False, False], [True, False, True]], ids=str)
+def test_custom_op_schema_and_fake_agree(extras):
     hidden, weight, targets, bias = make_inputs(10, HIDDEN, VOCAB, bias=True)
     torch.library.opcheck(linear_logprobs_forward, (hidden.requires_grad_(), weight, bias, targets, -100, 1.0, None,
-                                                    "torch", 1 << 20))
+                                                    "torch", 1 << 20, extras))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("extras", [(), ("entropy",), ("sum_p2",), ("mean_logit",), ("entropy", "mean_logit")],
+                         ids=str)
+def test_extras_left_out_are_none_and_change_nothing_else(backend, extras):
+    """The Triton kernel compiles an unrequested accumulator away; what is asked for must not move."""
+    hidden, weight, targets, bias = make_inputs(37, HIDDEN, VOCAB, scale=4.0, bias=True)
+    targets = targets_on_argmax(hidden, weight, targets, bias)
+    full = token_outputs(hidden, weight, targets, bias=bias, backend=backend)
+    some = token_outputs(hidden, weight, targets, bias=bias, backend=backend, extras=extras)
+    for name, got, want in zip(("logp", "lse", "entropy", "sum_p2", "mean_logit", "top1"), some, full):
+        if name in ("entropy", "sum_p2", "mean_logit") and name not in extras:
+            assert got is None, name
+        else:
+            assert torch.equal(got, want), name
+
+
+def test_an_entropy_not_asked_for_takes_no_gradient():
+    hidden, weight, targets, _ = make_inputs(12, HIDDEN, VOCAB)
+    hidden.requires_grad_()
+    _, _, entropy, _, _, _ = token_outputs(hidden, weight, targets, extras=("entropy",))
+    assert entropy.requires_grad
+    out = linear_logprobs_forward(hidden, weight, None, targets, -100, 1.0, None, "torch", 1 << 20,
+                                  [False, True, True])
+    assert not out[2].requires_grad and torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+def test_unknown_extra_is_refused():
+    hidden, weight, targets, _ = make_inputs(4, HIDDEN, VOCAB)
+    with pytest.raises(ValueError, match="extras entry"):
+        token_outputs(hidden, weight, targets, extras=("entropy", "kl"))
 
 
 def batch(dtype, scale, layout, empty_rejected=False):
