@@ -129,9 +129,14 @@ def plan_chunks(n: int, vocab: int, hidden_size: int, tile_bytes_per_element: in
     """Rows per chunk and vocabulary columns per tile, each side taking half the workspace.
 
     Per (row, hidden) element a chunk holds the gathered h (<= 4 bytes), the fp32 dh
-    accumulator and the fp32 result of one dh GEMM: 12 bytes."""
+    accumulator and the fp32 result of one dh GEMM: 12 bytes.
+    A tile narrower than the vocabulary is a multiple of 256 columns (16 when the workspace
+    is tiny), so its row stride lets the gradient kernel store 16 bytes at a time."""
     row_chunk = max(16, min(max(n, 1), workspace // 2 // (12 * hidden_size)))
     v_chunk = max(16, min(vocab, (workspace // 2) // (row_chunk * tile_bytes_per_element)))
+    if v_chunk < vocab:
+        align = 256 if v_chunk >= 256 else 16
+        v_chunk = max(16, v_chunk // align * align)
     return row_chunk, v_chunk
 
 

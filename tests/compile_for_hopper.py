@@ -12,9 +12,10 @@ shapes does (pointers and the hidden size, vocabulary and strides specialised as
 multiples of 16; no bias or softcap; log p alone) and reports, from the SASS, what
 decides a tile kernel's speed on the chip: shared memory, registers, spilled stack
 bytes, wgmma (HGMMA) instructions, 16-byte asynchronous copies and scalar 2-byte
-loads. A tile kernel (one with a BLOCK_K loop) fails the profile when it runs its
-GEMM without wgmma, loads its operands other than by 16-byte asynchronous copies,
-or needs more shared memory than an H100 block gets.
+loads and stores. A tile kernel (one with a BLOCK_K loop) fails the profile when it
+runs its GEMM without wgmma, loads its operands other than by 16-byte asynchronous
+copies, writes a half-precision tile 2 bytes at a time, or needs more shared memory
+than an H100 block gets.
 """
 import importlib
 import os
@@ -92,8 +93,9 @@ def variants(name, kernel, fn):
 
 
 # Integers a real launch passes as multiples of 16 (H and V of every released model, their
-# row strides, the split width), which Triton's launcher specialises on.
-ALIGNED_INTS = ("hidden", "ref_hidden_size", "vocab_size", "v_per_split", "stride_")
+# row strides, the split width, the width of a gradient tile: see fused.plan_chunks), which
+# Triton's launcher specialises on.
+ALIGNED_INTS = ("hidden", "ref_hidden_size", "vocab_size", "v_per_split", "v_count", "stride_")
 # The training path: no bias or softcap, log p without the optional statistics.
 PROFILE_SWITCHES = {"ENTROPY": False, "SUM_P2": False, "LOGIT_SUM": False}
 SHARED_MEMORY_PER_BLOCK = 227 * 1024
@@ -114,7 +116,8 @@ def resources(compiled):
         sass = subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
     return {"smem": compiled.metadata.shared, "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
             "stack": int(re.search(r"STACK:(\d+)", usage).group(1)), "hgmma": sass.count("HGMMA"),
-            "copy16": len(re.findall(r"LDGSTS\S*\.128", sass)), "scalar16": len(re.findall(r"LDG\S*\.U16", sass))}
+            "copy16": len(re.findall(r"LDGSTS\S*\.128", sass)), "scalar16": len(re.findall(r"LDG\S*\.U16", sass)),
+            "store16": len(re.findall(r"STG\S*\.U16", sass))}
 
 
 def profile_problems(fn, usage):
@@ -122,7 +125,7 @@ def profile_problems(fn, usage):
         return []
     return [problem for problem, bad in (
         ("no wgmma", usage["hgmma"] == 0), ("no 16-byte async copies", usage["copy16"] == 0),
-        ("scalar 2-byte loads", usage["scalar16"] > 0),
+        ("scalar 2-byte loads", usage["scalar16"] > 0), ("scalar 2-byte stores", usage["store16"] > 0),
         ("too much shared memory", usage["smem"] > SHARED_MEMORY_PER_BLOCK)) if bad]
 
 

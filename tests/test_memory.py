@@ -64,3 +64,21 @@ def test_budget_strategy_stays_within_its_budget():
     biggest_bytes, biggest_numel, where = max(recorder.sizes)
     assert biggest_bytes <= max(budget, weight.numel() * 4, hidden.numel() * 4), where
     assert biggest_numel < 2 * pairs * 20 * vocab
+
+
+@pytest.mark.parametrize("n,vocab,hidden,workspace", [
+    (5325, 128256, 4096, 160 << 20),   # shape A's counted rows at the default workspace
+    (21299, 128256, 4096, 160 << 20),  # shape L
+    (5325, 152064, 3584, 64 << 20),
+    (40, 1013, 67, 1 << 16),           # a tiny workspace: 16-column tiles
+])
+def test_gradient_tiles_fit_the_workspace_and_keep_16_byte_rows(n, vocab, hidden, workspace):
+    """Each side of the backward plan stays within half the workspace, and a tile narrower than
+    the vocabulary has a row stride the gradient kernel can store 16 bytes at a time."""
+    from prefops.fused import plan_chunks
+
+    row_chunk, v_chunk = plan_chunks(n, vocab, hidden, 2, workspace)
+    assert row_chunk * hidden * 12 <= workspace // 2 or row_chunk == 16
+    assert row_chunk * v_chunk * 2 <= workspace // 2
+    if v_chunk < vocab:
+        assert v_chunk % (256 if v_chunk >= 256 else 16) == 0
