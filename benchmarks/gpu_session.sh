@@ -2,7 +2,7 @@
 # Every GPU measurement the issues ask for, in phases that each fit a 10-minute
 # command, for a session with a short lease on one H100/H200:
 #
-#   bash benchmarks/gpu_session.sh check        # install, GPU tests, prefops compare on CUDA (bf16 and fp32)
+#   bash benchmarks/gpu_session.sh check        # install, GPU tests, sm_90 compile profile, prefops compare on CUDA
 #   bash benchmarks/gpu_session.sh core         # bench_core at A, L, Q (issue 2)
 #   bash benchmarks/gpu_session.sh families     # bench_losses, bench_listwise, bench_tdpo, bench_diagnostics (3, 4, 5)
 #   bash benchmarks/gpu_session.sh training     # bench_training throughput, then the longest pair of each row (6)
@@ -39,6 +39,8 @@ install
 case "${1:-check}" in
     check)
         run gpu-tests python3 -m pytest -q -m gpu tests
+        # The box's own triton (3.6) may allocate registers differently from CI's: log its compile report.
+        run hopper-profile python3 tests/compile_for_hopper.py --profile
         run compare-bf16 python3 -m prefops.cli compare --device cuda --dtype bfloat16
         run compare-fp32 python3 -m prefops.cli compare --device cuda --dtype float32 ;;
     core)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -725,8 +726,28 @@ def write_report(text: str, path: Path, *, append: bool = False) -> None:
         handle.write(text + "\n")
 
 
+def autotune_choices() -> list[str]:
+    """The launch config the Triton autotuner chose for each prefops kernel and key so far,
+    so a results log says which tiles the timings ran on (tests/compile_for_hopper.py
+    --profile reports their registers and spills)."""
+    try:
+        from triton.runtime import Autotuner
+
+        from . import kernels
+    except ImportError:
+        return []
+    picks = set()
+    modules = [module for module in vars(kernels).values() if isinstance(module, types.ModuleType)]
+    for module in modules:
+        for name, obj in vars(module).items():
+            if isinstance(obj, Autotuner):
+                picks.update(f"- {name} {tuple(key)}: {config}" for key, config in obj.cache.items())
+    return ["", "Autotuner picks:", *sorted(picks)] if picks else []
+
+
 def finish_report(text: str, path: Optional[Path], *, append: bool = False) -> None:
-    """Print the report, and write it to `path` (--out) when given."""
+    """Print the report with the autotuner's picks, and write it to `path` (--out) when given."""
+    text = "\n".join([text, *autotune_choices()])
     print(text)
     if path:
         write_report(text, path, append=append)

@@ -130,3 +130,18 @@ def test_bench_core_script_still_runs():
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "| A | prefops lean |" in result.stdout
+
+
+def test_reports_name_the_tiles_the_autotuner_chose(capsys):
+    triton = pytest.importorskip("triton")
+    from prefops.bench import finish_report
+    from prefops.kernels import logits_stats
+
+    key = (4096, 128256, False, 0, False, False, False)
+    logits_stats.logits_stats_kernel.cache[key] = triton.Config({"BLOCK_N": 128, "BLOCK_V": 128}, num_warps=8)
+    try:
+        finish_report("# report", None)
+    finally:
+        del logits_stats.logits_stats_kernel.cache[key]
+    printed = capsys.readouterr().out
+    assert "Autotuner picks:" in printed and f"logits_stats_kernel {key}: BLOCK_N: 128, BLOCK_V: 128" in printed
