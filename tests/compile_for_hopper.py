@@ -81,9 +81,12 @@ def launch_configs(name, kernel):
     return kernel.configs if hasattr(kernel, "configs") else [UNTUNED[name]]
 
 
+def default_switches(fn):
+    return {p.name: DEFAULTS.get(p.name, True) for p in fn.params if p.is_constexpr and not p.name.startswith("BLOCK_")}
+
+
 def variants(name, kernel, fn):
-    switches = {p.name: DEFAULTS.get(p.name, True) for p in fn.params
-                if p.is_constexpr and not p.name.startswith("BLOCK_")}
+    switches = default_switches(fn)
     blocks = [c.kwargs for c in launch_configs(name, kernel)]
     for block in blocks:
         yield {**switches, **block}
@@ -133,9 +136,8 @@ def profile():
     failed = False
     for name, kernel in kernels():
         fn = jit_function(kernel)
-        switches = {p.name: False if p.name.startswith("HAS_") else PROFILE_SWITCHES.get(p.name,
-                                                                                          DEFAULTS.get(p.name, True))
-                    for p in fn.params if p.is_constexpr and not p.name.startswith("BLOCK_")}
+        switches = {switch: False if switch.startswith("HAS_") else PROFILE_SWITCHES.get(switch, value)
+                    for switch, value in default_switches(fn).items()}
         for config in launch_configs(name, kernel):
             source = ASTSource(fn=fn, signature=signature(name, fn), constexprs={**switches, **config.kwargs},
                                attrs=launch_attrs(fn))
