@@ -21,7 +21,7 @@ train: install
 	$(BIN)/prefops train
 
 demo: install
-	$(BIN)/python -m prefops.demo
+	$(BIN)/python -m prefops.tools.demo
 
 test: install
 	$(BIN)/python -m pytest -q

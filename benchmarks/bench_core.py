@@ -6,7 +6,7 @@
 Every row gets the same data and is compared with the floor (the three GEMMs
 any exact method must run over the counted tokens), and its loss and
 gradients are checked against an fp32 version of the naive row so a
-fast-but-wrong row shows. The machinery is prefops.bench (also behind
+fast-but-wrong row shows. The machinery is prefops.tools.bench (also behind
 `prefops bench`); this script fixes the three shapes of the results log.
 See benchmarks/README.md for setting up a GPU box.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prefops.bench import (  # noqa: F401 - Problem, make_problem, ... stay importable from here
+from prefops.tools.bench import (  # noqa: F401 - Problem, make_problem, ... stay importable from here
     BETA, FORWARD_HEADERS, ROWS, TABLE_HEADERS, Problem, Row, Shape, add_choices_option, add_timing_options,
     bench_shape, finish_report, make_problem, markdown_table, reference_outputs, report_heading, require_device,
     setup_lines, timing_defaults,

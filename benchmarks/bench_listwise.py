@@ -4,7 +4,7 @@
     python benchmarks/bench_listwise.py --device cpu --tiny     # smoke test of the script's logic
 
 Shape: 2 prompts × K = 4 responses × 1024 tokens, H 4096, V 128256, with the
-core benchmark's data (prefops.bench.make_problem: bf16, the same prompt and padding
+core benchmark's data (prefops.tools.bench.make_problem: bf16, the same prompt and padding
 fractions, logit scale and reference noise), the 8 sequences read list-major
 (sequence p * K + k is response k of prompt p) and random scores per response.
 Each row is timed against the floor (the three GEMMs over the counted tokens)
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from prefops.bench import (GIB, Problem, Row, Shape, add_choices_option, add_timing_options, attempt, build_floor,
+from prefops.tools.bench import (GIB, Problem, Row, Shape, add_choices_option, add_timing_options, attempt, build_floor,
                            report_heading, exact_sequence_logps, finish_report, fmt_gb, fmt_ms, make_problem,
                            markdown_table, measure_row, median_ms, naive_token_logps, require_device,
                            timing_defaults, token_chunks)

@@ -3,7 +3,7 @@
     python benchmarks/bench_losses.py --out losses.md             # one GPU, one process
     python benchmarks/bench_losses.py --device cpu --tiny         # smoke test of the script's logic
 
-Same data as bench_core.py (prefops.bench.make_problem: bf16, logit std about 4,
+Same data as bench_core.py (prefops.tools.bench.make_problem: bf16, logit std about 4,
 65 % of the tokens counted, reference log-probs = the policy's own + N(0, 10²)),
 the same floor (three GEMMs over the counted tokens), beta 0.1 for every loss.
 Rows per loss type:
@@ -34,7 +34,7 @@ import torch
 
 import prefops
 from bench_core import SHAPES, TINY_SHAPES
-from prefops.bench import (BETA, IGNORE_INDEX, Problem, Skipped, add_choices_option, add_timing_options, attempt,
+from prefops.tools.bench import (BETA, IGNORE_INDEX, Problem, Skipped, add_choices_option, add_timing_options, attempt,
                            build_floor, report_heading, finish_report, fmt_gb, fmt_ms, make_problem, markdown_table,
                            median_ms, naive_token_logps, peak_during, reference_outputs, relative_error,
                            require_device, timing_defaults)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import prefops
 from bench_core import SHAPES, TINY_SHAPES
-from prefops.bench import (IGNORE_INDEX, add_choices_option, add_timing_options, attempt,
+from prefops.tools.bench import (IGNORE_INDEX, add_choices_option, add_timing_options, attempt,
                            finish_report, fmt_gb, fmt_ms, make_problem, markdown_table, median_ms, peak_during,
                            relative_error, report_heading, require_device, timing_defaults, token_chunks)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from prefops.bench import (add_choices_option, add_timing_options, attempt, environment_line, finish_report, fmt_gb,
+from prefops.tools.bench import (add_choices_option, add_timing_options, attempt, environment_line, finish_report, fmt_gb,
                            free_memory, markdown_table, median_ms, peak_during, require_device, timing_defaults)
 from prefops.training import config as C, data as D, loop as L, model as M
 

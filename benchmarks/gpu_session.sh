@@ -41,8 +41,8 @@ case "${1:-check}" in
         run gpu-tests python3 -m pytest -q -m gpu tests
         # The box's own triton (3.6) may allocate registers differently from CI's: log its compile report.
         run hopper-profile python3 tests/compile_for_hopper.py --profile
-        run compare-bf16 python3 -m prefops.cli compare --device cuda --dtype bfloat16
-        run compare-fp32 python3 -m prefops.cli compare --device cuda --dtype float32 ;;
+        run compare-bf16 python3 -m prefops.tools.cli compare --device cuda --dtype bfloat16
+        run compare-fp32 python3 -m prefops.tools.cli compare --device cuda --dtype float32 ;;
     core)
         for shape in A L Q; do
             run "core-$shape" python3 benchmarks/bench_core.py --shapes "$shape" --forward-shapes "$shape" \

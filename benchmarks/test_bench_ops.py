@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: DPO forward+backward and the forward-only log-probs, per row of prefops.bench.
+"""pytest-benchmark suite: DPO forward+backward and the forward-only log-probs, per row of prefops.tools.bench.
 
     pytest benchmarks/ --benchmark-only            # add --benchmark-json=out.json to keep the numbers
 
@@ -12,7 +12,7 @@ alone are off by ~1e-2; the errors are in `prefops bench`'s table).
 import pytest
 import torch
 
-from prefops.bench import (
+from prefops.tools.bench import (
     IGNORE_INDEX, ROWS, Shape, forward_ops, make_problem, naive_token_logps, reference_outputs,
     relative_error, row_problem, row_step,
 )

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import prefops.bench
+import prefops.tools.bench
 from conftest import TOLERANCE
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # bench_losses imports bench_core as a sibling script
 import bench_losses  # noqa: E402
-from prefops.bench import Shape, make_problem  # noqa: E402
+from prefops.tools.bench import Shape, make_problem  # noqa: E402
 
 LIGER = importlib.util.find_spec("liger_kernel") is not None
 PREFOPS_ROWS = ["naive", "logps", "lean", "logps-budget", "budget"]
@@ -27,7 +27,7 @@ PREFOPS_ROWS = ["naive", "logps", "lean", "logps-budget", "budget"]
 @pytest.fixture(autouse=True)
 def no_cleanup_between_rows(monkeypatch):
     # attempt() resets dynamo and collects garbage after every row (GPU hygiene): seconds on a 2-core CPU.
-    monkeypatch.setattr(prefops.bench, "free_memory", lambda: None)
+    monkeypatch.setattr(prefops.tools.bench, "free_memory", lambda: None)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "kto"])

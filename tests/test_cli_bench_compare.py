@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefops import bench, compare
-from prefops.cli import main
+from prefops.tools import bench, compare
+from prefops.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def test_bench_rejects_bad_shapes(tmp_path, capsys):
 
 
 def test_bench_core_script_still_runs():
-    """The results-log script is a thin layer over prefops.bench; its smoke mode must keep working."""
+    """The results-log script is a thin layer over prefops.tools.bench; its smoke mode must keep working."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), "--device", "cpu", "--tiny", "--shapes", "A",
          "--rows", "naive,lean", "--reps", "1", "--warmup", "0", "--forward-shapes", ""],
@@ -134,7 +134,7 @@ def test_bench_core_script_still_runs():
 
 def test_reports_name_the_tiles_the_autotuner_chose(capsys):
     triton = pytest.importorskip("triton")
-    from prefops.bench import finish_report
+    from prefops.tools.bench import finish_report
     from prefops.kernels import logits_stats
 
     key = (4096, 128256, False, 0, False, False, False)

@@ -5,7 +5,7 @@ import torch
 
 import prefops
 from conftest import TOLERANCE, relative_error
-from prefops.compare import pairwise_reference_loss as reference_loss
+from prefops.tools.compare import pairwise_reference_loss as reference_loss
 
 PAIRS, LENGTH, HIDDEN, VOCAB = 3, 11, 21, 307
 

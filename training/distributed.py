@@ -1,8 +1,8 @@
 """Multi-process training under torchrun: FSDP2 sharding, each rank's share of a step, global sums.
 
-    torchrun --nproc_per_node 8 -m prefops.cli train CONFIG.yaml [--key value ...]
+    torchrun --nproc_per_node 8 -m prefops.tools.cli train CONFIG.yaml [--key value ...]
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
-        -m prefops.cli train CONFIG.yaml
+        -m prefops.tools.cli train CONFIG.yaml
 
 micro_batch_size is per rank: a step holds micro_batch_size * grad_accum_steps *
 world_size examples, and rank r trains on the r-th contiguous slice of them. The

@@ -29,11 +29,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .config import settings
-from .memory import AllocationRecorder
-from .objective import sequence_objective
-from .ops import linear_logprobs
-from .sequences import sequence_sum
+from ..config import settings
+from ..memory import AllocationRecorder
+from ..objective import sequence_objective
+from ..ops import linear_logprobs
+from ..sequences import sequence_sum
 
 BETA = 0.1
 IGNORE_INDEX = -100
@@ -733,7 +733,7 @@ def autotune_choices() -> list[str]:
     try:
         from triton.runtime import Autotuner
 
-        from . import kernels
+        from .. import kernels
     except ImportError:
         return []
     picks = set()

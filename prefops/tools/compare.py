@@ -103,7 +103,7 @@ def _run_side(fn, inputs, leaves, generator=None, upstream=None, differentiable=
 
 def check(entry: Entry, *, dtype, device, seed=0, backend="auto") -> Result:
     """Fused (leaves in `dtype`) against reference (float64) for one entry."""
-    from .config import settings
+    from ..config import settings
     begin = time.perf_counter()
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(entry.name.encode()))
     made = _to(entry.make(generator), device)
@@ -152,7 +152,7 @@ def token_batch(generator, sequences, *, scale=4.0, bias=False):
 
 
 def reference_token_logps(hidden, weight, targets, **options):
-    from .reference import linear_logprobs
+    from ..reference import linear_logprobs
     return linear_logprobs(hidden, weight, targets, **options)
 
 
@@ -162,8 +162,8 @@ OP_OPTIONS = dict(temperature=0.7, softcap=15.0)
 
 
 def _op_entries():
-    from .ops import linear_logprobs
-    from .reference import token_sum_p2
+    from ..ops import linear_logprobs
+    from ..reference import token_sum_p2
 
     def make_plain(generator):
         batch = token_batch(generator, 5)
@@ -196,8 +196,8 @@ def _op_entries():
 # ---------------------------------------------------------------- sequence_objective
 
 def _objective_entries():
-    from .objective import sequence_objective
-    from .reference import token_sum_p2
+    from ..objective import sequence_objective
+    from ..reference import token_sum_p2
 
     sequences = 7
     groups = torch.tensor([[0, 3, 5], [1, 4, -1], [6, 2, -1]])
@@ -265,8 +265,8 @@ def pairwise_params(loss_type, generator):
 def pairwise_reference_loss(hidden, weight, targets, ref, *, loss_type, beta=0.1, ld_alpha=None, wpo=False,
                             **params):
     """float64 pipeline: materialised logits -> per-sequence (weighted) sums -> the same pairwise_loss."""
-    from .losses import ld_dpo_token_weights, pairwise_loss
-    from .reference import token_sum_p2
+    from ..losses import ld_dpo_token_weights, pairwise_loss
+    from ..reference import token_sum_p2
     pairs = targets.shape[0] // 2  # [chosen; rejected]
     token = reference_token_logps(hidden, weight, targets)
     counted = targets != IGNORE_INDEX
@@ -293,7 +293,7 @@ def pairwise_entry(name, strategy, loss_type, **options):
     """PreferenceLoss(loss_type, **options) under `strategy` against the float64 pipeline.
 
     The budget holds two pairs' logits, so with three pairs the head runs on two chunks."""
-    from .preference import PreferenceLoss
+    from ..preference import PreferenceLoss
 
     def make(generator):
         batch = token_batch(generator, 2 * PAIRS)
@@ -316,7 +316,7 @@ def pairwise_entry(name, strategy, loss_type, **options):
 
 
 def _pairwise_entries():
-    from .losses import LOSSES
+    from ..losses import LOSSES
     variants = [(loss_type, loss_type, {}) for loss_type in sorted(LOSSES)] + [
         ("sigmoid+sft", ["sigmoid", "sft"], {"loss_weights": [1.0, 0.5]}),
         ("sigmoid+bco_pair+ipo", ["sigmoid", "bco_pair", "ipo"], {"loss_weights": [0.5, 1.0, 0.1]}),
@@ -338,7 +338,7 @@ UNPAIRED = 5
 def unpaired_entry(name, strategy, make_loss):
     """make_loss() -> fn(policy_logps, ref_logps, labels) -> (losses, metrics); run per completion
     (groups [N, 1]) through sequence_objective, against float64 sums."""
-    from .objective import sequence_objective
+    from ..objective import sequence_objective
 
     def make(generator):
         batch = token_batch(generator, UNPAIRED)
@@ -368,7 +368,7 @@ def unpaired_entry(name, strategy, make_loss):
 
 
 def _unpaired_entries():
-    from .losses import BCOLoss, kto_loss
+    from ..losses import BCOLoss, kto_loss
 
     def bco():
         module = BCOLoss(beta=0.3).eval()  # eval: the running reward mean is frozen, so every chunk sees it
@@ -392,8 +392,8 @@ LISTS, LIST_SIZE = 2, 3
 def listwise_entry(loss_type, strategy):
     """ListwiseLoss(loss_type) under `strategy` (list-major padded batch, scores) against float64 sums;
     the budget holds one list's logits, so each list is its own chunk."""
-    from .listwise import ListwiseLoss
-    from .losses.listwise import listwise_loss
+    from ..listwise import ListwiseLoss
+    from ..losses.listwise import listwise_loss
 
     def make(generator):
         batch = token_batch(generator, LISTS * LIST_SIZE)
@@ -417,7 +417,7 @@ def listwise_entry(loss_type, strategy):
 
 
 def _listwise_entries():
-    from .losses.listwise import LISTWISE_LOSSES
+    from ..losses.listwise import LISTWISE_LOSSES
     return [listwise_entry(loss_type, strategy) for loss_type in sorted(LISTWISE_LOSSES)
             for strategy in ("lean", "budget")]
 
@@ -426,8 +426,8 @@ def _listwise_entries():
 
 def token_kl_entry(direction):
     """linear_token_kl with targets (KL, log p, log p_ref from one pass) against the float64 reference."""
-    from .reference import token_kl as reference_kl
-    from .token_kl import linear_token_kl
+    from ..reference import token_kl as reference_kl
+    from ..token_kl import linear_token_kl
 
     def make(generator):
         policy, reference = token_batch(generator, 4), token_batch(generator, 4, scale=6.0)
@@ -449,9 +449,9 @@ def token_kl_entry(direction):
 def tdpo_entry(loss_type, direction, strategy):
     """PreferenceLoss(tdpo1 | tdpo2) from policy and reference hidden states against the float64 pipeline:
     materialised logits -> per-token KL and log-probs -> sequence sums -> the same pairwise_loss."""
-    from .losses import pairwise_loss
-    from .preference import PreferenceLoss
-    from .reference import token_kl as reference_kl
+    from ..losses import pairwise_loss
+    from ..preference import PreferenceLoss
+    from ..reference import token_kl as reference_kl
 
     def make(generator):
         # The policy near its reference, as in training: sequence KLs of a few nats, not hundreds,
@@ -492,7 +492,7 @@ def _token_kl_entries():
 # ---------------------------------------------------------------- diffusion
 
 def _diffusion_entries():
-    from .losses import diffusion_dpo_loss, mapo_loss
+    from ..losses import diffusion_dpo_loss, mapo_loss
 
     def make(generator):
         errors = lambda: 0.1 + 0.01 * torch.rand(5, generator=generator, dtype=torch.float64)  # noqa: E731

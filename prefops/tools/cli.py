@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_GROUPS = ("prefops.training.cli", "prefops.bench", "prefops.compare")
+COMMAND_GROUPS = ("prefops.training.cli", "prefops.tools.bench", "prefops.tools.compare")
 
 
 def main(argv: list[str] | None = None) -> int:
