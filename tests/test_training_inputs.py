@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from prefops import cli
+from prefops.tools import cli
 from prefops.training import config as C, data as D
 from prefops.training.tokenizer import CharTokenizer
 
