@@ -531,3 +531,136 @@ def test_other_parameter_errors():
         call("aot", b, pair_weights=torch.ones(P))
     with pytest.raises(ValueError, match="discopop_tau"):
         call("discopop", b, discopop_tau=0.0)
+
+
+def _without_reference_kw(loss_type, b):
+    """Every other input a loss type may need, so that only the reference is missing."""
+    kw = dict(PARAMS, chosen_margin_rewards=b["mw"], rejected_margin_rewards=b["ml"], modpo_weights=[0.6, 0.3, 0.1])
+    if loss_type == "sppo":
+        kw["preference_probs"] = b["probs"]
+    if loss_type == "exo_pair":
+        kw["label_smoothing"] = 0.1
+    return kw
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_reference_free_set_is_exactly_the_losses_that_read_no_reference(loss_type):
+    b = make_batch(40)
+    run = lambda: pairwise_loss(b["cw"], b["cl"], loss_type=loss_type, beta=BETA, chosen_lengths=b["nw"],  # noqa: E731
+                                rejected_lengths=b["nl"], **_without_reference_kw(loss_type, b))
+    if loss_type not in prefops.losses.REFERENCE_FREE:
+        with pytest.raises(ValueError, match=f"'{loss_type}' needs ref_chosen_logps"):
+            run()
+        return
+    losses, metrics = run()
+    nan = torch.full((P,), float("nan"), dtype=torch.float64)  # a formula that read the reference would fail
+    b64 = {**b, **{k: b[k].double() for k in ("cw", "cl", "nw", "nl")}, "rw": nan, "rl": nan}
+    assert rel_err(losses, expected(loss_type, b64)) <= 1e-5
+    assert torch.isfinite(torch.stack(list(metrics.values()))).all()
+
+
+def test_reference_free_combination_needs_no_reference():
+    b = make_batch(41)
+    losses, _ = pairwise_loss(b["cw"], b["cl"], loss_type=["simpo", "sft"], loss_weights=[1.0, 0.4], beta=BETA,
+                              chosen_lengths=b["nw"], rejected_lengths=b["nl"], **PARAMS)
+    b64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+    assert rel_err(losses, expected("simpo", b64) + 0.4 * expected("sft", b64)) <= 1e-5
+    with pytest.raises(ValueError, match="'sigmoid' needs ref_chosen_logps"):
+        pairwise_loss(b["cw"], b["cl"], loss_type=["simpo", "sigmoid"], beta=BETA, chosen_lengths=b["nw"],
+                      rejected_lengths=b["nl"])
+
+
+def _grads_against_float64(loss_fn, formula, b, names, tol=1e-5):
+    """loss_fn(inputs) and formula(inputs64) on the tensors `names` of b: values and gradients of
+    Σ_i c_i loss_i (random c_i) agree to tol."""
+    inputs = {k: b[k].detach().clone().requires_grad_(True) for k in names}
+    losses, metrics = loss_fn(inputs)
+    coeffs = torch.rand(losses.shape[0], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grads = torch.autograd.grad((losses * coeffs.float()).sum(), list(inputs.values()), allow_unused=True)
+    inputs64 = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items()}
+    want = formula(inputs64)
+    grads64 = torch.autograd.grad((want * coeffs).sum(), list(inputs64.values()), allow_unused=True)
+    assert rel_err(losses, want) <= tol
+    for name, got, ref_grad in zip(names, grads, grads64):
+        if ref_grad is None:
+            assert got is None or float(got.abs().max()) == 0.0, name
+        else:
+            assert rel_err(got, ref_grad) <= tol, name
+    return metrics
+
+
+def test_orpo_without_nll_is_the_odds_ratio_term():
+    """orpo_nll=False: -β log σ(log odds) alone (Liger's compute_nll_loss=False); with "sft" it is ORPO again."""
+    b = make_batch(42)
+
+    def odds_term(x):
+        return -BETA * ls(log_odds({**b, **x, "nw": b["nw"].double(), "nl": b["nl"].double()}))
+
+    def nll64(x):
+        return -x["cw"] / b["nw"].double().mean()
+
+    metrics = _grads_against_float64(
+        lambda x: pairwise_loss(x["cw"], x["cl"], loss_type="orpo", beta=BETA, chosen_lengths=b["nw"],
+                                rejected_lengths=b["nl"], orpo_nll=False), odds_term, b, ("cw", "cl"))
+    assert "nll_loss" not in metrics and "log_odds_ratio" in metrics
+    _grads_against_float64(
+        lambda x: pairwise_loss(x["cw"], x["cl"], loss_type=["orpo", "sft"], loss_weights=[1.0, 0.3], beta=BETA,
+                                chosen_lengths=b["nw"], rejected_lengths=b["nl"], orpo_nll=False),
+        lambda x: odds_term(x) + 0.3 * nll64(x), b, ("cw", "cl"))
+    _grads_against_float64(
+        lambda x: pairwise_loss(x["cw"], x["cl"], loss_type="orpo", beta=BETA, chosen_lengths=b["nw"],
+                                rejected_lengths=b["nl"], orpo_nll=True),
+        lambda x: odds_term(x) + nll64(x), b, ("cw", "cl"))
+
+
+@pytest.mark.parametrize("loss_type", ["sft", "cpo", "orpo"])
+def test_nll_term_on_other_targets(loss_type):
+    """chosen_nll_logps / chosen_nll_lengths: the NLL is -Σ s^nll_w / Σ n^nll_w (TRL's ORPO over prompt and
+    completion); the rest of the loss still reads chosen_logps."""
+    b = make_batch(43)
+    g = torch.Generator().manual_seed(44)
+    b["nll_n"] = b["nw"] + torch.randint(1, 9, (P,), generator=g).float()  # prompt tokens too
+    b["nll_s"] = b["cw"] - torch.rand(P, generator=g) * b["nll_n"]
+    nll_n = b["nll_n"].double()
+
+    def formula(x, mean_length=None):
+        batch = {**b, **x, "nw": b["nw"].double(), "nl": b["nl"].double()}
+        nll_term = -x["nll_s"] / (nll_n.mean() if mean_length is None else mean_length)
+        if loss_type == "sft":
+            return nll_term
+        if loss_type == "cpo":
+            return -ls(BETA * (x["cw"] - x["cl"])) + PARAMS["cpo_alpha"] * nll_term
+        return nll_term - BETA * ls(log_odds(batch))
+
+    def ours(x, **kw):
+        return pairwise_loss(x["cw"], x["cl"], b["rw"], b["rl"], loss_type=loss_type, beta=BETA,
+                             chosen_lengths=b["nw"], rejected_lengths=b["nl"], cpo_alpha=PARAMS["cpo_alpha"],
+                             chosen_nll_logps=x["nll_s"], chosen_nll_lengths=b["nll_n"], **kw)
+
+    metrics = _grads_against_float64(ours, formula, b, ("cw", "cl", "nll_s"))
+    token_mean_nll = -b["nll_s"].double().sum() / nll_n.sum()
+    assert abs(float(metrics["nll_loss"]) - float(token_mean_nll)) <= 1e-5 * float(token_mean_nll)
+    # A caller's nll_mean_length (a whole step's) wins over this batch's mean.
+    _grads_against_float64(lambda x: ours(x, nll_mean_length=7.5), lambda x: formula(x, 7.5), b,
+                           ("cw", "cl", "nll_s"))
+
+
+def test_nll_options_bad_input():
+    b = make_batch(45)
+    nll = dict(chosen_nll_logps=b["cw"] - 1, chosen_nll_lengths=b["nw"] + 2)
+    with pytest.raises(ValueError, match="orpo_nll must be True or False; got 'no'"):
+        call("orpo", b, orpo_nll="no")
+    with pytest.raises(ValueError, match=r"chosen_nll_logps is given but no NLL term of loss_type \['sigmoid'\]"):
+        call("sigmoid", b, **nll)
+    with pytest.raises(ValueError, match="no NLL term.*'orpo' \\(orpo_nll=True\\)"):
+        call("orpo", b, orpo_nll=False, **nll)
+    with pytest.raises(ValueError, match="no NLL term"):
+        call("cpo", b, cpo_alpha=0.0, **nll)
+    with pytest.raises(ValueError, match="chosen_nll_lengths is given without chosen_nll_logps"):
+        call("orpo", b, chosen_nll_lengths=b["nw"])
+    with pytest.raises(ValueError, match="'orpo' needs chosen_nll_lengths"):
+        call("orpo", b, chosen_nll_logps=b["cw"] - 1)
+    with pytest.raises(ValueError, match=r"chosen_nll_lengths\[2\] = 0"):
+        call("orpo", b, chosen_nll_logps=b["cw"] - 1, chosen_nll_lengths=b["nw"].index_fill(0, torch.tensor(2), 0))
+    with pytest.raises(ValueError, match="chosen_nll_logps must have the shape of chosen_logps"):
+        call("orpo", b, chosen_nll_logps=b["cw"][:3], chosen_nll_lengths=b["nw"][:3])

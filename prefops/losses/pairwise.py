@@ -35,6 +35,8 @@ PARAM_DEFAULTS = {
     "simpo_gamma": 0.5,
     "gamma_beta_ratio": None,
     "cpo_alpha": 1.0,
+    # ORPO's L = L_SFT + λ L_OR: False keeps only λ L_OR (Liger's compute_nll_loss=False).
+    "orpo_nll": True,
     "alpha": 0.0,
     "dpop_lambda": 50.0,
     "preference_probs": None,
@@ -45,6 +47,10 @@ PARAM_DEFAULTS = {
     # Mean chosen length of the whole batch, for callers that evaluate the loss on
     # parts of a batch (the budget strategy) and need the NLL term to stay additive.
     "nll_mean_length": None,
+    # The NLL term on other targets than the preference log-probs (TRL's ORPO takes it over prompt and
+    # completion): per-pair sums of log p over the chosen sequence's NLL tokens, and their counts.
+    "chosen_nll_logps": None,
+    "chosen_nll_lengths": None,
     # TDPO: per-pair Σ_t KL(π_ref || π_θ) over the completion (prefops.linear_token_kl), and α of TDPO2.
     "chosen_seq_kl": None,
     "rejected_seq_kl": None,
@@ -198,10 +204,14 @@ class PairBatch:
         """Per-pair share of the chosen completions' token-mean NLL over the batch.
 
         -s_w / mean(n_w): its mean over pairs is -Σ s_w / Σ n_w, the cross-entropy
-        that TRL's sft / CPO / ORPO terms average over all chosen tokens.
+        that TRL's sft / CPO / ORPO terms average over all chosen tokens. With
+        chosen_nll_logps (sums over other NLL targets) it is -s^nll_w / mean(n^nll_w).
         """
+        logps, lengths = self.values.get("chosen_nll_logps"), "chosen_nll_lengths"
+        if logps is None:
+            logps, lengths = self.chosen, "chosen_lengths"
         mean_length = self.params["nll_mean_length"]
-        return -self.chosen / (self.get("chosen_lengths").mean() if mean_length is None else mean_length)
+        return -logps / (self.get(lengths).mean() if mean_length is None else mean_length)
 
     @cached_property
     def log_odds(self):
@@ -477,11 +487,13 @@ def cpo_loss(b: PairBatch):
 
 @_register("orpo")
 def orpo_loss(b: PairBatch):
-    """ORPO: NLL(chosen) - β log σ(log odds ratio), odds on mean token log-probs.
+    """ORPO: NLL(chosen) - β log σ(log odds ratio), odds on mean token log-probs; orpo_nll=False drops the NLL.
 
-    ORPO: Monolithic Preference Optimization without Reference Model (arXiv:2403.07691), Eqs. 4-7.
+    ORPO: Monolithic Preference Optimization without Reference Model (arXiv:2403.07691), Eqs. 4-7:
+    L = L_SFT + λ L_OR with λ = β, as TRL's ORPOTrainer. The NLL is over chosen_nll_logps when given.
     """
-    return b.nll - b.beta * F.logsigmoid(b.log_odds)
+    odds_ratio = -b.beta * F.logsigmoid(b.log_odds)
+    return b.nll + odds_ratio if b.params["orpo_nll"] else odds_ratio
 
 
 # Losses that also read per-sequence token-level KL sums (chosen_seq_kl, rejected_seq_kl).
@@ -499,7 +511,8 @@ def _tdpo(variant):
 _tdpo("tdpo1")
 _tdpo("tdpo2")
 
-REFERENCE_FREE = ("simpo", "alphapo", "cpo", "orpo")
+# Losses that read no reference log-probs (tests/test_pairwise_losses.py checks it against LOSSES).
+REFERENCE_FREE = ("simpo", "alphapo", "cpo", "orpo", "sft")
 
 # Implicit reward each reference-free loss optimises (logged as rewards/*).
 _IMPLICIT_REWARDS = {
@@ -514,7 +527,7 @@ _IMPLICIT_REWARDS = {
 
 _EXTRA_METRICS = {
     "orpo": lambda b: {"log_odds_ratio": F.logsigmoid(b.log_odds).mean(), "log_odds_chosen": b.log_odds.mean(),
-                       "nll_loss": b.nll.mean()},
+                       **({"nll_loss": b.nll.mean()} if b.params["orpo_nll"] else {})},
     "cpo": lambda b: {"nll_loss": b.nll.mean()} if b.params["cpo_alpha"] else {},
     "sft": lambda b: {"nll_loss": b.nll.mean()},
     **{name: lambda b: {"kl/chosen": b.get("chosen_seq_kl").mean(), "kl/rejected": b.get("rejected_seq_kl").mean()}
@@ -567,6 +580,8 @@ def _check_params(loss_types, beta, label_smoothing, params) -> None:
     check_in_range(params["f_alpha_divergence_coef"], "f_alpha_divergence_coef", -1e6, 1e6)
     check_beta(params["discopop_tau"], "discopop_tau")
     check_in_range(params["cpo_alpha"], "cpo_alpha", 0.0, math.inf, high_open=True)
+    if not isinstance(params["orpo_nll"], bool):
+        raise ValueError(f"orpo_nll must be True or False; got {params['orpo_nll']!r}")
     check_in_range(params["dpop_lambda"], "dpop_lambda", 0.0, math.inf, high_open=True)
     check_in_range(params["alpha"], "alpha", -1e6, 1e6)
     check_in_range(params["tdpo_alpha"], "tdpo_alpha", 0.0, 1e6)
@@ -583,6 +598,23 @@ def _check_params(loss_types, beta, label_smoothing, params) -> None:
         params["modpo_weights"] = weights
     if params["pair_weights"] is not None and any(t in ("aot", "aot_unpaired") for t in loss_types):
         raise ValueError("pair_weights cannot be used with 'aot' / 'aot_unpaired': those losses sort the pairs")
+
+
+def has_nll_term(loss_types, params) -> bool:
+    """Whether some loss of loss_types reads the NLL term (params: PARAM_DEFAULTS and the caller's)."""
+    return ("sft" in loss_types or ("cpo" in loss_types and params["cpo_alpha"] > 0)
+            or ("orpo" in loss_types and params["orpo_nll"]))
+
+
+def _check_nll_inputs(values, loss_types, params) -> None:
+    if values["chosen_nll_logps"] is None:
+        if values["chosen_nll_lengths"] is not None:
+            raise ValueError("chosen_nll_lengths is given without chosen_nll_logps")
+        return
+    if not has_nll_term(loss_types, params):
+        raise ValueError(f"chosen_nll_logps is given but no NLL term of loss_type {list(loss_types)} reads it; "
+                         "the NLL terms are 'sft', 'cpo' (cpo_alpha > 0) and 'orpo' (orpo_nll=True)")
+    check_lengths(values["chosen_nll_lengths"], "chosen_nll_lengths")
 
 
 def _check_probs(probs, label_smoothing) -> None:
@@ -604,10 +636,13 @@ def pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejec
     count the completion tokens (needed by ipo, sigmoid_norm, sft, simpo, alphapo, orpo
     and cpo's NLL). Other parameters, with defaults, are in PARAM_DEFAULTS:
     discopop_tau, f_divergence_type, f_alpha_divergence_coef, simpo_gamma or
-    gamma_beta_ratio, cpo_alpha, alpha (AlphaPO), dpop_lambda, preference_probs
+    gamma_beta_ratio, cpo_alpha, orpo_nll, alpha (AlphaPO), dpop_lambda, preference_probs
     (soft labels [P]), pair_weights ([P], e.g. WPO weights, multiplied in without
     gradient), chosen_margin_rewards / rejected_margin_rewards / modpo_weights (MODPO),
-    chosen_seq_kl / rejected_seq_kl / tdpo_alpha (TDPO: 'tdpo1', 'tdpo2', in TOKEN_LEVEL_LOSSES).
+    chosen_seq_kl / rejected_seq_kl / tdpo_alpha (TDPO: 'tdpo1', 'tdpo2', in TOKEN_LEVEL_LOSSES),
+    chosen_nll_logps / chosen_nll_lengths ([P]: the NLL term of sft, cpo and orpo on other
+    targets than chosen_logps, e.g. prompt and completion as TRL's ORPO; nll_mean_length, when
+    given, must then count those tokens). Reference-free losses (REFERENCE_FREE) take no ref_*_logps.
 
     Returns (losses [P] in fp32, fp64 for fp64 inputs; metrics: dict of detached
     scalars, means over pairs). The batch loss is losses.mean().
@@ -631,7 +666,8 @@ def pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejec
                "ref_rejected_logps": ref_rejected_logps, "chosen_lengths": chosen_lengths,
                "rejected_lengths": rejected_lengths, "preference_probs": params["preference_probs"],
                "pair_weights": params["pair_weights"], "chosen_seq_kl": params["chosen_seq_kl"],
-               "rejected_seq_kl": params["rejected_seq_kl"]}
+               "rejected_seq_kl": params["rejected_seq_kl"], "chosen_nll_logps": params["chosen_nll_logps"],
+               "chosen_nll_lengths": params["chosen_nll_lengths"]}
     for name in ("chosen_logps", "rejected_logps"):
         if tensors[name] is None:
             raise ValueError(f"{name} is required")
@@ -643,6 +679,7 @@ def pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejec
     check_lengths(values["chosen_lengths"], "chosen_lengths")
     check_lengths(values["rejected_lengths"], "rejected_lengths")
     _check_probs(values["preference_probs"], label_smoothing)
+    _check_nll_inputs(values, loss_types, params)
     params["preference_probs"] = values["preference_probs"]
     for name in ("chosen_margin_rewards", "rejected_margin_rewards"):
         margin = params[name]
