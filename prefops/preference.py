@@ -13,8 +13,9 @@ import warnings
 
 import torch
 
-from .losses import REFERENCE_FREE, ld_dpo_token_weights, pairwise_loss
-from .losses.pairwise import TOKEN_LEVEL_LOSSES
+from .checks import check_targets_in_range
+from .losses import PARAM_DEFAULTS, REFERENCE_FREE, ld_dpo_token_weights, pairwise_loss
+from .losses.pairwise import TOKEN_LEVEL_LOSSES, has_nll_term
 from .config import get_settings
 from .losses.token_level import tgdpo_token_rewards
 from .objective import sequence_objective
@@ -65,15 +66,20 @@ class PreferenceLoss(torch.nn.Module):
         self.needs_reference = any(name not in REFERENCE_FREE for name in names)
         self.token_level = any(name in TOKEN_LEVEL_LOSSES for name in names)
         self.batch_coupled = any(name in BATCH_COUPLED_LOSSES for name in names)
+        if {"chosen_nll_logps", "chosen_nll_lengths"} & set(params):
+            raise ValueError("chosen_nll_logps / chosen_nll_lengths come from the fused pass: pass nll_targets to "
+                             "forward instead")
         if self.token_level and wpo:
             raise ValueError("wpo cannot be combined with the TDPO losses")
         if self.token_level and token_metrics:
             raise ValueError("token_metrics is not available for the TDPO losses (their fused pass is the KL's)")
 
     def _sequence_loss(self, chosen, rejected, ref_chosen, ref_rejected, lengths, pair_weights, mean_length,
-                       seq_kl=None, group_index=None):
+                       seq_kl=None, group_index=None, nll=None):
         # A caller's nll_mean_length (a whole step's, across micro-batches and ranks) wins over this batch's.
         params = {"nll_mean_length": mean_length, **self.params}
+        if nll is not None:
+            params.update(chosen_nll_logps=nll[0], chosen_nll_lengths=nll[1])
         if group_index is not None:  # the budget strategy hands the head a chunk of the pairs
             params.update({name: params[name][group_index] for name in PER_PAIR_PARAMS
                            if isinstance(params.get(name), torch.Tensor)})
@@ -87,13 +93,20 @@ class PreferenceLoss(torch.nn.Module):
 
     def forward(self, hidden, weight, targets, *, bias=None, seq_ids=None, ref_chosen_logps=None,
                 ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, token_weights=None,
-                token_rewards=None, rm_hidden=None, rm_weight=None, rm_bias=None):
+                token_rewards=None, rm_hidden=None, rm_weight=None, rm_bias=None, nll_targets=None):
         """Returns (mean loss over pairs, metrics with TRL's names).
 
+        ref_chosen_logps / ref_rejected_logps (or ref_hidden): not needed when every loss type is
+        in prefops.losses.REFERENCE_FREE.
         token_weights: [...] like targets, multiplies each token's log-prob (policy and, when
         computed here from ref_hidden, reference) in the sequence sums; precomputed
         ref_*_logps must carry the same weights. token_rewards ([...], r̂_t) or rm_hidden,
-        rm_weight, rm_bias (a third model, run forward-only) give TGDPO's token weights."""
+        rm_weight, rm_bias (a third model, run forward-only) give TGDPO's token weights.
+        nll_targets: [...] like targets: the NLL term (sft, cpo, orpo) as the unweighted token-mean
+        NLL of these targets over the chosen sequences (only their entries are read) instead of
+        the preference targets; TRL's ORPO takes the input ids of prompt and completion (Liger's
+        nll_target). Their log-probs come from the same fused pass, which then also runs the
+        chosen sequences' counted nll_targets tokens."""
         if seq_ids is None and targets.dim() != 2:
             raise ValueError("targets must be a padded batch [2P, T] of [chosen; rejected], or pass seq_ids")
         num_sequences = targets.shape[0] if seq_ids is None else int(seq_ids.max()) + 1
@@ -104,7 +117,8 @@ class PreferenceLoss(torch.nn.Module):
         token_weights = self._token_weights(targets, seq_ids, token_weights)
         token_weights = self._tgdpo_weights(targets, seq_ids, pairs, token_weights, token_rewards, ref_hidden,
                                             ref_weight, ref_bias, rm_hidden, rm_weight, rm_bias)
-        counted = targets != self.options["ignore_index"]
+        nll_rows = self._nll_rows(targets, seq_ids, pairs, nll_targets, weight.shape[0])
+        counted = (targets if nll_targets is None else nll_targets) != self.options["ignore_index"]
         chosen_tokens = counted[:pairs].sum() if seq_ids is None else (counted.reshape(-1) & (
             seq_ids.reshape(-1) < pairs) & (seq_ids.reshape(-1) >= 0)).sum()
         mean_length = chosen_tokens.float() / pairs
@@ -114,11 +128,16 @@ class PreferenceLoss(torch.nn.Module):
                                              ref_weight, ref_bias)
         ref = self._reference(targets, seq_ids, token_weights, ref_chosen_logps, ref_rejected_logps,
                               ref_hidden, ref_weight, ref_bias, pairs)
+        if nll_rows is not None:
+            hidden, targets, seq_ids, token_weights, groups = _append_nll_sequences(
+                hidden, targets, seq_ids, token_weights, groups, nll_targets, nll_rows)
+        nll = lambda logps, count: None if nll_rows is None else (logps[:, 2], count[:, 2])  # noqa: E731
 
         def head(logps, group_index, stats):
             pick = lambda values: None if values is None else values[group_index]  # noqa: E731
             losses, _ = self._sequence_loss(logps[:, 0], logps[:, 1], pick(ref[0]), pick(ref[1]), stats["count"],
-                                            self._wpo_weights(stats), mean_length, group_index=group_index)
+                                            self._wpo_weights(stats), mean_length, group_index=group_index,
+                                            nll=nll(logps, stats["count"]))
             return losses.sum() / pairs
 
         stats = (("log_sum_p2", "logp") if self.wpo else ()) + (TOKEN_METRIC_STATS if self.token_metrics else ())
@@ -126,9 +145,11 @@ class PreferenceLoss(torch.nn.Module):
                                  token_weights=token_weights, bias=bias, stats=stats, strategy=self._strategy(),
                                  budget=self.budget, **self.options)
         logps = out.logps[groups]
+        nll_sums = nll(logps, out.stats["count"][groups])
+        logps, groups = logps[:, :2], groups[:, :2]
         seq_stats = {k: v[groups] for k, v in out.stats.items()}
         _, metrics = self._sequence_loss(logps[:, 0], logps[:, 1], ref[0], ref[1], seq_stats["count"],
-                                         self._wpo_weights(seq_stats), mean_length)
+                                         self._wpo_weights(seq_stats), mean_length, nll=nll_sums)
         metrics["num_tokens/chosen"] = seq_stats["count"][:, 0].sum()
         metrics["num_tokens/rejected"] = seq_stats["count"][:, 1].sum()
         if self.token_metrics:
@@ -151,11 +172,26 @@ class PreferenceLoss(torch.nn.Module):
         per_sequence = ((stats["logp"] - stats["log_sum_p2"]) / stats["count"]).exp()
         return per_sequence[:, 0] * per_sequence[:, 1]
 
+    def _nll_rows(self, targets, seq_ids, pairs, nll_targets, vocab):
+        """Flat indices of the chosen sequences' counted nll_targets tokens (None without nll_targets)."""
+        if nll_targets is None:
+            return None
+        if self.token_level:
+            raise ValueError("nll_targets is not available for the TDPO losses (they have no NLL term)")
+        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if not has_nll_term(names, {**PARAM_DEFAULTS, **self.params}):
+            raise ValueError(f"nll_targets is given but loss_type {self.loss_type!r} has no NLL term; the NLL terms "
+                             "are 'sft', 'cpo' (cpo_alpha > 0) and 'orpo' (orpo_nll=True)")
+        if not isinstance(nll_targets, torch.Tensor) or tuple(nll_targets.shape) != tuple(targets.shape) \
+                or nll_targets.dtype.is_floating_point:
+            raise ValueError(f"nll_targets must be an integer tensor of the shape of targets {tuple(targets.shape)}")
+        check_targets_in_range(nll_targets, vocab, self.options["ignore_index"], name="nll_targets")
+        sequence = _flat_seq_ids(targets, seq_ids)
+        chosen = (nll_targets.reshape(-1) != self.options["ignore_index"]) & (sequence >= 0) & (sequence < pairs)
+        return chosen.nonzero().squeeze(1)
+
     def _token_weights(self, targets, seq_ids, token_weights):
-        if token_weights is not None:
-            if not isinstance(token_weights, torch.Tensor) or tuple(token_weights.shape) != tuple(targets.shape):
-                raise ValueError(f"token_weights must be a tensor of the shape of targets {tuple(targets.shape)}")
-            token_weights = token_weights.detach().float()
+        token_weights = check_token_weights(token_weights, targets)
         if self.ld_alpha is None:
             return token_weights
         if seq_ids is not None:
@@ -242,6 +278,35 @@ class PreferenceLoss(torch.nn.Module):
             if value is not None and tuple(value.shape) != (pairs,):
                 raise ValueError(f"{name} must have shape [P] = ({pairs},); got {tuple(value.shape)}")
         return ref_chosen, ref_rejected
+
+
+def check_token_weights(token_weights, targets, name="token_weights"):
+    """token_weights (None, or a tensor of the shape of targets) as detached fp32."""
+    if token_weights is None:
+        return None
+    if not isinstance(token_weights, torch.Tensor) or tuple(token_weights.shape) != tuple(targets.shape):
+        raise ValueError(f"{name} must be a tensor of the shape of targets {tuple(targets.shape)}")
+    return token_weights.detach().float()
+
+
+def _flat_seq_ids(targets, seq_ids):
+    if seq_ids is not None:
+        return seq_ids.reshape(-1)
+    return torch.arange(targets.shape[0], device=targets.device).repeat_interleave(targets.shape[1])
+
+
+def _append_nll_sequences(hidden, targets, seq_ids, token_weights, groups, nll_targets, rows):
+    """The packed batch plus, as sequences 2P..3P-1 (unweighted), the chosen sequences' nll_targets
+    tokens at `rows`; groups [P, 3] (chosen, rejected, chosen's NLL)."""
+    pairs = groups.shape[0]
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    sequence = _flat_seq_ids(targets, seq_ids)
+    if token_weights is not None:
+        token_weights = torch.cat([token_weights.reshape(-1), token_weights.new_ones(rows.shape[0])])
+    return (torch.cat([flat_hidden, flat_hidden[rows]]),
+            torch.cat([targets.reshape(-1), nll_targets.reshape(-1)[rows]]),
+            torch.cat([sequence, sequence[rows] + 2 * pairs]), token_weights,
+            torch.cat([groups, groups[:, :1] + 2 * pairs], 1))
 
 
 def trl_token_metrics(stats):

@@ -16,6 +16,7 @@ import torch
 from .config import get_settings
 from .losses import BCOLoss, kto_kl_estimate, kto_loss
 from .objective import sequence_logps, sequence_objective
+from .preference import check_token_weights
 
 UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
 
@@ -23,10 +24,15 @@ UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
 class UnpairedLoss(torch.nn.Module):
     """loss, metrics = UnpairedLoss("kto", beta=0.1)(hidden, weight, targets, labels=..., ref_logps=..., kl=...)
 
-    KTO's reference point z_0 is either given (`kl`, e.g. averaged over ranks) or
-    estimated here from mismatched (prompt, completion) pairs: pass their policy
+    KTO's reference point z_0 is either given (`kl`, e.g. averaged over ranks, used as given)
+    or estimated here from mismatched (prompt, completion) pairs: pass their policy
     hidden states and targets (`kl_hidden`, `kl_targets`, forward-only, no gradient)
-    and their reference log-probs (`ref_kl_logps`) or reference hidden states (`ref_kl_hidden`).
+    and their reference log-probs (`ref_kl_logps`) or reference hidden states (`ref_kl_hidden`);
+    the estimate is max(0, mean log-ratio) (prefops.losses.kto_kl_estimate).
+    token_weights / kl_token_weights ([...] like targets / kl_targets) multiply each token's
+    log-prob in the sequence sums, as PreferenceLoss's token_weights (policy and, when computed
+    here from hidden states, reference); precomputed ref_logps / ref_kl_logps must carry the
+    same weights. Weights 1/n_i give length-normalised KTO (Liger's average_log_prob).
     BCO keeps its running mean reward δ_0 as module state (saved in the state dict).
     """
 
@@ -43,7 +49,7 @@ class UnpairedLoss(torch.nn.Module):
 
     def forward(self, hidden, weight, targets, *, labels, bias=None, seq_ids=None, ref_logps=None, ref_hidden=None,
                 ref_weight=None, ref_bias=None, kl=None, kl_hidden=None, kl_targets=None, kl_seq_ids=None,
-                ref_kl_logps=None, ref_kl_hidden=None):
+                ref_kl_logps=None, ref_kl_hidden=None, token_weights=None, kl_token_weights=None):
         """Returns (mean loss over completions, metrics with TRL's KTO/BCO names)."""
         if seq_ids is None and targets.dim() != 2:
             raise ValueError("targets must be a padded batch [N, T] of completions, or pass seq_ids")
@@ -51,9 +57,10 @@ class UnpairedLoss(torch.nn.Module):
         labels = torch.as_tensor(labels, device=targets.device)
         if tuple(labels.shape) != (count,):
             raise ValueError(f"labels must have shape [N] = ({count},), one per completion; got {tuple(labels.shape)}")
-        ref = self._reference(targets, seq_ids, count, ref_logps, ref_hidden, ref_weight, ref_bias)
-        kl = self._kl(kl, kl_hidden, kl_targets, kl_seq_ids, ref_kl_logps, ref_kl_hidden, weight, bias,
-                      ref_weight, ref_bias)
+        token_weights = check_token_weights(token_weights, targets)
+        ref = self._reference(targets, seq_ids, count, token_weights, ref_logps, ref_hidden, ref_weight, ref_bias)
+        kl = self._kl(kl, kl_hidden, kl_targets, kl_seq_ids, kl_token_weights, ref_kl_logps, ref_kl_hidden, weight,
+                      bias, ref_weight, ref_bias)
 
         def head(logps, group_index, stats):
             losses, _ = self._losses(logps[:, 0], ref[group_index], labels[group_index], kl)
@@ -68,7 +75,7 @@ class UnpairedLoss(torch.nn.Module):
             strategy = "lean"
         groups = torch.arange(count, device=targets.device)[:, None]
         out = sequence_objective(hidden, weight, targets, head=head, groups=groups, seq_ids=seq_ids, bias=bias,
-                                 strategy=strategy, budget=self.budget, **self.options)
+                                 token_weights=token_weights, strategy=strategy, budget=self.budget, **self.options)
         with torch.no_grad():
             metrics = self._metrics(out.logps, ref, labels, kl)
         metrics["num_tokens/chosen"] = out.stats["count"][labels].sum()
@@ -89,14 +96,14 @@ class UnpairedLoss(torch.nn.Module):
         return self._losses(logps, ref, labels, kl)[1]
 
     @torch.no_grad()
-    def _reference(self, targets, seq_ids, count, ref_logps, ref_hidden, ref_weight, ref_bias):
+    def _reference(self, targets, seq_ids, count, token_weights, ref_logps, ref_hidden, ref_weight, ref_bias):
         if ref_hidden is not None:
             if ref_logps is not None:
                 raise ValueError("pass either ref_hidden/ref_weight or ref_logps, not both")
             if ref_weight is None:
                 raise ValueError("ref_hidden needs ref_weight")
             return sequence_logps(ref_hidden, ref_weight, targets, seq_ids=seq_ids, num_sequences=count,
-                                  bias=ref_bias, **self.options)
+                                  token_weights=token_weights, bias=ref_bias, **self.options)
         if ref_logps is None:
             raise ValueError(f"loss_type {self.loss_type!r} needs the reference: pass ref_logps, or ref_hidden "
                              "and ref_weight")
@@ -105,29 +112,31 @@ class UnpairedLoss(torch.nn.Module):
         return ref_logps
 
     @torch.no_grad()
-    def _kl(self, kl, kl_hidden, kl_targets, kl_seq_ids, ref_kl_logps, ref_kl_hidden, weight, bias, ref_weight,
-            ref_bias):
+    def _kl(self, kl, kl_hidden, kl_targets, kl_seq_ids, kl_token_weights, ref_kl_logps, ref_kl_hidden, weight,
+            bias, ref_weight, ref_bias):
         if self.loss_type != "kto":
             return kl
         if kl_hidden is None:
             if kl is None:
                 raise ValueError("loss_type 'kto' needs its reference point: pass kl, or kl_hidden and kl_targets "
                                  "(mismatched prompt-completion pairs) with ref_kl_logps or ref_kl_hidden")
+            if kl_token_weights is not None:
+                raise ValueError("kl_token_weights weigh kl_targets: pass them with kl_hidden, not with kl")
             return kl
         if kl is not None:
             raise ValueError("pass either kl or kl_hidden/kl_targets, not both")
         if kl_targets is None:
             raise ValueError("kl_hidden needs kl_targets")
+        kl_token_weights = check_token_weights(kl_token_weights, kl_targets, "kl_token_weights")
         count = kl_targets.shape[0] if kl_seq_ids is None else int(kl_seq_ids.max()) + 1
-        policy = sequence_logps(kl_hidden, weight, kl_targets, seq_ids=kl_seq_ids, num_sequences=count, bias=bias,
-                                **self.options)
+        sums = dict(seq_ids=kl_seq_ids, num_sequences=count, token_weights=kl_token_weights, **self.options)
+        policy = sequence_logps(kl_hidden, weight, kl_targets, bias=bias, **sums)
         if ref_kl_hidden is not None:
             if ref_kl_logps is not None:
                 raise ValueError("pass either ref_kl_hidden or ref_kl_logps, not both")
             if ref_weight is None:
                 raise ValueError("ref_kl_hidden needs ref_weight")
-            ref_kl_logps = sequence_logps(ref_kl_hidden, ref_weight, kl_targets, seq_ids=kl_seq_ids,
-                                          num_sequences=count, bias=ref_bias, **self.options)
+            ref_kl_logps = sequence_logps(ref_kl_hidden, ref_weight, kl_targets, bias=ref_bias, **sums)
         if ref_kl_logps is None:
             raise ValueError("kl_hidden needs the reference side: pass ref_kl_logps or ref_kl_hidden")
         return kto_kl_estimate(policy, ref_kl_logps)

@@ -121,3 +121,79 @@ def test_bad_input():
         module(hidden, weight, targets, labels=labels, ref_logps=ref, kl_hidden=hidden, kl_targets=targets)
     with pytest.raises(TypeError, match="labels must be a bool tensor"):
         module(hidden, weight, targets, labels=labels.long(), ref_logps=ref, kl=0.0)
+
+def _sums64(hidden, weight, targets, token_weights):
+    """float64 Σ_t w_t log p(y_t) per row, from materialised logits."""
+    logp = torch.log_softmax(hidden.double() @ weight.double().T, -1)
+    counted = targets != -100
+    token = logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    return torch.where(counted, token * token_weights.double(), 0.0).sum(1)
+
+
+def _kto64(policy, ref, labels, kl, beta=BETA):
+    """KTO (arXiv:2402.01306, Eq. 7) with λ_D = λ_U = 1: 1 - σ(±β (Δ - z_0))."""
+    shifted = beta * (policy - ref - kl)
+    return torch.where(labels, 1 - torch.sigmoid(shifted), 1 - torch.sigmoid(-shifted)).mean()
+
+
+@pytest.mark.parametrize("strategy", ["lean", "budget"])
+def test_kto_token_weights_match_float64(strategy):
+    """Length-normalised KTO: weights 1/n_i on completion i's tokens (times a random factor, so a weight
+    that is dropped or applied twice shows), on the policy, the reference from ref_hidden and the
+    reference point from kl_hidden (kl_token_weights)."""
+    hidden, weight, targets, labels, _ = make_batch()
+    g = torch.Generator().manual_seed(3)
+    counted = (targets != -100).double()
+    token_weights = (0.5 + torch.rand(targets.shape, generator=g, dtype=torch.float64)) / counted.sum(1, keepdim=True)
+    ref_hidden = hidden + 0.2 * torch.randn(hidden.shape, generator=g)
+    kl_hidden, kl_targets = torch.roll(hidden, 1, dims=0), torch.roll(targets, 2, dims=0)
+    ref_kl_hidden = kl_hidden + 0.2 * torch.randn(hidden.shape, generator=g)
+    kl_weights = torch.roll(token_weights, 2, dims=0) * 1.5
+    module = UnpairedLoss("kto", beta=BETA, strategy=strategy, budget=2 * LENGTH * VOCAB * 4)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = module(h, w, targets, labels=labels, token_weights=token_weights.float(), ref_hidden=ref_hidden,
+                           ref_weight=weight, kl_hidden=kl_hidden, kl_targets=kl_targets, ref_kl_hidden=ref_kl_hidden,
+                           kl_token_weights=kl_weights.float())
+    loss.backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    policy = _sums64(h64, w64, targets, token_weights)
+    ref = _sums64(ref_hidden, weight, targets, token_weights)
+    kl = (_sums64(kl_hidden, weight, kl_targets, kl_weights) - _sums64(ref_kl_hidden, weight, kl_targets,
+                                                                         kl_weights)).mean().clamp(min=0)
+    assert float(kl) > 0  # else the clamp would hide a wrong estimate
+    expected = _kto64(policy, ref, labels, kl)
+    expected.backward()
+    assert abs(float(metrics["kl"]) - float(kl)) <= 1e-5 * float(kl)
+    assert relative_error(loss, expected) <= 1e-5
+    assert relative_error(h.grad, h64.grad) <= 1e-5
+    assert relative_error(w.grad, w64.grad) <= 1e-5
+    assert relative_error(metrics["logps/chosen"], policy[labels].mean()) <= 1e-5
+
+
+def test_given_kto_reference_point_is_used_as_given():
+    """A kl the caller gives is the reference point, a negative one too (no clamp); the clamp at 0
+    belongs to the estimate from mismatched pairs."""
+    hidden, weight, targets, labels, ref = make_batch()
+    h = hidden.clone().requires_grad_()
+    loss, metrics = UnpairedLoss("kto", beta=BETA)(h, weight, targets, labels=labels, ref_logps=ref.float(), kl=-0.7)
+    loss.backward()
+    h64 = hidden.double().requires_grad_()
+    expected = _kto64(_sums64(h64, weight, targets, torch.ones(targets.shape)), ref, labels, -0.7)
+    expected.backward()
+    assert float(metrics["kl"]) == pytest.approx(-0.7)
+    assert relative_error(loss, expected) <= 1e-5
+    assert relative_error(h.grad, h64.grad) <= 1e-5
+
+
+def test_token_weights_bad_input():
+    hidden, weight, targets, labels, ref = make_batch()
+    module = UnpairedLoss("kto")
+    with pytest.raises(ValueError, match=r"token_weights must be a tensor of the shape of targets \(5, 9\)"):
+        module(hidden, weight, targets, labels=labels, ref_logps=ref, kl=0.0, token_weights=torch.ones(5, 8))
+    with pytest.raises(ValueError, match=r"kl_token_weights must be a tensor of the shape of targets \(5, 9\)"):
+        module(hidden, weight, targets, labels=labels, ref_logps=ref, kl_hidden=hidden, kl_targets=targets,
+               ref_kl_logps=ref, kl_token_weights=torch.ones(9))
+    with pytest.raises(ValueError, match="kl_token_weights weigh kl_targets: pass them with kl_hidden"):
+        module(hidden, weight, targets, labels=labels, ref_logps=ref, kl=0.0, kl_token_weights=torch.ones(5, 9))
+    with pytest.raises(ValueError, match="kl must be finite"):
+        module(hidden, weight, targets, labels=labels, ref_logps=ref, kl=float("nan"))

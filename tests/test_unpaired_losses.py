@@ -57,10 +57,11 @@ def test_kto_kl_estimate_and_apo_zero_unpaired():
     assert not z0.requires_grad and z0.dim() == 0
     assert abs(float(z0) - float((kl_policy.detach() - ref).mean())) <= 1e-5
     assert float(kto_kl_estimate(ref, kl_policy.detach())) == 0.0  # negative estimate clamped to 0
-    # A raw (negative, attached) kl is clamped and detached inside kto_loss too.
-    clamped, metrics = kto_loss(policy, ref, labels, beta=BETA, kl=torch.tensor(-2.0, requires_grad=True))
-    assert rel_err(clamped, kto_loss(policy, ref, labels, beta=BETA, kl=0.0)[0]) <= 1e-7
-    assert float(metrics["kl"]) == 0.0
+    # A given kl is used as given (a negative one too: the clamp belongs to the estimate), and detached.
+    given, metrics = kto_loss(policy, ref, labels, beta=BETA, kl=torch.tensor(-2.0, requires_grad=True))
+    assert not given.requires_grad
+    assert rel_err(given, kto_expected(policy.double(), ref.double(), labels, -2.0, 1.0, 1.0)) <= 1e-6
+    assert float(metrics["kl"]) == -2.0
     apo, _ = kto_loss(policy, ref, labels, beta=BETA, loss_type="apo_zero_unpaired")
     delta = (policy - ref).double()
     want = torch.where(labels, 1 - torch.sigmoid(BETA * delta), torch.sigmoid(BETA * delta))
@@ -136,3 +137,27 @@ def test_bco_running_mean_and_loss():
     assert torch.equal(restored.eval()(policy, ref, labels)[0], module(policy, ref, labels)[0])
     with pytest.raises(ValueError, match="beta"):
         BCOLoss(beta=0.0)
+
+
+def test_kto_given_reference_point_is_not_clamped():
+    """kto_loss uses kl as given, negative values too (Liger's KTO does); only kto_kl_estimate clamps."""
+    for seed, kl in ((6, -1.5), (7, -0.2), (8, torch.tensor(0.6, dtype=torch.float64))):
+        policy, ref, labels = make(seed)
+        policy = policy.clone().requires_grad_(True)
+        losses, metrics = kto_loss(policy, ref, labels, beta=BETA, kl=kl, desirable_weight=1.3, undesirable_weight=0.7)
+        p64 = policy.detach().double().requires_grad_(True)
+        want = kto_expected(p64, ref.double(), labels, float(kl), 1.3, 0.7)
+        assert rel_err(losses, want) <= 1e-5
+        grad = torch.autograd.grad(losses.mean(), policy)[0]
+        assert rel_err(grad, torch.autograd.grad(want.mean(), p64)[0]) <= 1e-5
+        assert float(metrics["kl"]) == pytest.approx(float(kl))
+
+
+def test_kto_reference_point_bad_input():
+    policy, ref, labels = make(9)
+    with pytest.raises(ValueError, match="kl must be finite; got nan"):
+        kto_loss(policy, ref, labels, kl=float("nan"))
+    with pytest.raises(ValueError, match="kl must be finite; got inf"):
+        kto_loss(policy, ref, labels, kl=torch.tensor(float("inf")))
+    with pytest.raises(ValueError, match=r"kl must be a scalar; got shape \(2,\)"):
+        kto_loss(policy, ref, labels, kl=torch.zeros(2))

@@ -39,10 +39,12 @@ def _unpaired_metrics(policy_logps, rewards, labels, extra):
 
 
 def kto_kl_estimate(policy_kl_logps, ref_kl_logps):
-    """KTO's reference point z_0: mean log-ratio on mismatched (prompt, completion) pairs, clamped >= 0, detached.
+    """KTO's reference point z_0 = max(0, mean log-ratio on mismatched (prompt, completion) pairs), detached.
 
-    Under data parallelism, average the result over ranks before passing it to kto_loss
-    (TRL gathers it), so every rank uses the same reference point.
+    The batch mean estimates KL(π_θ || π_ref) >= 0 but can fall below 0, so KTO
+    (arXiv:2402.01306) and TRL clamp the estimate. Under data parallelism TRL averages the
+    unclamped means over ranks and clamps the average: to match it, all-reduce
+    (policy_kl_logps - ref_kl_logps).mean() and pass the clamped average to kto_loss.
     """
     values = check_sequence_values({"policy_kl_logps": policy_kl_logps, "ref_kl_logps": ref_kl_logps},
                                    compute_dtype(policy_kl_logps, ref_kl_logps))
@@ -54,7 +56,9 @@ def kto_loss(policy_logps, ref_logps, labels, *, beta=0.1, kl=None, desirable_we
     """KTO: λ_D (1 - σ(β (Δ - z_0))) if desirable, λ_U (1 - σ(β (z_0 - Δ))) if not; Δ = log π - log π_ref.
 
     KTO: Model Alignment as Prospect Theoretic Optimization (arXiv:2402.01306), Eq. 7.
-    z_0 = kl, a detached scalar from kto_kl_estimate (clamped >= 0 here too).
+    z_0 = kl, a finite scalar used as given (detached), as Liger's KTO: the paper's clamp at 0
+    belongs to the estimate of the KL (kto_kl_estimate, TRL's KTOTrainer), and a value the
+    caller gives is either that estimate already or a reference point chosen on purpose.
     loss_type="apo_zero_unpaired" drops z_0: 1 - σ(β Δ) if desirable, σ(β Δ) if not
     (Anchored Preference Optimization and Contrastive Revisions, arXiv:2408.06266).
 
@@ -70,9 +74,11 @@ def kto_loss(policy_logps, ref_logps, labels, *, beta=0.1, kl=None, desirable_we
     if loss_type == "kto":
         if kl is None:
             raise ValueError("kto_loss needs kl (the reference point; see kto_kl_estimate)")
-        kl = torch.as_tensor(kl, dtype=policy.dtype, device=policy.device).detach().clamp(min=0)
+        kl = torch.as_tensor(kl, dtype=policy.dtype, device=policy.device).detach()
         if kl.numel() != 1:
             raise ValueError(f"kl must be a scalar; got shape {tuple(kl.shape)}")
+        if not bool(torch.isfinite(kl).all()):
+            raise ValueError(f"kl must be finite; got {float(kl)}")
         kl = kl.reshape(())
         shifted = logratios - kl
     else:
