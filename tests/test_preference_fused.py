@@ -114,7 +114,6 @@ def test_batch_coupled_losses_run_lean_under_budget():
     assert torch.equal(lean, budget)
 
 
-
 def _token_logps64(hidden, weight, targets):
     """float64 log p(target) [B, T] from materialised logits, 0 where the target is ignored."""
     logp = torch.log_softmax(hidden.double() @ weight.double().T, -1)

@@ -123,7 +123,6 @@ def test_bad_input():
         module(hidden, weight, targets, labels=labels.long(), ref_logps=ref, kl=0.0)
 
 
-
 def _sums64(hidden, weight, targets, token_weights):
     """float64 Σ_t w_t log p(y_t) per row, from materialised logits."""
     logp = torch.log_softmax(hidden.double() @ weight.double().T, -1)
