@@ -1,7 +1,7 @@
-"""Budget strategy of the per-token KL: statistics and in-place gradient over two materialised logit rows.
+"""Budget strategy of the per-token KL: statistics and gradient over two materialised logit rows.
 
 The policy logits P [n, V] and the reference logits R [n, V] of one chunk sit in memory
-(one GEMM each). With z = f(P), y = f(R), f(x) = softcap * tanh(x / temperature / softcap),
+(one GEMM each, fp32 results of half-precision operands). With z = f(P), y = f(R), f(x) = softcap * tanh(x / temperature / softcap),
 and a = the side that weights the KL, b = the other (a = y, b = z for KL(p_ref || p_θ);
 swapped for KL(p_θ || p_ref)):
 
@@ -12,17 +12,17 @@ rows_kl_stats_kernel, one program a row, one running state per lane merged at th
 prefops.token_kl.finalize_kl turns them into KL(a || b) = c / s_a + log s_b - log s_a,
 both lse and both log-probs of the target.
 
-rows_kl_grad_kernel overwrites P with d loss / dP, loss = Σ_r g_kl KL_r + g_logp log p_θ(target_r):
+rows_kl_grad_kernel writes d loss / dP into `out` (the GEMMs' input dtype; P itself for fp32), loss = Σ_r g_kl KL_r + g_logp log p_θ(target_r):
     dz_v = g_kl (p_v - r_v)                        KL(p_ref || p_θ)  (POLICY_FIRST false)
          = g_kl p_v (log p_v - log r_v - KL)       KL(p_θ || p_ref)  (POLICY_FIRST true)
            + g_logp ([v = target] - p_v),  then * (1 - (z / softcap)^2) / temperature,
-with p = exp(z - lse_θ), r = exp(y - lse_ref). The caller's dh = dP W and dW = dP^T h
-GEMMs need no third N x V buffer.
+with p = exp(z - lse_θ), r = exp(y - lse_ref); out is the operand of the caller's
+dh = dP W and dW = dP^T h GEMMs.
 
 Stores: 7 floats a row from the stats pass (the caller keeps lse_θ, lse_ref, KL); nothing
 else. Recomputes p and r from the stored logits in the gradient pass.
-Cost: stats ~16 n V elementwise FLOPs, reads 2 n V elements; gradient ~14 n V FLOPs,
-reads 2 n V and writes n V elements (2 bytes each in bf16): a few percent of the two
+Cost: stats ~16 n V elementwise FLOPs, reads 2 n V fp32 elements; gradient ~14 n V FLOPs,
+reads 2 n V fp32 elements and writes n V (2 bytes each in bf16): a few percent of the two
 GEMMs that produced the rows.
 """
 import triton
@@ -86,8 +86,8 @@ def rows_kl_stats_kernel(logits_a_ptr, logits_b_ptr, targets_ptr, out_ptr, n_row
 
 
 @triton.jit
-def rows_kl_grad_kernel(logits_ptr, ref_logits_ptr, targets_ptr, lse_ptr, ref_lse_ptr, kl_ptr, grad_kl_ptr,
-                        grad_logp_ptr, vocab_size, stride_row, stride_ref, inv_temperature, softcap,
+def rows_kl_grad_kernel(logits_ptr, ref_logits_ptr, out_ptr, targets_ptr, lse_ptr, ref_lse_ptr, kl_ptr, grad_kl_ptr,
+                        grad_logp_ptr, vocab_size, stride_row, stride_ref, stride_out, inv_temperature, softcap,
                         HAS_SOFTCAP: tl.constexpr, POLICY_FIRST: tl.constexpr, BLOCK_V: tl.constexpr):
     row, offs, inside = row_columns(vocab_size, BLOCK_V)
     ptrs = logits_ptr + row.to(tl.int64) * stride_row + offs
@@ -108,7 +108,7 @@ def rows_kl_grad_kernel(logits_ptr, ref_logits_ptr, targets_ptr, lse_ptr, ref_ls
         dkl = p - tl.exp(log_r)
     dz = grad_kl * dkl - grad_logp * p + tl.where(offs == target, grad_logp, 0.0)
     dz = linear_grad(dz, z, inv_temperature, softcap, HAS_SOFTCAP)
-    tl.store(ptrs, dz.to(logits_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + row.to(tl.int64) * stride_out + offs, dz.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def launch_rows_kl_stats(logits, ref_logits, targets, policy_first, temperature, softcap):
@@ -128,14 +128,15 @@ def launch_rows_kl_stats(logits, ref_logits, targets, policy_first, temperature,
     return KLStats(*out.unbind(0))
 
 
-def launch_rows_kl_grad(logits, ref_logits, targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first,
+def launch_rows_kl_grad(logits, ref_logits, out, targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first,
                         temperature, softcap):
-    """Replace the policy logits [n, V] by d loss / d logits, row r scaled by grad_kl[r] and grad_logp[r]."""
+    """Write d loss / d logits of the policy logits [n, V] into out [n, V] (may be logits), row r
+    scaled by grad_kl[r] and grad_logp[r]."""
     n, vocab = logits.shape
     if n:
         block = min(2048, triton.next_power_of_2(vocab))
         rows_kl_grad_kernel[(n, triton.cdiv(vocab, block))](
-            logits, ref_logits, targets, lse, ref_lse, kl, grad_kl, grad_logp, vocab, logits.stride(0),
-            ref_logits.stride(0), 1.0 / temperature, softcap or 1.0, HAS_SOFTCAP=softcap is not None,
+            logits, ref_logits, out, targets, lse, ref_lse, kl, grad_kl, grad_logp, vocab, logits.stride(0),
+            ref_logits.stride(0), out.stride(0), 1.0 / temperature, softcap or 1.0, HAS_SOFTCAP=softcap is not None,
             POLICY_FIRST=policy_first, BLOCK_V=block, num_warps=4)
-    return logits
+    return out

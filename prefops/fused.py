@@ -4,6 +4,7 @@ Only counted rows (targets != ignore_index) are ever multiplied with W. Memory
 beyond the gradients is bounded by `workspace`, whatever N is:
   forward  - per-row statistics only (the Triton kernel keeps logits in registers;
              the PyTorch backend materialises one bounded fp32 tile at a time);
+             logits are fp32 results of input-dtype operands on both backends;
   backward - rows are taken in chunks whose gathered h, fp32 dh accumulator and
              fp32 GEMM result fit half the workspace; within a chunk the vocabulary is cut into tiles of
              d(hW^T) that fill the rest. Each tile feeds two GEMMs (dh += G W_v,
@@ -94,14 +95,17 @@ def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backe
 
 
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result, accumulating in fp32 for half-precision inputs."""
+    """a @ b with an fp32 result, accumulating in fp32 for half-precision inputs.
+
+    On CUDA one half-precision GEMM writes fp32 (torch >= 2.10 has out_dtype; a failure
+    is raised, never hidden behind a 10x slower fp32 GEMM). CPU matmul has no out_dtype;
+    upcasting half values to fp32 is exact, so its fp32 GEMM is the same arithmetic."""
     if a.dtype == b.dtype == torch.float32:
         return a @ b
-    if a.is_cuda and a.dtype == b.dtype:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
+    if a.is_cuda:
+        if a.dtype != b.dtype:
+            raise TypeError(f"matmul_fp32 needs operands of one dtype; got {a.dtype} and {b.dtype}")
+        return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 
 
@@ -153,8 +157,10 @@ def token_grads(hidden, weight, bias, rows, targets, lse, entropy, grad_logp, gr
                                       _part(entropy, chunk), grad_logp[chunk], grad_lse[chunk],
                                       _part(grad_entropy, chunk), temperature, softcap, v0, out)
         z = tiles.transform(_linear_fp32(h_rows, weight, bias, v0, v1), temperature, softcap)
+        # Rounded to the input dtype as the Triton kernel stores it, so both backends feed
+        # the dh and dW GEMMs the same operands.
         return tiles.tile_grad(z, targets[chunk] - v0, lse[chunk], _part(entropy, chunk), grad_logp[chunk],
-                               grad_lse[chunk], _part(grad_entropy, chunk), temperature, softcap)
+                               grad_lse[chunk], _part(grad_entropy, chunk), temperature, softcap).to(hidden.dtype)
 
     tile_bytes = weight.element_size() if backend == "triton" else 16
     return linear_grads(hidden, weight, bias, rows, tile, tile_bytes, workspace, fp32_weight_grad, needs)

@@ -9,9 +9,10 @@ lean    per-token log-probs from prefops.linear_logprobs (logits recomputed in
         backward), summed per sequence, then the head; memory independent of
         sequence length and batch size.
 budget  groups are packed into chunks whose logits fit `budget` bytes; for each
-        chunk one GEMM materialises the logits, the head runs on the chunk's
-        groups, and d(hW^T) is formed in place and turned into dh and dW by two
-        GEMMs. Three GEMMs instead of four; backward only scales the stored
+        chunk one GEMM materialises the logits (fp32 results of input-dtype
+        operands, as lean computes them), the head runs on the chunk's groups,
+        and d(hW^T) is written in the input dtype and turned into dh and dW by
+        two GEMMs. Three GEMMs instead of four; backward only scales the stored
         gradients. Used when every group fits the budget, else lean.
 
 The budget chunk loop (budget_objective) is shared with the per-token KL of the
@@ -174,6 +175,12 @@ def warn_lean(stacklevel):
     warnings.warn("a loss group does not fit the memory budget; using the lean strategy", stacklevel=stacklevel + 1)
 
 
+def budget_bytes_per_logit(dtype: torch.dtype, sides: int = 1) -> int:
+    """Bytes a budget chunk holds per row and vocabulary entry: `sides` fp32 logits, plus the
+    gradient tile in the input dtype when that is not fp32 (fp32 gradients overwrite the logits)."""
+    return 4 * sides + (0 if dtype == torch.float32 else torch.empty((), dtype=dtype).element_size())
+
+
 def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1):
     """Chunks of whole groups whose logits (`sides` [rows, V] tensors) fit the budget, or None if
     some group does not.
@@ -189,7 +196,7 @@ def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1
     order = torch.argsort(row_group, stable=True)
     rows, row_group = rows[order], row_group[order]
     tokens_per_group = torch.bincount(row_group, minlength=groups.shape[0]).tolist()
-    bytes_per_row = sides * weight.shape[0] * (weight.element_size() if weight.is_cuda else 4)
+    bytes_per_row = weight.shape[0] * budget_bytes_per_logit(weight.dtype, sides)
     limit = max(1, budget // bytes_per_row)
     if max(tokens_per_group, default=0) > limit:
         return None
@@ -226,8 +233,9 @@ class ChunkRows:
         """Loss of the groups group_index from their per-sequence sums {name: [G', K]}."""
         raise NotImplementedError
 
-    def logit_grads_in_place(self, logits: torch.Tensor, targets: torch.Tensor, saved, grads: dict) -> None:
-        """Overwrite logits with d loss / d logits, given {name: [n] d loss / d value} per token."""
+    def logit_grads(self, logits: torch.Tensor, targets: torch.Tensor, saved, grads: dict, out: torch.Tensor) -> None:
+        """Write d loss / d logits into out (the input dtype; logits itself when that is fp32), given
+        {name: [n] d loss / d value} per token."""
         raise NotImplementedError
 
 
@@ -273,6 +281,7 @@ class _BudgetObjective(torch.autograd.Function):
                 chunk_loss = math.head(chunk_sums, group_index)
                 grads = torch.autograd.grad(chunk_loss, inputs, allow_unused=True)
             loss += chunk_loss.detach()
+            tile = None
             if grad_h is not None or grad_w is not None or grad_b is not None:
                 token_grads = {}
                 for name, grad in zip(math.differentiable, grads):
@@ -280,15 +289,19 @@ class _BudgetObjective(torch.autograd.Function):
                     if grad is not None:
                         grad_sequence.index_add_(0, slots[slots >= 0], grad[slots >= 0])
                     token_grads[name] = grad_sequence.index_select(0, seq) * weights[name]
-                math.logit_grads_in_place(logits, local_targets, saved, token_grads)
-                if grad_h is not None:
-                    grad_h.index_copy_(0, rows, fused.matmul_fp32(logits, _as(weight, logits)).to(hidden.dtype))
-                if grad_w is not None:
-                    grad_w.add(0, vocab, logits, _as(h_rows, logits))
-                if grad_b is not None:
-                    grad_b += logits.sum(0, dtype=torch.float32)
-            # Free this chunk's logits before the next GEMM allocates its own: the budget holds one chunk.
+                tile = logits if weight.dtype == torch.float32 else torch.empty_like(logits, dtype=weight.dtype)
+                math.logit_grads(logits, local_targets, saved, token_grads, tile)
+            # The GEMMs need only the gradient tile: the fp32 logits go first, and every buffer of
+            # this chunk before the next chunk's GEMM allocates its own (the budget holds one chunk).
             del logits, saved
+            if grad_h is not None:
+                # One GEMM over the whole vocabulary: fp32 accumulation, one rounding to h's dtype.
+                grad_h.index_copy_(0, rows, tile @ weight)
+            if grad_w is not None:
+                grad_w.add(0, vocab, tile, h_rows)
+            if grad_b is not None:
+                grad_b += tile.sum(0, dtype=torch.float32)
+            del tile
         run.sums = sums
         ctx.save_for_backward(*(g for g in (grad_h, grad_w.result() if grad_w else None,
                                             grad_b.to(bias.dtype) if grad_b is not None else None)
@@ -306,16 +319,21 @@ class _BudgetObjective(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _as(tensor, like):
-    return tensor if tensor.dtype == like.dtype else tensor.to(like.dtype)
+# Vocabulary rows of W upcast at a time by the CPU GEMM, so no fp32 copy of W is made.
+_CPU_VOCAB_BLOCK = 4096
 
 
 def materialise(h_rows, weight, bias):
-    """Logits [n, V] of one chunk: the GEMM in the input dtype on GPU (as every trainer does),
-    fp32 on CPU where half-precision GEMMs are slow and inexact."""
-    if h_rows.is_cuda:
-        return torch.nn.functional.linear(h_rows, weight, bias)
-    return torch.nn.functional.linear(h_rows.float(), weight.float(), None if bias is None else bias.float())
+    """fp32 logits [n, V] of one chunk from operands in the input dtype: never rounded to bf16,
+    so the budget strategy's values carry only fp32 accumulation error, like lean's."""
+    if h_rows.is_cuda or weight.dtype == torch.float32:
+        logits = fused.matmul_fp32(h_rows, weight.t())
+    else:
+        logits = h_rows.new_empty(h_rows.shape[0], weight.shape[0], dtype=torch.float32)
+        h32 = h_rows.float()
+        for v0 in range(0, weight.shape[0], _CPU_VOCAB_BLOCK):
+            torch.mm(h32, weight[v0:v0 + _CPU_VOCAB_BLOCK].float().t(), out=logits[:, v0:v0 + _CPU_VOCAB_BLOCK])
+    return logits if bias is None else logits.add_(bias.float())
 
 
 class _LogpRows(ChunkRows):
@@ -340,8 +358,8 @@ class _LogpRows(ChunkRows):
         stats.update({name: sums[name].detach() for name in self.wanted})
         return self.user_head(sums["logps"], group_index, stats)
 
-    def logit_grads_in_place(self, logits, targets, saved, grads):
-        _logit_grads_in_place(logits, targets, saved, grads["logps"], self.temperature, self.softcap, self.backend)
+    def logit_grads(self, logits, targets, saved, grads, out):
+        _logit_grads(logits, targets, saved, grads["logps"], out, self.temperature, self.softcap, self.backend)
 
 
 def _chunk_token_stats(logits, targets, temperature, softcap, backend) -> tiles.Token:
@@ -356,15 +374,16 @@ def _chunk_token_stats(logits, targets, temperature, softcap, backend) -> tiles.
     return tiles.Token(*(torch.cat(column) for column in zip(*parts)))
 
 
-def _logit_grads_in_place(logits, targets, token, grad_logp, temperature, softcap, backend):
+def _logit_grads(logits, targets, token, grad_logp, out, temperature, softcap, backend):
     if backend == "triton":
         from .kernels import launch_rows_grad
 
-        launch_rows_grad(logits, targets, token.lse, grad_logp, torch.zeros_like(grad_logp), temperature, softcap)
+        launch_rows_grad(logits, out, targets, token.lse, grad_logp, torch.zeros_like(grad_logp), temperature,
+                         softcap)
         return
     for r0 in range(0, logits.shape[0], _BLOCK_ROWS):
         block = slice(r0, r0 + _BLOCK_ROWS)
         z = tiles.transform(logits[block], temperature, softcap)
         grad = tiles.tile_grad(z, targets[block], token.lse[block], None, grad_logp[block],
                                torch.zeros_like(grad_logp[block]), None, temperature, softcap)
-        logits[block] = grad.to(logits.dtype)
+        out[block] = grad.to(out.dtype)

@@ -28,9 +28,10 @@ the policy hidden states, weight and bias only: the reference is frozen.
 
 sequence_kl_objective puts a sequence-level head (TDPO) on top, with the two strategies
 of prefops.sequence_objective. Lean is the op above. Budget packs whole loss groups into
-chunks whose policy AND reference logits fit the budget; per chunk two GEMMs materialise
-them, kernels/rows_kl.py gives KL, both lse and both target log-probs, the head runs on
-the chunk, the policy logits are overwritten by the gradient formed above, and two GEMMs
+chunks whose policy AND reference logits (fp32) and one gradient tile fit the budget; per
+chunk two GEMMs materialise them, kernels/rows_kl.py gives KL, both lse and both target
+log-probs, the head runs on the chunk, the gradient formed above goes to a tile in the
+input dtype, and two GEMMs
 give dh and dW: four GEMMs instead of six, backward only scales. The op alone has no
 budget strategy: it returns per-token values whose upstream gradient is known only in
 backward, so it would have to keep the N x V logits (not a bounded budget) or recompute
@@ -218,7 +219,7 @@ def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         y = tiles.transform(fused._linear_fp32(reference_rows.get(chunk_rows), ref_weight, ref_bias, v0, v1),
                             temperature, softcap)
         local = torch.where(per_row[0] >= 0, per_row[0] - v0, -1)
-        return tile_kl_grad(z, y, local, *per_row[1:], policy_first, temperature, softcap)
+        return tile_kl_grad(z, y, local, *per_row[1:], policy_first, temperature, softcap).to(hidden.dtype)
 
     # The PyTorch tile holds both sides' logits and their temporaries.
     tile_bytes = weight.element_size() if backend == "triton" else 32
@@ -462,9 +463,9 @@ class _KLRows(ChunkRows):
         stats = {"kl": sums["kl"], "ref_logp": sums["ref_logps"], "count": _gather(self.count, self.groups[group_index])}
         return self.user_head(sums["logps"], group_index, stats)
 
-    def logit_grads_in_place(self, logits, targets, saved, grads):
-        rows_kl_grads_in_place(logits, saved[0], targets, *saved[1:], grads["kl"], grads["logps"], self.policy_first,
-                               self.temperature, self.softcap, self.backend)
+    def logit_grads(self, logits, targets, saved, grads, out):
+        rows_kl_grads(logits, saved[0], out, targets, *saved[1:], grads["kl"], grads["logps"], self.policy_first,
+                      self.temperature, self.softcap, self.backend)
 
 
 def rows_kl_stats(logits, ref_logits, targets, policy_first, temperature, softcap, backend) -> KLStats:
@@ -480,17 +481,18 @@ def rows_kl_stats(logits, ref_logits, targets, policy_first, temperature, softca
     return KLStats(*(torch.cat(column) for column in zip(*parts)))
 
 
-def rows_kl_grads_in_place(logits, ref_logits, targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first,
-                           temperature, softcap, backend):
-    """Overwrite the policy logits [n, V] with d(Σ g_kl KL + g_logp log p_θ(target)) / d logits."""
+def rows_kl_grads(logits, ref_logits, out, targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first,
+                  temperature, softcap, backend):
+    """Write d(Σ g_kl KL + g_logp log p_θ(target)) / d logits of the policy logits [n, V] into out
+    [n, V] (may be logits)."""
     if backend == "triton":
         from .kernels import launch_rows_kl_grad
 
-        launch_rows_kl_grad(logits, ref_logits, targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first,
+        launch_rows_kl_grad(logits, ref_logits, out, targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first,
                             temperature, softcap)
         return
     for r0 in range(0, logits.shape[0], _BLOCK_ROWS):
         block = slice(r0, r0 + _BLOCK_ROWS)
         z, y = (tiles.transform(x[block], temperature, softcap) for x in (logits, ref_logits))
-        logits[block] = tile_kl_grad(z, y, targets[block], lse[block], ref_lse[block], kl[block], grad_kl[block],
-                                     grad_logp[block], policy_first, temperature, softcap).to(logits.dtype)
+        out[block] = tile_kl_grad(z, y, targets[block], lse[block], ref_lse[block], kl[block], grad_kl[block],
+                                  grad_logp[block], policy_first, temperature, softcap).to(out.dtype)

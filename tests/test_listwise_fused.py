@@ -8,6 +8,7 @@ from conftest import TOLERANCE, relative_error
 from prefops.listwise import ListwiseLoss
 from prefops.losses.listwise import listwise_loss
 from prefops.memory import AllocationRecorder
+from prefops.objective import budget_bytes_per_logit
 
 LENGTH, HIDDEN, VOCAB = 11, 21, 307
 # Three lists of 4, 2 and 3 responses stored in a scrambled order; slot -1 is empty.
@@ -55,7 +56,7 @@ CASES = [
 def test_fused_matches_reference(case, strategy, dtype):
     hidden, weight, targets, ref, scores = make_batch(dtype)
     # A budget of about one list's logits: the lists are evaluated in several chunks.
-    module = ListwiseLoss(**case, strategy=strategy, budget=4 * LENGTH * VOCAB * 4)
+    module = ListwiseLoss(**case, strategy=strategy, budget=4 * LENGTH * VOCAB * budget_bytes_per_logit(dtype))
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, metrics = module(h, w, targets, lists=LISTS, scores=scores.float(), ref_logps=ref.float())
     loss.backward()

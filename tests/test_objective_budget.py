@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import prefops
-from conftest import TOLERANCE, relative_error
+from conftest import relative_error
 from helpers import make_inputs
 from prefops import tiles
+from prefops.objective import budget_bytes_per_logit
 
 PAIRS, LENGTH, HIDDEN, VOCAB = 3, 10, 23, 331
 BETA = 0.1
@@ -31,23 +32,60 @@ def run(hidden, weight, targets, bias, groups, **kwargs):
     return out.loss, torch.autograd.grad(out.loss, leaves)
 
 
+def float64_pipeline(hidden, weight, bias, targets, groups, temperature=1.0, softcap=None):
+    """Loss, gradients and the logit gradient G in float64, written from the definitions
+    (z = softcap tanh((hW^T + b) / T / softcap), log_softmax, gather, per-sequence sum, head)."""
+    leaves = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+    linear = leaves[0] @ leaves[1].t() + leaves[2]
+    linear.retain_grad()
+    z = linear / temperature
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    counted = targets != -100
+    logp = torch.log_softmax(z, -1).gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
+    loss = head(torch.where(counted, logp, 0.0).sum(1)[groups], None, None)
+    loss.backward()
+    return loss.detach(), [leaf.grad for leaf in leaves], linear.grad
+
+
+def bf16_store_error(backend):
+    """Relative error of one fp32 -> bf16 store: 2^-8 rounding to nearest (GPU, torch), 2^-7 in
+    Triton's CPU interpreter, which truncates."""
+    return 2.0**-7 if backend == "triton" else 2.0**-8
+
+
+def rounding_bound(logit_grad, hidden, weight, unit, roundings_h, roundings_w):
+    """Normwise error bounds of (h.grad, W.grad) stored in bf16 by the error model: each rounding
+    of a value built from the terms G_rv W_v (or G_rv h_r) errs by at most `unit` times the sum of
+    their magnitudes, so the bound is unit * roundings * || |G| |W| || (|G|^T |h| for W), which
+    stays meaningful where the terms cancel."""
+    g, h, w = logit_grad.abs().flatten(0, -2), hidden.double().abs().flatten(0, -2), weight.double().abs()
+    return unit * roundings_h * (g @ w).norm().item(), unit * roundings_w * (g.t() @ h).norm().item()
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("transform", [{}, {"temperature": 0.7}, {"softcap": 15.0}], ids=str)
 @pytest.mark.parametrize("dtype,scale", [(torch.float32, 4.0), (torch.float32, 100.0), (torch.bfloat16, 4.0)])
 def test_budget_matches_float64(backend, transform, dtype, scale):
     hidden, weight, targets, bias, groups = problem(dtype, scale, bias=True)
-    budget = 2 * LENGTH * VOCAB * 4  # one pair per chunk: several chunks
+    budget = 2 * LENGTH * VOCAB * budget_bytes_per_logit(dtype)  # one pair per chunk: several chunks
     with _no_fallback():
         loss, grads = run(hidden, weight, targets, bias, groups, strategy="budget", budget=budget, backend=backend,
                           **transform)
-    leaves = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
-    token = prefops.reference.linear_logprobs(*leaves[:2], targets, bias=leaves[2], **transform)
-    expected = head(token.sum(1)[groups], None, None)
-    expected_grads = torch.autograd.grad(expected, leaves)
-    # Logits of a few hundred are only known to their fp32 ulp (~3e-5), which bounds the agreement
-    # of p and so of the gradients with float64 (as in test_linear_logprobs' magnitude test).
-    tolerance = TOLERANCE[dtype] if scale < 10 else 1e-4
+    expected, expected_grads, logit_grad = float64_pipeline(hidden, weight, bias, targets, groups, **transform)
+    # The loss comes from fp32 logits of the (rounded) inputs: fp32 accumulation error, whatever the
+    # input dtype. Logits of a few hundred are only known to their fp32 ulp (~3e-5), which bounds
+    # the agreement of p and so of loss and gradients with float64 (as in test_linear_logprobs).
+    tolerance = 1e-5 if scale < 10 else 1e-4
     assert relative_error(loss, expected) <= tolerance
+    if dtype == torch.bfloat16:
+        # h.grad: the bf16 gradient tile, then the GEMM's output. W.grad: the tile, then one rounding
+        # of the bf16 accumulator per chunk (PAIRS chunks). The bias gradient sums in fp32.
+        bound_h, bound_w = rounding_bound(logit_grad, hidden, weight, bf16_store_error(backend), 2, 1 + PAIRS)
+        assert (grads[0].double() - expected_grads[0]).norm() <= bound_h
+        assert (grads[1].double() - expected_grads[1]).norm() <= bound_w
+        assert relative_error(grads[2], expected_grads[2]) <= bf16_store_error(backend)
+        return
     for grad, want in zip(grads, expected_grads):
         assert relative_error(grad, want) <= tolerance
 
@@ -69,20 +107,38 @@ def _no_fallback():
 
 
 @pytest.mark.parametrize("softcap", [None, 20.0])
-def test_row_kernels_match_tile_math(softcap):
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_row_kernels_match_float64(softcap, out_dtype):
+    """The budget strategy's row kernels on fp32 logits, against float64 from the definitions."""
     from prefops.kernels import launch_rows_grad, launch_rows_stats
 
-    n, vocab = 7, 5003  # more than one vocabulary block, odd length
-    logits = torch.randn(n, vocab, dtype=torch.float64) * 50
-    logits[0, :] = -1e4  # a row far below zero: the shifted statistics must not cancel
+    n, vocab, temperature = 7, 5003, 0.9  # more than one vocabulary block, odd length
+    logits = torch.randn(n, vocab) * 50
+    logits[0, :] -= 1e4  # a row far below zero: the shifted statistics must not cancel
     targets = torch.randint(0, vocab, (n,), dtype=torch.int32)
-    z = tiles.transform(logits, 0.9, softcap).double()
-    want = tiles.finalize(tiles.tile_stats(z, targets.long()))
-    got = tiles.finalize(launch_rows_stats(logits.float(), targets, 0.9, softcap))
-    for name, value, expected in zip(want._fields, got, want):
-        assert relative_error(value, expected) <= 1e-5, name
+    z64 = logits.double().requires_grad_()
+    z = z64 / temperature if softcap is None else softcap * torch.tanh(z64 / temperature / softcap)
+    log_p = torch.log_softmax(z, -1)
+    logp = log_p.gather(1, targets.long()[:, None]).squeeze(1)
+    lse = torch.logsumexp(z, -1)
+    got = tiles.finalize(launch_rows_stats(logits, targets, temperature, softcap))
+    # Logits of ~50 are known to their fp32 ulp (4e-6), which bounds every statistic's agreement.
+    for name, value, expected in [("logp", got.logp, logp), ("lse", got.lse, lse),
+                                  ("entropy", got.entropy, -(log_p.exp() * log_p).sum(-1)),
+                                  ("sum_p2", got.sum_p2, (2 * log_p).exp().sum(-1))]:
+        assert relative_error(value, expected.detach(), scale=lse.detach()) <= 1e-5, name
     grad_logp, grad_lse = torch.randn(n), torch.randn(n)
-    expected_grad = tiles.tile_grad(z, targets.long(), want.lse, None, grad_logp.double(), grad_lse.double(), None,
-                                    0.9, softcap)
-    grad = launch_rows_grad(logits.float(), targets, got.lse, grad_logp, grad_lse, 0.9, softcap)
-    assert relative_error(grad, expected_grad) <= 1e-5
+    (grad_logp.double() * logp + grad_lse.double() * lse).sum().backward()
+    out = logits.clone() if out_dtype == torch.float32 else torch.empty(n, vocab, dtype=out_dtype)
+    grad = launch_rows_grad(logits.clone(), out, targets, got.lse, grad_logp, grad_lse, temperature, softcap)
+    assert grad is out
+    # The lse the kernel is given is fp32: off by up to 2^-24 |lse|, which shifts every p of its row
+    # by that relative amount (~1e-3 in the row near -1e4); the stored gradient adds its own rounding.
+    # With a softcap the chain rule's 1 - t^2 (t = z / softcap) is formed in fp32 and loses
+    # 2^-24 t^2 / (1 - t^2) relative where the tanh saturates; that error is weighted per element.
+    store = 2.0**-24 if out_dtype == torch.float32 else bf16_store_error("triton")
+    capped = torch.zeros(()) if softcap is None else (z.detach() / softcap) ** 2
+    saturation = (z64.grad * 2.0**-23 * capped / (1 - capped).clamp_min(2.0**-24)).norm(dim=1)
+    for r in range(n):
+        bound = 1e-5 + store + 4 * 2.0**-24 * abs(got.lse[r].item()) + saturation[r] / z64.grad[r].norm().clamp_min(1e-30)
+        assert relative_error(grad[r], z64.grad[r]) <= bound, r

@@ -13,13 +13,17 @@ from prefops import tiles
 from prefops.losses import pairwise_loss
 from prefops.memory import AllocationRecorder
 from prefops.reference.token_kl import linear_token_kl as reference_token_kl
-from prefops.token_kl import (finalize_kl, rows_kl_grads_in_place, rows_kl_stats, sequence_kl_objective,
-                              tile_kl_grad, tile_kl_stats)
+from prefops.objective import budget_bytes_per_logit
+from prefops.token_kl import (finalize_kl, rows_kl_grads, rows_kl_stats, sequence_kl_objective, tile_kl_grad,
+                              tile_kl_stats)
 
 PAIRS, LENGTH, HIDDEN, REF_HIDDEN, VOCAB = 3, 9, 23, 19, 331
 BETA, ALPHA = 0.3, 0.7
-# The policy and the reference logits of one pair in fp32 (CPU): three chunks.
-ONE_PAIR = 2 * (2 * LENGTH) * VOCAB * 4
+
+
+def one_pair(dtype):
+    """A budget that holds one pair's policy and reference logits (fp32) and gradient tile: three chunks."""
+    return (2 * LENGTH) * VOCAB * budget_bytes_per_logit(dtype, sides=2)
 
 
 def make_batch(dtype, *, scale=4.0, bias=False, seed=0):
@@ -95,7 +99,7 @@ def test_budget_matches_lean_and_float64(loss_type, direction, transform, dtype,
     catcher = strict()
     try:
         with prefops.settings(backend=backend, workspace=40_000):
-            budget = fused_run(batch, loss_type, direction, strategy="budget", budget=ONE_PAIR, **transform)
+            budget = fused_run(batch, loss_type, direction, strategy="budget", budget=one_pair(dtype), **transform)
             lean = fused_run(batch, loss_type, direction, strategy="lean", **transform)
     finally:
         catcher.__exit__(None, None, None)
@@ -112,11 +116,11 @@ def test_large_logits_and_packed_layout():
     batch = make_batch(torch.float32, scale=100.0, seed=3)
     catcher = strict()
     try:
-        padded = fused_run(batch, "tdpo2", "ref_policy", strategy="budget", budget=ONE_PAIR)
+        padded = fused_run(batch, "tdpo2", "ref_policy", strategy="budget", budget=one_pair(torch.float32))
         keep = (batch["targets"] != -100).reshape(-1)
         seq_ids = torch.arange(2 * PAIRS).repeat_interleave(LENGTH)[keep]
         flat = lambda x: x.reshape(-1, x.shape[-1])[keep]  # noqa: E731
-        module = prefops.PreferenceLoss("tdpo2", beta=BETA, tdpo_alpha=ALPHA, strategy="budget", budget=ONE_PAIR)
+        module = prefops.PreferenceLoss("tdpo2", beta=BETA, tdpo_alpha=ALPHA, strategy="budget", budget=one_pair(torch.float32))
         packed, _ = module(flat(batch["hidden"]), batch["weight"], batch["targets"].reshape(-1)[keep],
                            seq_ids=seq_ids, ref_hidden=flat(batch["ref_hidden"]), ref_weight=batch["ref_weight"])
     finally:
@@ -136,7 +140,7 @@ def test_token_weights_and_forward_only():
         return (logps - stats["ref_logp"] - 0.5 * stats["kl"] * stats["count"]).square().sum()
 
     outs = {strategy: sequence_kl_objective(*args, head=head, groups=groups, token_weights=token_weights,
-                                            strategy=strategy, budget=ONE_PAIR)
+                                            strategy=strategy, budget=one_pair(torch.float32))
             for strategy in ("lean", "budget")}
     kl, logp, ref_logp = (x.double() for x in reference_token_kl(*(x.double() for x in args[:4]), targets=args[4]))
     sums = lambda x: x.sum(1)  # noqa: E731
@@ -149,7 +153,7 @@ def test_token_weights_and_forward_only():
         assert relative_error(out.stats["ref_logp"], weighted(ref_logp)) <= 1e-5
     with torch.no_grad():
         again = sequence_kl_objective(*args, head=head, groups=groups, token_weights=token_weights, strategy="budget",
-                                      budget=ONE_PAIR)
+                                      budget=one_pair(torch.float32))
     assert torch.equal(again.loss, outs["budget"].loss.detach())
 
 
@@ -183,11 +187,11 @@ def test_row_kernels_match_tile_math(policy_first, softcap):
     # (an fp32 lse of a row near -1e3 is off by ~1e-4, which no kernel can undo).
     per_row = [x.float() for x in (lse, ref_lse, kl, torch.randn(n), torch.randn(n))]
     expected = tile_kl_grad(z, y, targets, *(x.double() for x in per_row), policy_first, TEMPERATURE, softcap)
-    grad = launch_rows_kl_grad(logits.float(), ref_logits.float(), targets, *per_row, policy_first, TEMPERATURE,
-                               softcap)
+    grad = launch_rows_kl_grad(logits.float(), ref_logits.float(), torch.empty(n, vocab), targets, *per_row,
+                               policy_first, TEMPERATURE, softcap)
     torch_grad = logits.float()
-    rows_kl_grads_in_place(torch_grad, ref_logits.float(), targets, *per_row, policy_first, TEMPERATURE, softcap,
-                           "torch")
+    rows_kl_grads(torch_grad, ref_logits.float(), torch_grad, targets, *per_row, policy_first, TEMPERATURE, softcap,
+                  "torch")
     assert relative_error(grad, expected) <= 1e-5
     assert relative_error(torch_grad, expected) <= 1e-5
 
@@ -201,7 +205,7 @@ def test_budget_stays_within_its_budget(backend):
     ref_hidden, ref_weight = hidden.detach() + 0.1, weight.detach() * 1.1
     targets = torch.randint(0, vocab, (2 * pairs, length), generator=g)
     targets[:, :4] = -100
-    budget = 2 * (2 * 20) * vocab * 4  # one pair's policy and reference logits in fp32
+    budget = (2 * 20) * vocab * budget_bytes_per_logit(torch.float32, sides=2)  # one pair's two sides in fp32
     module = prefops.PreferenceLoss("tdpo2", strategy="budget", budget=budget)
     recorder = AllocationRecorder()
     catcher = strict()
@@ -226,6 +230,6 @@ def test_budget_stays_within_its_budget(backend):
 def test_falls_back_to_lean_when_a_pair_does_not_fit():
     batch = make_batch(torch.float32, seed=5)
     with pytest.warns(UserWarning, match="does not fit the memory budget"):
-        small = fused_run(batch, "tdpo2", "ref_policy", strategy="budget", budget=ONE_PAIR // 4)
+        small = fused_run(batch, "tdpo2", "ref_policy", strategy="budget", budget=one_pair(torch.float32) // 4)
     lean = fused_run(batch, "tdpo2", "ref_policy", strategy="lean")
     check_close(small, lean, 1e-6)

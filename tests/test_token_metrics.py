@@ -11,6 +11,7 @@ from helpers import make_inputs
 from prefops.ops import linear_logprobs_forward, token_outputs
 from prefops.preference import trl_token_metrics
 from prefops.reference.logprobs import logits as reference_logits
+from prefops.objective import budget_bytes_per_logit
 
 TRANSFORMS = [{}, {"temperature": 0.7}, {"softcap": 15.0}]
 PAIRS, LENGTH, HIDDEN, VOCAB = 3, 9, 19, 331
@@ -200,9 +201,10 @@ def test_preference_loss_token_metrics_match_reference(strategy, backend, layout
     options = dict(bias=bias, seq_ids=seq_ids, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
     with prefops.settings(backend=backend):
         loss, metrics = prefops.PreferenceLoss("sigmoid", beta=0.1, token_metrics=True, strategy=strategy,
-                                               budget=2 * LENGTH * VOCAB * 4)(hidden, weight, targets, **options)
+                                               budget=2 * LENGTH * VOCAB * budget_bytes_per_logit(dtype))(
+            hidden, weight, targets, **options)
         plain_loss, plain_metrics = prefops.PreferenceLoss("sigmoid", beta=0.1, strategy=strategy,
-                                                           budget=2 * LENGTH * VOCAB * 4)(hidden, weight, targets,
+                                                           budget=2 * LENGTH * VOCAB * budget_bytes_per_logit(dtype))(hidden, weight, targets,
                                                                                           **options)
     expected = reference_metrics(hidden, weight, targets, bias, seq_ids)
     tolerance = TOLERANCE[dtype] if dtype == torch.float32 else 1e-3  # bf16 inputs, fp32 arithmetic on both sides

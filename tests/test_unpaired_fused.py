@@ -7,6 +7,7 @@ import prefops
 from conftest import TOLERANCE, relative_error
 from prefops.losses import BCOLoss, kto_kl_estimate, kto_loss
 from prefops.unpaired import UnpairedLoss
+from prefops.objective import budget_bytes_per_logit
 
 COMPLETIONS, LENGTH, HIDDEN, VOCAB = 5, 9, 19, 263
 BETA = 0.2
@@ -34,7 +35,7 @@ def reference_sums(hidden, weight, targets):
 def test_kto_matches_reference(loss_type, strategy, dtype):
     hidden, weight, targets, labels, ref = make_batch(dtype)
     module = UnpairedLoss(loss_type, beta=BETA, desirable_weight=1.3, undesirable_weight=0.7, strategy=strategy,
-                          budget=2 * LENGTH * VOCAB * 4)
+                          budget=2 * LENGTH * VOCAB * budget_bytes_per_logit(dtype))
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, metrics = module(h, w, targets, labels=labels, ref_logps=ref.float(), kl=0.4)
     loss.backward()
