@@ -9,8 +9,10 @@ from prefops.training import config as C, data as D, loop as L, model as M, refe
 from prefops.training.synthetic import TASKS
 from prefops.training.tokenizer import CharTokenizer
 
+from error_model import assert_fp32_close, assert_records_close
 from test_training import (  # noqa: F401 - tiny_model_and_batch is a fixture
-    NO_AUTOCAST, TINY, make_config, model_dataset_reference, tiny_model_and_batch, train_records)
+    NO_AUTOCAST, STEP_TOKENS, TINY, fused_vs_reference_terms, make_config, model_dataset_reference,
+    tiny_model_and_batch, train_records)
 
 
 def write_jsonl(path, rows):
@@ -109,11 +111,11 @@ def test_listwise_fused_and_reference_give_same_loss_and_gradients(ranked_setup,
         results[impl] = _gradients(model, step_config, batch, reference)
     (fused, fused_grads), (expected, grads) = results["fused"], results["reference"]
     assert set(fused) == set(expected) >= {"loss", "rewards/accuracies", "rewards/kendall_tau", "rewards/margins"}
-    for name, value in expected.items():
-        assert fused[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    terms = fused_vs_reference_terms(model, batch)
+    assert_records_close(fused, expected, terms)
     for name, grad in grads.items():
         assert grad.abs().max() > 0, name
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_fp32_close(fused_grads[name], grad, terms, name)
     if LISTWISE_CASES[loss_type].get("loss_params"):  # a loss_params key silently dropped would not change the loss
         plain = {**C.to_dict(config), "loss_type": loss_type, "reference": LISTWISE_CASES[loss_type].get("reference",
                                                                                                        "auto")}
@@ -129,9 +131,10 @@ def test_shared_prompt_gives_the_loss_and_gradients_of_the_padded_batch(tiny_mod
     shared = D.collate(dataset, list(range(8)), packing=False, shared_prompt=True)
     expected, grads = _first_step_gradients(model, config, padded, reference)
     loss, shared_grads = _first_step_gradients(model, config, shared, reference)
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    terms = fused_vs_reference_terms(model, padded)
+    assert_fp32_close(loss, expected, terms, "loss")
     for name, grad in grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_fp32_close(shared_grads[name], grad, terms, name)
     unshared_tokens = sum(len(e.prompt_ids) + len(c) for e in dataset.examples for c in e.completion_ids)
     assert shared.num_tokens == unshared_tokens - shared.tokens_saved
     assert shared.tokens_saved == sum(len(e.prompt_ids) for e in dataset.examples) > 0
@@ -158,11 +161,11 @@ def test_listwise_accumulating_4x1_equals_1x4(tmp_path, packing):
         results.append((record, {name: p.grad.clone() for name, p in trainer.model.named_parameters()}))
     (one_by_four, grads), (four_by_one, accumulated) = results
     assert set(four_by_one) == set(one_by_four) > {"loss", "rewards/accuracies", "rewards/kendall_tau", "logps/mean"}
-    for name, value in one_by_four.items():  # metrics too, each weighted by its own count (lists, pairs, responses)
-        assert four_by_one[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    # Metrics too, each weighted by its own count (lists, pairs, responses).
+    assert_records_close(four_by_one, one_by_four, STEP_TOKENS)
     for name, grad in grads.items():
         assert grad.abs().max() > 0, name
-        torch.testing.assert_close(accumulated[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        assert_fp32_close(accumulated[name], grad, STEP_TOKENS, name)
 
 
 def test_precomputed_reference_of_ragged_lists_matches_the_frozen_model(tmp_path, ranked_setup):
