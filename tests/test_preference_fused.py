@@ -6,6 +6,7 @@ import torch
 import prefops
 from conftest import TOLERANCE, relative_error
 from prefops.tools.compare import pairwise_reference_loss as reference_loss
+from prefops.objective import budget_bytes_per_logit
 
 PAIRS, LENGTH, HIDDEN, VOCAB = 3, 11, 21, 307
 
@@ -43,7 +44,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_matches_reference(case, strategy, dtype):
     hidden, weight, targets, ref = make_batch(dtype)
-    module = prefops.PreferenceLoss(**case, strategy=strategy, budget=2 * LENGTH * VOCAB * 4)
+    module = prefops.PreferenceLoss(**case, strategy=strategy, budget=2 * LENGTH * VOCAB * budget_bytes_per_logit(dtype))
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, metrics = module(h, w, targets, ref_chosen_logps=ref[:PAIRS].float(), ref_rejected_logps=ref[PAIRS:].float())
     loss.backward()
