@@ -1,6 +1,12 @@
 """Launch configurations. Under TRITON_INTERPRET=1 (CPU) a single small config
-keeps CI fast; on a GPU the autotuner picks among tensor-core friendly tiles."""
+keeps CI fast; on a GPU the autotuner picks among tensor-core friendly tiles.
+
+`forced` lets tests reach, at small shapes, the code that only large vocabularies
+run on a GPU: several vocabulary splits of the statistics kernels, split widths
+that are no multiple of a block, several vocabulary blocks in the row kernels."""
+import contextlib
 import os
+from typing import NamedTuple, Optional
 
 import triton
 
@@ -36,11 +42,52 @@ def pair_configs():
     return _configs([(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (64, 128, 64, 8, 4)])
 
 
+class Forced(NamedTuple):
+    splits: Optional[int] = None
+    v_per_split: Optional[int] = None
+    block: Optional[int] = None
+
+
+# None outside `forced`: the launchers then pay one comparison for the hook.
+_forced: Optional[Forced] = None
+
+
+@contextlib.contextmanager
+def forced(*, splits=None, v_per_split=None, block=None):
+    """Force the launch geometry inside the block (tests): `splits` vocabulary splits or
+    splits `v_per_split` columns wide (any width: a split's last block is masked) in
+    the statistics kernels, and a vocabulary block of `block` columns (a power of two)
+    in the row kernels. Unset values keep the normal choice."""
+    global _forced
+    for name, value in (("splits", splits), ("v_per_split", v_per_split), ("block", block)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int; got {value!r}")
+    if splits is not None and v_per_split is not None:
+        raise ValueError("give splits or v_per_split, not both")
+    if block is not None and block & (block - 1):
+        raise ValueError(f"block must be a power of two (tl.arange); got {block}")
+    previous, _forced = _forced, Forced(splits, v_per_split, block)
+    try:
+        yield _forced
+    finally:
+        _forced = previous
+
+
+def row_block(vocab, largest):
+    """Vocabulary columns per program of a row kernel: the whole row up to `largest`."""
+    if _forced is not None and _forced.block is not None:
+        return _forced.block
+    return min(largest, triton.next_power_of_2(vocab))
+
+
 def vocabulary_splits(n_rows, vocab, device):
     """(splits, columns per split) of a streaming pass over the vocabulary: enough
     (row block of 128, split) programs to fill the GPU twice when few rows count."""
     import torch
 
+    if _forced is not None and (_forced.splits or _forced.v_per_split):
+        v_per_split = _forced.v_per_split or triton.cdiv(vocab, _forced.splits)
+        return triton.cdiv(vocab, v_per_split), v_per_split
     programs = 2 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2)
     splits = max(1, min(triton.cdiv(programs, triton.cdiv(n_rows, 128)), triton.cdiv(vocab, 2048)))
     v_per_split = triton.cdiv(triton.cdiv(vocab, splits), 256) * 256

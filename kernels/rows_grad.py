@@ -13,6 +13,7 @@ Cost: ~10 n V elementwise FLOPs; reads n V fp32 logits and writes n V gradients 
 import triton
 import triton.language as tl
 
+from .config import row_block
 from .logits_tile import linear_grad, row_columns, transform
 
 
@@ -37,7 +38,7 @@ def launch_rows_grad(logits, out, targets, lse, grad_logp, grad_lse, temperature
     upstream grad_logp[r], grad_lse[r]."""
     n, vocab = logits.shape
     if n:
-        block = min(2048, triton.next_power_of_2(vocab))
+        block = row_block(vocab, 2048)
         rows_grad_kernel[(n, triton.cdiv(vocab, block))](
             logits, out, targets, lse, grad_logp, grad_lse, vocab, logits.stride(0), out.stride(0), 1.0 / temperature,
             softcap or 1.0,

@@ -28,6 +28,7 @@ GEMMs that produced the rows.
 import triton
 import triton.language as tl
 
+from .config import row_block
 from .logits_tile import linear_grad, row_columns, transform
 
 EMPTY = tl.constexpr(-1.0e38)
@@ -124,7 +125,7 @@ def launch_rows_kl_stats(logits, ref_logits, targets, policy_first, temperature,
     if n:
         rows_kl_stats_kernel[(n,)](first, second, targets, out, n, vocab, first.stride(0), second.stride(0),
                                    1.0 / temperature, softcap or 1.0, HAS_SOFTCAP=softcap is not None,
-                                   BLOCK_V=min(4096, triton.next_power_of_2(vocab)), num_warps=8)
+                                   BLOCK_V=row_block(vocab, 4096), num_warps=8)
     return KLStats(*out.unbind(0))
 
 
@@ -134,7 +135,7 @@ def launch_rows_kl_grad(logits, ref_logits, out, targets, lse, ref_lse, kl, grad
     scaled by grad_kl[r] and grad_logp[r]."""
     n, vocab = logits.shape
     if n:
-        block = min(2048, triton.next_power_of_2(vocab))
+        block = row_block(vocab, 2048)
         rows_kl_grad_kernel[(n, triton.cdiv(vocab, block))](
             logits, ref_logits, out, targets, lse, ref_lse, kl, grad_kl, grad_logp, vocab, logits.stride(0),
             ref_logits.stride(0), out.stride(0), 1.0 / temperature, softcap or 1.0, HAS_SOFTCAP=softcap is not None,

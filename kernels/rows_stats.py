@@ -17,6 +17,7 @@ the time of the GEMM that produced it.
 import triton
 import triton.language as tl
 
+from .config import row_block
 from .logits_tile import transform
 
 EMPTY = tl.constexpr(-1.0e38)
@@ -72,9 +73,5 @@ def launch_rows_stats(logits, targets, temperature, softcap):
     out = torch.empty((6, n), device=logits.device, dtype=torch.float32)
     if n:
         rows_stats_kernel[(n,)](logits, targets, out, n, vocab, logits.stride(0), 1.0 / temperature, softcap or 1.0,
-                                HAS_SOFTCAP=softcap is not None, BLOCK_V=_block(vocab), num_warps=8)
+                                HAS_SOFTCAP=softcap is not None, BLOCK_V=row_block(vocab, 4096), num_warps=8)
     return Stats(*out.unbind(0))
-
-
-def _block(vocab):
-    return min(4096, triton.next_power_of_2(vocab))

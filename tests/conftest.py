@@ -1,3 +1,4 @@
+import math
 import os
 
 import pytest
@@ -28,4 +29,54 @@ def relative_error(actual, expected, scale=None):
     return ((actual - expected).norm() / scale.norm().clamp_min(1e-30)).item()
 
 
+# Error model of the fused ops against float64 of the *same* rounded inputs.
+#
+# Every path multiplies h and W with fp32 accumulation, whatever their dtype: a product of
+# two bf16 or fp16 values is exact in fp32, so input rounding is not an error here (the
+# reference sees the same values) and only fp32 roundings remain, u32 = 2^-24 ~ 6e-8 each.
+# Rounding errors of a sum of n terms add up like a random walk, ~sqrt(n) u32 relative
+# (n u32 is the worst case, never approached by random data), so with C = 4 covering the
+# walk's constant and the few elementwise roundings (transform, exp, log):
+#   - a logit z = h . W_v (H terms) is off by C sqrt(H) u32 |z|;
+#   - a vocabulary sum (softmax normaliser, entropy, sum p^2, KL: V terms) adds C sqrt(V) u32
+#     relative, an absolute error in log space;
+#   - a sum over tokens (sequence sums, losses: N terms) adds C sqrt(N) u32 relative.
+# A value of the size of the logits (log p, lse, KL, sequence sums, losses) is then off by
+#   value_tolerance(H, V, N) = C u32 (sqrt(H) + sqrt(V) + sqrt(N)), normwise relative:
+# ~1e-5 at H, V ~ 1000 (5e-6 at the interpreter's H = 35, V = 203), where one rounding of
+# the logits to bf16 (2^-9 relative) is off by ~1e-3. A value near 0 (the entropy of one-hot
+# rows at |z| ~ 1e3, a KL, sum p^2) carries the logits' absolute error instead: the same
+# tolerance holds against the size of the logits, relative_error(..., scale=max |z|).
+#
+# Gradients: p = exp(z - lse) inherits the logits' absolute error as a relative one, and the
+# dh = G W, dW = G^T h GEMMs add their sums, so in fp32 a gradient is off by
+#   C u32 (sqrt(H) |z| + sqrt(V) + sqrt(N))  relative to | |G| |W| |, | |G|^T |h| |, sum |G|
+# (the magnitude of the terms: the sums cancel). Half-precision inputs get a gradient in
+# their dtype: the tile G is rounded to it before the GEMMs, and the result once more when
+# stored, each <= u relative (u = 2^-8 for bf16, 2^-11 for fp16) of those magnitudes, so
+#   grad_tolerance = 2 u + the fp32 part,
+# normwise against the magnitudes (~u against the gradient itself, where sums cancel little).
+# Triton's CPU interpreter truncates fp32 -> bf16 casts (toward zero: up to 2u, all of one
+# sign, so sums do not average them out) where a GPU rounds to nearest: 3 u for bf16 there.
+U32 = 2.0 ** -24
+UNIT_ROUNDOFF = {torch.float32: U32, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+_WALK = 4
+
+
+def value_tolerance(*lengths):
+    """Normwise relative error of a value of the logits' size that fp32 arithmetic built through
+    sums of these lengths (H for the logits, V for the vocabulary, N for a sum over tokens)."""
+    return _WALK * U32 * sum(math.sqrt(n) for n in lengths)
+
+
+def grad_tolerance(dtype, hidden_size, vocab, tokens=1, logit_size=1.0):
+    """Normwise relative error of a gradient in `dtype`, against the magnitude of its terms."""
+    fp32 = _WALK * U32 * (math.sqrt(hidden_size) * logit_size + math.sqrt(vocab) + math.sqrt(tokens))
+    if dtype == torch.float32:
+        return fp32
+    tile = 2 if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1" else 1
+    return (tile + 1) * UNIT_ROUNDOFF[dtype] + fp32
+
+
+# Flat constants of the tests not yet on the model above (loss and training tests).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

@@ -1,8 +1,6 @@
 """Random inputs and float64 references shared by the op tests."""
 import torch
 
-import prefops
-
 
 def make_inputs(n_rows, hidden_size, vocab, *, dtype=torch.float32, scale=1.0, bias=False, ignore_every=4,
                 seed=None, device="cpu"):
@@ -31,8 +29,53 @@ def run_with_grads(fn, hidden, weight, bias, targets, upstream, **kwargs):
     return [o.detach() for o in outs], list(grads)
 
 
-def reference64(hidden, weight, bias, targets, upstream, **kwargs):
-    """The float64 reference on the same (rounded) inputs."""
-    up = lambda x: None if x is None else x.double()  # noqa: E731
-    return run_with_grads(prefops.reference.linear_logprobs, up(hidden), up(weight), up(bias), targets, upstream,
-                          **kwargs)
+def transform64(linear, temperature=1.0, softcap=None):
+    """z = softcap * tanh(linear / temperature / softcap), or linear / temperature (float64 in, float64 out)."""
+    z = linear / temperature
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def token_values64(z, targets, ignore_index=-100):
+    """From the definitions, per row of logits z [n, V]: log p(target), lse, entropy, sum p^2 and
+    sum z; 0 at ignored rows."""
+    counted = targets != ignore_index
+    logp_all = torch.log_softmax(z, -1)
+    p = logp_all.exp()
+    picked = logp_all.gather(-1, torch.where(counted, targets, 0).long()[:, None]).squeeze(-1)
+    values = (picked, torch.logsumexp(z, -1), -(p * logp_all).sum(-1), (p * p).sum(-1), z.sum(-1))
+    return [torch.where(counted, value, 0.0) for value in values]
+
+
+def linear_grads64(hidden, weight, bias, loss_of_logits, temperature=1.0, softcap=None):
+    """Float64 from the definitions on the same (rounded) inputs h [n, H], W [V, H], b [V]:
+    loss_of_logits(z) -> (scalar, outputs) on the materialised logits z, differentiated by
+    autograd with respect to the linear output G = d loss / d(hW^T + b).
+    Returns (outputs, [dh, dW(, db)], [their magnitudes |G||W|, |G|^T|h|(, sum |G|)], max |z|)."""
+    h, w = hidden.double(), weight.double()
+    linear = (h @ w.t() + (0.0 if bias is None else bias.double())).requires_grad_()
+    z = transform64(linear, temperature, softcap)
+    total, outputs = loss_of_logits(z)
+    (g,) = torch.autograd.grad(total, linear)
+    grads, sizes = [g @ w, g.t() @ h], [g.abs() @ w.abs(), g.abs().t() @ h.abs()]
+    if bias is not None:
+        grads.append(g.sum(0))
+        sizes.append(g.abs().sum(0))
+    return [o.detach() for o in outputs], grads, sizes, z.detach().abs().max().item()
+
+
+def reference64(hidden, weight, bias, targets, upstream, *, ignore_index=-100, temperature=1.0, softcap=None,
+                return_lse=False, return_entropy=False):
+    """linear_logprobs from the definitions in float64 on the same (rounded) inputs: (outputs, gradients of
+    sum(out_i * upstream_i), their magnitudes, max |z|), as linear_grads64."""
+    flat_targets = targets.reshape(-1)
+
+    def loss(z):
+        logp, lse, entropy = token_values64(z, flat_targets, ignore_index)[:3]
+        outs = [logp] + ([lse] if return_lse else []) + ([entropy] if return_entropy else [])
+        outs = [o.view(targets.shape) for o in outs]
+        return sum((o * u).sum() for o, u in zip(outs, upstream)), outs
+
+    outs, grads, sizes, logit_size = linear_grads64(hidden.reshape(-1, hidden.shape[-1]), weight, bias, loss,
+                                                    temperature, softcap)
+    grads[0], sizes[0] = grads[0].view(hidden.shape), sizes[0].view(hidden.shape)
+    return outs, grads, sizes, logit_size
