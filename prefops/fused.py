@@ -25,12 +25,27 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package; pip install triton")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError(
-                "backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 set before prefops is imported; "
-                "use backend='torch' or 'auto' for the CPU path"
-            )
+        if device.type != "cuda":
+            if os.environ.get("TRITON_INTERPRET", "0") != "1":
+                raise ValueError(
+                    "backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 set before prefops is imported; "
+                    "use backend='torch' or 'auto' for the CPU path"
+                )
+            check_interpreter_versions()
     return backend
+
+
+def check_interpreter_versions() -> None:
+    """triton 3.6's CPU interpreter fails on every kernel launch with numpy >= 2.4 ("only
+    0-dimensional arrays can be converted to Python scalars"); triton 3.7 fixed it. Say so
+    before a launch fails with that message."""
+    import numpy
+    import triton
+
+    version = lambda text: tuple(int(part) for part in text.split(".")[:2])  # noqa: E731
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        raise RuntimeError(f"triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) does not work with "
+                           f"numpy {numpy.__version__}: install 'numpy<2.4' or 'triton>=3.7'")
 
 
 def triton_available() -> bool:
