@@ -1,4 +1,15 @@
 """prefops: fused preference-optimisation losses that never build the N x V logits."""
+import os
+
+# A source checkout put on the path without installing it (PYTHONPATH=<checkout>, as on a GPU
+# box with no package index) finds prefops.kernels and prefops.training where pyproject.toml's
+# package-dir puts them: kernels/ and training/ beside this folder. An installed prefops holds
+# them inside and skips this.
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_checkout, "pyproject.toml")) and os.path.isfile(
+        os.path.join(_checkout, "kernels", "__init__.py")):
+    __path__.append(_checkout)
+
 from .config import configure, get_settings, settings
 from .sequences import SequenceStats, sequence_count, sequence_mean, sequence_stats, sequence_sum
 from . import reference
