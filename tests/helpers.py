@@ -46,6 +46,25 @@ def token_values64(z, targets, ignore_index=-100):
     return [torch.where(counted, value, 0.0) for value in values]
 
 
+def kl64(za, zb):
+    """KL(softmax(za) || softmax(zb)) per row."""
+    la, lb = za.log_softmax(-1), zb.log_softmax(-1)
+    return (la.exp() * (la - lb)).sum(-1)
+
+
+def token_kl_loss(ref_z, targets, counted, policy_first, upstream, ignore_index=-100):
+    """loss_of_logits (for linear_grads64) of the per-token KL: with the policy's logits z and the
+    reference's ref_z, KL(p_θ || p_ref) when policy_first else KL(p_ref || p_θ), log p(target) of both
+    sides, all 0 where not counted; the loss is sum(kl * upstream[0] + logp * upstream[1])."""
+    def loss(z):
+        za, zb = (z, ref_z) if policy_first else (ref_z, z)
+        kl = torch.where(counted, kl64(za, zb), 0.0)
+        logp, ref_logp = (torch.where(counted, token_values64(side, targets, ignore_index)[0], 0.0)
+                          for side in (z, ref_z))
+        return (kl * upstream[0]).sum() + (logp * upstream[1]).sum(), (kl, logp, ref_logp)
+    return loss
+
+
 def linear_grads64(hidden, weight, bias, loss_of_logits, temperature=1.0, softcap=None):
     """Float64 from the definitions on the same (rounded) inputs h [n, H], W [V, H], b [V]:
     loss_of_logits(z) -> (scalar, outputs) on the materialised logits z, differentiated by

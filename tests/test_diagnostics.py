@@ -4,25 +4,29 @@ import torch
 
 import prefops
 from prefops.diagnostics import ches_scores, linear_diagnostics, sequence_diagnostics
+from prefops.kernels.config import forced
 from prefops.memory import AllocationRecorder
 from prefops.reference import diagnostics as reference
-from conftest import TOLERANCE, relative_error
+from prefops.reference.logprobs import logits as reference_logits
+from conftest import relative_error, value_tolerance
 from helpers import make_inputs
 
 FIELDS = ("logp", "entropy", "top_k_entropy", "top_k_mass", "sum_p2", "top_k_logp")
 
 
-def check_against_reference(hidden, weight, bias, targets, *, backend, top_k, atol=None, **options):
+def check_against_reference(hidden, weight, bias, targets, *, backend, top_k, large_logits=False, **options):
     actual = linear_diagnostics(hidden, weight, targets, bias=bias, top_k=top_k, backend=backend, **options)
     up = lambda x: None if x is None else x.double()  # noqa: E731
     expected = reference.linear_diagnostics(up(hidden), up(weight), targets, bias=up(bias), top_k=top_k, **options)
+    tolerance = value_tolerance(weight.shape[1], weight.shape[0])
+    # Near one-hot rows (large logits): entropies ~0 and masses ~1 carry the logits' absolute error.
+    logit_size = reference_logits(up(hidden), up(weight), bias=up(bias), **options).abs().max().item()
+    near_zero = ("entropy", "top_k_entropy", "top_k_mass", "sum_p2") if large_logits else ()
     for name in FIELDS:
         value = getattr(actual, name)
         assert value.dtype == torch.float32 and value.shape == expected[name].shape, name
-        if atol is None:
-            assert relative_error(value, expected[name]) <= TOLERANCE[hidden.dtype], name
-        else:
-            assert torch.allclose(value.double(), expected[name], rtol=0, atol=atol), name
+        scale = torch.full_like(expected[name], logit_size) if name in near_zero else None
+        assert relative_error(value, expected[name], scale=scale) <= tolerance, name
     check_top_k_ids(actual, expected, targets)
     assert actual.kl_to_reference is None
     return actual
@@ -53,9 +57,11 @@ def test_torch_backend_matches_float64(dtype, options):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernel_matches_float64(dtype):
-    """The real kernel under TRITON_INTERPRET=1; V > 2048 gives two vocabulary splits to merge."""
-    hidden, weight, targets, bias = make_inputs(21, 35, 2203, dtype=dtype, scale=4.0, bias=True)
-    check_against_reference(hidden, weight, bias, targets, backend="triton", top_k=7, softcap=6.0, temperature=0.8)
+    """The real kernel under TRITON_INTERPRET=1, with four vocabulary splits to merge (the last one partial)."""
+    hidden, weight, targets, bias = make_inputs(21, 35, 331, dtype=dtype, scale=4.0, bias=True)
+    with forced(v_per_split=88):
+        check_against_reference(hidden, weight, bias, targets, backend="triton", top_k=7, softcap=6.0,
+                                temperature=0.8)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -63,7 +69,7 @@ def test_large_magnitude_logits(backend):
     # Logits ~1e3: near one-hot rows, top-k entropy ~0 and mass ~1 without overflow or cancellation.
     # An fp32 logit that large is only known to ~1e-4, which bounds the agreement.
     hidden, weight, targets, _ = make_inputs(13, 19, 97, scale=1000.0)
-    check_against_reference(hidden, weight, None, targets, backend=backend, top_k=5, atol=1e-3)
+    check_against_reference(hidden, weight, None, targets, backend=backend, top_k=5, large_logits=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -77,7 +83,7 @@ def test_top_k_is_exactly_torch_topk(backend):
     values, ids = (hidden @ weight.t()).topk(k)
     assert torch.equal(out.top_k_ids, ids)  # distinct values: same ids, same (descending) order
     lse = torch.logsumexp(hidden.double() @ weight.double().t(), 1)
-    assert torch.allclose(out.top_k_logp.double(), values.double() - lse[:, None], rtol=0, atol=1e-5)
+    assert relative_error(out.top_k_logp, values.double() - lse[:, None]) <= value_tolerance(hidden_size, vocab)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -90,8 +96,8 @@ def test_top_k_with_ties_keeps_the_multiset(backend):
     targets = torch.randint(0, vocab, (n,))
     out = linear_diagnostics(hidden, weight, targets, top_k=k, backend=backend)
     z = (hidden @ weight.t())
-    lse = torch.logsumexp(z, 1, keepdim=True)
-    assert torch.allclose(out.top_k_logp + lse, z.topk(k).values, rtol=0, atol=1e-5)
+    lse = torch.logsumexp(z.double(), 1, keepdim=True)
+    assert relative_error(out.top_k_logp, z.topk(k).values - lse, scale=lse.expand(-1, k)) <= value_tolerance(1, vocab)
     assert torch.equal(z.gather(1, out.top_k_ids), z.topk(k).values)
     assert all(len(set(row.tolist())) == k for row in out.top_k_ids)
 
@@ -103,8 +109,9 @@ def test_k_of_one_and_k_of_v(backend):
     assert torch.equal(first.top_k_entropy, torch.zeros(10))
     assert torch.allclose(first.top_k_mass, first.top_k_logp[:, 0].exp())
     every = linear_diagnostics(hidden, weight, targets, top_k=40, backend=backend)
-    assert torch.allclose(every.top_k_mass, torch.ones(10), atol=1e-6)
-    assert torch.allclose(every.top_k_entropy, every.entropy, atol=1e-5)
+    tolerance = value_tolerance(16, 40)
+    assert torch.allclose(every.top_k_mass, torch.ones(10), rtol=0, atol=tolerance)
+    assert relative_error(every.top_k_entropy, every.entropy) <= tolerance
     assert torch.equal(every.top_k_ids.sort(1).values, torch.arange(40).expand(10, 40))
 
 
@@ -195,7 +202,7 @@ def test_kl_to_reference_matches_float64(backend, direction):
     expected = reference.linear_diagnostics(hidden.double(), weight.double(), targets,
                                             **{k: up(v) if isinstance(v, torch.Tensor) else v
                                                for k, v in options.items()})
-    assert relative_error(actual.kl_to_reference, expected["kl_to_reference"]) <= 1e-5
+    assert relative_error(actual.kl_to_reference, expected["kl_to_reference"]) <= value_tolerance(35, 24, 203)
     assert (actual.kl_to_reference[targets == -100] == 0).all() and (actual.kl_to_reference[targets != -100] > 0).all()
     means = sequence_diagnostics(actual, targets, seq_ids=torch.arange(21) // 7)
     assert means.kl_to_reference.shape == (3,)
@@ -225,8 +232,8 @@ def test_sequence_diagnostics_padded_and_packed():
     counted = targets != -100
     for name in FIELDS[:-1]:
         means = torch.stack([expected[name][(seq_ids == s) & counted].mean() for s in range(3)])
-        assert relative_error(getattr(by_ids, name), means) <= 1e-5, name
-        assert relative_error(getattr(by_mask, name), means) <= 1e-5, name
+        assert relative_error(getattr(by_ids, name), means) <= value_tolerance(16, 50, 9), name
+        assert relative_error(getattr(by_mask, name), means) <= value_tolerance(16, 50, 9), name
     assert by_ids.kl_to_reference is None
     assert torch.equal(by_ids.count, by_mask.count)
     with pytest.raises(ValueError, match="sequence 0 has no counted token"):
@@ -258,7 +265,8 @@ def test_ches_matches_float64(dtype, normalized):
     sums = [(h.double() * m[..., None]).sum(1) / (m.sum(1, keepdim=True) if normalized else 1)
             for h, m in ((chosen, mask_chosen), (rejected, mask_rejected))]
     scale = sums[0].norm(dim=1) * (sums[0].norm(dim=1) + sums[1].norm(dim=1))
-    assert relative_error(actual, expected, scale=scale) <= TOLERANCE[torch.float32]
+    # Sums over at most 17 tokens, then inner products over H = 33, in fp32.
+    assert relative_error(actual, expected, scale=scale) <= value_tolerance(17, 33)
 
 
 def test_ches_known_values():

@@ -12,7 +12,8 @@ import triton
 
 import prefops
 from conftest import grad_tolerance, relative_error, value_tolerance
-from helpers import linear_grads64, make_inputs, reference64, run_with_grads, token_values64, transform64
+from helpers import (kl64, linear_grads64, make_inputs, reference64, run_with_grads, token_kl_loss, token_values64,
+                     transform64)
 from prefops.kernels import (config, launch_logits_grad, launch_logits_stats, launch_rows_grad, launch_rows_kl_grad,
                              launch_rows_kl_stats, launch_rows_stats, launch_token_kl_grad, launch_token_kl_stats)
 from prefops.token_kl import linear_token_kl
@@ -59,12 +60,6 @@ def split_values64(z, targets, width):
         columns.append((part.max(1).values, part.logsumexp(1), -(p * logp).sum(1), (p * p).sum(1), target,
                         part.sum(1), part.abs().sum(1)))
     return [torch.stack(column, 1) for column in zip(*columns)]
-
-
-def kl64(za, zb):
-    """KL(softmax(za) || softmax(zb)) per row."""
-    la, lb = za.log_softmax(-1), zb.log_softmax(-1)
-    return (la.exp() * (la - lb)).sum(-1)
 
 
 def row_size(*logits, like=None):
@@ -311,16 +306,6 @@ def test_token_kl_stats_kernel_per_split(dtype, scale, bias, transform, policy_f
         assert relative_error(got, want) <= values and torch.equal(got == 0, want == 0)
 
 
-def kl_loss(targets, ignore_index, policy_first, grad_kl, grad_logp, ref_z):
-    """Σ g_kl KL + g_logp log p(target) of the policy logits z, the reference's ref_z."""
-    def loss(z):
-        za, zb = (z, ref_z) if policy_first else (ref_z, z)
-        kl = kl64(za, zb)
-        logp = token_values64(z, targets, ignore_index)[0]
-        return (grad_kl * kl + grad_logp * logp).sum(), (kl,)
-    return loss
-
-
 @pytest.mark.parametrize("dtype,scale,bias,transform,policy_first", KL_CASES, ids=KL_IDS)
 def test_token_kl_grad_kernel_on_an_offset_tile(dtype, scale, bias, transform, policy_first):
     policy, reference, rows, targets = kl_sides(9, dtype, scale, bias)
@@ -331,7 +316,9 @@ def test_token_kl_grad_kernel_on_an_offset_tile(dtype, scale, bias, transform, p
     z, linear = logits64(*policy, rows, temperature, softcap)
     y, _ = logits64(*reference, rows, temperature, softcap)
     linear.requires_grad_()
-    total, (kl,) = kl_loss(targets, -1, policy_first, grad_kl, grad_logp, y)(transform64(linear, temperature, softcap))
+    every_row = torch.ones_like(targets, dtype=torch.bool)
+    loss = token_kl_loss(y, targets, every_row, policy_first, (grad_kl, grad_logp), ignore_index=-1)
+    total, (kl, _, _) = loss(transform64(linear, temperature, softcap))
     (want,) = torch.autograd.grad(total, linear)
     per_row = [x.detach().float() for x in (z.logsumexp(1), y.logsumexp(1), kl, grad_kl, grad_logp)]
     out = torch.empty(CHUNK.stop - CHUNK.start, V_COUNT, dtype=dtype, device=DEVICE)
@@ -402,13 +389,10 @@ def test_lean_token_kl_with_splits_row_chunks_and_tiles(direction, monkeypatch):
 
     y = logits64(ref_hidden, ref_weight, ref_bias, torch.arange(TOKENS, device=DEVICE), **TRANSFORM)[0]
     has_target = targets != -100  # the KL of a token without one is 0 (and takes no gradient)
-    loss = kl_loss(targets, -100, direction == "policy_ref", torch.where(has_target, grad_kl, 0.0), grad_logp, y)
-    (want_kl,), want_grads, sizes, logit_size = linear_grads64(hidden, weight, bias, loss, **TRANSFORM)
-    values = value_tolerance(HIDDEN, VOCAB)
-    assert relative_error(kl, torch.where(has_target, want_kl, 0.0)) <= values, "kl"
-    assert relative_error(logp, token_values64(logits64(hidden, weight, bias, torch.arange(TOKENS, device=DEVICE),
-                                                        **TRANSFORM)[0], targets)[0]) <= values, "log p"
-    assert relative_error(ref_logp, token_values64(y, targets)[0]) <= values, "ref log p"
+    loss = token_kl_loss(y, targets, has_target, direction == "policy_ref", (grad_kl, grad_logp))
+    expected, want_grads, sizes, logit_size = linear_grads64(hidden, weight, bias, loss, **TRANSFORM)
+    for name, a, e in zip(("kl", "log p", "ref log p"), (kl, logp, ref_logp), expected):
+        assert relative_error(a, e) <= value_tolerance(HIDDEN, VOCAB), name
     limit = grad_tolerance(dtype, HIDDEN, VOCAB, TOKENS, logit_size)
     for name, leaf, e, size in zip(("hidden", "weight", "bias"), leaves, want_grads, sizes):
         assert relative_error(leaf.grad, e, scale=size) <= limit, name
