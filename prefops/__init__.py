@@ -1,4 +1,5 @@
 """prefops: fused preference-optimisation losses that never build the N x V logits."""
+import importlib
 import os
 
 # A source checkout put on the path without installing it (PYTHONPATH=<checkout>, as on a GPU
@@ -10,21 +11,36 @@ if os.path.isfile(os.path.join(_checkout, "pyproject.toml")) and os.path.isfile(
         os.path.join(_checkout, "kernels", "__init__.py")):
     __path__.append(_checkout)
 
-from .config import configure, get_settings, settings
-from .sequences import SequenceStats, sequence_count, sequence_mean, sequence_stats, sequence_sum
-from . import reference
-from .ops import LogProbs, linear_logprobs
-from .objective import Objective, sequence_logps, sequence_objective
-from .preference import PreferenceLoss
-from .unpaired import UnpairedLoss
-from .listwise import ListwiseLoss
-from .token_kl import TokenKL, linear_token_kl, sequence_kl
-from .diagnostics import Diagnostics, SequenceDiagnostics, ches_scores, linear_diagnostics, sequence_diagnostics
-from . import losses, shared_prompt
+# Public name -> the submodule that defines it. Loaded on first use: importing prefops costs
+# nothing until then, so `prefops --help` (prefops.tools.cli) answers without importing torch.
+_EXPORTS = {
+    **dict.fromkeys(("configure", "get_settings", "settings"), "config"),
+    **dict.fromkeys(("SequenceStats", "sequence_count", "sequence_mean", "sequence_stats", "sequence_sum"),
+                    "sequences"),
+    **dict.fromkeys(("LogProbs", "linear_logprobs"), "ops"),
+    **dict.fromkeys(("Objective", "sequence_logps", "sequence_objective"), "objective"),
+    "PreferenceLoss": "preference",
+    "UnpairedLoss": "unpaired",
+    "ListwiseLoss": "listwise",
+    **dict.fromkeys(("TokenKL", "linear_token_kl", "sequence_kl"), "token_kl"),
+    **dict.fromkeys(("Diagnostics", "SequenceDiagnostics", "ches_scores", "linear_diagnostics",
+                     "sequence_diagnostics"), "diagnostics"),
+}
+_SUBMODULES = ("reference", "losses", "shared_prompt")
 
-__all__ = [
-    "configure", "get_settings", "settings", "reference", "LogProbs", "linear_logprobs", "Objective", "sequence_objective", "sequence_logps", "PreferenceLoss", "UnpairedLoss", "ListwiseLoss", "losses",
-    "TokenKL", "linear_token_kl", "sequence_kl", "shared_prompt",
-    "Diagnostics", "SequenceDiagnostics", "ches_scores", "linear_diagnostics", "sequence_diagnostics",
-    "SequenceStats", "sequence_count", "sequence_mean", "sequence_stats", "sequence_sum",
-]
+__all__ = [*_EXPORTS, *_SUBMODULES]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -8,9 +8,24 @@ so the N x V logits are never built. Runs on one device or under torchrun (FSDP2
     config = training.load_config(None, {"steps": 50})   # the bundled default job
     summary = training.train(config)
 """
-from .config import Config, load as load_config
-from .data import DataError
-from .checkpoint import CheckpointMismatch
-from .loop import OutOfMemory, Trainer, evaluate, train
+import importlib
 
-__all__ = ["Config", "load_config", "train", "evaluate", "Trainer", "DataError", "CheckpointMismatch", "OutOfMemory"]
+# Public name -> (submodule, its name there), loaded on first use so that the command line's
+# help and config parsing (prefops.training.cli, .config) do not import torch and transformers.
+_EXPORTS = {
+    "Config": ("config", "Config"), "load_config": ("config", "load"), "ConfigError": ("config", "ConfigError"),
+    "DataError": ("data", "DataError"), "CheckpointMismatch": ("checkpoint", "CheckpointMismatch"),
+    **{name: ("loop", name) for name in ("OutOfMemory", "Trainer", "evaluate", "train")},
+}
+
+__all__ = ["Config", "ConfigError", "load_config", "train", "evaluate", "Trainer", "DataError", "CheckpointMismatch",
+           "OutOfMemory"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+    globals()[name] = value
+    return value

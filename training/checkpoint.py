@@ -61,6 +61,13 @@ def save(path: Path, *, config, model_state: dict, stage: str, step: int, optimi
     os.replace(temporary, path)
 
 
+def saved_config(path: Path) -> dict:
+    """The config a checkpoint was written with (memory-mapped: the weights are not read)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: give the run's folder (--out_dir RUN) or --checkpoint PATH")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"]
+
+
 def load(path: Path, *, config, model, world_size: int | None = None) -> dict:
     """Read a checkpoint, refusing one written for another model or a different training config
     (or, to resume, by another number of processes: micro_batch_size is per process)."""

@@ -2,10 +2,14 @@
 
 Flat on purpose: every knob is one line in configs/default.yaml and one
 `--key value` on the command line. Unknown keys fail loudly, listing the valid
-ones, because a misspelt key silently ignored is a wasted run.
+ones, because a misspelt key silently ignored is a wasted run. Each key's
+one-line meaning sits next to it (`knob(default, meaning)`) and is what
+`prefops train --help` lists. A bad value is reported where it came from: the
+YAML file and line, or the `--key value` given on the command line.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from importlib import resources
 from pathlib import Path
@@ -13,76 +17,84 @@ from pathlib import Path
 import yaml
 
 
+def knob(default, meaning: str):
+    """A config key with its default and the one-line meaning `prefops train --help` shows."""
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": meaning})
+    return dataclasses.field(default=default, metadata={"help": meaning})
+
+
 @dataclasses.dataclass
 class Config:
     # Model: "tiny-llama" builds a small Llama from LlamaConfig(**model_config) with the
     # bundled character tokenizer; anything else is an AutoModelForCausalLM name or path.
-    model: str = "tiny-llama"
-    model_config: dict = dataclasses.field(default_factory=dict)
-    attn_implementation: str = "sdpa"
+    model: str = knob("tiny-llama", "tiny-llama, or a Hugging Face causal LM name or path")
+    model_config: dict = knob({}, "LlamaConfig fields of tiny-llama, or from_pretrained kwargs")
+    attn_implementation: str = knob("sdpa", "sdpa | eager | flex_attention | flash_attention_2")
 
     # Data: "synthetic:addition", a .jsonl path, or "hf:NAME[:SPLIT]" (needs `datasets`).
-    data: str = "synthetic:addition"
-    eval_data: str | None = None      # None: hold out eval_fraction of `data` (SFT always holds out)
-    eval_fraction: float = 0.05
-    sft_data: str | None = None       # None: SFT rows of `data` (the chosen completions of pairs)
-    synthetic_size: int = 4000        # rows generated per synthetic source
-    max_length: int = 64
-    append_eos: bool = True           # end every completion with the tokenizer's EOS token
-    packing: bool = False             # padding-free batches (flat tokens + cu_seqlens)
-    shared_prompt: bool = False       # preference stage: each prompt once, then its completions (prefops.shared_prompt)
-    list_size: int = 4                # completions per ranked row of a synthetic task (listwise, curriculum)
+    data: str = knob("synthetic:addition", "synthetic:addition, a .jsonl path, or hf:NAME[:SPLIT]")
+    eval_data: str | None = knob(None, "held-out preference data (null: hold out eval_fraction of data)")
+    eval_fraction: float = knob(0.05, "fraction of data held out for evaluation (SFT always holds out)")
+    sft_data: str | None = knob(None, "SFT data (null: the chosen completions of data)")
+    synthetic_size: int = knob(4000, "rows generated per synthetic source")
+    max_length: int = knob(64, "tokens per sequence, prompt + completion (longer rows are truncated)")
+    append_eos: bool = knob(True, "end every completion with the tokenizer's EOS token")
+    packing: bool = knob(False, "padding-free batches (flat tokens + cu_seqlens)")
+    shared_prompt: bool = knob(False, "run each prompt once, then its completions (prefops.shared_prompt)")
+    list_size: int = knob(4, "completions per ranked row of a synthetic task (listwise, curriculum)")
 
     # Objective. A pairwise loss of prefops.losses (TRL names: sigmoid, ipo, simpo, ...), a list of them
     # summed with loss_weights (["sigmoid", "sft"] with [1, alpha] is RPO), or an unpaired loss
     # (kto, apo_zero_unpaired, bco) trained on prompt/completion/label rows or on unpaired pairs,
     # or a listwise loss (plackett_luce, lipo_lambda, pro, adpo, list_ce, dcg_pairwise, all_pairs) on ranked rows.
-    loss_type: str | list = "sigmoid"
-    loss_weights: list | None = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    kl_direction: str = "ref_policy"  # tdpo1/tdpo2's per-token KL: ref_policy (TDPO's) | policy_ref
-    ld_alpha: float | None = None     # LD-DPO: weight of the tokens beyond the shorter response (padded only)
-    wpo: bool = False                 # WPO: weight each pair by how on-policy it is
-    desirable_weight: float = 1.0     # KTO's lambda_D and lambda_U
-    undesirable_weight: float = 1.0
-    loss_params: dict = dataclasses.field(default_factory=dict)  # other PARAM_DEFAULTS / LISTWISE_PARAM_DEFAULTS keys
-    curriculum: str | int = "none"    # Curry-DPO on ranked rows: none | rank (a stage per rank gap) | n stages
-    reference: str = "auto"           # model | precomputed | none | auto (none for reference-free losses)
-    loss_impl: str = "fused"          # fused | reference (materialises the logits)
-    strategy: str | None = None       # lean | budget (fused loss; None: prefops.configure's default)
-    budget: str | int | None = None   # the budget strategy's logits budget, e.g. "1GB"
+    loss_type: str | list = knob("sigmoid", "pairwise (sigmoid = DPO, ipo, ...), a list of them, unpaired or listwise")
+    loss_weights: list | None = knob(None, "weights of a list of loss types ([1, 0.2] with [sigmoid, sft] is RPO)")
+    beta: float = knob(0.1, "DPO's beta: scale of the implicit reward; larger keeps closer to the reference")
+    label_smoothing: float = knob(0.0, "assumed fraction of flipped preference labels (cDPO)")
+    kl_direction: str = knob("ref_policy", "per-token KL of tdpo1/tdpo2: ref_policy (TDPO's) | policy_ref")
+    ld_alpha: float | None = knob(None, "LD-DPO: weight of the tokens beyond the shorter response (padded only)")
+    wpo: bool = knob(False, "WPO: weight each pair by how on-policy it is")
+    desirable_weight: float = knob(1.0, "KTO's lambda_D: weight of desirable completions")
+    undesirable_weight: float = knob(1.0, "KTO's lambda_U: weight of undesirable completions")
+    loss_params: dict = knob({}, "other loss parameters (PARAM_DEFAULTS, LISTWISE_PARAM_DEFAULTS keys)")
+    curriculum: str | int = knob("none", "Curry-DPO on ranked rows: none | rank (a stage per rank gap) | n stages")
+    reference: str = knob("auto", "model | precomputed | none | auto (none for reference-free losses)")
+    loss_impl: str = knob("fused", "fused | reference (materialises the logits, for checking)")
+    strategy: str | None = knob(None, "lean | budget (null: prefops.configure's default)")
+    budget: str | int | None = knob(None, "the budget strategy's logits budget, e.g. 1GB")
 
     # Optimisation. Examples per optimizer step = micro_batch_size * grad_accum_steps * processes (torchrun).
-    sft_steps: int = 0
-    sft_lr: float = 1e-3
-    steps: int = 100
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    lr_schedule: str = "cosine"       # cosine | linear | constant (after warmup)
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    adam_betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    seed: int = 0
-    device: str = "auto"              # auto | cpu | cuda | cuda:N
-    bf16: str = "auto"                # auto (on when CUDA supports it) | true | false
-    gradient_checkpointing: bool = False
+    sft_steps: int = knob(0, "optimizer steps of the SFT stage (0: no SFT)")
+    sft_lr: float = knob(1e-3, "peak learning rate of the SFT stage")
+    steps: int = knob(100, "optimizer steps of the preference stage")
+    lr: float = knob(1e-4, "peak learning rate of the preference stage")
+    warmup_steps: int = knob(10, "linear warmup steps of each stage")
+    lr_schedule: str = knob("cosine", "cosine | linear | constant (after warmup)")
+    min_lr_ratio: float = knob(0.1, "final learning rate as a fraction of the peak")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    adam_betas: list = knob([0.9, 0.95], "AdamW betas")
+    grad_clip: float = knob(1.0, "gradient-norm clipping (0: none)")
+    micro_batch_size: int = knob(8, "pairs, lists or completions per forward pass and process")
+    grad_accum_steps: int = knob(1, "micro-batches per optimizer step")
+    seed: int = knob(0, "seed of the model's initialisation, the data and the sampling")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+    threads: int | None = knob(None, "CPU threads of torch (null: torch's default)")
+    bf16: str = knob("auto", "auto (on when CUDA supports it) | true | false")
+    gradient_checkpointing: bool = knob(False, "recompute each layer in backward to save memory")
 
     # Evaluation, logging and checkpoints.
-    eval_every: int = 50
-    eval_batches: int = 8
-    win_rate_samples: int = 256       # sampled completions judged by a synthetic task's scorer
-    sample_temperature: float = 1.0
-    log_every: int = 10
-    out_dir: str = "runs/default"
-    checkpoint_every: int = 100
-    resume: bool = False              # continue from out_dir/last.pt
-    ref_cache_dir: str = "runs/ref_cache"
-    plot: bool = True
-    tensorboard: bool = True          # used only when tensorboard is installed
+    eval_every: int = knob(50, "steps between evaluations on the held-out split")
+    eval_batches: int = knob(8, "micro-batches per evaluation")
+    win_rate_samples: int = knob(256, "completions sampled and judged by a synthetic task's scorer")
+    sample_temperature: float = knob(1.0, "temperature of those samples")
+    log_every: int = knob(10, "steps between log lines")
+    out_dir: str = knob("runs/default", "where the log, curves.png and checkpoints go")
+    checkpoint_every: int = knob(100, "steps between checkpoints (out_dir/last.pt)")
+    resume: bool = knob(False, "continue from out_dir/last.pt")
+    ref_cache_dir: str = knob("runs/ref_cache", "cache of precomputed reference log-probs")
+    plot: bool = knob(True, "write out_dir/curves.png at the end")
+    tensorboard: bool = knob(True, "TensorBoard logs in out_dir (when tensorboard is installed)")
 
     @property
     def batch_size(self) -> int:
@@ -105,8 +117,16 @@ CHOICES = {
 # Keys that only change what is observed, not the trajectory: a run may resume with other values.
 RESUME_FREE_KEYS = frozenset({
     "eval_every", "eval_batches", "win_rate_samples", "log_every", "out_dir", "checkpoint_every",
-    "resume", "ref_cache_dir", "plot", "tensorboard", "device",
+    "resume", "ref_cache_dir", "plot", "tensorboard", "device", "threads", "sample_temperature",
 })
+
+
+class ConfigError(ValueError):
+    """A bad config value; `key` is the key it is about (None when it is about several)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def valid_keys() -> list[str]:
@@ -125,7 +145,7 @@ def _typed(field: dataclasses.Field, value):
         except ValueError:
             pass
     if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
-        raise ValueError(f"{field.name} must be of type {field.type}; got {value!r}")
+        raise ConfigError(f"{field.name} must be of type {field.type}; got {value!r}", field.name)
     return value
 
 
@@ -133,7 +153,7 @@ def from_dict(values: dict) -> Config:
     fields = {field.name: field for field in dataclasses.fields(Config)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}", unknown[0])
     config = Config(**{key: _typed(fields[key], value) for key, value in values.items()})
     validate(config)
     return config
@@ -142,12 +162,12 @@ def from_dict(values: dict) -> Config:
 def validate(config: Config) -> None:
     for key, allowed in CHOICES.items():
         if getattr(config, key) not in allowed:
-            raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}; got {getattr(config, key)!r}")
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {getattr(config, key)!r}", key)
     for key in ("micro_batch_size", "grad_accum_steps", "max_length", "steps"):
         if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
-            raise ValueError(f"{key} must be a positive integer; got {getattr(config, key)!r}")
+            raise ConfigError(f"{key} must be a positive integer; got {getattr(config, key)!r}", key)
     if not 0 <= config.eval_fraction < 1:
-        raise ValueError(f"eval_fraction must lie in [0, 1); got {config.eval_fraction}")
+        raise ConfigError(f"eval_fraction must lie in [0, 1); got {config.eval_fraction}", "eval_fraction")
     _validate_objective(config)
 
 
@@ -219,12 +239,13 @@ def _validate_objective(config: Config) -> None:
     curriculum = config.curriculum
     if curriculum != "none":
         if curriculum != "rank" and (isinstance(curriculum, bool) or not isinstance(curriculum, int) or curriculum < 1):
-            raise ValueError(f"curriculum must be none, rank or a number of stages >= 1; got {curriculum!r}")
+            raise ConfigError(f"curriculum must be none, rank or a number of stages >= 1; got {curriculum!r}",
+                              "curriculum")
         if is_unpaired(config) or is_listwise(config):
             raise ValueError(f"curriculum turns ranked lists into pairs for a pairwise loss; loss_type "
                              f"{names[0]!r} is {'unpaired' if is_unpaired(config) else 'listwise'}")
     if not isinstance(config.list_size, int) or config.list_size < 2:
-        raise ValueError(f"list_size must be an integer >= 2; got {config.list_size!r}")
+        raise ConfigError(f"list_size must be an integer >= 2; got {config.list_size!r}", "list_size")
     if config.shared_prompt:
         if is_unpaired(config):
             raise ValueError(f"shared_prompt packs a prompt's pair or list; loss_type {names[0]!r} is unpaired")
@@ -258,7 +279,7 @@ def parse_overrides(args: list[str]) -> dict:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise ValueError(f"expected --key value, got {arg!r}")
+            raise ConfigError(f"expected --key value, got {arg!r}")
         if "=" in arg:
             key, text = arg[2:].split("=", 1)
             i += 1
@@ -266,8 +287,11 @@ def parse_overrides(args: list[str]) -> dict:
             key, text = arg[2:], args[i + 1]
             i += 2
         else:
-            raise ValueError(f"{arg} needs a value")
-        value = yaml.safe_load(text)
+            raise ConfigError(f"{arg} needs a value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--{key} {text}: not a YAML value ({getattr(error, 'problem', error)})") from None
         key = key.replace("-", "_")
         if "." in key:
             outer, inner = key.split(".", 1)
@@ -277,22 +301,80 @@ def parse_overrides(args: list[str]) -> dict:
     return overrides
 
 
-def load(path: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """Read a YAML config (the bundled default when path is None) and apply overrides."""
-    path = default_path() if path is None else Path(path)
-    with open(path) as handle:
-        values = yaml.safe_load(handle) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: a config must be a mapping of key: value")
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and isinstance(values.get(key), dict):
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
+def as_yaml(value) -> str:
+    """A value as one line of YAML, the way it is written in a config or after --key."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=float("inf"))
+    return text.strip().removesuffix("...").strip()  # a scalar document ends with "..."
+
+
+def as_option(key: str, value) -> str:
+    """An override as it is written on the command line: --key value (--outer.inner value for a dict)."""
+    if isinstance(value, dict) and value:
+        return " ".join(as_option(f"{key}.{inner}", item) for inner, item in value.items())
+    return f"--{key} {as_yaml(value)}"
+
+
+def read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
+    """A YAML config's values and the line of each key; a ConfigError naming the file and line if it is bad."""
     try:
-        return from_dict(values)
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    try:
+        values = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(error, 'problem', None) or error}") from None
+    if values is None:
+        return {}, {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of key: value; got a {type(values).__name__}")
+    return values, {key.value: key.start_mark.line + 1 for key, _ in node.value}
+
+
+def with_overrides(values: dict, overrides: dict) -> dict:
+    """values with overrides applied; a dict-valued override (--outer.inner value) updates the dict."""
+    merged = dict(values)
+    for key, value in overrides.items():
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if nested else value
+    return merged
+
+
+def load(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Read a YAML config (the bundled default when path is None) and apply overrides.
+
+    A bad value raises a ConfigError that names where it came from: the override (--key value)
+    when it is about an overridden key, else the file and line when the file alone is bad, else
+    the overrides that made a valid file invalid.
+    """
+    path = default_path() if path is None else Path(path)
+    values, lines = read_yaml(path)
+    overrides = overrides or {}
+    merged = with_overrides(values, overrides)
+    try:
+        return from_dict(merged)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: {error}") from None
+        key = getattr(error, "key", None)
+        if key not in overrides:
+            try:
+                from_dict(values)
+            except (TypeError, ValueError) as file_error:
+                file_key = getattr(file_error, "key", None)
+                where = f"{path}:{lines[file_key]}" if file_key in lines else str(path)
+                raise ConfigError(f"{where}: {file_error}", file_key) from None
+        given = [key] if key in overrides else list(overrides)
+        raise ConfigError(f"{' '.join(as_option(k, overrides[k]) for k in given)}: {error}", key) from None
+
+
+def key_help() -> list[tuple[str, object, object, str]]:
+    """(key, its value in the default job, its built-in default, its meaning) for every key."""
+    job, _ = read_yaml(default_path())
+    builtin = to_dict(Config())
+    return [(field.name, job.get(field.name, builtin[field.name]), builtin[field.name], field.metadata["help"])
+            for field in dataclasses.fields(Config)]
 
 
 def to_dict(config: Config) -> dict:

@@ -53,21 +53,30 @@ class RunLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        records = self.records()
-        panels = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"),
-                  ("rewards/margins", "reward margin"), ("win_rate", "scorer win rate")]
-        figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
-        for axis, (key, title) in zip(axes, panels):
-            for stage in STAGES:
-                for kind, style in (("train", "-"), ("eval", "o-")):
-                    points = [(r["step"], r[key]) for r in records
-                              if r["stage"] == stage and r["kind"] == kind and key in r]
-                    if points:
-                        axis.plot(*zip(*points), style, label=f"{stage} {kind}", markersize=3)
-            axis.set_title(title)
-            axis.set_xlabel("step")
-            if axis.lines:
-                axis.legend(fontsize=8)
-        figure.tight_layout()
+        figure = curves_figure(self.records())
         figure.savefig(path, dpi=100)
         plt.close(figure)
+
+
+def curves_figure(records: list[dict]):
+    """One panel per quantity, each on its own stage's steps: SFT's loss apart from the preference stage's."""
+    import matplotlib.pyplot as plt
+
+    panels = [("sft", "loss", "SFT loss", "NLL per completion token"),
+              ("dpo", "loss", "preference loss", "mean loss"),
+              ("dpo", "rewards/accuracies", "reward accuracy", "fraction chosen > rejected"),
+              ("dpo", "rewards/margins", "reward margin", "chosen - rejected reward"),
+              ("dpo", "win_rate", "scorer win rate", "fraction of samples correct")]
+    panels = [panel for panel in panels if any(r["stage"] == panel[0] and panel[1] in r for r in records)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.5), squeeze=False)
+    for axis, (stage, key, title, ylabel) in zip(axes[0], panels):
+        for kind, style in (("train", "-"), ("eval", "o-")):
+            points = [(r["step"], r[key]) for r in records if r["stage"] == stage and r["kind"] == kind and key in r]
+            if points:
+                axis.plot(*zip(*points), style, label=kind, markersize=3)
+        axis.set_title(title)
+        axis.set_xlabel("SFT step" if stage == "sft" else "preference step")
+        axis.set_ylabel(ylabel)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure

@@ -63,6 +63,18 @@ def explain_out_of_memory(config, where: str):
             "or set gradient_checkpointing: true") from error
 
 
+@contextlib.contextmanager
+def cpu_threads(count: int | None):
+    """torch's CPU threads set to `count` (config.threads) for the duration, then restored."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- objectives
 #
 # An objective is used in three calls per optimizer step (see run_batches):
@@ -594,6 +606,10 @@ class Trainer:
     # --- the whole job
 
     def train(self) -> dict:
+        with cpu_threads(self.config.threads):
+            return self._train()
+
+    def _train(self) -> dict:
         config = self.config
         began = time.time()
         resume = self.load(self.out_dir / "last.pt", resuming=True) if config.resume else None
@@ -655,16 +671,37 @@ def train(config) -> dict:
     return Trainer(config).train()
 
 
-def evaluate(config, path: str | None = None) -> dict:
-    """Evaluate a checkpoint (default out_dir/last.pt) on the held-out split of its stage."""
+def evaluate(config=None, path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Evaluate a checkpoint (default out_dir/last.pt) on the held-out split of its stage.
+
+    Without a config, the run's own: the one saved in the checkpoint, with `overrides` of keys that
+    change only what is observed (C.RESUME_FREE_KEYS), and out_dir the checkpoint's folder (for sft.pt).
+    """
+    if config is None:
+        path = Path(path)
+        overrides = overrides or {}
+        saved = checkpoint.saved_config(path)
+        values = C.with_overrides(saved, overrides)
+        # Repeating the run's own values is harmless; changing what it trained with is not evaluation.
+        changed = sorted(key for key in overrides if key not in C.RESUME_FREE_KEYS and values[key] != saved.get(key))
+        if changed:
+            raise C.ConfigError(f"{C.as_option(changed[0], overrides[changed[0]])}: eval uses the config the run "
+                                f"was trained with ({C.as_option(changed[0], saved.get(changed[0]))}); it may change "
+                                f"only {', '.join(sorted(C.RESUME_FREE_KEYS))}", changed[0])
+        try:
+            config = C.from_dict({**values, "out_dir": str(path.parent)})
+        except C.ConfigError as error:
+            raise C.ConfigError(f"{path}: the config saved with the run: {error}") from None
     trainer = Trainer(config)
-    state = trainer.load(Path(path) if path else trainer.out_dir / "last.pt")
-    if state["stage"] != "sft" and config.sft_steps:
-        distributed.load_model_state(trainer.model, trainer.sft_weights())  # so prepare() freezes the right reference
-    trainer.prepare(state["stage"])
-    distributed.load_model_state(trainer.model, state["model"])
-    if state.get("objective"):
-        trainer.stages[state["stage"]].eval_objective.load_state_dict(state["objective"])
-    record = trainer.evaluate(state["stage"], state["step"])
+    with cpu_threads(config.threads):
+        state = trainer.load(Path(path) if path else trainer.out_dir / "last.pt")
+        if state["stage"] != "sft" and config.sft_steps:
+            # so that prepare() freezes the right reference
+            distributed.load_model_state(trainer.model, trainer.sft_weights())
+        trainer.prepare(state["stage"])
+        distributed.load_model_state(trainer.model, state["model"])
+        if state.get("objective"):
+            trainer.stages[state["stage"]].eval_objective.load_state_dict(state["objective"])
+        record = trainer.evaluate(state["stage"], state["step"])
     say(format_record(record))
     return record

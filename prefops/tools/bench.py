@@ -499,7 +499,9 @@ def bench_shape(name: str, shape: Shape, args, device, *, record_cpu=False):
             ms, beyond, errors = result
             ratio = f"{ms / floor_ms:.2f}×" if floor_ms else "n/a"
             table.append([name, row.label, fmt_ms(ms), ratio, fmt_gb(beyond), *errors, row.note])
-        print("  " + " | ".join(table[-1][1:]), file=sys.stderr, flush=True)
+        cells = zip(TABLE_HEADERS[2:], table[-1][2:])  # labelled: the table with its header comes at the end
+        shown = ", ".join(f"{header} {value}" for header, value in cells if value not in ("", "—"))
+        print(f"  {row.label}: {shown}", file=sys.stderr, flush=True)
 
     forward_table = []
     if name in args.forward_shapes:
@@ -772,8 +774,8 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--sweep-pairs", type=int, default=1, help="pairs per batch in the sweep (default 1)")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     add_timing_options(parser, f"tiny shapes (H {TINY['hidden']}, V {TINY['vocab']}) to smoke-test, e.g. on CPU")
-    parser.add_argument("--out-dir", type=Path, default=Path("prefops-bench"),
-                        help="where report.md and the PNG plots go (default ./prefops-bench)")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/bench"),
+                        help="where report.md and the PNG plots go (default runs/bench, next to the training runs)")
     parser.set_defaults(run=run_bench)
 
 
@@ -833,3 +835,4 @@ def run_bench(args: argparse.Namespace, rest: list[str]) -> None:
     text = "\n".join(report)
     print(text)
     write_report(text, args.out_dir / "report.md")
+    print(f"report written to {args.out_dir / 'report.md'}", file=sys.stderr)
