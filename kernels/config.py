@@ -15,9 +15,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+AUTOTUNE_MODES = ("full", "quick")
+
+
+def autotune_mode() -> str:
+    """PREFOPS_AUTOTUNE, read when the kernels are defined: "quick" keeps the first two configs of
+    each list, so the first tune of a shape compiles two per kernel (a short GPU lease, where
+    benchmarks/first_light.sh must tune three shapes in minutes); "full" (the default) keeps all."""
+    mode = os.environ.get("PREFOPS_AUTOTUNE") or "full"
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"PREFOPS_AUTOTUNE must be one of {', '.join(AUTOTUNE_MODES)}; got {mode!r}")
+    return mode
+
+
 def _configs(shapes):
     if interpreting():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16}, num_warps=1)]
+    if autotune_mode() == "quick":
+        shapes = shapes[:2]
     return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=st)
             for n, v, k, w, st in shapes]
 

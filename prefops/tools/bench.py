@@ -5,9 +5,10 @@ Every row gets the same data and is compared with the floor (the three GEMMs
 any exact method must run over the counted tokens: h W^T, G W, G^T h), and its
 loss and gradients are checked against an exact (fp32 or float64) version of
 the naive math, so a fast-but-wrong row shows. Rows: naive PyTorch,
-torch.compile of it, prefops lean and budget, Liger and cut-cross-entropy
-when installed. Everything takes a torch.device, so it also runs on CPU as a
-smoke test (wall-clock timing there; memory from prefops.memory.AllocationRecorder).
+torch.compile of it, prefops lean and budget, TRL's fused head, Liger and
+cut-cross-entropy when installed. Everything takes a torch.device, so it also
+runs on CPU as a smoke test (wall-clock timing there; memory from
+prefops.memory.AllocationRecorder).
 """
 from __future__ import annotations
 
@@ -360,6 +361,23 @@ def build_cce(p: Problem):
     return lambda: dpo_loss(cce_token_logps(p.hidden, p.weight, p.targets, p.softcap).sum(-1), p.ref)
 
 
+def trl_token_logps(hidden, weight, targets, softcap=None):
+    """Per-token log-probs (0 at ignored tokens) from TRL's fused head as its DPOTrainer runs it
+    (trl.trainer.utils.add_fused_lm_head, trl >= 1.16): ChunkedLogProbFunction over the counted tokens
+    alone, cuBLAS tiles of 4096 tokens x its default vocabulary chunk, folded by Triton on CUDA (by
+    torch ops elsewhere), dh and dW accumulated in fp32."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+    counted = targets != IGNORE_INDEX
+    logps = ChunkedLogProbFunction.apply(hidden[counted], weight, None, targets[counted], 1.0,
+                                         _CHUNKED_LOGPROB_CHUNK_SIZE, softcap, 1.0, ("log_probs",))[0]
+    return logps.new_zeros(counted.shape).masked_scatter(counted, logps)
+
+
+def build_trl(p: Problem):
+    return lambda: dpo_loss(trl_token_logps(p.hidden, p.weight, p.targets, p.softcap).sum(-1), p.ref)
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     label: str
@@ -376,6 +394,8 @@ ROWS = {
     "lean": Row("prefops lean", build_prefops_tokens, {"strategy": "lean"}),
     "budget": Row("prefops budget 1 GB", build_prefops_objective, {"strategy": "budget", "budget": "1GB"},
                   note="sequence_objective"),
+    "trl": Row("TRL ChunkedLogProbFunction", build_trl,
+               note="DPOTrainer's fused head; log-probs only (the trainer adds entropy, mean logit, top-1)"),
     "liger": Row("Liger LigerFusedLinearDPOLoss", build_liger, zero_ref=True, compiled=True,
                  note="takes no precomputed ref logps: runs and is checked with ref = 0"),
     "cce": Row("CCE linear_cross_entropy", build_cce, note="reduction='none', default filter_eps", compiled=True),
@@ -407,6 +427,7 @@ def forward_ops(p: Problem):
         "one GEMM, all tokens": lambda: flat_hidden @ weight.t(),
         "naive forward (logps)": lambda: naive_token_logps(flat_hidden, weight, flat_targets, p.softcap),
         "CCE forward (logps)": lambda: cce_token_logps(flat_hidden, weight, flat_targets, p.softcap),
+        "TRL forward (logps)": lambda: trl_token_logps(flat_hidden, weight, flat_targets, p.softcap),
         "prefops forward (linear_logprobs, no_grad)":
             lambda: linear_logprobs(flat_hidden, weight, flat_targets, ignore_index=IGNORE_INDEX, softcap=p.softcap),
     }

@@ -1,0 +1,473 @@
+"""First light on a GPU: the phases behind benchmarks/first_light.sh, one process each.
+
+    python benchmarks/first_light.py env|smoke|core|peers --out DIR [--device cpu --tiny] [--deadline EPOCH]
+    python benchmarks/first_light.py summary --out DIR
+
+Every phase appends one JSON record per check, row or op to DIR/results.jsonl as
+soon as it has it, so a phase stopped by its time limit keeps what it finished;
+`summary` turns the records into DIR/summary.md with each bar's pass or fail.
+Rows and ops are prefops.tools.bench's (the machinery of bench_core.py and
+`prefops bench`), on bench_core.py's shapes A, Q and L. With --deadline (seconds
+since the epoch) a row starts only when the time it usually needs is left.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+GIB = 1 << 30
+U32 = 2.0 ** -24
+BF16_UNIT = 2.0 ** -8
+
+# The issue's bars: (row key, shapes, at most x floor, at most GiB beyond the gradients).
+BARS = (("lean", "ALQ", 1.45, 0.25), ("budget", "AQ", 1.15, 1.0))
+FORWARD_BAR = ("A", 1.10)  # prefops forward over one GEMM over the counted tokens, at A
+CORE_ROWS = {"naive": "ALQ", "lean": "ALQ", "budget": "AQ"}  # budget at L: a pair of 21k tokens exceeds 1 GB
+PEER_ROWS = ("trl", "liger", "cce", "compile")  # most wanted first; torch.compile's own compile is the longest
+FORWARD_BASE = "one GEMM, counted tokens"
+CORE_FORWARD = (FORWARD_BASE, "prefops forward (linear_logprobs, no_grad)")
+PEER_FORWARD = (FORWARD_BASE, "TRL forward (logps)", "CCE forward (logps)")
+# Seconds a step usually needs on an H100 (first compile and tune included): a step starts
+# only with this much left before the deadline.
+NEEDS = {"shape": 15, "naive": 10, "lean": 40, "budget": 20, "forward": 10,
+         "trl": 25, "liger": 60, "cce": 60, "compile": 90}
+
+
+def shapes(tiny: bool) -> dict:
+    from bench_core import SHAPES
+    from prefops.tools.bench import Shape
+    if not tiny:
+        return SHAPES
+    # Under the CPU interpreter: small, and H, V and the batch layout still differ between shapes.
+    return {"A": Shape(pairs=2, tokens=32, hidden=64, vocab=512), "Q": Shape(pairs=2, tokens=16, hidden=48, vocab=600),
+            "L": Shape(pairs=1, tokens=96, hidden=64, vocab=512)}
+
+
+class Log:
+    """Appends records to results.jsonl (flushed at once) and echoes them to stdout."""
+
+    def __init__(self, out: Path, phase: str):
+        self.path, self.phase = out / "results.jsonl", phase
+
+    def __call__(self, **record) -> dict:
+        record = {"phase": self.phase, **record}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(" | ".join(f"{k}={v}" for k, v in record.items()), flush=True)
+        return record
+
+
+def left(args) -> float:
+    return math.inf if args.deadline is None else args.deadline - time.time()
+
+
+def out_of_time(args, step: str):
+    """None when `step` fits before the deadline, else the reason it is skipped."""
+    if left(args) >= NEEDS[step]:
+        return None
+    return f"skipped: out of time ({max(left(args), 0):.0f} s left, {step} needs ~{NEEDS[step]} s)"
+
+
+# ---------------------------------------------------------------- env
+
+def env(args, log):
+    """What Triton needs before its first launch, and the versions the figures depend on."""
+    log(check="python", ok=True, detail=f"{platform.python_version()} at {sys.executable}")
+    compiler = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    log(check="C compiler", ok=compiler is not None,
+        detail=first_line(run([compiler, "--version"])) if compiler else "no cc, gcc or clang on PATH")
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    log(check="Python.h", ok=header.is_file(), detail=str(header))
+    import torch
+    log(check="torch", ok=True, detail=f"{torch.__version__}, CUDA {torch.version.cuda}")
+    try:
+        import triton
+        log(check="triton", ok=True, detail=triton.__version__)
+    except ImportError as error:
+        log(check="triton", ok=False, detail=str(error))
+    if args.device == "cuda":
+        available = torch.cuda.is_available()
+        props = torch.cuda.get_device_properties(0) if available else None
+        log(check="GPU", ok=available, detail=(f"{props.name}, sm_{props.major}{props.minor}, "
+                                                f"{props.multi_processor_count} SMs, {props.total_memory / GIB:.0f} GiB"
+                                                if props else "torch sees no CUDA device"))
+        log(check="driver", ok=None, detail=first_line(run(["nvidia-smi", "--query-gpu=name,driver_version,"
+                                                             "clocks.sm,clocks.max.sm,temperature.gpu",
+                                                             "--format=csv,noheader"])))
+        try:
+            from triton.backends.nvidia.driver import libcuda_dirs
+            log(check="libcuda", ok=True, detail=", ".join(libcuda_dirs()))
+        except Exception as error:  # noqa: BLE001 - Triton's own search, whatever it raises
+            log(check="libcuda", ok=False, detail=f"{type(error).__name__}: {first_line(str(error))}")
+    import prefops
+    import prefops.kernels
+    log(check="prefops", ok=True, detail=f"{Path(prefops.__file__).parent}, kernels from "
+                                          f"{Path(prefops.kernels.__file__).parent} (not installed: PYTHONPATH)")
+    from importlib import metadata
+    for name, module in (("trl", "trl.trainer.utils"), ("liger-kernel", "liger_kernel.chunked_loss"),
+                         ("cut-cross-entropy", "cut_cross_entropy"), ("datasets", "datasets")):
+        begin = time.perf_counter()
+        try:
+            __import__(module)
+            detail = f"{metadata.version(name)}, import {module} {time.perf_counter() - begin:.1f} s"
+            ok = True
+        except Exception as error:  # noqa: BLE001 - a peer that cannot load is a skipped row, not a stop
+            detail, ok = f"{type(error).__name__}: {first_line(str(error))}", False
+        log(check=f"peer {name}", ok=ok, detail=detail)
+    settings = {k: os.environ.get(k) for k in ("PREFOPS_AUTOTUNE", "TRITON_CACHE_AUTOTUNING", "TRITON_INTERPRET")}
+    log(check="settings", ok=None, detail=", ".join(f"{k}={v}" for k, v in settings.items()))
+
+
+def run(command) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:200]
+
+
+# ---------------------------------------------------------------- smoke
+
+def value_limit(*lengths) -> float:
+    """tests/conftest.py's error model: a value of the logits' size built in fp32 through sums of these
+    lengths is off by 4 u32 (sqrt(H) + sqrt(V) + ...) normwise relative."""
+    return 4 * U32 * sum(math.sqrt(n) for n in lengths)
+
+
+def bf16_grad_limit(*lengths) -> float:
+    """A bf16 gradient: its tile rounded to bf16 before the GEMMs and the result once more when stored,
+    2 u (3 u under the CPU interpreter, which truncates), plus the fp32 part."""
+    from prefops.kernels.config import interpreting
+    return (3 if interpreting() else 2) * BF16_UNIT + value_limit(*lengths)
+
+
+def smoke(args, log):
+    import torch
+    device = torch.device(args.device)
+    for name, check in (("triton kernel", smoke_triton), ("out_dtype GEMM", smoke_gemm),
+                        ("linear_logprobs", smoke_linear_logprobs), ("DPO lean and budget", smoke_dpo)):
+        begin = time.perf_counter()
+        try:
+            check(args, device, log)
+        except Exception as error:  # noqa: BLE001 - recorded; the next check still runs
+            import traceback
+            traceback.print_exc()
+            log(check=name, ok=False, detail=f"{type(error).__name__}: {first_line(str(error))}")
+        print(f"[smoke] {name}: {time.perf_counter() - begin:.1f} s", flush=True)
+
+
+def smoke_triton(args, device, log):
+    """The first launch compiles Triton's C launcher (cc, Python.h, libcuda): its time is the fixed cost."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) + tl.load(y_ptr + offsets, mask=mask),
+                 mask=mask)
+
+    x, y = torch.randn(1000, device=device), torch.randn(1000, device=device)
+    out = torch.full_like(x, float("nan"))
+    begin = time.perf_counter()
+    add[(triton.cdiv(1000, 256),)](x, y, out, 1000, BLOCK=256)
+    seconds = time.perf_counter() - begin
+    log(check="triton kernel", ok=bool(torch.equal(out, x + y)), detail=f"x + y, first launch {seconds:.1f} s")
+
+
+def smoke_gemm(args, device, log):
+    """torch.mm(bf16, bf16, out_dtype=fp32), which the budget strategy's logits run on, against float64, and
+    its time against the same GEMM writing bf16: fused.matmul_fp32 raises rather than falls back."""
+    import torch
+    from prefops.fused import matmul_fp32
+    from prefops.tools.bench import median_ms, relative_error
+    m, k, n = (64, 96, 80) if args.tiny else (8192, 4096, 8192)
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        try:
+            direct = torch.mm(a, b, out_dtype=torch.float32)
+        except Exception as error:  # noqa: BLE001 - the probe's answer
+            log(check="out_dtype GEMM", ok=False, detail=f"torch.mm(..., out_dtype=torch.float32): "
+                                                          f"{type(error).__name__}: {first_line(str(error))}")
+            return
+        error = relative_error(direct, a.double() @ b.double())
+        times = {name: median_ms(fn, device=device, reps=20, warmup=3) for name, fn in (
+            ("bf16 out", lambda: a @ b), ("fp32 out", lambda: torch.mm(a, b, out_dtype=torch.float32)),
+            ("fp32 GEMM", lambda: a.float() @ b.float()))}
+        ratio = times["fp32 out"] / times["bf16 out"]
+        log(check="out_dtype GEMM", ok=error <= value_limit(k) and ratio < 1.5,
+            detail=f"rel err {error:.1e} (limit {value_limit(k):.1e}); {m}x{k}x{n}: "
+                   + ", ".join(f"{name} {ms:.2f} ms" for name, ms in times.items()) + f"; fp32 out / bf16 out {ratio:.2f}")
+    else:
+        log(check="out_dtype GEMM", ok=None, detail="n/a off CUDA (CPU matmul has no out_dtype)")
+    fused = matmul_fp32(a, b)
+    error = relative_error(fused, a.double() @ b.double())
+    log(check="fused.matmul_fp32", ok=fused.dtype == torch.float32 and error <= value_limit(k),
+        detail=f"{fused.dtype}, rel err {error:.1e} (limit {value_limit(k):.1e})")
+
+
+def smoke_linear_logprobs(args, device, log):
+    """Values and gradients in bf16 against float64 of the same rounded inputs (prefops.tools.compare's
+    harness), Triton kernels, bias, softcap and entropy on, at an aligned shape and an odd one."""
+    import torch
+    from prefops.ops import linear_logprobs
+    from prefops.reference import linear_logprobs as reference
+    from prefops.tools.compare import Entry, check
+
+    def entry(n, hidden, vocab):
+        def make(generator):
+            targets = torch.randint(0, vocab, (n,), generator=generator)
+            targets[::5] = -100
+            return {"hidden": torch.randn(n, hidden, generator=generator, dtype=torch.float64),
+                    "weight": torch.randn(vocab, hidden, generator=generator, dtype=torch.float64) * 4 / hidden**0.5,
+                    "bias": torch.randn(vocab, generator=generator, dtype=torch.float64), "targets": targets}
+
+        def outputs(op):
+            def run(hidden, weight, targets, bias):
+                logp, _, entropy = op(hidden, weight, targets, bias=bias, softcap=30.0, return_entropy=True)
+                return {"logp": logp, "entropy": entropy}
+            return run
+
+        def fused(hidden, weight, targets, bias):
+            out = linear_logprobs(hidden, weight, targets, bias=bias, softcap=30.0, return_entropy=True)
+            return {"logp": out.logp, "entropy": out.entropy}
+        return Entry(f"{n}x{hidden}, V {vocab}", make, fused, outputs(reference), leaves=("hidden", "weight", "bias"))
+
+    sizes = ((64, 64, 256), (21, 35, 203)) if args.tiny else ((2048, 1024, 16384), (1021, 1000, 10007))
+    for kind, (n, hidden, vocab) in zip(("aligned", "odd"), sizes):
+        result = check(entry(n, hidden, vocab), dtype=torch.bfloat16, device=device, backend="triton")
+        limits = value_limit(hidden, vocab), bf16_grad_limit(hidden, vocab, n)
+        log(check=f"linear_logprobs {kind}", ok=not result.error and result.value_error <= limits[0]
+            and result.grad_error <= limits[1],
+            detail=result.error or f"{n} tokens, H {hidden}, V {vocab}: values {result.value_error:.1e} "
+                                   f"(limit {limits[0]:.1e}), grads {result.grad_error:.1e} (limit {limits[1]:.1e}), "
+                                   f"worst {result.worst}, {result.seconds:.1f} s")
+
+
+def smoke_dpo(args, device, log):
+    """The lean and budget rows' DPO loss and gradients in bf16 against the fp32-logit reference.
+
+    Per-token log-probs are off by value_limit(H, V) relative, at random; a sequence's sum by that times
+    the norm of its token log-probs, and a pair's margin by sqrt(2) of it; |d loss / d margin| <= beta,
+    and both sides err: the loss limit is 2 sqrt(2) beta value_limit max ||logp_seq|| / |loss|."""
+    import torch
+    from prefops.tools.bench import (BETA, ROWS, Shape, make_problem, naive_token_logps, reference_outputs,
+                                     relative_error, row_step)
+    shape = (Shape(pairs=2, tokens=32, hidden=64, vocab=512) if args.tiny
+             else Shape(pairs=2, tokens=512, hidden=1024, vocab=16384))
+    p = make_problem(shape, device)
+    expected = reference_outputs(p)
+    with torch.no_grad():
+        token_logps = naive_token_logps(p.hidden.float(), p.weight.float(), p.targets)
+    sequence_norm = float(torch.linalg.vector_norm(token_logps, dim=-1).max())
+    limits = (2 * math.sqrt(2) * BETA * value_limit(shape.hidden, shape.vocab) * sequence_norm / abs(float(expected[0])),
+              *[bf16_grad_limit(shape.hidden, shape.vocab, shape.tokens)] * 2)
+    for key in ("lean", "budget"):
+        p.clear_gradients()
+        with warnings_as_notes() as notes:
+            loss = row_step(ROWS[key], p)()
+        errors = [relative_error(a, e) for a, e in zip((loss, p.hidden.grad, p.weight.grad), expected)]
+        log(check=f"DPO {key}", ok=not notes and all(e <= limit for e, limit in zip(errors, limits)),
+            detail=", ".join(f"{name} {e:.1e} (limit {limit:.1e})"
+                             for name, e, limit in zip(("loss", "dh", "dW"), errors, limits))
+            + f"; {shape}" + "".join(f"; {note}" for note in notes))
+
+
+class warnings_as_notes:
+    """Collects the warnings a row raises: a budget row that fell back to lean must not pass as budget."""
+
+    def __enter__(self):
+        import warnings
+        self._catcher = warnings.catch_warnings(record=True)
+        self._caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        self.notes = []
+        return self.notes
+
+    def __exit__(self, *exc):
+        self.notes += sorted({f"warning: {w.message}" for w in self._caught
+                              if not issubclass(w.category, (DeprecationWarning, FutureWarning))})
+        return self._catcher.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- core and peers
+
+def bench_args(args):
+    return argparse.Namespace(reps=1 if args.tiny else 20, warmup=0 if args.tiny else 3)
+
+
+def bench_rows(args, log, name, shape, rows, forward):
+    """Floor, then each row's fwd+bwd and each forward op at one shape, every one recorded when done."""
+    import torch
+    from prefops.tools import bench
+    device, timing = torch.device(args.device), bench_args(args)
+    reason = out_of_time(args, "shape")
+    if reason:
+        return log(shape=name, kind="shape", reason=reason)
+    p = bench.make_problem(shape, device)
+    floor_ms, reason = bench.attempt(lambda: bench.median_ms(bench.build_floor(p), device=device, reps=timing.reps,
+                                                             warmup=timing.warmup))
+    log(shape=name, kind="floor", ms=floor_ms, reason=reason, counted=int(p.mask.sum()), detail=str(shape))
+    expected = {}
+    for key in rows:
+        row = bench.ROWS[key]
+        reason = out_of_time(args, key)
+        if reason:
+            log(shape=name, kind="row", row=key, label=row.label, reason=reason)
+            continue
+        problem = bench.row_problem(row, p)
+        if row.zero_ref not in expected:
+            expected[row.zero_ref], _ = bench.attempt(lambda: bench.reference_outputs(problem))
+        with warnings_as_notes() as notes:
+            result, reason = bench.attempt(lambda: bench.measure_row(row, problem, expected[row.zero_ref], device,
+                                                                     timing, record_cpu=True))
+        ms, beyond, errors = result or (None, None, None)
+        log(shape=name, kind="row", row=key, label=row.label, ms=ms, floor_ms=floor_ms, beyond=beyond,
+            errors=errors, reason=reason, notes=notes, note=row.note)
+    ops = bench.forward_ops(p)
+    base_ms = None
+    for label in forward:
+        reason = out_of_time(args, "forward")
+        if not reason:
+            ms, reason = bench.attempt(lambda: bench.median_ms(torch.no_grad()(ops[label]), device=device,
+                                                               reps=timing.reps, warmup=timing.warmup))
+        else:
+            ms = None
+        base_ms = ms if label == FORWARD_BASE else base_ms
+        log(shape=name, kind="forward", op=label, ms=ms, base_ms=base_ms, reason=reason)
+
+
+def core(args, log):
+    table = shapes(args.tiny)
+    for name in "AQL":  # L last: the largest, and a timeout there still leaves A and Q
+        rows = [key for key, where in CORE_ROWS.items() if name in where]
+        bench_rows(args, log, name, table[name], rows, CORE_FORWARD)
+
+
+def peers(args, log):
+    rows = PEER_ROWS
+    if args.tiny:  # the dry run's minutes: inductor's CPU compile alone takes ~20 s
+        rows = [key for key in rows if key != "compile"]
+        log(shape="A", kind="row", row="compile", label="torch.compile(naive)", reason="skipped: tiny dry run")
+    bench_rows(args, log, "A", shapes(args.tiny)["A"], rows, PEER_FORWARD)
+
+
+# ---------------------------------------------------------------- summary
+
+def summary(args, log):
+    """summary.md from results.jsonl: phases, checks, the bars, then every row and op."""
+    records = [json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = {(r["shape"], r["row"]): r for r in records if r.get("kind") == "row"}
+    forward = [r for r in records if r.get("kind") == "forward"]
+    prefops_forward = {r["shape"]: r for r in forward if r["op"] == CORE_FORWARD[1]}
+    mark = {True: "ok", False: "FAIL", None: "—"}
+    lines = ["# First light" + (" (CPU DRY RUN, tiny shapes: timings and bars meaningless)" if args.tiny else ""), ""]
+    lines += ["| phase | exit | seconds |", "|---|---|---|"]
+    lines += [f"| {r['phase']} | {'timed out' if r['rc'] in (124, 137) else r['rc']} | {r['seconds']} |"
+              for r in records if r.get("kind") == "phase"]
+    lines += ["", "| check | | detail |", "|---|---|---|"]
+    lines += [f"| {r['phase']}: {r['check']} | {mark[r['ok']]} | {r['detail']} |" for r in records if "check" in r]
+    lines += ["", "## Bars", "", "| bar | shape | measured | |", "|---|---|---|---|"]
+    verdicts = []
+    for key, where, ratio_bar, gib_bar in BARS:
+        for shape in where:
+            verdict, measured = bar_verdict(rows.get((shape, key)), ratio_bar, gib_bar)
+            verdicts.append(verdict)
+            lines.append(f"| {key} <= {ratio_bar}x floor, <= {gib_bar} GB | {shape} | {measured} | {verdict} |")
+    for shape in "AQL":
+        op = prefops_forward.get(shape)
+        if op is None:
+            measured, verdict = "not run", "—"
+        elif not (op["ms"] and op["base_ms"]):
+            measured, verdict = op["reason"] or "no time for one GEMM", "FAIL"
+        else:
+            ratio = op["ms"] / op["base_ms"]
+            measured, verdict = f"{ratio:.2f}x ({op['ms']:.2f} / {op['base_ms']:.2f} ms)", \
+                "pass" if ratio <= FORWARD_BAR[1] else "FAIL"
+        if shape == FORWARD_BAR[0]:
+            verdicts.append(verdict)
+        lines.append(f"| forward-only <= {FORWARD_BAR[1]}x one GEMM{'' if shape == FORWARD_BAR[0] else ' (not a bar)'}"
+                     f" | {shape} | {measured} | {verdict} |")
+    lines += ["", "## Forward + backward", "",
+              "| shape | row | ms | x floor | GB beyond grads | loss / dh / dW rel err | note |",
+              "|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.get("kind") == "floor":
+            lines.append(f"| {r['shape']} | floor: 3 GEMMs over {r['counted']} counted tokens | {fmt(r['ms'])} | "
+                         f"1.00x | — | — | {r['reason'] or ''} |")
+        elif r.get("kind") == "row":
+            ratio = f"{r['ms'] / r['floor_ms']:.2f}x" if r.get("ms") and r.get("floor_ms") else "—"
+            gb = "—" if r.get("beyond") is None else f"{r['beyond'] / GIB:.3g}"
+            note = "; ".join(filter(None, [r.get("reason"), *r.get("notes", []), r.get("note")]))
+            lines.append(f"| {r['shape']} | {r['label']} | {fmt(r.get('ms'))} | {ratio} | {gb} | "
+                         f"{' / '.join(r.get('errors') or ['—'])} | {note} |")
+        elif r.get("kind") == "shape":
+            lines.append(f"| {r['shape']} | (shape) | — | — | — | — | {r['reason']} |")
+    lines += ["", "## Forward only", "", "| shape | op | ms | x one GEMM over counted tokens | note |",
+              "|---|---|---|---|---|"]
+    for r in forward:
+        ratio = f"{r['ms'] / r['base_ms']:.2f}x" if r["ms"] and r["base_ms"] else "—"
+        lines.append(f"| {r['shape']} | {r['op']} | {fmt(r['ms'])} | {ratio} | {r['reason'] or ''} |")
+    passed = sum(v == "pass" for v in verdicts)
+    lines += ["", f"Bars passed: {passed} of {len(verdicts)}."]
+    text = "\n".join(lines) + "\n"
+    (args.out / "summary.md").write_text(text)
+    print(text, flush=True)
+
+
+def bar_verdict(record, ratio_bar, gib_bar):
+    """(pass / FAIL / —, what was measured) of one fwd+bwd row against its bar."""
+    if record is None:
+        return "—", "not run"
+    if record.get("ms") is None or not record.get("floor_ms"):
+        return "FAIL", record.get("reason") or "no time"
+    ratio = record["ms"] / record["floor_ms"]
+    gib = None if record.get("beyond") is None else record["beyond"] / GIB
+    measured = f"{ratio:.2f}x, " + ("memory n/a" if gib is None else f"{gib:.2f} GB")
+    ok = ratio <= ratio_bar and gib is not None and gib <= gib_bar and not record.get("notes")
+    return ("pass" if ok else "FAIL"), measured + "".join(f"; {note}" for note in record.get("notes", []))
+
+
+def fmt(ms):
+    return "—" if ms is None else f"{ms:.2f}"
+
+
+PHASES = {"env": env, "smoke": smoke, "core": core, "peers": peers, "summary": summary}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=PHASES)
+    parser.add_argument("--out", type=Path, required=True, help="folder of results.jsonl and summary.md")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU dry run)")
+    parser.add_argument("--deadline", type=float, help="seconds since the epoch by which the phase must be done")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.phase != "summary" and args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            Log(args.out, args.phase)(check="CUDA", ok=False, detail="torch sees no CUDA device; "
+                                                                     "for a dry run: --device cpu --tiny")
+            return 2
+    PHASES[args.phase](args, Log(args.out, args.phase))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
