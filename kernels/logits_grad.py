@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .config import interpreting, grad_configs
-from .logits_tile import counted_row_block, linear_grad, logits_tile, vocab_block
+from .logits_tile import counted_row_block, linear_tile, transform_with_slope, vocab_block
 
 
 @triton.autotune(configs=grad_configs(), key=["hidden_size", "IEEE", "HAS_ENTROPY"])
@@ -30,8 +30,9 @@ def logits_grad_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, entr
     grad_logp = tl.load(grad_logp_ptr + offs_n, mask=row_mask, other=0.0)
     grad_lse = tl.load(grad_lse_ptr + offs_n, mask=row_mask, other=0.0)
 
-    z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size, stride_h, stride_w,
-                    inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+    linear = linear_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size, stride_h, stride_w,
+                         HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+    z, slope = transform_with_slope(linear, inv_temperature, softcap, HAS_SOFTCAP)
     log_p = z - lse[:, None]
     p = tl.exp(log_p)
     coef = (grad_lse - grad_logp)[:, None]
@@ -40,7 +41,7 @@ def logits_grad_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, entr
         grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=row_mask, other=0.0)
         coef = coef - grad_entropy[:, None] * (log_p + entropy[:, None])
     dz = p * coef + tl.where(offs_v[None, :] == targets[:, None], grad_logp[:, None], 0.0)
-    dz = linear_grad(dz, z, inv_temperature, softcap, HAS_SOFTCAP)
+    dz = dz * slope
     out = out_ptr + offs_n[:, None] * stride_out + local_v[None, :]
     tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & v_mask[None, :])
 

@@ -13,9 +13,13 @@ import triton.language as tl
 
 
 @triton.jit
-def tanh(x):
-    # exp form: saturates cleanly to +-1 for large |x| and runs under the interpreter.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+def tanh_parts(x):
+    """(tanh(x), e = exp(-2|x|)). The exp of -2|x| lies in (0, 1]: it saturates cleanly to +-1
+    without overflow, runs under the interpreter, and gives the slope 1 - tanh^2 = 4e / (1 + e)^2
+    without the cancellation of 1 - t^2 where the tanh saturates."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t), e
 
 
 @triton.jit
@@ -26,21 +30,23 @@ def row_columns(vocab_size, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def transform(linear, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
-    """z = softcap * tanh(u / softcap) with u = linear / temperature, in fp32."""
+def transform_with_slope(linear, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(z, dz / dlinear) with z = softcap * tanh(u / softcap), u = linear / temperature, in fp32:
+    the logits and the chain-rule factor of the gradient kernels."""
     z = linear.to(tl.float32) * inv_temperature
+    slope = tl.full(z.shape, 1.0, tl.float32) * inv_temperature
     if HAS_SOFTCAP:
-        z = softcap * tanh(z / softcap)
-    return z
+        t, e = tanh_parts(z / softcap)
+        z = softcap * t
+        slope = slope * (4.0 * e / ((1.0 + e) * (1.0 + e)))
+    return z, slope
 
 
 @triton.jit
-def linear_grad(dz, z, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
-    """d loss / d(h W^T + b) from d loss / dz: the softcap and temperature chain rule, dz/du = 1 - (z/softcap)^2."""
-    if HAS_SOFTCAP:
-        capped = z / softcap
-        dz = dz * (1.0 - capped * capped)
-    return dz * inv_temperature
+def transform(linear, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z of transform_with_slope, bit for bit (the slope is compiled away)."""
+    z, _ = transform_with_slope(linear, inv_temperature, softcap, HAS_SOFTCAP)
+    return z
 
 
 @triton.jit
@@ -61,10 +67,10 @@ def vocab_block(v_begin, v_count, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size, stride_h, stride_w,
-                inv_temperature, softcap,
-                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+def linear_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size, stride_h, stride_w,
+                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h W^T + b of the tile, fp32 (before the temperature and softcap)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, hidden_size, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -84,4 +90,14 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size
             acc = tl.dot(h, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    return transform(acc, inv_temperature, softcap, HAS_SOFTCAP)
+    return acc
+
+
+@triton.jit
+def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size, stride_h, stride_w,
+                inv_temperature, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    linear = linear_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size, stride_h, stride_w,
+                         HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+    return transform(linear, inv_temperature, softcap, HAS_SOFTCAP)

@@ -3,6 +3,7 @@
 For each row r of L [n, V], with z = softcap * tanh(L / temperature / softcap),
 p_v = exp(z_v - lse_r) and upstream gradients g_logp, g_lse of log p(target) and lse:
     dL_v = [g_logp [v = target] + p_v (g_lse - g_logp)] * (1 - (z_v / softcap)^2) / temperature
+(1 - tanh^2 formed as 4e / (1 + e)^2, e = exp(-2|u / softcap|): no cancellation where it saturates)
 L is fp32 (a bf16 GEMM with an fp32 result: the logits are never rounded to bf16);
 dL goes to `out` in the input dtype, as the operand of the caller's dh = dL W and
 dW = dL^T h GEMMs (out may be L itself for fp32 inputs).
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .config import row_block
-from .logits_tile import linear_grad, row_columns, transform
+from .logits_tile import row_columns, transform_with_slope
 
 
 @triton.jit
@@ -26,9 +27,8 @@ def rows_grad_kernel(logits_ptr, out_ptr, targets_ptr, lse_ptr, grad_logp_ptr, g
     lse = tl.load(lse_ptr + row)
     grad_logp = tl.load(grad_logp_ptr + row)
     grad_lse = tl.load(grad_lse_ptr + row)
-    z = transform(tl.load(ptrs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
-    dz = tl.exp(z - lse) * (grad_lse - grad_logp) + tl.where(offs == target, grad_logp, 0.0)
-    dz = linear_grad(dz, z, inv_temperature, softcap, HAS_SOFTCAP)
+    z, slope = transform_with_slope(tl.load(ptrs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
+    dz = (tl.exp(z - lse) * (grad_lse - grad_logp) + tl.where(offs == target, grad_logp, 0.0)) * slope
     out_ptrs = out_ptr + row.to(tl.int64) * stride_out + offs
     tl.store(out_ptrs, dz.to(out_ptr.dtype.element_ty), mask=inside)
 

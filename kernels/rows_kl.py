@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .config import row_block
-from .logits_tile import linear_grad, row_columns, transform
+from .logits_tile import row_columns, transform, transform_with_slope
 
 EMPTY = tl.constexpr(-1.0e38)
 
@@ -97,9 +97,9 @@ def rows_kl_grad_kernel(logits_ptr, ref_logits_ptr, out_ptr, targets_ptr, lse_pt
     ref_lse = tl.load(ref_lse_ptr + row)
     grad_kl = tl.load(grad_kl_ptr + row)
     grad_logp = tl.load(grad_logp_ptr + row)
-    z = transform(tl.load(ptrs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
+    z, slope = transform_with_slope(tl.load(ptrs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
     y = transform(tl.load(ref_logits_ptr + row.to(tl.int64) * stride_ref + offs, mask=inside, other=0.0),
-                   inv_temperature, softcap, HAS_SOFTCAP)
+                  inv_temperature, softcap, HAS_SOFTCAP)
     log_p = z - lse
     log_r = y - ref_lse
     p = tl.exp(log_p)
@@ -107,8 +107,7 @@ def rows_kl_grad_kernel(logits_ptr, ref_logits_ptr, out_ptr, targets_ptr, lse_pt
         dkl = p * (log_p - log_r - tl.load(kl_ptr + row))
     else:
         dkl = p - tl.exp(log_r)
-    dz = grad_kl * dkl - grad_logp * p + tl.where(offs == target, grad_logp, 0.0)
-    dz = linear_grad(dz, z, inv_temperature, softcap, HAS_SOFTCAP)
+    dz = (grad_kl * dkl - grad_logp * p + tl.where(offs == target, grad_logp, 0.0)) * slope
     tl.store(out_ptr + row.to(tl.int64) * stride_out + offs, dz.to(out_ptr.dtype.element_ty), mask=inside)
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .config import interpreting, pair_configs
-from .logits_tile import counted_row_block, linear_grad, logits_tile, vocab_block
+from .logits_tile import counted_row_block, linear_tile, logits_tile, transform_with_slope, vocab_block
 
 
 @triton.autotune(configs=pair_configs(), key=["hidden_size", "ref_hidden_size", "IEEE", "POLICY_FIRST"])
@@ -36,8 +36,9 @@ def token_kl_grad_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, rows_ptr, 
     grad_kl = tl.load(grad_kl_ptr + offs_n, mask=row_mask, other=0.0)
     grad_logp = tl.load(grad_logp_ptr + offs_n, mask=row_mask, other=0.0)
 
-    z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size, stride_h, stride_w,
-                    inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+    linear = linear_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size, stride_h, stride_w,
+                         HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+    z, slope = transform_with_slope(linear, inv_temperature, softcap, HAS_SOFTCAP)
     y = logits_tile(rh_ptr, rw_ptr, rb_ptr, rows, row_mask, offs_v, v_mask, ref_hidden_size, stride_rh, stride_rw,
                     inv_temperature, softcap, HAS_REF_BIAS, HAS_SOFTCAP, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
     log_p = z - lse[:, None]
@@ -50,7 +51,7 @@ def token_kl_grad_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, rows_ptr, 
         dkl = p - tl.exp(log_r)
     dz = grad_kl[:, None] * dkl - grad_logp[:, None] * p
     dz += tl.where(offs_v[None, :] == targets[:, None], grad_logp[:, None], 0.0)
-    dz = linear_grad(dz, z, inv_temperature, softcap, HAS_SOFTCAP)
+    dz = dz * slope
     out = out_ptr + offs_n[:, None] * stride_out + local_v[None, :]
     tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & v_mask[None, :])
 

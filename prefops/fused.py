@@ -171,11 +171,11 @@ def token_grads(hidden, weight, bias, rows, targets, lse, entropy, grad_logp, gr
             return launch_logits_grad(hidden, weight, bias, chunk_rows, targets[chunk], lse[chunk],
                                       _part(entropy, chunk), grad_logp[chunk], grad_lse[chunk],
                                       _part(grad_entropy, chunk), temperature, softcap, v0, out)
-        z = tiles.transform(_linear_fp32(h_rows, weight, bias, v0, v1), temperature, softcap)
+        z, slope = tiles.transform_with_slope(_linear_fp32(h_rows, weight, bias, v0, v1), temperature, softcap)
         # Rounded to the input dtype as the Triton kernel stores it, so both backends feed
         # the dh and dW GEMMs the same operands.
         return tiles.tile_grad(z, targets[chunk] - v0, lse[chunk], _part(entropy, chunk), grad_logp[chunk],
-                               grad_lse[chunk], _part(grad_entropy, chunk), temperature, softcap).to(hidden.dtype)
+                               grad_lse[chunk], _part(grad_entropy, chunk), slope).to(hidden.dtype)
 
     tile_bytes = weight.element_size() if backend == "triton" else 16
     return linear_grads(hidden, weight, bias, rows, tile, tile_bytes, workspace, fp32_weight_grad, needs)

@@ -383,7 +383,7 @@ def _logit_grads(logits, targets, token, grad_logp, out, temperature, softcap, b
         return
     for r0 in range(0, logits.shape[0], _BLOCK_ROWS):
         block = slice(r0, r0 + _BLOCK_ROWS)
-        z = tiles.transform(logits[block], temperature, softcap)
+        z, slope = tiles.transform_with_slope(logits[block], temperature, softcap)
         grad = tiles.tile_grad(z, targets[block], token.lse[block], None, grad_logp[block],
-                               torch.zeros_like(grad_logp[block]), None, temperature, softcap)
+                               torch.zeros_like(grad_logp[block]), None, slope)
         out[block] = grad.to(out.dtype)

@@ -48,12 +48,21 @@ class Token(NamedTuple):
 
 def transform(linear: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
     """z = softcap * tanh(u / softcap) with u = linear / temperature (fp32)."""
+    return transform_with_slope(linear, temperature, softcap)[0]
+
+
+def transform_with_slope(linear: torch.Tensor, temperature: float, softcap: float | None):
+    """(z, dz / dlinear): the logits and the chain-rule factor of their gradient (a tensor, or a
+    number without softcap). 1 - tanh^2 is formed as 4e / (1 + e)^2 with e = exp(-2|u / softcap|),
+    which keeps its relative accuracy where the tanh saturates (1 - t^2 would cancel)."""
     z = linear.float()
     if temperature != 1.0:
         z = z / temperature
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z
+    if softcap is None:
+        return z, 1.0 / temperature
+    x = z / softcap
+    e = torch.exp(-2.0 * x.abs())
+    return softcap * torch.tanh(x), 4.0 * e / ((1.0 + e) * (1.0 + e) * temperature)
 
 
 def tile_stats(z: torch.Tensor, local_targets: torch.Tensor) -> Stats:
@@ -122,11 +131,11 @@ def finalize(stats: Stats) -> Token:
                  stats.logit_sum, stats.target >= stats.max)
 
 
-def tile_grad(z, local_targets, lse, entropy, grad_logp, grad_lse, grad_entropy, temperature, softcap):
+def tile_grad(z, local_targets, lse, entropy, grad_logp, grad_lse, grad_entropy, slope):
     """d loss / d (h W^T + b) for a tile, given upstream grads of logp, lse and entropy per row.
 
-    dz_v = g_logp [v = target] + p_v (g_lse - g_logp - g_ent (log p_v + H)), then the
-    softcap and temperature chain rule: * (1 - (z / softcap)^2) / temperature.
+    dz_v = g_logp [v = target] + p_v (g_lse - g_logp - g_ent (log p_v + H)), then times the
+    slope dz / d(h W^T + b) of transform_with_slope (softcap and temperature chain rule).
     """
     log_p = z - lse[:, None]
     p = log_p.exp()
@@ -137,8 +146,4 @@ def tile_grad(z, local_targets, lse, entropy, grad_logp, grad_lse, grad_entropy,
     inside = (local_targets >= 0) & (local_targets < z.shape[1])
     rows = inside.nonzero().squeeze(1)
     dz.index_put_((rows, local_targets[rows].long()), grad_logp[rows], accumulate=True)
-    if softcap is not None:
-        dz = dz * (1.0 - (z / softcap) ** 2)
-    if temperature != 1.0:
-        dz = dz / temperature
-    return dz
+    return dz * slope

@@ -105,10 +105,11 @@ def finalize_kl(stats: KLStats):
     return kl, lse_a, lse_b, stats.a_target - lse_a, stats.b_target - lse_b
 
 
-def tile_kl_grad(z, y, local_targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first, temperature, softcap):
+def tile_kl_grad(z, y, local_targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first, slope):
     """d loss / d(h W^T + b) of the policy for a tile, loss = Σ_r g_kl KL_r + g_logp log p_θ(target_r).
 
-    z, y: fp32 policy and reference logits [n, v] (after temperature and softcap)."""
+    z, y: fp32 policy and reference logits [n, v] (after temperature and softcap); slope: dz / d(h W^T + b)
+    of the policy (tiles.transform_with_slope)."""
     log_p = z - lse[:, None]
     p = log_p.exp()
     if policy_first:  # KL(p || r): p_v (log p_v - log r_v - KL)
@@ -116,12 +117,7 @@ def tile_kl_grad(z, y, local_targets, lse, ref_lse, kl, grad_kl, grad_logp, poli
     else:  # KL(r || p): p_v - r_v
         dkl = p - (y - ref_lse[:, None]).exp()
     zeros = torch.zeros_like(lse)
-    dz = tiles.tile_grad(z, local_targets, lse, None, grad_logp, zeros, None, 1.0, None) + grad_kl[:, None] * dkl
-    if softcap is not None:
-        dz = dz * (1.0 - (z / softcap) ** 2)
-    if temperature != 1.0:
-        dz = dz / temperature
-    return dz
+    return (tiles.tile_grad(z, local_targets, lse, None, grad_logp, zeros, None, 1.0) + grad_kl[:, None] * dkl) * slope
 
 
 def _sides(policy, reference, policy_first):
@@ -215,11 +211,11 @@ def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
             out = torch.empty(chunk_rows.numel(), v1 - v0, device=hidden.device, dtype=hidden.dtype)
             return launch_token_kl_grad(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, chunk_rows, *per_row,
                                         policy_first, temperature, softcap, v0, out)
-        z = tiles.transform(fused._linear_fp32(h_rows, weight, bias, v0, v1), temperature, softcap)
+        z, slope = tiles.transform_with_slope(fused._linear_fp32(h_rows, weight, bias, v0, v1), temperature, softcap)
         y = tiles.transform(fused._linear_fp32(reference_rows.get(chunk_rows), ref_weight, ref_bias, v0, v1),
                             temperature, softcap)
         local = torch.where(per_row[0] >= 0, per_row[0] - v0, -1)
-        return tile_kl_grad(z, y, local, *per_row[1:], policy_first, temperature, softcap).to(hidden.dtype)
+        return tile_kl_grad(z, y, local, *per_row[1:], policy_first, slope).to(hidden.dtype)
 
     # The PyTorch tile holds both sides' logits and their temporaries.
     tile_bytes = weight.element_size() if backend == "triton" else 32
@@ -493,6 +489,7 @@ def rows_kl_grads(logits, ref_logits, out, targets, lse, ref_lse, kl, grad_kl, g
         return
     for r0 in range(0, logits.shape[0], _BLOCK_ROWS):
         block = slice(r0, r0 + _BLOCK_ROWS)
-        z, y = (tiles.transform(x[block], temperature, softcap) for x in (logits, ref_logits))
+        z, slope = tiles.transform_with_slope(logits[block], temperature, softcap)
+        y = tiles.transform(ref_logits[block], temperature, softcap)
         out[block] = tile_kl_grad(z, y, targets[block], lse[block], ref_lse[block], kl[block], grad_kl[block],
-                                  grad_logp[block], policy_first, temperature, softcap).to(out.dtype)
+                                  grad_logp[block], policy_first, slope).to(out.dtype)

@@ -134,11 +134,8 @@ def test_row_kernels_match_float64(softcap, out_dtype):
     assert grad is out
     # The lse the kernel is given is fp32: off by up to 2^-24 |lse|, which shifts every p of its row
     # by that relative amount (~1e-3 in the row near -1e4); the stored gradient adds its own rounding.
-    # With a softcap the chain rule's 1 - t^2 (t = z / softcap) is formed in fp32 and loses
-    # 2^-24 t^2 / (1 - t^2) relative where the tanh saturates; that error is weighted per element.
+    # Logits of ~50 under a softcap of 20 saturate the tanh: the slope 1 - t^2 must keep its relative
+    # accuracy there (formed as 1 - t^2 in fp32 it lost up to 2e-4 of these rows' gradients).
     store = 2.0**-24 if out_dtype == torch.float32 else bf16_store_error("triton")
-    capped = torch.zeros(()) if softcap is None else (z.detach() / softcap) ** 2
-    saturation = (z64.grad * 2.0**-23 * capped / (1 - capped).clamp_min(2.0**-24)).norm(dim=1)
     for r in range(n):
-        bound = 1e-5 + store + 4 * 2.0**-24 * abs(got.lse[r].item()) + saturation[r] / z64.grad[r].norm().clamp_min(1e-30)
-        assert relative_error(grad[r], z64.grad[r]) <= bound, r
+        assert relative_error(grad[r], z64.grad[r]) <= 1e-5 + store + 4 * 2.0**-24 * abs(got.lse[r].item()), r

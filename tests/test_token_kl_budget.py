@@ -186,7 +186,8 @@ def test_row_kernels_match_tile_math(policy_first, softcap):
     # The per-row inputs in fp32, as the kernels get them; the float64 gradient from the same rounded values
     # (an fp32 lse of a row near -1e3 is off by ~1e-4, which no kernel can undo).
     per_row = [x.float() for x in (lse, ref_lse, kl, torch.randn(n), torch.randn(n))]
-    expected = tile_kl_grad(z, y, targets, *(x.double() for x in per_row), policy_first, TEMPERATURE, softcap)
+    slope = tiles.transform_with_slope(logits, TEMPERATURE, softcap)[1]
+    expected = tile_kl_grad(z, y, targets, *(x.double() for x in per_row), policy_first, slope)
     grad = launch_rows_kl_grad(logits.float(), ref_logits.float(), torch.empty(n, vocab), targets, *per_row,
                                policy_first, TEMPERATURE, softcap)
     torch_grad = logits.float()
