@@ -57,7 +57,7 @@ export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 PREFOPS_AUTOTUNE=${PREFOPS_A
 wheels=${FIRST_LIGHT_WHEELS-.whl}
 site=
 if [[ -n $wheels ]] && compgen -G "$wheels/*.whl" >/dev/null; then
-    site=/tmp/first-light-site
+    site=/tmp/site
     echo "== installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $site" | tee -a "$out/env.log"
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
         "$wheels"/*.whl 2>&1 | tee -a "$out/env.log"

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Every GPU measurement the issues ask for, in phases that each fit a 10-minute
-# command, for a session with a short lease on one H100/H200:
+# Every GPU measurement the issues ask for, in phases, for a session with a short lease on one
+# H100/H200. A fresh lease runs benchmarks/first_light.sh first (at most 9 minutes: environment,
+# smoke, the core rows at A, Q, L and the peers at A, with every bar); these come after it:
 #
-#   bash benchmarks/gpu_session.sh check        # install, GPU tests, sm_90 compile profile, prefops compare on CUDA
-#   bash benchmarks/gpu_session.sh core         # bench_core at A, L, Q (issue 2)
+#   bash benchmarks/gpu_session.sh check        # GPU tests, sm_90 compile profile, prefops compare on CUDA
+#   bash benchmarks/gpu_session.sh core         # bench_core at A, L, Q, every row, full autotune (issue 2)
 #   bash benchmarks/gpu_session.sh families     # bench_losses, bench_listwise, bench_tdpo, bench_diagnostics (3, 4, 5)
 #   bash benchmarks/gpu_session.sh training     # bench_training throughput, then the longest pair of each row (6)
 #   bash benchmarks/gpu_session.sh shared       # bench_shared_prompt (7)
 #
-# Reports go to $OUT (the device tool's output folder) or ./gpu-results. The
-# first phase of a fresh machine installs the wheels fetched beforehand with
-# benchmarks/fetch_wheels.sh (carried as .whl); later phases on the same
+# Reports go to $OUT (the device tool's output folder) or ./gpu-results. prefops is not
+# installed: the checkout goes on PYTHONPATH (prefops/__init__.py maps kernels/ and training/).
+# The first phase of a fresh machine installs the peers' wheels fetched beforehand with
+# benchmarks/fetch_wheels.sh (carried as .whl) into /tmp/site; later phases on the same
 # machine skip it. Copy each report into benchmarks/RESULTS.md with its device line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,11 +21,10 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
 install() {
-    if ! python3 -c "import prefops.kernels" 2>/dev/null; then
+    if [[ ! -d /tmp/site ]] && compgen -G ".whl/*.whl" >/dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-        python3 -m pip install -q --no-index --find-links .whl/build --no-deps -e .
     fi
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH=$(pwd):/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 }
