@@ -13,6 +13,7 @@ since the epoch) a row starts only when the time it usually needs is left.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import warnings
 from pathlib import Path
 
 GIB = 1 << 30
@@ -210,9 +212,12 @@ def smoke_gemm(args, device, log):
             ("bf16 out", lambda: a @ b), ("fp32 out", lambda: torch.mm(a, b, out_dtype=torch.float32)),
             ("fp32 GEMM", lambda: a.float() @ b.float()))}
         ratio = times["fp32 out"] / times["bf16 out"]
+        # Writing fp32 instead of bf16 adds 2 bytes an output element, a few % of this GEMM's time;
+        # an fp32 GEMM behind it would take several times as long.
         log(check="out_dtype GEMM", ok=error <= value_limit(k) and ratio < 1.5,
             detail=f"rel err {error:.1e} (limit {value_limit(k):.1e}); {m}x{k}x{n}: "
-                   + ", ".join(f"{name} {ms:.2f} ms" for name, ms in times.items()) + f"; fp32 out / bf16 out {ratio:.2f}")
+                   + ", ".join(f"{name} {ms:.2f} ms" for name, ms in times.items())
+                   + f"; fp32 out / bf16 out {ratio:.2f}")
     else:
         log(check="out_dtype GEMM", ok=None, detail="n/a off CUDA (CPU matmul has no out_dtype)")
     fused = matmul_fp32(a, b)
@@ -275,8 +280,8 @@ def smoke_dpo(args, device, log):
     with torch.no_grad():
         token_logps = naive_token_logps(p.hidden.float(), p.weight.float(), p.targets)
     sequence_norm = float(torch.linalg.vector_norm(token_logps, dim=-1).max())
-    limits = (2 * math.sqrt(2) * BETA * value_limit(shape.hidden, shape.vocab) * sequence_norm / abs(float(expected[0])),
-              *[bf16_grad_limit(shape.hidden, shape.vocab, shape.tokens)] * 2)
+    loss_limit = 2 * math.sqrt(2) * BETA * value_limit(shape.hidden, shape.vocab) * sequence_norm
+    limits = (loss_limit / abs(float(expected[0])), *[bf16_grad_limit(shape.hidden, shape.vocab, shape.tokens)] * 2)
     for key in ("lean", "budget"):
         p.clear_gradients()
         with warnings_as_notes() as notes:
@@ -288,21 +293,16 @@ def smoke_dpo(args, device, log):
             + f"; {shape}" + "".join(f"; {note}" for note in notes))
 
 
-class warnings_as_notes:
-    """Collects the warnings a row raises: a budget row that fell back to lean must not pass as budget."""
-
-    def __enter__(self):
-        import warnings
-        self._catcher = warnings.catch_warnings(record=True)
-        self._caught = self._catcher.__enter__()
+@contextlib.contextmanager
+def warnings_as_notes():
+    """Collects the warnings a row raises (deprecations aside) into the yielded list: a budget row that
+    fell back to lean must not pass as budget."""
+    notes = []
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        self.notes = []
-        return self.notes
-
-    def __exit__(self, *exc):
-        self.notes += sorted({f"warning: {w.message}" for w in self._caught
-                              if not issubclass(w.category, (DeprecationWarning, FutureWarning))})
-        return self._catcher.__exit__(*exc)
+        yield notes
+    notes += sorted({f"warning: {w.message}" for w in caught
+                     if not issubclass(w.category, (DeprecationWarning, FutureWarning))})
 
 
 # ---------------------------------------------------------------- core and peers
