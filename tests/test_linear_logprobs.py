@@ -7,6 +7,7 @@ import torch
 import prefops
 from conftest import grad_tolerance, relative_error, value_tolerance
 from helpers import make_inputs, reference64, run_with_grads
+from prefops.fused import WeightGrad
 
 EXTRAS = dict(return_lse=True, return_entropy=True)
 
@@ -57,6 +58,50 @@ def test_large_magnitude_logits(backend):
     # entropy and gradients of near-tied rows can match the float64 reference.
     hidden, weight, targets, _ = make_inputs(13, 19, 97, scale=1000.0)
     check_against_reference(hidden, weight, None, targets, backend=backend, large_logits=True)
+
+
+def weight_grad(hidden, weight, targets, upstream, **settings):
+    leaf = weight.clone().requires_grad_()
+    with prefops.settings(**settings):
+        (prefops.linear_logprobs(hidden, leaf, targets, backend="torch").double() * upstream).sum().backward()
+    return leaf.grad
+
+
+def test_fp32_weight_grad_accumulates_the_row_chunks_in_fp32(monkeypatch):
+    # 96 counted rows in chunks of 16 (the workspace): 6 partial dW to add up.
+    hidden, weight, targets, _ = make_inputs(128, 35, 203, dtype=torch.bfloat16, scale=4.0, seed=0)
+    upstream = torch.randn(targets.shape, dtype=torch.float64)
+    workspace = 2 * 16 * 12 * 35
+    parts, accumulators = [], []
+    real_add, real_result = WeightGrad.add, WeightGrad.result
+
+    def add(self, v0, v1, tile, h_rows):
+        parts.append((v0, v1, tile.double(), h_rows.double()))
+        real_add(self, v0, v1, tile, h_rows)
+
+    def result(self):
+        accumulators.append(self.value.clone())
+        return real_result(self)
+
+    monkeypatch.setattr(WeightGrad, "add", add)
+    monkeypatch.setattr(WeightGrad, "result", result)
+    grad = weight_grad(hidden, weight, targets, upstream, workspace=workspace, fp32_weight_grad=True)
+    (accumulator,) = accumulators
+    assert accumulator.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert len({h_rows.shape[0] for _, _, _, h_rows in parts}) == 1 and len(parts) >= 6 * 1
+    exact, size = torch.zeros(weight.shape, dtype=torch.float64), torch.zeros(weight.shape, dtype=torch.float64)
+    for v0, v1, tile, h_rows in parts:
+        exact[v0:v1] += tile.t() @ h_rows
+        size[v0:v1] += tile.abs().t() @ h_rows.abs()
+    # The sum of the chunks' exact bf16 products at the fp32 level: a GEMM over 16 rows, then 6 adds.
+    assert relative_error(accumulator, exact, scale=size) <= value_tolerance(16, len(parts))
+    assert torch.equal(grad, accumulator.to(torch.bfloat16))  # one rounding, at the end
+
+    monkeypatch.undo()
+    want = reference64(hidden, weight, None, targets, [upstream])[1][1]
+    default = weight_grad(hidden, weight, targets, upstream, workspace=workspace)
+    error, default_error = relative_error(grad, want), relative_error(default, want)
+    assert error <= default_error, (error, default_error)
 
 
 def test_gradients_flow_only_from_counted_tokens():
