@@ -46,10 +46,69 @@ def test_compare_fails_on_a_broken_entry(monkeypatch, capsys, how):
 
     monkeypatch.setattr(compare, "entries", lambda: _broken(entry, fused))
     assert main(["compare"]) == 1
-    captured = capsys.readouterr()
-    assert "FAIL" in captured.out and "over tolerance" in captured.err
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "FAILED: 1 of 1 entry: op/linear_logprobs (" in out
+    assert ("error" if how == "raises" else "over tolerance") in out.splitlines()[-1]
     if how == "raises":
-        assert "kernel exploded" in captured.out
+        assert "kernel exploded" in out
+
+
+def _row(out, name):
+    return next(line for line in out.splitlines() if line.startswith(f"| {name} |")).split(" | ")
+
+
+def test_compare_shows_a_fallback_and_its_warning_as_a_note(capsys):
+    """AOT couples the pairs, so its budget entry runs lean: the table says so, the warning is a note
+    of the report (not raw stderr), and the summary names the fallback."""
+    assert main(["compare", "--only", "pairwise/aot/budget,pairwise/sigmoid/budget"]) == 0
+    captured = capsys.readouterr()
+    aot, sigmoid = _row(captured.out, "pairwise/aot/budget"), _row(captured.out, "pairwise/sigmoid/budget")
+    assert aot[1] == "lean (budget asked)" and aot[7] == "[1]"
+    assert sigmoid[1] == "budget" and sigmoid[7] == ""
+    assert "[1] UserWarning: loss_type 'aot' couples the pairs" in captured.out
+    assert "lean where budget is asked: pairwise/aot/budget, as the loss couples the pairs" in captured.out
+    assert "Warning" not in captured.err
+
+
+@pytest.mark.parametrize("how", ["budget ran lean", "lean ran budget"])
+def test_compare_fails_when_an_entry_runs_another_strategy(monkeypatch, capsys, how):
+    """A budget run that silently falls back to lean (its plan says no group fits), or a lean entry
+    that runs budget, fails however close its numbers are."""
+    all_entries = compare.entries()
+    if how == "budget ran lean":
+        entry = all_entries["objective/budget"]
+        monkeypatch.setattr("prefops.objective.plan_budget", lambda *args, **kwargs: None)
+    else:
+        entry = dataclasses.replace(all_entries["pairwise/sigmoid/lean"],
+                                    fused=all_entries["pairwise/sigmoid/budget"].fused)
+    monkeypatch.setattr(compare, "entries", lambda: {entry.name: entry})
+    assert main(["compare"]) == 1
+    out = capsys.readouterr().out
+    asked = entry.strategy
+    ran = "budget" if asked == "lean" else "lean"
+    row = _row(out, entry.name)
+    assert row[1] == f"{ran} ({asked} asked)" and row[5] == f"FAIL; ran {ran}, not {asked}"
+    assert out.splitlines()[-1] == f"FAILED: 1 of 1 entry: {entry.name} (ran {ran}, not {asked})"
+    if how == "budget ran lean":
+        assert "does not fit the memory budget" in out  # the fallback's warning, as a note
+
+
+def test_compare_summary_states_the_tolerances_used(capsys):
+    """mapo is held to its own 1e-4: the table and the summary say so, rather than 'all within 1e-05'."""
+    assert main(["compare", "--only", "diffusion,op/linear_logprobs"]) == 0
+    out = capsys.readouterr().out
+    assert _row(out, "diffusion/mapo")[4] == "0.0001" and _row(out, "op/linear_logprobs")[4] == "1e-05"
+    assert ("at tolerance 1e-05 (diffusion/diffusion_dpo, op/linear_logprobs) and 0.0001 (diffusion/mapo)."
+            in out)
+    assert "where an entry chooses one" not in out  # none of these does
+    assert out.splitlines()[-1] == "passed: all 3 entries"
+
+
+def test_compare_entries_that_name_a_strategy_expect_one():
+    """Every lean or budget entry is checked for the strategy that ran."""
+    for name, entry in compare.entries().items():
+        if name.endswith(("/lean", "/budget")):
+            assert entry.strategy == name.rsplit("/", 1)[1], name
 
 
 def test_compare_unknown_entry_names_the_families(capsys):

@@ -4,8 +4,13 @@ Each registry entry makes float64 inputs (odd shapes: V, H not multiples of any
 block; logits with std 4-8), runs the fused path on them cast to the chosen
 dtype, and the reference path (materialised logits, float64) on the same
 rounded values. Values and gradients are compared by relative error
-||fused - ref|| / ||ref|| (NaN counts as infinite); over tolerance (fp32 1e-5,
-bf16 1e-2) the command exits 1.
+||fused - ref|| / ||ref|| (NaN counts as infinite) against the entry's
+tolerance (TOLERANCE of the dtype, unless the entry states its own). An entry
+that asks for a strategy must run the one it expects: which one ran is read
+from the autograd graph of its outputs (the budget strategy's chunk loop, or
+the lean fused op), so a silent fallback fails. The report gives, per entry,
+the strategy that ran, the tolerance it was held to and the warnings it raised
+(as notes), and ends with what was checked; any failure makes it exit 1.
 
 Families: op (linear_logprobs), objective (sequence_objective), pairwise
 (PreferenceLoss, every type in prefops.losses.LOSSES and some combinations),
@@ -28,6 +33,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 import zlib
 from typing import Callable
 
@@ -50,6 +56,13 @@ class Entry:
     leaves: tuple = ("hidden", "weight")
     cast: tuple = ()  # other inputs rounded to the dtype without a gradient (a reference model's hidden states)
     tolerance: dict = dataclasses.field(default_factory=dict)  # dtype -> tolerance, where TOLERANCE cannot hold
+    strategy: str | None = None  # the strategy asked for ('lean' or 'budget'); None where there is no choice
+    falls_back: str = ""  # why a budget entry must run lean instead (and warn), when it must
+
+    @property
+    def expected(self) -> str | None:
+        """The strategy that must run."""
+        return "lean" if self.falls_back else self.strategy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +73,7 @@ class Result:
     worst: str  # the output or gradient with the largest error
     seconds: float
     error: str = ""  # an exception's message, when the entry could not run
+    ran: str = ""  # the strategies that computed the fused outputs ('lean', 'budget', 'budget+lean'; '' none)
 
 
 def relative_error(actual, expected) -> float:
@@ -74,6 +88,29 @@ def relative_error(actual, expected) -> float:
 
 
 # ---------------------------------------------------------------- the harness
+
+def strategies_that_ran(outputs: dict) -> str:
+    """'lean', 'budget' or 'budget+lean': the strategies in the autograd graph of the outputs (the
+    budget strategy's chunk loop is one autograd Function, lean is a fused op's backward); '' when
+    neither is there."""
+    from ..objective import _BudgetObjective
+    from ..ops import IMPLEMENTATIONS
+    # torch names the backward node of a custom op after the op (torch._library.autograd).
+    lean_nodes = tuple(f"GeneratedBackwardFor_{op.replace('::', '_')}_" for op in IMPLEMENTATIONS)
+    found, seen = set(), set()
+    stack = [value.grad_fn for value in outputs.values() if isinstance(value, torch.Tensor)]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "_forward_cls", None) is _BudgetObjective:
+            found.add("budget")
+        elif node.name().startswith(lean_nodes):
+            found.add("lean")
+        stack += [parent for parent, _ in node.next_functions]
+    return "+".join(sorted(found))
+
 
 def _to(value, device):
     if isinstance(value, torch.Tensor):
@@ -115,6 +152,7 @@ def check(entry: Entry, *, dtype, device, seed=0, backend="auto") -> Result:
         reference_inputs[name] = rounded.double().requires_grad_(name in leaves)
     with settings(backend=backend):
         fused, differentiable, upstream, fused_grads = _run_side(entry.fused, fused_inputs, leaves, generator)
+    ran = strategies_that_ran(fused)
     expected, _, _, expected_grads = _run_side(entry.reference, reference_inputs, leaves, upstream=upstream,
                                                differentiable=differentiable)
     errors = {name: relative_error(fused[name], expected[name]) for name in expected}
@@ -129,7 +167,7 @@ def check(entry: Entry, *, dtype, device, seed=0, backend="auto") -> Result:
     grad_errors = [e for name, e in errors.items() if name not in expected]
     worst = max(errors.items(), key=lambda item: item[1], default=("", 0.0))[0]
     return Result(entry.name, max(value_errors, default=0.0), max(grad_errors, default=0.0), worst,
-                  time.perf_counter() - begin)
+                  time.perf_counter() - begin, ran=ran)
 
 
 # ---------------------------------------------------------------- inputs
@@ -241,7 +279,8 @@ def _objective_entries():
         present = groups.to(targets.device) >= 0
         return {"loss": head(pick(logps), present, {k: pick(v) for k, v in stats.items()}), "logps": logps}
 
-    return [Entry(f"objective/{strategy}", make, fused(strategy), reference) for strategy in ("lean", "budget")]
+    return [Entry(f"objective/{strategy}", make, fused(strategy), reference, strategy=strategy)
+            for strategy in ("lean", "budget")]
 
 
 # ---------------------------------------------------------------- pairwise (PreferenceLoss)
@@ -293,7 +332,10 @@ def pairwise_entry(name, strategy, loss_type, **options):
     """PreferenceLoss(loss_type, **options) under `strategy` against the float64 pipeline.
 
     The budget holds two pairs' logits, so with three pairs the head runs on two chunks."""
-    from ..preference import PreferenceLoss
+    from ..preference import BATCH_COUPLED_LOSSES, PreferenceLoss
+
+    names = [loss_type] if isinstance(loss_type, str) else loss_type
+    coupled = strategy == "budget" and any(name in BATCH_COUPLED_LOSSES for name in names)
 
     def make(generator):
         batch = token_batch(generator, 2 * PAIRS)
@@ -312,7 +354,8 @@ def pairwise_entry(name, strategy, loss_type, **options):
                                             beta=PAIRWISE_BETA, **params)
         return {"loss": loss, **{k: metrics[k] for k in PAIRWISE_OUTPUTS}}
 
-    return Entry(f"pairwise/{name}/{strategy}", make, fused, reference)
+    return Entry(f"pairwise/{name}/{strategy}", make, fused, reference, strategy=strategy,
+                 falls_back="the loss couples the pairs of a batch (AOT sorts across it)" if coupled else "")
 
 
 def _pairwise_entries():
@@ -364,7 +407,7 @@ def unpaired_entry(name, strategy, make_loss):
         logps = reference_token_logps(hidden, weight, targets).sum(1)
         return {"loss": make_loss()(logps, ref.float().double(), labels)[0].mean(), "logps": logps}
 
-    return Entry(f"unpaired/{name}/{strategy}", make, fused, reference)
+    return Entry(f"unpaired/{name}/{strategy}", make, fused, reference, strategy=strategy)
 
 
 def _unpaired_entries():
@@ -413,7 +456,7 @@ def listwise_entry(loss_type, strategy):
                                   beta=PAIRWISE_BETA, lengths=lengths[lists])
         return {"loss": losses.mean()}
 
-    return Entry(f"listwise/{loss_type}/{strategy}", make, fused, reference)
+    return Entry(f"listwise/{loss_type}/{strategy}", make, fused, reference, strategy=strategy)
 
 
 def _listwise_entries():
@@ -480,7 +523,8 @@ def tdpo_entry(loss_type, direction, strategy):
                                         rejected_seq_kl=kl_rejected)
         return {"loss": losses.mean(), **{k: metrics[k] for k in PAIRWISE_OUTPUTS}}
 
-    return Entry(f"tdpo/{loss_type}/{direction}/{strategy}", make, fused, reference, cast=("ref_hidden", "ref_weight"))
+    return Entry(f"tdpo/{loss_type}/{direction}/{strategy}", make, fused, reference, cast=("ref_hidden", "ref_weight"),
+                 strategy=strategy)
 
 
 def _token_kl_entries():
@@ -542,8 +586,10 @@ def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="check every fused op and loss against its float64 reference",
         description="Runs every fused op and loss, and its float64 reference, on fresh random inputs of odd "
-                    "shapes; prints the max relative error of values and gradients per entry and exits 1 when "
-                    "one is over tolerance (float32 1e-5, bfloat16/float16 1e-2).")
+                    "shapes; prints per entry the max relative error of values and gradients, the tolerance it "
+                    "is held to (float32 1e-5, bfloat16/float16 1e-2 unless the entry states its own), the "
+                    "strategy that ran and the warnings raised, and exits 1 when an entry is over tolerance, "
+                    "cannot run, or runs another strategy than the one it expects.")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
@@ -553,6 +599,85 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--list", action="store_true", help="list the entries and exit")
     parser.set_defaults(run=run_compare)
+
+
+@dataclasses.dataclass
+class Row:
+    """One entry's line of the report."""
+    entry: Entry
+    result: Result
+    tolerance: float
+    notes: list  # warnings the entry raised, as "Category: message"
+
+    @property
+    def problems(self) -> list:
+        found = []
+        if self.result.error:
+            found.append("error")
+        elif not (self.result.value_error <= self.tolerance and self.result.grad_error <= self.tolerance):
+            found.append("over tolerance")
+        if not self.result.error and self.entry.expected and self.result.ran != self.entry.expected:
+            found.append(f"ran {self.result.ran or 'no strategy'}, not {self.entry.expected}")
+        return found
+
+
+def _run_entry(entry, *, dtype, device, seed, backend) -> Row:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning, each time: one entry's must not hide another's
+        try:
+            result = check(entry, dtype=dtype, device=device, seed=seed, backend=backend)
+        except Exception as error:  # noqa: BLE001 - an entry that cannot run is a failure in the table
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            result = Result(entry.name, float("inf"), float("inf"), "", 0.0,
+                            f"{type(error).__name__}: {first_line[:120]}")
+    notes = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+    return Row(entry, result, entry.tolerance.get(dtype, TOLERANCE[dtype]), notes)
+
+
+def report(rows: list, header: str) -> tuple[str, bool]:
+    """The markdown report of the rows (table, numbered notes, what was checked) and whether all passed."""
+    note_numbers = {}
+    for row in rows:
+        for note in row.notes:
+            note_numbers.setdefault(note, len(note_numbers) + 1)
+    table = []
+    for row in rows:
+        result, entry = row.result, row.entry
+        ran = (result.ran or "none") if entry.expected else "—"
+        if entry.expected and result.ran != entry.strategy:
+            ran += f" ({entry.strategy} asked)"
+        table.append([result.name, ran, f"{result.value_error:.1e}", f"{result.grad_error:.1e}",
+                      f"{row.tolerance:g}", "; ".join(["FAIL"] + row.problems) if row.problems else "ok",
+                      result.error or result.worst, " ".join(f"[{note_numbers[n]}]" for n in row.notes),
+                      f"{result.seconds:.2f}"])
+    from .bench import markdown_table
+    lines = [header, "", markdown_table(["entry", "strategy ran", "max rel err values", "max rel err grads",
+                                         "tolerance", "status", "worst", "notes", "s"], table)]
+    if note_numbers:
+        lines += ["", "Notes (warnings raised while the entries ran):"]
+        lines += [f"[{number}] {note}" for note, number in note_numbers.items()]
+    by_tolerance = {}
+    for row in rows:
+        by_tolerance.setdefault(row.tolerance, []).append(row.entry.name)
+    held = " and ".join(f"{tolerance:g} ({', '.join(names) if len(names) <= 3 else _entries(len(names))})"
+                        for tolerance, names in sorted(by_tolerance.items()))
+    with_strategy = [row for row in rows if row.entry.expected]
+    fallbacks = [f"{row.entry.name}, as {row.entry.falls_back}" for row in with_strategy if row.entry.falls_back]
+    checked = (f"Checked: the values and gradients of {_entries(len(rows))} against float64, by max relative "
+               f"error, at tolerance {held}.")
+    if with_strategy:
+        checked += f" And the strategy that ran, where an entry chooses one ({_entries(len(with_strategy))})"
+        checked += f"; lean where budget is asked: {'; '.join(fallbacks)}." if fallbacks else "."
+    failed = [row for row in rows if row.problems]
+    verdict = (f"FAILED: {len(failed)} of {_entries(len(rows))}: "
+               + ", ".join(f"{row.entry.name} ({'; '.join(row.problems)})" for row in failed)
+               if failed else f"passed: all {_entries(len(rows))}")
+    lines += ["", checked, verdict]
+    return "\n".join(lines), not failed
+
+
+def _entries(count):
+    return f"{count} entr{'y' if count == 1 else 'ies'}"
 
 
 def run_compare(args: argparse.Namespace, rest: list[str]) -> int:
@@ -569,27 +694,10 @@ def run_compare(args: argparse.Namespace, rest: list[str]) -> int:
         return 0
     chosen = select(all_entries, args.only)
     dtype = DTYPES[args.dtype]
-    tolerance = TOLERANCE[dtype]
-    print(f"prefops compare: {len(chosen)} entries, {args.dtype} on {device.type}, backend {args.backend}, "
-          f"seed {args.seed}, tolerance {tolerance:g}", file=sys.stderr, flush=True)
-    rows, failed = [], 0
-    for entry in chosen:
-        try:
-            result = check(entry, dtype=dtype, device=device, seed=args.seed, backend=args.backend)
-        except Exception as error:  # noqa: BLE001 - an entry that cannot run is a failure in the table
-            first_line = (str(error).strip().splitlines() or [""])[0]
-            result = Result(entry.name, float("inf"), float("inf"), "", 0.0, f"{type(error).__name__}: "
-                            f"{first_line[:120]}")
-        limit = entry.tolerance.get(dtype, tolerance)
-        ok = result.value_error <= limit and result.grad_error <= limit
-        failed += not ok
-        rows.append([result.name, f"{result.value_error:.1e}", f"{result.grad_error:.1e}",
-                     ("ok" if ok else "FAIL") + ("" if limit == tolerance else f" (tol {limit:g})"), result.worst if not result.error else result.error,
-                     f"{result.seconds:.2f}"])
-    from .bench import markdown_table
-    print(markdown_table(["entry", "max rel err values", "max rel err grads", "status", "worst", "s"], rows))
-    if failed:
-        print(f"{failed} of {len(chosen)} entries over tolerance {tolerance:g}", file=sys.stderr)
-        return 1
-    print(f"all {len(chosen)} entries within {tolerance:g}", file=sys.stderr)
-    return 0
+    header = (f"prefops compare: {_entries(len(chosen))}, {args.dtype} on {device.type}, backend {args.backend}, "
+              f"seed {args.seed}")
+    print(f"prefops compare: running {len(chosen)} entries", file=sys.stderr, flush=True)  # they take a while
+    rows = [_run_entry(entry, dtype=dtype, device=device, seed=args.seed, backend=args.backend) for entry in chosen]
+    text, passed = report(rows, header)
+    print(text)
+    return 0 if passed else 1
