@@ -67,8 +67,8 @@ def token_kl_loss(ref_z, targets, counted, policy_first, upstream, ignore_index=
 
 def linear_grads64(hidden, weight, bias, loss_of_logits, temperature=1.0, softcap=None):
     """Float64 from the definitions on the same (rounded) inputs h [n, H], W [V, H], b [V]:
-    loss_of_logits(z) -> (scalar, outputs) on the materialised logits z, differentiated by
-    autograd with respect to the linear output G = d loss / d(hW^T + b).
+    loss_of_logits(z) -> (scalar, outputs: tensors, lists or dicts of them) on the materialised
+    logits z, differentiated by autograd with respect to the linear output G = d loss / d(hW^T + b).
     Returns (outputs, [dh, dW(, db)], [their magnitudes |G||W|, |G|^T|h|(, sum |G|)], max |z|)."""
     h, w = hidden.double(), weight.double()
     linear = (h @ w.t() + (0.0 if bias is None else bias.double())).requires_grad_()
@@ -79,7 +79,15 @@ def linear_grads64(hidden, weight, bias, loss_of_logits, temperature=1.0, softca
     if bias is not None:
         grads.append(g.sum(0))
         sizes.append(g.abs().sum(0))
-    return [o.detach() for o in outputs], grads, sizes, z.detach().abs().max().item()
+    return _detached(outputs), grads, sizes, z.detach().abs().max().item()
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return [_detached(v) for v in value]
 
 
 def reference64(hidden, weight, bias, targets, upstream, *, ignore_index=-100, temperature=1.0, softcap=None,
