@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import threading
 import weakref
 
 import torch
@@ -131,11 +132,6 @@ class PackedLayout:
             blocks.append((bounds[i], bounds[i + 1], prompt_of[doc] if part > 0 and doc >= 0 else -1))
         return cls(rows, length, tuple(blocks))
 
-    @property
-    def single_sequence_rows(self) -> bool:
-        """True when every row is one causal sequence: plain causal attention needs no blocks."""
-        return len(self.blocks) == self.rows and all(parent == -1 for _, _, parent in self.blocks)
-
     def varlen(self, device):
         """(cu_seqlens_q, cu_seqlens_k, max_q, max_k, key_index or None) for flash-attn's varlen kernel."""
         if device not in self._plans:
@@ -145,16 +141,20 @@ class PackedLayout:
                 spans = [(start, end)] if parent == -1 else [self.blocks[parent][:2], (start, end)]
                 keys.append(sum(b - a for a, b in spans))
                 index += [torch.arange(a, b) for a, b in spans]
-            cumulative = lambda sizes: torch.tensor([0] + sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # noqa: E731
             has_parent = any(parent != -1 for _, _, parent in self.blocks)
-            self._plans[device] = (cumulative(queries).to(device), cumulative(keys).to(device), max(queries),
-                                   max(keys), torch.cat(index).to(device) if has_parent else None)
+            self._plans[device] = (_cumulative(queries, device), _cumulative(keys, device), max(queries), max(keys),
+                                   torch.cat(index).to(device) if has_parent else None)
         return self._plans[device]
 
 
-class _LastDerived:
+def _cumulative(sizes, device):
+    return torch.tensor([0] + sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+
+
+class _LastDerived(threading.local):
     """The layout derived from the last source object (a tensor or a layout), so the layers of one forward
-    derive it once. Tensors are matched by identity and in-place version."""
+    derive it once. Tensors are matched by identity and in-place version; one per thread (DataParallel
+    runs its replicas in threads)."""
 
     def __init__(self):
         self._source, self._version, self._layout = None, None, None
@@ -171,7 +171,7 @@ _DERIVED = {"layout": _LastDerived(), "cu_seqlens": _LastDerived(), "position_id
 
 
 def _layout_of(batch, length, kwargs):
-    """The PackedLayout of this forward, or None for one causal sequence per row."""
+    """The PackedLayout of this forward (one causal block per row when nothing describes a packing)."""
     given = kwargs.get(LAYOUT_KWARG)
     if given is not None:
         if isinstance(given, PackedLayout):
@@ -197,11 +197,11 @@ def _layout_of(batch, length, kwargs):
         layout = _DERIVED["position_ids"].get(position_ids, lambda p: PackedLayout.from_position_ids(
             p.expand(batch, length)))
     else:
-        return None
+        return PackedLayout._sequences(batch, length, [])
     if (layout.rows, layout.length) != (batch, length):
         raise ValueError(f"{LAYOUT_KWARG} describes a {layout.rows} x {layout.length} batch; the model runs "
                          f"{batch} x {length} tokens (pass its input_ids and position_ids)")
-    return None if layout.single_sequence_rows else layout
+    return layout
 
 
 # ----------------------------------------------------------------------------- backends
@@ -299,14 +299,10 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     layout = _layout_of(batch, length, kwargs)
     sliding_window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if _use_flash(query, value):
-        if layout is None:  # every row one sequence: the varlen kernel over rows of equal length
-            layout = PackedLayout._sequences(batch, length, [])
         return _flash_blocks(query, key, value, layout, scaling, dropout, sliding_window, softcap), None
     if softcap is not None:
         raise ValueError("prefops attention without flash-attn (torch SDPA) has no logit softcap; install "
                          "flash-attn on a GPU or use attn_implementation='eager'")
-    if layout is None:
-        layout = PackedLayout._sequences(batch, length, [])
     return _sdpa_blocks(query, key, value, layout, scaling, dropout, sliding_window), None
 
 
@@ -318,13 +314,18 @@ _PLAIN = {"causal_mask_function", "and_masks.<locals>.and_mask", "sliding_window
           "remap_positions_for_packed_sequence.<locals>.inner_mask"}
 
 
-def _mask_pieces(function, found):
-    found.add(getattr(function, "__qualname__", type(function).__qualname__))
-    for cell in getattr(function, "__closure__", None) or ():
-        contents = cell.cell_contents
-        for inner in contents if isinstance(contents, tuple) else (contents,):
-            if callable(inner) and not isinstance(inner, torch.Tensor):
-                _mask_pieces(inner, found)
+def _mask_pieces(function):
+    """The qualified names of the functions a mask function is composed of, through their closures."""
+    found, seen, stack = set(), set(), [function]
+    while stack:
+        function = stack.pop()
+        if id(function) in seen:
+            continue
+        seen.add(id(function))
+        found.add(getattr(function, "__qualname__", type(function).__qualname__))
+        for cell in getattr(function, "__closure__", None) or ():
+            contents = cell.cell_contents
+            stack += [inner for inner in (contents if isinstance(contents, tuple) else (contents,)) if callable(inner)]
     return found
 
 
@@ -335,9 +336,8 @@ def mask_forward(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     mask_function = causal_mask_function if mask_function is None else mask_function
-    pieces = _mask_pieces(mask_function, set())
     if (q_length == kv_length and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0 and not use_vmap
-            and "causal_mask_function" in pieces and pieces <= _PLAIN
+            and "causal_mask_function" in (pieces := _mask_pieces(mask_function)) and pieces <= _PLAIN
             and (attention_mask is None or bool(attention_mask.all()))):
         return None
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,

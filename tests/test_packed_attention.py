@@ -181,8 +181,8 @@ def test_packed_paths_allocate_no_tokens_squared_tensor():
     tokens = ids.shape[1]
     # What is left are activations and weights, [T, 80] at most: far below T^2 / 4.
     assert largest_allocation(model, input_ids=ids, position_ids=positions) < tokens * tokens / 4
-    layout = build_layout([s[:24] for s in sequences[:6]], [[s[:16] for s in sequences[6 + e:10 + e]] for e in range(6)],
-                          packing="flat")
+    responses = [[s[:16] for s in sequences[6 + e:10 + e]] for e in range(6)]
+    layout = build_layout([s[:24] for s in sequences[:6]], responses, packing="flat")
     length = layout.input_ids.shape[1]
     assert largest_allocation(model, input_ids=layout.input_ids, position_ids=layout.position_ids,
                               prefops_layout=layout) < length * length / 4
