@@ -18,7 +18,7 @@ unpaired (KTO, BCO through sequence_objective), listwise (ListwiseLoss),
 token_kl (linear_token_kl), diffusion; lean and budget where both exist.
 
 Adding a family, or a variant, is one Entry in `entries()`:
-    Entry("family/variant/strategy", make=..., fused=..., reference=...)
+    Entry("family/variant/strategy", make=..., fused=..., reference=..., strategy="lean" or "budget")
 make(generator) returns the float64 inputs as a dict; fused(**inputs) and
 reference(**inputs) return dicts of the same named outputs, the fused one
 computed from `leaves` (and `cast`) rounded to the dtype, the reference one
