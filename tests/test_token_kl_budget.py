@@ -138,7 +138,8 @@ def test_large_logits_and_packed_layout():
         keep = (batch["targets"] != -100).reshape(-1)
         seq_ids = torch.arange(2 * PAIRS).repeat_interleave(LENGTH)[keep]
         flat = lambda x: x.reshape(-1, x.shape[-1])[keep]  # noqa: E731
-        module = prefops.PreferenceLoss("tdpo2", beta=BETA, tdpo_alpha=ALPHA, strategy="budget", budget=one_pair(torch.float32))
+        module = prefops.PreferenceLoss("tdpo2", beta=BETA, tdpo_alpha=ALPHA, strategy="budget",
+                                        budget=one_pair(torch.float32))
         packed, _ = module(flat(batch["hidden"]), batch["weight"], batch["targets"].reshape(-1)[keep],
                            seq_ids=seq_ids, ref_hidden=flat(batch["ref_hidden"]), ref_weight=batch["ref_weight"])
     finally:

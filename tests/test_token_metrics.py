@@ -201,13 +201,12 @@ def test_preference_loss_token_metrics_match_reference(strategy, backend, layout
     hidden, weight, targets, bias, seq_ids = batch(dtype, 8.0, layout)
     ref = torch.randn(2, PAIRS)
     options = dict(bias=bias, seq_ids=seq_ids, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
+    budget = 2 * LENGTH * VOCAB * budget_bytes_per_logit(dtype)
     with prefops.settings(backend=backend):
         loss, metrics = prefops.PreferenceLoss("sigmoid", beta=0.1, token_metrics=True, strategy=strategy,
-                                               budget=2 * LENGTH * VOCAB * budget_bytes_per_logit(dtype))(
-            hidden, weight, targets, **options)
+                                               budget=budget)(hidden, weight, targets, **options)
         plain_loss, plain_metrics = prefops.PreferenceLoss("sigmoid", beta=0.1, strategy=strategy,
-                                                           budget=2 * LENGTH * VOCAB * budget_bytes_per_logit(dtype))(hidden, weight, targets,
-                                                                                          **options)
+                                                           budget=budget)(hidden, weight, targets, **options)
     expected = reference_metrics(hidden, weight, targets, bias, seq_ids)
     tolerance = value_tolerance(HIDDEN, VOCAB, 2 * PAIRS * LENGTH)  # fp32 arithmetic whatever the input dtype
     for name, (want, scale) in expected.items():
