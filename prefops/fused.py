@@ -156,6 +156,8 @@ def plan_chunks(n: int, vocab: int, hidden_size: int, tile_bytes_per_element: in
     if v_chunk < vocab:
         align = 256 if v_chunk >= 256 else 16
         v_chunk = max(16, v_chunk // align * align)
+    # Where the 16-column floor binds (a tiny workspace), fewer rows keep the tile within its half.
+    row_chunk = max(1, min(row_chunk, (workspace // 2) // (v_chunk * tile_bytes_per_element)))
     return row_chunk, v_chunk
 
 
@@ -207,6 +209,7 @@ def linear_grads(hidden, weight, bias, rows, logit_grad_tile, tile_bytes, worksp
                 grad_w.add(v0, v1, tile, h_rows)
             if need_b:
                 grad_b[v0:v1] += tile.sum(0, dtype=torch.float32)
+            del tile  # else it stays alive while the next tile is built: two tiles in the workspace
         if need_h:
             grad_h.index_copy_(0, chunk_rows, dh.to(hidden.dtype))
     return (grad_h, grad_w.result() if need_w else None, grad_b.to(bias.dtype) if need_b else None)

@@ -135,13 +135,18 @@ def _torch_stats(policy, reference, rows, targets, policy_first, temperature, so
         chunk_rows = rows[r0:r0 + row_chunk]
         h_rows = [side[0].index_select(0, chunk_rows) for side in (policy, reference)]
         local = targets[r0:r0 + row_chunk]
-        blocks = []
+        running = None
         for v0 in range(0, vocab, v_chunk):
             z, y = (tiles.transform(fused._linear_fp32(h, side[1], side[2], v0, v0 + v_chunk), temperature, softcap)
                     for h, side in zip(h_rows, (policy, reference)))
             za, zb = _sides(z, y, policy_first)
-            blocks.append(tile_kl_stats(za, zb, torch.where(local >= 0, local - v0, -1)))
-        parts.append(combine_kl_splits(KLStats(*(torch.stack(column, 1) for column in zip(*blocks)))))
+            del z, y
+            block = tile_kl_stats(za, zb, torch.where(local >= 0, local - v0, -1))
+            del za, zb
+            # Merged tile by tile: the statistics of every tile side by side would grow with V / v_chunk.
+            running = block if running is None else combine_kl_splits(
+                KLStats(*(torch.stack(pair, 1) for pair in zip(running, block))))
+        parts.append(running)
     return KLStats(*(torch.cat(column) for column in zip(*parts)))
 
 
@@ -217,8 +222,9 @@ def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         local = torch.where(per_row[0] >= 0, per_row[0] - v0, -1)
         return tile_kl_grad(z, y, local, *per_row[1:], policy_first, slope).to(hidden.dtype)
 
-    # The PyTorch tile holds both sides' logits and their temporaries.
-    tile_bytes = weight.element_size() if backend == "triton" else 32
+    # The PyTorch tile: both sides' logits and tile_kl_grad's temporaries, 9 fp32 values an element at
+    # their peak (measured by tests/test_memory.py), then the tile rounded to the input dtype.
+    tile_bytes = weight.element_size() if backend == "triton" else 9 * 4 + weight.element_size()
     grads = fused.linear_grads(hidden, weight, bias, rows, tile, tile_bytes, workspace, fp32_weight_grad,
                                tuple(needs))
     return tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)

@@ -80,26 +80,6 @@ def grad_bytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-# Overruns these checks find in the code, each to be fixed there; a fix turns its strict xfail
-# into a failure, which says to delete the entry.
-TWO_TILES = ("fused.linear_grads binds the next gradient tile to `tile` while the previous one is still "
-             "bound: two tiles live at once (del tile at the end of the vocabulary loop)")
-KNOWN_OVERRUNS = {
-    ("linear_logprobs", "triton"): TWO_TILES,
-    ("sequence_kl", "triton"): TWO_TILES,
-    ("sequence_kl", "torch"): "token_kl._torch_stats stacks the statistics of every vocabulary tile of a row "
-                              "chunk before combining them (7 x rows x V / v_chunk values beside the workspace); "
-                              "in backward tile_kl_grad holds 9 fp32 temporaries a tile element where token_kl "
-                              "plans 32 bytes",
-}
-
-
-def expect_known_overrun(request, name, backend, planted):
-    reason = KNOWN_OVERRUNS.get((name, backend))
-    if reason and not planted:
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True, raises=AssertionError))
-
-
 # The planted leak of each lean test: the fp32 logit tiles of the PyTorch path; on the Triton
 # path (logits live in registers) the gradient tiles the launcher fills in backward.
 LEAN_LEAKS = {"linear_logprobs": {"torch": (fused, "_linear_fp32"), "triton": (prefops.kernels, "launch_logits_grad")},
@@ -109,12 +89,11 @@ LEAN_LEAKS = {"linear_logprobs": {"torch": (fused, "_linear_fp32"), "triton": (p
 
 @PLANTED
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lean_linear_logprobs_peak_within_the_workspace(backend, planted, monkeypatch, request):
+def test_lean_linear_logprobs_peak_within_the_workspace(backend, planted, monkeypatch):
     """Forward: the workspace (fp32 logit tiles), the counted rows' hidden states (gathered beside
     it, up to fused.token_stats' 1024-row chunk) and per-token vectors. Backward, above the
     gradients: the workspace (a row chunk's h, dh and GEMM result, one gradient tile) and
     per-token vectors. Beyond per-token vectors nothing grows with N."""
-    expect_known_overrun(request, "linear_logprobs", backend, planted)
     if planted:
         keep_results(monkeypatch, *LEAN_LEAKS["linear_logprobs"][backend])
     hidden, weight, g = fp32_inputs(N_ROWS, HIDDEN, seed=0)
@@ -133,10 +112,9 @@ def test_lean_linear_logprobs_peak_within_the_workspace(backend, planted, monkey
 
 @PLANTED
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lean_sequence_kl_peak_within_the_workspace(backend, planted, monkeypatch, request):
+def test_lean_sequence_kl_peak_within_the_workspace(backend, planted, monkeypatch):
     """prefops.sequence_kl on prefops.linear_token_kl: the bounds of the lean log-prob op with
     both sides' hidden rows gathered in forward, and in backward a row chunk's reference rows."""
-    expect_known_overrun(request, "sequence_kl", backend, planted)
     if planted:
         keep_results(monkeypatch, *LEAN_LEAKS["token_kl"][backend])
     hidden, weight, g = fp32_inputs(N_ROWS, HIDDEN, seed=1)

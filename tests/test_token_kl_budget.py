@@ -239,11 +239,7 @@ def test_budget_stays_within_its_budget(backend):
     assert biggest_bytes >= chunk, "no chunk of logits was materialised: the budget path did not run"
     assert biggest_bytes <= max(budget, weight.numel() * 4, hidden.numel() * 4), where
     assert biggest_numel < 2 * pairs * 20 * vocab
-    if backend == "torch":  # (the interpreter keeps a launch's arguments alive: no peak to check on "triton")
-        # One chunk (both sides) live at a time, beside the gradients, their scaled copies and the
-        # fp32 temporaries of a row block of each side (bounded by _BLOCK_ROWS rows).
-        gradient_bytes = (hidden.numel() + weight.numel()) * 4
-        assert recorder.peak <= budget + 2 * gradient_bytes + 8 * chunk, recorder.peak
+    # The peak of live bytes, on both backends, is tests/test_memory.py's budget check.
     assert hidden.grad is not None and weight.grad is not None
 
 
