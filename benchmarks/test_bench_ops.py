@@ -32,7 +32,7 @@ else:
 CHECKED = {"lean", "budget"} | (set() if CUDA else {"naive"})
 # Timings of toy shapes on a shared CPU measure nothing: one round a row.
 pytestmark = [] if CUDA else [pytest.mark.benchmark(min_rounds=1, max_time=0.0, warmup=False)]
-PEER_MODULES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
+PEER_MODULES = {"liger": "liger_kernel", "cce": "cut_cross_entropy", "trl": "trl"}
 
 
 def synchronize():
