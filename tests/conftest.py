@@ -78,5 +78,37 @@ def grad_tolerance(dtype, hidden_size, vocab, tokens=1, logit_size=1.0):
     return (tile + 1) * UNIT_ROUNDOFF[dtype] + fp32
 
 
+# Two fp32 computations of the same sums in another order (across ranks, micro-batches, chunks,
+# or the fused and the reference path of a whole model) differ by at most ~2 n u32 sum_i |term_i|
+# for sums of n terms (the worst case; random orders give sqrt(n), so this keeps that margin).
+# A tensor's largest magnitude bounds sum_i |term_i| of its elements: an element that cancels to
+# near 0 still carries the rounding of its large terms, which an absolute tolerance fixed once
+# (1e-7) does not allow for. A real bug (a missing token, a wrong scale, a term counted twice)
+# moves results by 1/n of the scale or more.
+def fp32_tolerance(expected, terms, scale=None):
+    """rtol and atol for torch.testing.assert_close of fp32 results summed over `terms` terms.
+
+    scale: the magnitude of the terms where the tensor does not show it (a scalar metric that is a
+    difference of larger sums); default the tensor's largest magnitude."""
+    relative = 2 * terms * U32
+    if scale is None:
+        scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    return {"rtol": relative, "atol": relative * scale}
+
+
+def assert_fp32_close(actual, expected, terms, name="", scale=None):
+    torch.testing.assert_close(actual, expected, **fp32_tolerance(expected, terms, scale),
+                               msg=lambda message: f"{name}: {message}")
+
+
+def assert_records_close(actual: dict, expected: dict, terms):
+    """Scalar metrics of one step (log-prob sums, rewards and their differences): each is formed
+    from terms no larger than the record's largest value."""
+    assert set(actual) == set(expected)
+    scale = max(abs(float(value)) for value in expected.values())
+    for name, value in expected.items():
+        assert_fp32_close(torch.tensor(float(actual[name])), torch.tensor(float(value)), terms, name, scale)
+
+
 # Flat constants of the tests not yet on the model above (loss and training tests).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

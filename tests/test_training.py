@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import prefops
-from error_model import assert_fp32_close
+from conftest import assert_fp32_close
 from prefops.training import checkpoint, config as C, data as D, loop as L, model as M, references
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -54,7 +54,7 @@ NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
 
 
 def fused_vs_reference_terms(model, batch):
-    """The longest fp32 sums two paths of one step order differently (tests/error_model.py): a
+    """The longest fp32 sums two paths of one step order differently (tests/conftest.py): a
     weight gradient's sum over the batch's tokens, each through a softmax over the vocabulary."""
     return batch.input_ids.numel() + model.config.vocab_size
 

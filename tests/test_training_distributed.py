@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from prefops.training import data as D, loop as L
 
-from error_model import assert_fp32_close, assert_records_close
+from conftest import assert_fp32_close, assert_records_close
 from test_training import make_config
 from test_training_listwise import ranked_rows, write_jsonl
 
@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - torch < 2.6
 # Per rank: 2 micro-batches of 1 (so gradient sync is skipped on the first); globally 4 pairs.
 RANKS, MICRO, ACCUM = 2, 1, 2
 # Every gradient element sums one term per token of the global step, in another order across
-# ranks than in one process: 4 pairs x 2 sequences x at most 20 tokens (tests/error_model.py).
+# ranks than in one process: 4 pairs x 2 sequences x at most 20 tokens (tests/conftest.py).
 TOKENS_PER_STEP = 4 * 2 * 20
 
 

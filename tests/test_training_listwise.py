@@ -9,7 +9,7 @@ from prefops.training import config as C, data as D, loop as L, model as M, refe
 from prefops.training.synthetic import TASKS
 from prefops.training.tokenizer import CharTokenizer
 
-from error_model import assert_fp32_close, assert_records_close
+from conftest import assert_fp32_close, assert_records_close
 from test_training import (  # noqa: F401 - tiny_model_and_batch is a fixture
     NO_AUTOCAST, STEP_TOKENS, TINY, fused_vs_reference_terms, make_config, model_dataset_reference,
     tiny_model_and_batch, train_records)

@@ -7,7 +7,7 @@ import torch
 from prefops.training import config as C, data as D, loop as L, model as M, references
 from prefops.training.tokenizer import CharTokenizer
 
-from error_model import assert_fp32_close, assert_records_close
+from conftest import assert_fp32_close, assert_records_close
 from test_training import NO_AUTOCAST, TINY, fused_vs_reference_terms, make_config, model_dataset_reference
 
 
