@@ -97,11 +97,20 @@ def test_compare_summary_states_the_tolerances_used(capsys):
     """mapo is held to its own 1e-4: the table and the summary say so, rather than 'all within 1e-05'."""
     assert main(["compare", "--only", "diffusion,op/linear_logprobs"]) == 0
     out = capsys.readouterr().out
-    assert _row(out, "diffusion/mapo")[4] == "0.0001" and _row(out, "op/linear_logprobs")[4] == "1e-05"
-    assert ("at tolerance 1e-05 (diffusion/diffusion_dpo, op/linear_logprobs) and 0.0001 (diffusion/mapo)."
-            in out)
+    assert _row(out, "diffusion/mapo")[4] == "1.0e-04 / 1.0e-04"
+    assert _row(out, "op/linear_logprobs")[4] == "1.0e-05 / 1.0e-05"
+    assert ("at 1e-05 on values, 1e-05 on gradients (diffusion/diffusion_dpo, op/linear_logprobs) and 0.0001 on "
+            "values, 0.0001 on gradients (diffusion/mapo)." in out)
     assert "where an entry chooses one" not in out  # none of these does
     assert out.splitlines()[-1] == "passed: all 3 entries"
+
+
+def test_compare_bfloat16_holds_values_at_the_fp32_accumulation_level(capsys):
+    """bf16 inputs: values to 1e-5 (fp32 logits, never rounded), gradients (stored in bf16) to 3 bf16 units."""
+    assert main(["compare", "--dtype", "bfloat16", "--only", "op/linear_logprobs,pairwise/sigmoid"]) == 0
+    out = capsys.readouterr().out
+    assert _row(out, "pairwise/sigmoid/budget")[1] == "budget"
+    assert _row(out, "op/linear_logprobs")[4] == f"1.0e-05 / {3 * 2.0**-8:.1e}"
 
 
 def test_compare_entries_that_name_a_strategy_expect_one():
