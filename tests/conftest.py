@@ -110,5 +110,30 @@ def assert_records_close(actual: dict, expected: dict, terms):
         assert_fp32_close(torch.tensor(float(actual[name])), torch.tensor(float(value)), terms, name, scale)
 
 
+def loss_reference64(reference, hidden, weight):
+    """A float64 loss pipeline that materialises the logits itself, reference(hidden, weight) ->
+    (loss, extras), through helpers.linear_grads64 on the same rounded inputs: it runs on the logits z
+    as its hidden states with the identity as its weight (z I^T = z exactly), so autograd reaches G.
+
+    Returns the loss, extras, [dh, dW], their magnitudes and max |z| as linear_grads64, and the loss's
+    scale, the size of its terms: the loss moves by sum G dz, where each logit (and so the row's
+    normaliser) is off by a fraction of its size, so a row contributes sum_v |G z| and rows err
+    independently (normwise across rows). A loss that cancels (rDPO, IPO near its target) keeps the
+    error of its terms, which relative_error(loss, expected, scale=...) allows for."""
+    from helpers import linear_grads64
+
+    first_order = []
+
+    def loss(z):
+        z.register_hook(lambda g: first_order.append((g * z.detach()).abs().sum(-1)))
+        value, extras = reference(z.view(*hidden.shape[:-1], -1), torch.eye(z.shape[-1], dtype=z.dtype))
+        return value, (value, extras)
+
+    (value, extras), grads, sizes, logit_size = linear_grads64(hidden.reshape(-1, hidden.shape[-1]), weight, None,
+                                                               loss)
+    grads[0], sizes[0] = grads[0].view(hidden.shape), sizes[0].view(hidden.shape)
+    return value, extras, grads, sizes, logit_size, first_order[0]
+
+
 # Flat constants of the tests not yet on the model above (loss and training tests).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

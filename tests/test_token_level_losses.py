@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import prefops
-from conftest import TOLERANCE, relative_error
+from conftest import grad_tolerance, loss_reference64, relative_error, value_tolerance
+from helpers import kl64, token_values64
 from prefops.losses import pairwise_loss
 from prefops.losses.token_level import tdpo_loss, tgdpo_loss, tgdpo_token_rewards, tgdpo_token_weights
-from prefops.reference.token_kl import linear_token_kl as reference_token_kl
 
 PAIRS, LENGTH, HIDDEN, REF_HIDDEN, VOCAB = 3, 9, 21, 17, 211
 BETA, ALPHA = 0.3, 0.7
@@ -108,23 +108,22 @@ def model_batch(dtype=torch.float32, seed=0):
     return batch
 
 
-def reference_tdpo(batch, loss_type, direction="ref_policy", token_weights=None):
-    """Float64 pipeline: materialised logits -> per-token KL and log-probs -> sums -> the TDPO formula."""
-    h = batch["hidden"].double().requires_grad_()
-    w = batch["weight"].double().requires_grad_()
-    kl, logp, ref_logp = reference_token_kl(h, w, batch["ref_hidden"].double(), batch["ref_weight"].double(),
-                                            targets=batch["targets"], direction=direction)
-    weights = (batch["targets"] != -100).double() if token_weights is None else token_weights.double()
+def reference_tdpo(batch, loss_type, direction, z, y):
+    """Float64 pipeline on the policy's and the reference's logits z, y [2P, T, V]: per-token KL and
+    log-probs -> sums -> the TDPO formula. Returns the loss and (the chosen reward, its terms' size)."""
+    targets = batch["targets"]
+    counted = targets != -100
+    kl = torch.where(counted, kl64(y, z) if direction == "ref_policy" else kl64(z, y), 0.0)
+    logp, ref_logp = (token_values64(x.reshape(-1, VOCAB), targets.reshape(-1))[0].view(targets.shape) for x in (z, y))
     sums = lambda x: x.sum(1).view(2, PAIRS)  # noqa: E731
-    (cw, cl), (rw, rl), (kw, kl_) = sums(logp * weights), sums(ref_logp * weights), sums(kl)
+    (cw, cl), (rw, rl), (kw, kl_) = sums(logp), sums(ref_logp), sums(kl)
     dw, dl = cw - rw, cl - rl
     if loss_type == "tdpo1":
         loss = -ls(BETA * ((dw - dl) - (kl_ - kw)))
     else:
         loss = -ls(BETA * ((dw - dl) - ALPHA * (kl_ - kw.detach())))
-    loss = loss.mean()
-    loss.backward()
-    return loss.detach(), h.grad, w.grad, (BETA * (dw + kw)).mean().detach()
+    reward_terms = (BETA * (cw.abs() + rw.abs() + kw.abs())).mean()
+    return loss.mean(), ((BETA * (dw + kw)).mean(), reward_terms)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -138,12 +137,23 @@ def test_fused_tdpo_matches_float64_pipeline(dtype, loss_type, direction, backen
     with prefops.settings(backend=backend, workspace=40_000):
         loss, metrics = module(h, w, batch["targets"], ref_hidden=batch["ref_hidden"], ref_weight=batch["ref_weight"])
         loss.backward()
-    expected, grad_h, grad_w, reward = reference_tdpo(batch, loss_type, direction)
-    tolerance = TOLERANCE[dtype]
-    assert relative_error(loss, expected) <= tolerance
-    assert relative_error(h.grad, grad_h) <= tolerance
-    assert relative_error(w.grad, grad_w) <= tolerance
-    assert relative_error(metrics["rewards/chosen"], reward) <= tolerance
+    z, y = (batch[hid].double() @ batch[wt].double().t() for hid, wt in (("hidden", "weight"),
+                                                                        ("ref_hidden", "ref_weight")))
+    expected, (reward, reward_terms), grads, sizes, logit_size, loss_scale = loss_reference64(
+        lambda hid, wt: reference_tdpo(batch, loss_type, direction, hid @ wt.t(), y), batch["hidden"], batch["weight"])
+    # The reference model's logits err as the policy's: the loss's terms through them count too.
+    ref_scale = loss_reference64(lambda hid, wt: reference_tdpo(batch, loss_type, direction, z, hid @ wt.t()),
+                                 batch["ref_hidden"], batch["ref_weight"])[-1]
+    # Both models' logits in fp32 from the rounded inputs: the loss and the sums carry only fp32
+    # error; the gradients, stored in the inputs' dtype, carry its rounding.
+    tokens = batch["targets"].numel()
+    values = value_tolerance(HIDDEN, REF_HIDDEN, VOCAB, tokens)
+    assert relative_error(loss, expected, scale=torch.cat([loss_scale, ref_scale])) <= values
+    limit = grad_tolerance(dtype, HIDDEN, VOCAB, tokens, logit_size)
+    for name, grad, want, size in zip(("hidden", "weight"), (h.grad, w.grad), grads, sizes):
+        assert relative_error(grad, want, scale=size) <= limit, f"grad of {name}"
+    # The reward is a difference of larger log-prob sums: its error is the sums'.
+    assert relative_error(metrics["rewards/chosen"], reward, scale=reward_terms) <= values
     assert float(metrics["num_tokens/chosen"]) == float((batch["targets"][:PAIRS] != -100).sum())
 
 
