@@ -110,6 +110,34 @@ def assert_records_close(actual: dict, expected: dict, terms):
         assert_fp32_close(torch.tensor(float(actual[name])), torch.tensor(float(value)), terms, name, scale)
 
 
+def decoder_tolerance(config, length, dtype=torch.float32, tokens=1):
+    """Normwise relative error of a decoder's final hidden states run in `dtype` against float64 of
+    the same parameters; also of what is made from them, against its size: the logits, and with
+    `tokens` parameter gradients summed over that many tokens.
+
+    In fp32 each layer sums over the hidden size (norms, projections), the head dimension (scores),
+    the keys (at most `length`) and the intermediate size (MLP). Half precision stores each layer's
+    attention and MLP outputs and the final norm in `dtype`: the residual stream carries those
+    2L + 1 roundings of u, independent (sqrt), as the logits then do against their size."""
+    layers, width = config.num_hidden_layers, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or width // config.num_attention_heads
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * width
+    fp32 = value_tolerance(*[width, head_dim, length, inner] * layers, tokens)
+    if dtype == torch.float32:
+        return fp32
+    return math.sqrt(2 * layers + 1) * UNIT_ROUNDOFF[dtype] + fp32
+
+
+def lm_tolerances(config, length, tokens, logit_rms, dtype=torch.float32):
+    """(values, gradients): normwise relative errors of a causal LM's log-prob sums (against their
+    terms: tokens times the logits' RMS) and parameter gradients, the decoder run in `dtype` and the
+    fused head's fp32 logits, against float64 of the same parameters. p = softmax(z) turns the
+    logits' error, relative to their size, into a relative error of the gradients."""
+    head = value_tolerance(config.hidden_size, config.vocab_size, tokens)
+    values = decoder_tolerance(config, length, dtype) + head
+    return values, (decoder_tolerance(config, length, dtype, tokens) + head) * (1 + logit_rms)
+
+
 def loss_reference64(reference, hidden, weight):
     """A float64 loss pipeline that materialises the logits itself, reference(hidden, weight) ->
     (loss, extras), through helpers.linear_grads64 on the same rounded inputs: it runs on the logits z
@@ -133,7 +161,3 @@ def loss_reference64(reference, hidden, weight):
                                                                loss)
     grads[0], sizes[0] = grads[0].view(hidden.shape), sizes[0].view(hidden.shape)
     return value, extras, grads, sizes, logit_size, first_order[0]
-
-
-# Flat constants of the tests not yet on the model above (loss and training tests).
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import prefops
-from conftest import TOLERANCE, relative_error
+from conftest import lm_tolerances, relative_error
 from prefops.integrations.hf import LMHead, PreferenceInputs, check_head, final_hidden_states, preference_loss
 from prefops.losses import pairwise_loss
 from prefops.memory import AllocationRecorder
@@ -72,21 +72,27 @@ def packed(batch):
 
 
 def reference_logps(model64, batch, adapters=True):
-    """Summed completion log-probs [2P] from the model's own float64 logits."""
+    """Summed completion log-probs [2P] from the model's own float64 logits, the completion lengths, and
+    the logits' RMS over the completion tokens (the size of one token's terms in a sum)."""
     context = model64.disable_adapter() if not adapters else torch.enable_grad()
     with context:
         logits = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     mask = batch["completion_mask"][:, 1:].double()
-    return (logp * mask).sum(1), mask.sum(1)
+    logit_rms = logits[:, :-1][mask.bool()].detach().pow(2).mean().sqrt().item()
+    return (logp * mask).sum(1), mask.sum(1), logit_rms
 
 
 def reference_loss(model64, batch, loss_type="sigmoid", beta=0.1, ref=None, **kwargs):
-    sums, lengths = reference_logps(model64, batch)
+    """(loss, metrics, sizes): sizes["sums"], the size of each log-prob sum's terms, and sizes["loss"],
+    those times the loss's slope in the sum."""
+    sums, lengths, logit_rms = reference_logps(model64, batch)
     ref = (batch["ref_chosen_logps"].double(), batch["ref_rejected_logps"].double()) if ref is None else ref
     losses, metrics = pairwise_loss(sums[:PAIRS], sums[PAIRS:], *ref, loss_type=loss_type, beta=beta,
                                     chosen_lengths=lengths[:PAIRS], rejected_lengths=lengths[PAIRS:], **kwargs)
-    return losses.mean(), metrics
+    (slope,) = torch.autograd.grad(losses.mean(), sums, retain_graph=True)
+    sizes = {"sums": lengths * logit_rms, "loss": slope.abs() * lengths * logit_rms, "logit_rms": logit_rms}
+    return losses.mean(), metrics, sizes
 
 
 def grads(model, loss):
@@ -94,17 +100,33 @@ def grads(model, loss):
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
 
 
+def tolerances(model, batch, sizes):
+    """lm_tolerances of this batch: (values, gradients)."""
+    tokens = int(batch["completion_mask"][:, 1:].sum())
+    return lm_tolerances(model.config, LENGTH, tokens, sizes["logit_rms"])
+
+
+def layouts_tolerances(model, batch):
+    """Two fp32 computations of the same loss from another layout of the batch, each within its
+    tolerances of float64: (values, gradients, the size of the loss's terms)."""
+    sizes = reference_loss(copy.deepcopy(model).double(), batch)[2]
+    values, gradients = tolerances(model, batch, sizes)
+    return 2 * values, 2 * gradients, sizes["loss"]
+
+
 def assert_matches(model, batch, loss=None, ref_model=None, reference=None):
     """preference_loss on the fp32 model equals the float64 materialised-logits loss, loss and gradients."""
     model64 = copy.deepcopy(model).double()
     value, metrics = preference_loss(model, batch, loss, ref_model=ref_model)
-    expected, expected_metrics = reference(model64) if reference else reference_loss(model64, batch)
+    expected, expected_metrics, sizes = reference(model64) if reference else reference_loss(model64, batch)
     assert torch.isfinite(value)
-    assert relative_error(value.detach(), expected.detach()) <= TOLERANCE[torch.float32]
-    assert relative_error(grads(model, value), grads(model64, expected)) <= TOLERANCE[torch.float32]
+    values, gradients = tolerances(model, batch, sizes)
+    assert relative_error(value.detach(), expected.detach(), scale=sizes["loss"]) <= values
+    assert relative_error(grads(model, value), grads(model64, expected)) <= gradients
+    # Means of log-prob sums, and β times their differences with the reference (β <= 1 here).
+    terms = sizes["sums"].mean()
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
-        assert abs(float(metrics[key]) - float(expected_metrics[key])) <= 1e-5 * max(1.0, abs(float(
-            expected_metrics["logps/chosen"]))), key
+        assert relative_error(metrics[key], expected_metrics[key], scale=terms) <= values, key
     return value
 
 
@@ -151,7 +173,7 @@ def test_loss_types_and_untied_head(loss_type, weights):
 def test_ref_model_runs_forward_only():
     model, ref_model = llama(), llama(seed=1)
     batch = padded_batch(5, with_ref=False)
-    ref_sums, _ = reference_logps(copy.deepcopy(ref_model).double(), batch)
+    ref_sums = reference_logps(copy.deepcopy(ref_model).double(), batch)[0]
     ref_model.requires_grad_(False)
     assert_matches(model, batch, ref_model=ref_model,
                    reference=lambda m64: reference_loss(m64, batch, ref=(ref_sums[:PAIRS], ref_sums[PAIRS:])))
@@ -165,7 +187,7 @@ def test_lora_policy_uses_disabled_adapters_as_reference():
     batch = padded_batch(6, with_ref=False)
 
     def reference(model64):
-        ref_sums, _ = reference_logps(model64, batch, adapters=False)
+        ref_sums = reference_logps(model64, batch, adapters=False)[0]
         return reference_loss(model64, batch, ref=(ref_sums[:PAIRS].detach(), ref_sums[PAIRS:].detach()))
 
     assert_matches(model, batch, reference=reference)
@@ -189,8 +211,9 @@ def test_padding_free_equals_padded():
     flat = packed(batch)
     assert flat["input_ids"].shape[0] == 1
     loss, metrics = preference_loss(model, flat)
-    assert relative_error(loss.detach(), padded_loss.detach()) <= TOLERANCE[torch.float32]
-    assert relative_error(grads(model, loss), padded_grads) <= TOLERANCE[torch.float32]
+    values, gradients, loss_terms = layouts_tolerances(model, batch)
+    assert relative_error(loss.detach(), padded_loss.detach(), scale=loss_terms) <= values
+    assert relative_error(grads(model, loss), padded_grads) <= gradients
     assert float(metrics["num_tokens/chosen"]) == float(batch["completion_mask"][:PAIRS, 1:].sum())
 
 
@@ -219,7 +242,8 @@ def test_trl_legacy_keys_with_left_padded_prompts_equal_concatenated():
     legacy.update(parts, prompt_input_ids=prompt, prompt_attention_mask=prompt_mask)
     loss, _ = preference_loss(model, legacy)
     expected_loss, _ = preference_loss(model, batch)
-    assert relative_error(loss.detach(), expected_loss.detach()) <= TOLERANCE[torch.float32]
+    values, _, loss_terms = layouts_tolerances(model, batch)
+    assert relative_error(loss.detach(), expected_loss.detach(), scale=loss_terms) <= values
 
 
 def test_left_padding_gets_positions_from_the_mask():
@@ -234,7 +258,8 @@ def test_left_padding_gets_positions_from_the_mask():
     for key in ("input_ids", "attention_mask", "completion_mask"):
         left[key] = torch.stack([row.roll(int(s)) for row, s in zip(batch[key], shift)])
     loss, _ = preference_loss(model, left)
-    assert relative_error(loss.detach(), right.detach()) <= TOLERANCE[torch.float32]
+    values, _, loss_terms = layouts_tolerances(model, batch)
+    assert relative_error(loss.detach(), right.detach(), scale=loss_terms) <= values
 
 
 def test_no_logits_sized_tensor_is_allocated():
