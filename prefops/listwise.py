@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .losses.listwise import PAIR_BASED, listwise_loss, preference_matrix
-from .objective import sequence_objective
+from .objective import check_sequence_group, max_over_group, sequence_all_reduce, sequence_objective
 from .sequences import sequence_count
 
 # Pairwise types whose loss has an NLL term averaged over the batch's chosen tokens.
@@ -30,14 +30,17 @@ class ListwiseLoss(torch.nn.Module):
 
     loss_type: a name in prefops.losses.listwise.LISTWISE_LOSSES. Other keyword
     parameters (top_k, target, pairwise_type, ...) go to listwise_loss.
+    sequence_group: ranks that each hold a share of every sequence's tokens, as in
+        prefops.PreferenceLoss (precomputed ref_logps are the whole sequences' sums).
     """
 
     def __init__(self, loss_type="plackett_luce", beta=0.1, *, ignore_index=-100, temperature=1.0, softcap=None,
-                 strategy=None, budget=None, **params):
+                 strategy=None, budget=None, sequence_group=None, **params):
         super().__init__()
         self.loss_type, self.beta, self.params = loss_type, beta, params
         self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap)
         self.strategy, self.budget = strategy, budget
+        self.sequence_group = check_sequence_group(sequence_group)
 
     def forward(self, hidden, weight, targets, *, lists=None, scores=None, ranks=None, seq_ids=None, bias=None,
                 ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None):
@@ -48,7 +51,8 @@ class ListwiseLoss(torch.nn.Module):
         """
         if seq_ids is None and targets.dim() != 2:
             raise ValueError("targets must be a padded batch [S, T], or pass seq_ids for packed tokens")
-        num_sequences = targets.shape[0] if seq_ids is None else int(seq_ids.max()) + 1
+        num_sequences = targets.shape[0] if seq_ids is None else max_over_group(
+            int(seq_ids.max()) + 1, self.sequence_group, targets.device)
         labels_given = scores if scores is not None else ranks
         if labels_given is None or (scores is not None and ranks is not None):
             raise ValueError("pass exactly one of scores (larger = better) and ranks (smaller = better), [P, K]")
@@ -75,7 +79,8 @@ class ListwiseLoss(torch.nn.Module):
             return losses.sum() / num_lists
 
         out = sequence_objective(hidden, weight, targets, head=head, groups=lists, seq_ids=seq_ids, bias=bias,
-                                 strategy=self.strategy, budget=self.budget, **self.options)
+                                 strategy=self.strategy, budget=self.budget, sequence_group=self.sequence_group,
+                                 **self.options)
         gather = lambda values: torch.where(mask, values[lists.clamp_min(0)], 0.0)  # noqa: E731
         everything = torch.arange(num_lists, device=lists.device)
         _, metrics = sequence_loss(gather(out.logps), everything, gather(out.stats["count"]))
@@ -99,10 +104,12 @@ class ListwiseLoss(torch.nn.Module):
     def _counts(self, targets, seq_ids, num_sequences):
         counted = targets != self.options["ignore_index"]
         if seq_ids is None:
-            return sequence_count(counted.float(), counted)
-        keep = seq_ids.reshape(-1) >= 0
-        return sequence_count(counted.reshape(-1)[keep].float(), counted.reshape(-1)[keep],
-                              seq_ids=seq_ids.reshape(-1)[keep], num_sequences=num_sequences)
+            counts = sequence_count(counted.float(), counted)
+        else:
+            keep = seq_ids.reshape(-1) >= 0
+            counts = sequence_count(counted.reshape(-1)[keep].float(), counted.reshape(-1)[keep],
+                                    seq_ids=seq_ids.reshape(-1)[keep], num_sequences=num_sequences)
+        return sequence_all_reduce(counts, self.sequence_group)
 
     @staticmethod
     def _lists(lists, shape, num_sequences, device):
@@ -134,7 +141,8 @@ class ListwiseLoss(torch.nn.Module):
                 raise ValueError("ref_hidden needs ref_weight")
             # The no-grad lean path saves nothing for backward: the forward-only fused op.
             out = sequence_objective(ref_hidden, ref_weight, targets, head=_sum_of_logps, groups=lists,
-                                     seq_ids=seq_ids, bias=ref_bias, strategy="lean", **self.options)
+                                     seq_ids=seq_ids, bias=ref_bias, strategy="lean",
+                                     sequence_group=self.sequence_group, **self.options)
             return torch.where(lists >= 0, out.logps[lists.clamp_min(0)], 0.0)
         if ref_logps is None:
             return None  # listwise_loss says whether the loss type needs it

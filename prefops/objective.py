@@ -18,6 +18,14 @@ budget  groups are packed into chunks whose logits fit `budget` bytes; for each
 The budget chunk loop (budget_objective) is shared with the per-token KL of the
 TDPO losses (prefops.token_kl.sequence_kl_objective): a ChunkRows object says
 which per-token values a chunk's logits give and how their gradient is formed.
+
+Sequence sharding (context parallelism): with `sequence_group`, every rank of that
+process group holds a share of every sequence's tokens. The per-sequence sums are
+formed here and nowhere else, so they are all-reduced here, before any head reads
+them (lean: once; budget: once per chunk, the chunks planned alike on every rank).
+Every rank then evaluates the same loss of the global sums and differentiates it into
+its own tokens only: h.grad is exact on each rank, and the weight gradients, each
+rank's share, must be summed over the group (see sequence_all_reduce).
 """
 from __future__ import annotations
 
@@ -53,7 +61,7 @@ class Objective(NamedTuple):
     ties counting; see prefops.tiles)."""
 
 
-def _check_layout(targets, seq_ids, groups, token_weights):
+def _check_layout(targets, seq_ids, groups, token_weights, sequence_group=None):
     if seq_ids is None:
         if targets.dim() != 2:
             raise ValueError("seq_ids is required unless targets is a padded batch [B, T]")
@@ -66,12 +74,74 @@ def _check_layout(targets, seq_ids, groups, token_weights):
         raise ValueError("groups must be an integer tensor [G, K] of sequence indices (-1 for an empty slot)")
     num_sequences = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
     num_sequences = max(num_sequences, int(groups.max()) + 1 if groups.numel() else 0)
+    # A rank may hold no token of the last sequences; the sums it reduces must have every rank's shape.
+    num_sequences = max_over_group(num_sequences, sequence_group, targets.device)
     if groups.numel() and int(groups.min()) < -1:
         raise ValueError("groups entries must be sequence indices >= 0, or -1 for an empty slot")
     if token_weights is not None and tuple(token_weights.shape) != tuple(targets.shape):
         raise ValueError(f"token_weights must have the shape of targets {tuple(targets.shape)}; "
                          f"got {tuple(token_weights.shape)}")
     return seq_ids.reshape(-1).long().to(targets.device), groups.long().to(targets.device), num_sequences
+
+
+def check_sequence_group(sequence_group):
+    """sequence_group: None (each rank holds whole sequences) or an initialised ProcessGroup."""
+    if sequence_group is None:
+        return None
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("sequence_group needs torch.distributed initialised (init_process_group)")
+    if not isinstance(sequence_group, torch.distributed.ProcessGroup):
+        raise TypeError(f"sequence_group must be a torch.distributed.ProcessGroup or None; "
+                        f"got {type(sequence_group).__name__}")
+    return sequence_group
+
+
+class _SequenceSum(torch.autograd.Function):
+    """Sum over the sequence group, with the identity as backward.
+
+    Every rank evaluates the same loss L of the same global sums g = sum_r s_r, so
+    d L / d s_r = d L / d g, which each rank already holds. The all-reduce of
+    torch.distributed.nn.functional.all_reduce sums the upstream gradients as well: it
+    differentiates sum_r L_r, i.e. W L here, and would scale every gradient by the group size."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        total = partial.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sequence_all_reduce(partial: torch.Tensor, sequence_group) -> torch.Tensor:
+    """This rank's partial per-sequence sums -> the group's totals (partial itself without a group).
+
+    Differentiable with the gradient of the one loss every rank computes from the totals: each rank
+    backpropagates d loss / d total into its own tokens, so the gradients of shared parameters
+    (the output weight) are per-rank shares that the caller sums over the group."""
+    if sequence_group is None:
+        return partial
+    return _SequenceSum.apply(partial, sequence_group)
+
+
+def _sum_over(sequence_group, values: dict) -> dict:
+    """sequence_all_reduce of several same-shaped fp32 tensors in one collective."""
+    if sequence_group is None:
+        return values
+    # Stacked by name: the ranks' dicts may come in other orders (built from sets, hashed per process).
+    names = sorted(values)
+    totals = sequence_all_reduce(torch.stack([values[name] for name in names]), sequence_group)
+    return dict(zip(names, totals.unbind(0)))
+
+
+def max_over_group(value: int, sequence_group, device) -> int:
+    if sequence_group is None:
+        return value
+    value = torch.tensor(value, device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=sequence_group)
+    return int(value)
 
 
 def _per_sequence(values, seq_ids, num_sequences):
@@ -101,7 +171,7 @@ def _sequence_stats(values, counted, seq_ids, num_sequences):
 
 def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_ids=None, token_weights=None,
                        bias=None, ignore_index=-100, temperature=1.0, softcap=None, stats=(),
-                       strategy=None, budget=None, backend=None) -> Objective:
+                       strategy=None, budget=None, backend=None, sequence_group=None) -> Objective:
     """Loss of sequence-level heads computed from hidden states, without the N x V logits.
 
     Args:
@@ -116,30 +186,36 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
             counted tokens without token_weights): 'entropy', 'log_sum_p2', 'logp', 'mean_logit',
             'top1' (see Objective.stats). They come from the same pass at no measurable cost.
         strategy, budget: 'lean' or 'budget' and its byte budget; default from prefops.configure().
+        sequence_group: a torch.distributed ProcessGroup whose ranks each hold a share of every
+            sequence's tokens (same groups and sequence numbering on every rank): the head sees
+            the group's sums, the loss and Objective's sums are the group's on every rank, the
+            gradients of hidden are exact and those of weight and bias are this rank's share
+            (sum them over the group). Default None: this rank holds whole sequences.
     """
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
                         temperature=temperature, softcap=softcap)
+    sequence_group = check_sequence_group(sequence_group)
     settings = get_settings()
     strategy = check_choice(strategy or settings.strategy, STRATEGIES, "strategy")
     budget = settings.budget if budget is None else parse_bytes(budget)
     for name in stats:
         check_choice(name, STAT_NAMES, "stats entry")
-    flat_seq, groups, num_sequences = _check_layout(targets, seq_ids, groups, token_weights)
+    flat_seq, groups, num_sequences = _check_layout(targets, seq_ids, groups, token_weights, sequence_group)
     flat_targets = targets.reshape(-1)
     counted = (flat_targets != ignore_index) & (flat_seq >= 0)
     weights = counted.float() if token_weights is None else torch.where(counted, token_weights.reshape(-1).float(), 0.0)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     if strategy == "budget":
-        plan = plan_budget(flat_seq, counted, groups, num_sequences, weight, budget)
+        plan = plan_budget(flat_seq, counted, groups, num_sequences, weight, budget, sequence_group=sequence_group)
         if plan is not None:
             check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
             row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
                                                 hidden.device)
-            count = _per_sequence(counted.float(), flat_seq, num_sequences)
+            count = sequence_all_reduce(_per_sequence(counted.float(), flat_seq, num_sequences), sequence_group)
             math = _LogpRows(head, groups, weights, counted.float(), count, set(stats), float(temperature), softcap,
                              row_backend)
             loss, sums = budget_objective(flat_hidden, weight, bias, flat_targets, math, plan, groups, flat_seq,
-                                          num_sequences)
+                                          num_sequences, sequence_group)
             return Objective(loss, sums["logps"], {"count": count, **{name: sums[name] for name in stats}})
         warn_lean(stacklevel=2)
     token_logp, _, *extras = token_outputs(flat_hidden, weight, torch.where(counted, flat_targets, ignore_index),
@@ -148,6 +224,10 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
                                                                     if name in STAT_EXTRAS], backend=backend)
     logps = _per_sequence(token_logp * weights, flat_seq, num_sequences)
     seq_stats = _sequence_stats(_stat_values(stats, token_logp, *extras), counted, flat_seq, num_sequences)
+    if sequence_group is not None:
+        seq_stats = _sum_over(sequence_group, {"logps": logps, **seq_stats})
+        logps = seq_stats.pop("logps")
+        seq_stats = {name: value.detach() for name, value in seq_stats.items()}
     group_index = torch.arange(groups.shape[0], device=groups.device)
     loss = head(_gather(logps, groups), group_index, {k: _gather(v, groups) for k, v in seq_stats.items()})
     return Objective(loss, logps.detach(), seq_stats)
@@ -155,20 +235,23 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
 
 @torch.no_grad()
 def sequence_logps(hidden, weight, targets, *, seq_ids=None, num_sequences=None, token_weights=None, bias=None,
-                   ignore_index=-100, temperature=1.0, softcap=None) -> torch.Tensor:
+                   ignore_index=-100, temperature=1.0, softcap=None, sequence_group=None) -> torch.Tensor:
     """Per-sequence sums of token_weights * log p(target) on the forward-only fused path
     (nothing saved for backward): the reference model's side of every loss family.
 
-    Layout as in sequence_objective: a padded [B, T] batch, or flat tokens with seq_ids.
+    Layout as in sequence_objective: a padded [B, T] batch, or flat tokens with seq_ids (then
+    num_sequences is needed with a sequence_group, whose totals are returned).
     """
     token = linear_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                             temperature=temperature, softcap=softcap)
     counted = targets != ignore_index
     weights = counted.float() if token_weights is None else torch.where(counted, token_weights.float(), 0.0)
     if seq_ids is None:
-        return sequence_sum(token, weights, num_sequences=num_sequences)
-    return sequence_sum(token.reshape(-1), weights.reshape(-1), seq_ids=seq_ids.reshape(-1),
-                        num_sequences=num_sequences)
+        sums = sequence_sum(token, weights, num_sequences=num_sequences)
+    else:
+        sums = sequence_sum(token.reshape(-1), weights.reshape(-1), seq_ids=seq_ids.reshape(-1),
+                            num_sequences=num_sequences)
+    return sequence_all_reduce(sums, check_sequence_group(sequence_group))
 
 
 def warn_lean(stacklevel):
@@ -181,11 +264,14 @@ def budget_bytes_per_logit(dtype: torch.dtype, sides: int = 1) -> int:
     return 4 * sides + (0 if dtype == torch.float32 else torch.empty((), dtype=dtype).element_size())
 
 
-def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1):
+def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1, sequence_group=None):
     """Chunks of whole groups whose logits (`sides` [rows, V] tensors) fit the budget, or None if
     some group does not.
 
-    Returns a list of (group indices, counted row indices sorted by group)."""
+    With a sequence_group, every rank gets the same chunks of groups (sized by the largest share of
+    each group on any rank), so that the ranks reduce each chunk's sums together.
+
+    Returns a list of (group indices, this rank's counted row indices sorted by group)."""
     group_of_sequence = torch.full((num_sequences,), -1, dtype=torch.long, device=groups.device)
     slots = groups >= 0
     group_of_sequence[groups[slots]] = torch.arange(groups.shape[0], device=groups.device)[:, None].expand_as(
@@ -195,19 +281,24 @@ def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1
     rows, row_group = rows[row_group >= 0], row_group[row_group >= 0]
     order = torch.argsort(row_group, stable=True)
     rows, row_group = rows[order], row_group[order]
-    tokens_per_group = torch.bincount(row_group, minlength=groups.shape[0]).tolist()
+    tokens_per_group = torch.bincount(row_group, minlength=groups.shape[0])
+    first_row = [0] + tokens_per_group.cumsum(0).tolist()
+    if sequence_group is not None:
+        torch.distributed.all_reduce(tokens_per_group, op=torch.distributed.ReduceOp.MAX, group=sequence_group)
     bytes_per_row = weight.shape[0] * budget_bytes_per_logit(weight.dtype, sides)
     limit = max(1, budget // bytes_per_row)
-    if max(tokens_per_group, default=0) > limit:
+    sizes = tokens_per_group.tolist()
+    if max(sizes, default=0) > limit:
         return None
-    chunks, start_group, start_row, used = [], 0, 0, 0
-    for group, count in enumerate(tokens_per_group):
+    bounds, used = [0], 0
+    for group, count in enumerate(sizes):
         if used + count > limit:
-            chunks.append((start_group, group, start_row, start_row + used))
-            start_group, start_row, used = group, start_row + used, 0
+            bounds.append(group)
+            used = 0
         used += count
-    chunks.append((start_group, len(tokens_per_group), start_row, start_row + used))
-    return [(torch.arange(g0, g1, device=groups.device), rows[r0:r1]) for g0, g1, r0, r1 in chunks]
+    bounds.append(len(sizes))
+    return [(torch.arange(g0, g1, device=groups.device), rows[first_row[g0]:first_row[g1]])
+            for g0, g1 in zip(bounds, bounds[1:])]
 
 
 class ChunkRows:
@@ -239,10 +330,12 @@ class ChunkRows:
         raise NotImplementedError
 
 
-def budget_objective(hidden, weight, bias, targets, math: ChunkRows, plan, groups, seq_ids, num_sequences):
+def budget_objective(hidden, weight, bias, targets, math: ChunkRows, plan, groups, seq_ids, num_sequences,
+                     sequence_group=None):
     """The budget strategy's loss (differentiable in hidden, weight, bias) and the per-sequence
-    sums {name: [S]} (detached) of every value math produces. hidden [N, H], targets [N]."""
-    run = _BudgetRun(math, plan, groups, seq_ids, num_sequences)
+    sums {name: [S]} (detached) of every value math produces. hidden [N, H], targets [N].
+    With a sequence_group (and a plan_budget plan made with it) the sums are the group's."""
+    run = _BudgetRun(math, plan, groups, seq_ids, num_sequences, sequence_group)
     loss = _BudgetObjective.apply(hidden, weight, bias, targets, run, get_settings().fp32_weight_grad)
     return loss, run.sums
 
@@ -250,8 +343,9 @@ def budget_objective(hidden, weight, bias, targets, math: ChunkRows, plan, group
 class _BudgetRun:
     """What the budget strategy needs besides tensors, and what it hands back."""
 
-    def __init__(self, math, plan, groups, seq_ids, num_sequences):
+    def __init__(self, math, plan, groups, seq_ids, num_sequences, sequence_group):
         self.math, self.plan, self.groups, self.seq_ids, self.num_sequences = math, plan, groups, seq_ids, num_sequences
+        self.sequence_group = sequence_group
         self.sums = None
 
 
@@ -266,21 +360,32 @@ class _BudgetObjective(torch.autograd.Function):
         sums = {name: hidden.new_zeros(run.num_sequences, dtype=torch.float32) for name in math.weights}
         loss = hidden.new_zeros((), dtype=torch.float32)
         for group_index, rows in run.plan:
-            h_rows = hidden.index_select(0, rows)
-            local_targets = targets.index_select(0, rows)
-            logits = materialise(h_rows, weight, bias)
-            seq = run.seq_ids.index_select(0, rows)
-            weights = {name: w.index_select(0, rows) for name, w in math.weights.items()}
-            values, saved = math.token_values(logits, rows, local_targets)
-            for name, value in values.items():
-                sums[name].index_add_(0, seq, value * weights[name])
             slots = run.groups[group_index]
+            # Under a sequence group a rank may hold no token of a chunk; it still joins its reduction and head.
+            has_rows = rows.numel() > 0
+            if has_rows:
+                h_rows = hidden.index_select(0, rows)
+                local_targets = targets.index_select(0, rows)
+                logits = materialise(h_rows, weight, bias)
+                seq = run.seq_ids.index_select(0, rows)
+                weights = {name: w.index_select(0, rows) for name, w in math.weights.items()}
+                values, saved = math.token_values(logits, rows, local_targets)
+                for name, value in values.items():
+                    sums[name].index_add_(0, seq, value * weights[name])
+            if run.sequence_group is not None:
+                # The chunk's sequences are summed in this chunk only (a sequence is in one group).
+                totals = _sum_over(run.sequence_group, {name: _gather(total, slots) for name, total in sums.items()})
+                filled = slots >= 0
+                for name, total in sums.items():
+                    total.index_copy_(0, slots[filled], totals[name][filled])
             chunk_sums = {name: _gather(total, slots) for name, total in sums.items()}
             inputs = [chunk_sums[name].requires_grad_() for name in math.differentiable]
             with torch.enable_grad():
                 chunk_loss = math.head(chunk_sums, group_index)
                 grads = torch.autograd.grad(chunk_loss, inputs, allow_unused=True)
             loss += chunk_loss.detach()
+            if not has_rows:
+                continue
             tile = None
             if grad_h is not None or grad_w is not None or grad_b is not None:
                 token_grads = {}

@@ -18,7 +18,7 @@ from .losses import PARAM_DEFAULTS, REFERENCE_FREE, ld_dpo_token_weights, pairwi
 from .losses.pairwise import TOKEN_LEVEL_LOSSES, has_nll_term
 from .config import get_settings
 from .losses.token_level import tgdpo_token_rewards
-from .objective import sequence_objective
+from .objective import check_sequence_group, max_over_group, sequence_all_reduce, sequence_objective
 from .ops import linear_logprobs
 from .sequences import sequence_sum
 from .token_kl import sequence_kl_objective
@@ -50,18 +50,29 @@ class PreferenceLoss(torch.nn.Module):
         this batch's tokens divided by their count (0 with no token), as TRL logs it per step.
         Off by default only to keep the metrics of existing callers unchanged; the cost is a few
         per-sequence sums. Not available for the token-level (TDPO) losses.
+    sequence_group: a torch.distributed ProcessGroup whose ranks each hold a share of every
+        sequence's tokens (context parallelism; see prefops.sequence_objective): every rank passes
+        the same sequences and numbering with its own tokens and gets the loss and metrics of the
+        whole sequences; sum the weight gradients over the group. Precomputed ref_*_logps are
+        the whole sequences' sums; ld_alpha needs whole sequences (pass the LD-DPO weights of
+        prefops.losses.ld_dpo_token_weights, sharded like targets, as token_weights).
     Other keyword parameters go to prefops.losses.pairwise_loss.
     """
 
     def __init__(self, loss_type="sigmoid", beta=0.1, *, label_smoothing=0.0, loss_weights=None, ld_alpha=None,
                  wpo=False, tgdpo_alpha=None, kl_direction="ref_policy", token_metrics=False, ignore_index=-100,
-                 temperature=1.0, softcap=None, strategy=None, budget=None, **params):
+                 temperature=1.0, softcap=None, strategy=None, budget=None, sequence_group=None, **params):
         super().__init__()
         self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
         self.loss_weights, self.ld_alpha, self.wpo, self.params = loss_weights, ld_alpha, wpo, params
         self.tgdpo_alpha, self.kl_direction, self.token_metrics = tgdpo_alpha, kl_direction, token_metrics
         self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap)
         self.strategy, self.budget = strategy, budget
+        self.sequence_group = check_sequence_group(sequence_group)
+        if sequence_group is not None and ld_alpha is not None:
+            raise ValueError("ld_alpha needs each response's token positions, which a sequence shard does not have: "
+                             "with sequence_group, pass prefops.losses.ld_dpo_token_weights of the whole sequences, "
+                             "sharded like targets, as token_weights")
         names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         self.needs_reference = any(name not in REFERENCE_FREE for name in names)
         self.token_level = any(name in TOKEN_LEVEL_LOSSES for name in names)
@@ -109,7 +120,8 @@ class PreferenceLoss(torch.nn.Module):
         chosen sequences' counted nll_targets tokens."""
         if seq_ids is None and targets.dim() != 2:
             raise ValueError("targets must be a padded batch [2P, T] of [chosen; rejected], or pass seq_ids")
-        num_sequences = targets.shape[0] if seq_ids is None else int(seq_ids.max()) + 1
+        num_sequences = targets.shape[0] if seq_ids is None else max_over_group(
+            int(seq_ids.max()) + 1, self.sequence_group, targets.device)
         if num_sequences % 2:
             raise ValueError(f"expected an even number of sequences [chosen; rejected]; got {num_sequences}")
         pairs = num_sequences // 2
@@ -121,7 +133,7 @@ class PreferenceLoss(torch.nn.Module):
         counted = (targets if nll_targets is None else nll_targets) != self.options["ignore_index"]
         chosen_tokens = counted[:pairs].sum() if seq_ids is None else (counted.reshape(-1) & (
             seq_ids.reshape(-1) < pairs) & (seq_ids.reshape(-1) >= 0)).sum()
-        mean_length = chosen_tokens.float() / pairs
+        mean_length = sequence_all_reduce(chosen_tokens.float(), self.sequence_group) / pairs
         if self.token_level:
             return self._token_level_forward(hidden, weight, targets, bias, seq_ids, pairs, groups, mean_length,
                                              token_weights, ref_chosen_logps, ref_rejected_logps, ref_hidden,
@@ -143,7 +155,7 @@ class PreferenceLoss(torch.nn.Module):
         stats = (("log_sum_p2", "logp") if self.wpo else ()) + (TOKEN_METRIC_STATS if self.token_metrics else ())
         out = sequence_objective(hidden, weight, targets, head=head, groups=groups, seq_ids=seq_ids,
                                  token_weights=token_weights, bias=bias, stats=stats, strategy=self._strategy(),
-                                 budget=self.budget, **self.options)
+                                 budget=self.budget, sequence_group=self.sequence_group, **self.options)
         logps = out.logps[groups]
         nll_sums = nll(logps, out.stats["count"][groups])
         logps, groups = logps[:, :2], groups[:, :2]
@@ -249,7 +261,7 @@ class PreferenceLoss(torch.nn.Module):
         out = sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, head=head, groups=groups,
                                     seq_ids=seq_ids, token_weights=token_weights, bias=bias, ref_bias=ref_bias,
                                     direction=self.kl_direction, strategy=self._strategy(), budget=self.budget,
-                                    **self.options)
+                                    sequence_group=self.sequence_group, **self.options)
         logps, lengths = out.logps[groups], out.stats["count"][groups]
         ref_logps, seq_kl = out.stats["ref_logp"][groups], out.stats["kl"][groups]
         _, metrics = self._sequence_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], lengths, None,
@@ -268,8 +280,8 @@ class PreferenceLoss(torch.nn.Module):
                 raise ValueError("ref_hidden needs ref_weight")
             token = linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, **self.options)
             counted = (targets != self.options["ignore_index"]).float()
-            sums = _sequence_totals(token * (counted if token_weights is None else token_weights), seq_ids,
-                                    2 * pairs)
+            sums = sequence_all_reduce(_sequence_totals(token * (counted if token_weights is None else token_weights),
+                                                        seq_ids, 2 * pairs), self.sequence_group)
             return sums[:pairs], sums[pairs:]
         if self.needs_reference and (ref_chosen is None or ref_rejected is None):
             raise ValueError(f"loss_type {self.loss_type!r} needs the reference: pass ref_chosen_logps and "

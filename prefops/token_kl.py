@@ -46,8 +46,9 @@ import torch
 from . import fused, tiles
 from .checks import check_float, check_linear_inputs, check_targets_in_range, check_tensor
 from .config import BACKENDS, STRATEGIES, check_choice, get_settings, parse_bytes
-from .objective import (_BLOCK_ROWS, ChunkRows, Objective, _check_layout, _gather, _per_sequence,
-                        budget_objective, materialise, plan_budget, warn_lean)
+from .objective import (_BLOCK_ROWS, ChunkRows, Objective, _check_layout, _gather, _per_sequence, _sum_over,
+                        budget_objective, check_sequence_group, materialise, plan_budget, sequence_all_reduce,
+                        warn_lean)
 from .ops import IMPLEMENTATIONS
 
 DIRECTIONS = ("ref_policy", "policy_ref")
@@ -388,7 +389,8 @@ def sequence_kl(hidden, weight, ref_hidden, ref_weight, targets, *, seq_ids=None
 
 def sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, *, head, groups, seq_ids=None,
                           token_weights=None, bias=None, ref_bias=None, direction="ref_policy", ignore_index=-100,
-                          temperature=1.0, softcap=None, strategy=None, budget=None, backend=None) -> Objective:
+                          temperature=1.0, softcap=None, strategy=None, budget=None, backend=None,
+                          sequence_group=None) -> Objective:
     """Sequence-level heads over the per-token KL and both models' target log-probs (the TDPO losses).
 
     Args as prefops.sequence_objective (layout: padded [B, T] or flat tokens with seq_ids) and
@@ -399,6 +401,8 @@ def sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, *, he
         strategy, budget: 'lean' (prefops.linear_token_kl) or 'budget' (the policy and the reference
             logits of whole groups within `budget` bytes, both counted); default from
             prefops.configure(). Budget falls back to lean with a warning when a group does not fit.
+        sequence_group: ranks that each hold a share of every sequence's tokens, as in
+            prefops.sequence_objective: the head reads the group's sums of all four quantities.
 
     Returns Objective(loss, logps [S], stats {'kl', 'ref_logp', 'count'} [S]), all but loss detached.
     """
@@ -406,34 +410,38 @@ def sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, *, he
                         softcap=softcap)
     check_reference_inputs(hidden, weight, ref_hidden, ref_weight, ref_bias)
     check_choice(direction, DIRECTIONS, "direction")
+    sequence_group = check_sequence_group(sequence_group)
     settings = get_settings()
     strategy = check_choice(strategy or settings.strategy, STRATEGIES, "strategy")
     budget = settings.budget if budget is None else parse_bytes(budget)
-    flat_seq, groups, num_sequences = _check_layout(targets, seq_ids, groups, token_weights)
+    flat_seq, groups, num_sequences = _check_layout(targets, seq_ids, groups, token_weights, sequence_group)
     flat_targets = targets.reshape(-1)
     counted = (flat_targets != ignore_index) & (flat_seq >= 0)
     weights = counted.float() if token_weights is None else torch.where(counted, token_weights.reshape(-1).float(), 0.0)
     count = _per_sequence(counted.float(), flat_seq, num_sequences)
     flatten = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
     if strategy == "budget":
-        plan = plan_budget(flat_seq, counted, groups, num_sequences, weight, budget, sides=2)
+        plan = plan_budget(flat_seq, counted, groups, num_sequences, weight, budget, sides=2,
+                           sequence_group=sequence_group)
         if plan is not None:
             check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
             row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
                                                 hidden.device)
             reference = (flatten(ref_hidden).detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach())
+            count = sequence_all_reduce(count, sequence_group)
             math = _KLRows(head, groups, weights, counted.float(), count, reference, direction == "policy_ref",
                            float(temperature), softcap, row_backend)
             loss, sums = budget_objective(flatten(hidden), weight, bias, flat_targets, math, plan, groups, flat_seq,
-                                          num_sequences)
+                                          num_sequences, sequence_group)
             return Objective(loss, sums["logps"], {"count": count, "kl": sums["kl"], "ref_logp": sums["ref_logps"]})
         warn_lean(stacklevel=2)
     token = linear_token_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, direction=direction,
                             targets=torch.where(counted.view(targets.shape), targets, ignore_index),
                             ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend)
     total = lambda values, w: _per_sequence(values.reshape(-1) * w, flat_seq, num_sequences)  # noqa: E731
-    logps, kl = total(token.logp, weights), total(token.kl, counted.float())
-    ref_logps = total(token.ref_logp, weights)
+    sums = _sum_over(sequence_group, {"logps": total(token.logp, weights), "kl": total(token.kl, counted.float()),
+                                      "ref_logps": total(token.ref_logp, weights), "count": count})
+    logps, kl, ref_logps, count = sums["logps"], sums["kl"], sums["ref_logps"].detach(), sums["count"].detach()
     stats = {"kl": _gather(kl, groups), "ref_logp": _gather(ref_logps, groups), "count": _gather(count, groups)}
     loss = head(_gather(logps, groups), torch.arange(groups.shape[0], device=groups.device), stats)
     return Objective(loss, logps.detach(), {"count": count, "kl": kl.detach(), "ref_logp": ref_logps})

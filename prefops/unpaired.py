@@ -15,7 +15,7 @@ import torch
 
 from .config import get_settings
 from .losses import BCOLoss, kto_kl_estimate, kto_loss
-from .objective import sequence_logps, sequence_objective
+from .objective import check_sequence_group, max_over_group, sequence_logps, sequence_objective
 from .preference import check_token_weights
 
 UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
@@ -34,10 +34,12 @@ class UnpairedLoss(torch.nn.Module):
     here from hidden states, reference); precomputed ref_logps / ref_kl_logps must carry the
     same weights. Weights 1/n_i give length-normalised KTO (Liger's average_log_prob).
     BCO keeps its running mean reward δ_0 as module state (saved in the state dict).
+    sequence_group: ranks that each hold a share of every completion's tokens (kl_hidden's too), as
+        in prefops.PreferenceLoss (precomputed ref_logps / ref_kl_logps are whole completions' sums).
     """
 
     def __init__(self, loss_type="kto", beta=0.1, *, desirable_weight=1.0, undesirable_weight=1.0,
-                 ignore_index=-100, temperature=1.0, softcap=None, strategy=None, budget=None):
+                 ignore_index=-100, temperature=1.0, softcap=None, strategy=None, budget=None, sequence_group=None):
         super().__init__()
         if loss_type not in UNPAIRED_LOSSES:
             raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(map(repr, UNPAIRED_LOSSES))}")
@@ -45,6 +47,7 @@ class UnpairedLoss(torch.nn.Module):
         self.weights = dict(desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
         self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap)
         self.strategy, self.budget = strategy, budget
+        self.sequence_group = check_sequence_group(sequence_group)
         self.bco = BCOLoss(beta) if loss_type == "bco" else None
 
     def forward(self, hidden, weight, targets, *, labels, bias=None, seq_ids=None, ref_logps=None, ref_hidden=None,
@@ -53,7 +56,8 @@ class UnpairedLoss(torch.nn.Module):
         """Returns (mean loss over completions, metrics with TRL's KTO/BCO names)."""
         if seq_ids is None and targets.dim() != 2:
             raise ValueError("targets must be a padded batch [N, T] of completions, or pass seq_ids")
-        count = targets.shape[0] if seq_ids is None else int(seq_ids.max()) + 1
+        count = targets.shape[0] if seq_ids is None else max_over_group(int(seq_ids.max()) + 1,
+                                                                        self.sequence_group, targets.device)
         labels = torch.as_tensor(labels, device=targets.device)
         if tuple(labels.shape) != (count,):
             raise ValueError(f"labels must have shape [N] = ({count},), one per completion; got {tuple(labels.shape)}")
@@ -75,7 +79,8 @@ class UnpairedLoss(torch.nn.Module):
             strategy = "lean"
         groups = torch.arange(count, device=targets.device)[:, None]
         out = sequence_objective(hidden, weight, targets, head=head, groups=groups, seq_ids=seq_ids, bias=bias,
-                                 token_weights=token_weights, strategy=strategy, budget=self.budget, **self.options)
+                                 token_weights=token_weights, strategy=strategy, budget=self.budget,
+                                 sequence_group=self.sequence_group, **self.options)
         with torch.no_grad():
             metrics = self._metrics(out.logps, ref, labels, kl)
         metrics["num_tokens/chosen"] = out.stats["count"][labels].sum()
@@ -103,7 +108,8 @@ class UnpairedLoss(torch.nn.Module):
             if ref_weight is None:
                 raise ValueError("ref_hidden needs ref_weight")
             return sequence_logps(ref_hidden, ref_weight, targets, seq_ids=seq_ids, num_sequences=count,
-                                  token_weights=token_weights, bias=ref_bias, **self.options)
+                                  token_weights=token_weights, bias=ref_bias, sequence_group=self.sequence_group,
+                                  **self.options)
         if ref_logps is None:
             raise ValueError(f"loss_type {self.loss_type!r} needs the reference: pass ref_logps, or ref_hidden "
                              "and ref_weight")
@@ -128,8 +134,10 @@ class UnpairedLoss(torch.nn.Module):
         if kl_targets is None:
             raise ValueError("kl_hidden needs kl_targets")
         kl_token_weights = check_token_weights(kl_token_weights, kl_targets, "kl_token_weights")
-        count = kl_targets.shape[0] if kl_seq_ids is None else int(kl_seq_ids.max()) + 1
-        sums = dict(seq_ids=kl_seq_ids, num_sequences=count, token_weights=kl_token_weights, **self.options)
+        count = kl_targets.shape[0] if kl_seq_ids is None else max_over_group(int(kl_seq_ids.max()) + 1,
+                                                                              self.sequence_group, kl_targets.device)
+        sums = dict(seq_ids=kl_seq_ids, num_sequences=count, token_weights=kl_token_weights,
+                    sequence_group=self.sequence_group, **self.options)
         policy = sequence_logps(kl_hidden, weight, kl_targets, bias=bias, **sums)
         if ref_kl_hidden is not None:
             if ref_kl_logps is not None:
