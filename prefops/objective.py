@@ -102,7 +102,7 @@ class _SequenceSum(torch.autograd.Function):
     Every rank evaluates the same loss L of the same global sums g = sum_r s_r, so
     d L / d s_r = d L / d g, which each rank already holds. The all-reduce of
     torch.distributed.nn.functional.all_reduce sums the upstream gradients as well: it
-    differentiates sum_r L_r, i.e. W L here, and would scale every gradient by the group size."""
+    differentiates sum_r L_r, the group size times L here, and would scale every gradient by it."""
 
     @staticmethod
     def forward(ctx, partial, group):
@@ -137,6 +137,7 @@ def _sum_over(sequence_group, values: dict) -> dict:
 
 
 def max_over_group(value: int, sequence_group, device) -> int:
+    """The largest value over the group (a count of sequences every rank must agree on)."""
     if sequence_group is None:
         return value
     value = torch.tensor(value, device=device)

@@ -213,6 +213,8 @@ def _worker(rank, port, out_dir):
         group = dist.new_group(list(range(RANKS)))
         with pytest.raises(ValueError, match="ld_alpha"):
             prefops.PreferenceLoss("sigmoid", ld_alpha=0.5, sequence_group=group)
+        with pytest.raises(TypeError, match="sequence_group must be a torch.distributed.ProcessGroup"):
+            ListwiseLoss(sequence_group=rank)
         torch.save(_run_all(rank, group), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -240,3 +242,8 @@ def test_sequence_shards_on_two_ranks_equal_one_process(tmp_path):
             assert part(h_grad).abs().max() > 0
             assert_fp32_close(rank_h_grad, part(h_grad), tokens, f"{name} h.grad on rank {rank}")
         assert_fp32_close(sum(shard[key][3] for shard in shards), w_grad, tokens, f"{name} W.grad")
+
+
+def test_sequence_group_needs_torch_distributed():
+    with pytest.raises(ValueError, match="sequence_group needs torch.distributed initialised"):
+        UnpairedLoss("kto", sequence_group=object())
