@@ -138,6 +138,26 @@ def lm_tolerances(config, length, tokens, logit_rms, dtype=torch.float32):
     return values, (decoder_tolerance(config, length, dtype, tokens) + head) * (1 + logit_rms)
 
 
+def assert_fused_loss_matches(loss, metrics, actual_grads, reference, hidden, weight, dtype, metric_names):
+    """A fused loss (from hidden, weight in `dtype`), its gradients [h.grad, W.grad] and the log-prob
+    metrics `metric_names` against the float64 pipeline `reference` (see loss_reference64).
+
+    Logits are fp32 from the rounded inputs whatever their dtype: the loss and the sums carry only
+    fp32 error; the gradients, stored in the inputs' dtype, carry its rounding. Returns (expected
+    metrics, the value tolerance) for the caller's own checks."""
+    _, vocab = weight.shape
+    hidden_size, tokens = hidden.shape[-1], hidden.numel() // hidden.shape[-1]
+    expected, expected_metrics, grads, sizes, logit_size, loss_scale = loss_reference64(reference, hidden, weight)
+    values = value_tolerance(hidden_size, vocab, tokens)
+    assert relative_error(loss, expected, scale=loss_scale) <= values
+    limit = grad_tolerance(dtype, hidden_size, vocab, tokens, logit_size)
+    for name, grad, want, size in zip(("hidden", "weight"), actual_grads, grads, sizes):
+        assert relative_error(grad, want, scale=size) <= limit, f"grad of {name}"
+    for name in metric_names:
+        assert relative_error(metrics[name], expected_metrics[name]) <= values, name
+    return expected_metrics, values
+
+
 def loss_reference64(reference, hidden, weight):
     """A float64 loss pipeline that materialises the logits itself, reference(hidden, weight) ->
     (loss, extras), through helpers.linear_grads64 on the same rounded inputs: it runs on the logits z

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import prefops
-from conftest import grad_tolerance, loss_reference64, relative_error, value_tolerance
+from conftest import assert_fused_loss_matches, loss_reference64, relative_error, value_tolerance
 from prefops.listwise import ListwiseLoss
 from prefops.losses.listwise import listwise_loss
 from prefops.memory import AllocationRecorder
@@ -64,18 +64,11 @@ def test_fused_matches_reference(case, strategy, dtype):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, metrics = module(h, w, targets, lists=LISTS, scores=scores, ref_logps=ref)
     loss.backward()
-    expected, expected_metrics, grads, sizes, logit_size, loss_scale = loss_reference64(
-        lambda hid, wt: reference_loss(hid, wt, targets, ref.double(), scores.double(), **case), hidden, weight)
-    # Logits in fp32 from the rounded inputs whatever their dtype: the loss and the sums carry only
-    # fp32 error; the gradients, stored in the inputs' dtype, carry its rounding.
-    values = value_tolerance(HIDDEN, VOCAB, targets.numel())
-    assert relative_error(loss, expected, scale=loss_scale) <= values
-    limit = grad_tolerance(dtype, HIDDEN, VOCAB, targets.numel(), logit_size)
-    for name, grad, want, size in zip(("hidden", "weight"), (h.grad, w.grad), grads, sizes):
-        assert relative_error(grad, want, scale=size) <= limit, f"grad of {name}"
+    expected_metrics, values = assert_fused_loss_matches(
+        loss, metrics, (h.grad, w.grad),
+        lambda hid, wt: reference_loss(hid, wt, targets, ref.double(), scores.double(), **case), hidden, weight,
+        dtype, ("logps/chosen", "logps/mean"))
     assert h.grad[1].abs().sum() > 0
-    for name in ("logps/chosen", "logps/mean"):
-        assert relative_error(metrics[name], expected_metrics[name]) <= values, name
     # A reward is β (log-prob sum - reference), a difference of larger terms: its error is the sum's.
     reward_terms = case.get("beta", BETA) * (expected_metrics["logps/mean"].abs() + ref.double().abs().mean())
     for name in ("rewards/chosen", "rewards/mean"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import prefops
-from conftest import grad_tolerance, loss_reference64, relative_error, value_tolerance
+from conftest import assert_fused_loss_matches, relative_error
 from prefops.tools.compare import pairwise_reference_loss as reference_loss
 from prefops.objective import budget_bytes_per_logit
 
@@ -52,17 +52,10 @@ def test_fused_matches_reference(case, strategy, dtype):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, metrics = module(h, w, targets, ref_chosen_logps=ref[:PAIRS], ref_rejected_logps=ref[PAIRS:])
     loss.backward()
-    expected, expected_metrics, grads, sizes, logit_size, loss_scale = loss_reference64(
-        lambda hid, wt: reference_loss(hid, wt, targets, ref.double(), beta=BETA, **case), hidden, weight)
-    # Logits in fp32 from the rounded inputs whatever their dtype: the loss and the sums carry only
-    # fp32 error; the gradients, stored in the inputs' dtype, carry its rounding.
-    values = value_tolerance(HIDDEN, VOCAB, targets.numel())
-    assert relative_error(loss, expected, scale=loss_scale) <= values
-    limit = grad_tolerance(dtype, HIDDEN, VOCAB, targets.numel(), logit_size)
-    for name, grad, want, size in zip(("hidden", "weight"), (h.grad, w.grad), grads, sizes):
-        assert relative_error(grad, want, scale=size) <= limit, f"grad of {name}"
-    for name in ("logps/chosen", "logps/rejected"):
-        assert relative_error(metrics[name], expected_metrics[name]) <= values, name
+    expected_metrics, values = assert_fused_loss_matches(
+        loss, metrics, (h.grad, w.grad),
+        lambda hid, wt: reference_loss(hid, wt, targets, ref.double(), beta=BETA, **case), hidden, weight, dtype,
+        ("logps/chosen", "logps/rejected"))
     # Rewards and margins are differences of larger log-prob sums (or their means) and reference
     # values: their error is the sums', against the size of those terms.
     reward_terms = BETA * (expected_metrics["logps/chosen"].abs() + expected_metrics["logps/rejected"].abs()

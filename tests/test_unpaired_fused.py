@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import prefops
-from conftest import grad_tolerance, loss_reference64, relative_error, value_tolerance
+from conftest import assert_fused_loss_matches, relative_error
 from prefops.losses import BCOLoss, kto_kl_estimate, kto_loss
 from prefops.unpaired import UnpairedLoss
 from prefops.objective import budget_bytes_per_logit
@@ -46,16 +46,8 @@ def test_kto_matches_reference(loss_type, strategy, dtype):
                                             desirable_weight=1.3, undesirable_weight=0.7, loss_type=loss_type)
         return losses.mean(), expected_metrics
 
-    expected, expected_metrics, grads, sizes, logit_size, loss_scale = loss_reference64(reference, hidden, weight)
-    # Logits in fp32 from the rounded inputs whatever their dtype: the loss and the sums carry only
-    # fp32 error; the gradients, stored in the inputs' dtype, carry its rounding.
-    values = value_tolerance(HIDDEN, VOCAB, targets.numel())
-    assert relative_error(loss, expected, scale=loss_scale) <= values
-    limit = grad_tolerance(dtype, HIDDEN, VOCAB, targets.numel(), logit_size)
-    for name, grad, want, size in zip(("hidden", "weight"), (h.grad, w.grad), grads, sizes):
-        assert relative_error(grad, want, scale=size) <= limit, f"grad of {name}"
-    for name in ("logps/chosen", "logps/rejected"):
-        assert relative_error(metrics[name], expected_metrics[name]) <= values, name
+    expected_metrics, values = assert_fused_loss_matches(loss, metrics, (h.grad, w.grad), reference, hidden, weight,
+                                                         dtype, ("logps/chosen", "logps/rejected"))
     # A reward is β (log-prob sum - reference), a difference of larger terms: its error is the sum's.
     for name in ("chosen", "rejected"):
         terms = BETA * (expected_metrics[f"logps/{name}"].abs() + ref.double().abs().mean())
