@@ -97,6 +97,24 @@ def test_a_bad_override_is_named_as_given(capsys, args, source, message):
     assert "default.yaml" not in err  # the bundled file is not where the mistake is
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--model_config.hidden_size", "x"], "model_config {hidden_size: x"),
+    (["--model_config.num_attention_heads", "3"], "not a multiple of the number of attention heads"),
+    (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
+    pytest.param(["--device", "cuda"], "device cuda: no CUDA GPU", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="checks the message on a machine without a GPU")),
+    (["--data", "nowhere.jsonl"], "nowhere.jsonl does not exist"),
+])
+def test_bad_values_found_when_the_run_starts_are_one_line_too(tmp_path, capsys, args, message):
+    assert main(["train", *TINY, "--out_dir", str(tmp_path), *args]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_a_missing_config_file_is_named(capsys):
+    assert main(["train", "nowhere.yaml"]) == 2
+    assert one_error_line(capsys) == "prefops train: error: nowhere.yaml: no such config file"
+
+
 def test_an_override_that_fixes_a_bad_file_is_accepted_and_a_good_file_keeps_its_blame(tmp_path, capsys):
     path = tmp_path / "mine.yaml"
     path.write_text("packing: true\nld_alpha: 0.5\n")

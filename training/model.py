@@ -20,6 +20,7 @@ from prefops import reference as reference_ops
 from prefops.integrations.hf import LMHead, final_hidden_states
 from prefops.shared_prompt import shared_prompt_hidden_states
 
+from .config import ConfigError, as_yaml
 from .data import IGNORE_INDEX, Batch
 from .tokenizer import CharTokenizer
 
@@ -30,20 +31,31 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, nu
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}", "device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name}: no CUDA GPU is available to torch {torch.__version__}; "
+                          "use device: cpu (or auto)", "device")
+    return device
 
 
 def build(config, device: torch.device, chars: str | None = None):
     """(model, tokenizer) for config.model; the tiny Llama (characters `chars`) is initialised from config.seed."""
     if config.model == "tiny-llama":
         tokenizer = CharTokenizer(*([chars] if chars else []))
-        model_config = transformers.LlamaConfig(
-            **{**TINY_LLAMA, **config.model_config}, vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id)
-        model_config._attn_implementation = config.attn_implementation
         torch.manual_seed(config.seed)
-        model = transformers.LlamaForCausalLM(model_config)
+        try:
+            model_config = transformers.LlamaConfig(
+                **{**TINY_LLAMA, **config.model_config}, vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+            model_config._attn_implementation = config.attn_implementation
+            model = transformers.LlamaForCausalLM(model_config)
+        except Exception as error:  # noqa: BLE001 - model_config is the only input here a user gives
+            raise ConfigError(f"model_config {as_yaml(config.model_config)}: {' '.join(str(error).split())}",
+                              "model_config") from error
     else:
         tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
         model = transformers.AutoModelForCausalLM.from_pretrained(
