@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh check        # GPU tests, sm_90 compile profile, prefops compare on CUDA
 #   bash benchmarks/gpu_session.sh core         # bench_core at A, L, Q, every row, full autotune (issue 2)
 #   bash benchmarks/gpu_session.sh families     # bench_losses, bench_listwise, bench_tdpo, bench_diagnostics (3, 4, 5)
-#   bash benchmarks/gpu_session.sh training     # bench_training throughput, then the longest pair of each row (6)
+#   bash benchmarks/gpu_session.sh training     # bench_training throughput, then the longest pair per row (6, 15; <= 8 min)
 #   bash benchmarks/gpu_session.sh shared       # bench_shared_prompt (7)
 #
 # Reports go to $OUT (the device tool's output folder) or ./gpu-results. prefops is not
@@ -55,11 +55,21 @@ case "${1:-check}" in
         run tdpo python3 benchmarks/bench_tdpo.py --out "$out/tdpo.md"
         run diagnostics python3 benchmarks/bench_diagnostics.py --out "$out/diagnostics.md" ;;
     training)
-        run training-throughput python3 benchmarks/bench_training.py --part throughput --out "$out/training.md"
-        run training-longest-prefops python3 benchmarks/bench_training.py --part longest --rows prefops \
-            --out "$out/training-longest-prefops.md"
-        run training-longest-naive python3 benchmarks/bench_training.py --part longest --rows naive \
-            --out "$out/training-longest-naive.md" ;;
+        # At most 8 minutes: every command has a wall-clock cap (timeout) above its rows' --budget plus the
+        # imports, and the caps sum to 455 s; a row out of budget reports the longest length that trained so
+        # far, and a command past its cap still leaves each try's line in its log.
+        run training-throughput timeout 60 python3 benchmarks/bench_training.py --part throughput \
+            --rows prefops,naive,trl --reps 3 --warmup 1 --out "$out/training.md"
+        run training-longest-naive timeout 90 python3 benchmarks/bench_training.py --part longest --rows naive \
+            --budget 60 --out "$out/training-longest-naive.md"
+        run training-longest-prefops timeout 85 python3 benchmarks/bench_training.py --part longest --rows prefops \
+            --budget 60 --out "$out/training-longest-prefops.md"
+        run training-longest-prefops-packed timeout 85 python3 benchmarks/bench_training.py --part longest \
+            --rows prefops --attention prefops --layout packed --budget 60 --out "$out/training-longest-packed.md"
+        run training-longest-trl timeout 90 python3 benchmarks/bench_training.py --part longest --rows trl \
+            --attention prefops --layout packed --budget 60 --out "$out/training-longest-trl.md"
+        run training-longest-flash timeout 45 python3 benchmarks/bench_training.py --part longest --rows prefops \
+            --attention flash --layout packed --budget 25 --out "$out/training-longest-flash.md" ;;
     shared)
         run shared-prompt python3 benchmarks/bench_shared_prompt.py --out "$out/shared-prompt.md" ;;
     *)
