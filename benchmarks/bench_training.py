@@ -125,8 +125,7 @@ class Meter:
     out; on CPU an AllocationRecorder records the whole step and its peak is reset the same way."""
 
     def __init__(self, device: torch.device):
-        self.device, self.recorder = device, None if device.type == "cuda" else AllocationRecorder()
-        self.regions = {}
+        self.device, self.recorder, self.regions = device, None, {}
 
     def live(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.recorder is None else self.recorder.live
@@ -156,11 +155,16 @@ class Meter:
     @contextlib.contextmanager
     def step(self):
         self.regions, self._high = {}, 0
+        if self.device.type != "cuda":  # a fresh recorder: the last step's record is garbage
+            self.recorder = AllocationRecorder()
         with self.recorder or contextlib.nullcontext():
             start = self.live()
             self._reset()
             yield
-            self.note("step peak", max(self._high, self._peak()) - start)
+            high = max(self._high, self._peak())
+            self.note("step peak", high - start)
+            if self.recorder is None:  # the regions reset the allocator's own peak
+                self.note("max allocated", high)
 
 
 def tensor_bytes(tensors) -> int:
@@ -298,8 +302,7 @@ def throughput(args, device, row: str, attention: str, layout: str) -> list:
     batch, reference = bench.batch(args.pairs, args.seq_len)
     first = bench.step(batch, reference)  # also allocates the AdamW state, so the peak below is the step's own
     ms = median_ms(lambda: bench.step(batch, reference), device=bench.device, reps=args.reps, warmup=args.warmup)
-    bench.step(batch, reference)
-    total = torch.cuda.max_memory_allocated(bench.device) if bench.device.type == "cuda" else None
+    total = bench.meter.regions.get("max allocated")  # of the last timed step
     tokens = batch.input_ids.numel()
     return label(row, attention, layout) + [
         f"{args.pairs} x {args.seq_len}", f"{ms:.1f}", f"{tokens / ms * 1e3:,.0f}", *bench.breakdown(),
