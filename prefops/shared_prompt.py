@@ -42,7 +42,9 @@ skipped, the one to use for long sequences on a GPU. transformers (>= 4.48, 5.x)
 passes a 4-D mask or a BlockMask given as `attention_mask` straight to the
 attention layers; shared_prompt_hidden_states picks the form the model's
 attention implementation takes. flash-attention's varlen kernels cannot express
-this mask and are refused.
+this mask and are refused. With attn_implementation="prefops" (prefops.attention)
+there is no mask at all: the layout itself goes to the attention (prefops_layout),
+which runs each prompt once and each response against [prompt; response] keys.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ from typing import NamedTuple
 
 import torch
 
+from .attention import LAYOUT_KWARG, NAME
 from .ops import linear_logprobs
 from .sequences import sequence_sum
 
@@ -259,8 +262,11 @@ def build_layout(prompts, responses, *, packing: str = "example", pad_id: int = 
 
 def attention_mask_for(layout: SharedPromptLayout, implementation: str, dtype: torch.dtype = torch.float32):
     """The layout's mask in the form an attention implementation takes: 'sdpa' a bool [R, 1, L, L] mask,
-    'eager' the additive form in `dtype` (0 or dtype's min), 'flex_attention' a BlockMask."""
+    'eager' the additive form in `dtype` (0 or dtype's min), 'flex_attention' a BlockMask; None for 'prefops',
+    which takes the layout itself (prefops_layout=layout)."""
     implementation = implementation or "eager"
+    if implementation == NAME:
+        return None
     if implementation == "flex_attention":
         return layout.block_mask()
     if implementation == "sdpa":
@@ -269,7 +275,7 @@ def attention_mask_for(layout: SharedPromptLayout, implementation: str, dtype: t
         allowed = layout.dense_mask()
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
-    raise ValueError(f"attention implementation must be one of sdpa, eager, flex_attention for shared-prompt "
+    raise ValueError(f"attention implementation must be one of {NAME}, sdpa, eager, flex_attention for shared-prompt "
                      f"packing; got {implementation!r} (flash-attention's varlen kernels cannot express the mask)")
 
 
@@ -278,7 +284,9 @@ def shared_prompt_hidden_states(model, layout: SharedPromptLayout) -> torch.Tens
     body = model.get_decoder()
     dtype = next(body.parameters()).dtype
     mask = attention_mask_for(layout, model.config._attn_implementation, dtype)
-    output = body(input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids, use_cache=False)
+    extra = {LAYOUT_KWARG: layout} if mask is None else {}
+    output = body(input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids, use_cache=False,
+                  **extra)
     return output.last_hidden_state
 
 

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import prefops
+import prefops.attention
 from conftest import lm_tolerances, relative_error
 from prefops.integrations.hf import LMHead, PreferenceInputs, check_head, final_hidden_states, preference_loss
 from prefops.losses import pairwise_loss
@@ -203,14 +204,24 @@ def test_lora_on_the_lm_head_is_refused():
         LMHead.of(model)
 
 
-def test_padding_free_equals_padded():
+@pytest.mark.parametrize("attention", ["prefops", "model"])
+def test_padding_free_equals_padded(monkeypatch, attention):
+    """A padding-free batch on an eager model runs prefops attention for that call (a spy sees its blocks), or
+    the model's own mask with attention="model"; both equal the padded batch, and the model stays eager."""
+    blocks = []
+    run_blocks = prefops.attention._sdpa_blocks
+    monkeypatch.setattr(prefops.attention, "_sdpa_blocks", lambda *args: blocks.append(args[3]) or run_blocks(*args))
     model = llama()
     batch = padded_batch(7)
-    padded_loss, _ = preference_loss(model, batch)
+    padded_loss, _ = preference_loss(model, batch, attention=attention)
+    assert not blocks
     padded_grads = grads(model, padded_loss)
     flat = packed(batch)
     assert flat["input_ids"].shape[0] == 1
-    loss, metrics = preference_loss(model, flat)
+    loss, metrics = preference_loss(model, flat, attention=attention)
+    assert len(blocks) == (BODY["num_hidden_layers"] if attention == "prefops" else 0)
+    assert all(len(layout.blocks) == 2 * PAIRS for layout in blocks)
+    assert model.config._attn_implementation == "eager"
     values, gradients, loss_terms = layouts_tolerances(model, batch)
     assert relative_error(loss.detach(), padded_loss.detach(), scale=loss_terms) <= values
     assert relative_error(grads(model, loss), padded_grads) <= gradients
@@ -322,6 +333,8 @@ def test_missing_reference_and_loss_options_are_refused():
         preference_loss(model, padded_batch(14, with_ref=False))
     with pytest.raises(ValueError, match="without temperature / softcap"):
         preference_loss(model, padded_batch(14), prefops.PreferenceLoss("sigmoid", softcap=30.0))
+    with pytest.raises(ValueError, match="attention must be one of prefops, model; got 'flash'"):
+        preference_loss(model, padded_batch(14), attention="flash")
     flat = packed(padded_batch(14))
     flat["attention_mask"] = torch.zeros_like(flat["input_ids"])
     with pytest.raises(ValueError, match="padding-free"):

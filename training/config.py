@@ -30,7 +30,9 @@ class Config:
     # bundled character tokenizer; anything else is an AutoModelForCausalLM name or path.
     model: str = knob("tiny-llama", "tiny-llama, or a Hugging Face causal LM name or path")
     model_config: dict = knob({}, "LlamaConfig fields of tiny-llama, or from_pretrained kwargs")
-    attn_implementation: str = knob("sdpa", "sdpa | eager | flex_attention | flash_attention_2")
+    attn_implementation: str | None = knob(
+        None, "prefops | sdpa | eager | flex_attention | flash_attention_2 (null: prefops when packing or "
+        "shared_prompt, else sdpa)")
 
     # Data: "synthetic:addition", a .jsonl path, or "hf:NAME[:SPLIT]" (needs `datasets`).
     data: str = knob("synthetic:addition", "synthetic:addition, a .jsonl path, or hf:NAME[:SPLIT]")
@@ -82,6 +84,7 @@ class Config:
     threads: int | None = knob(None, "CPU threads of torch (null: torch's default)")
     bf16: str = knob("auto", "auto (on when CUDA supports it) | true | false")
     gradient_checkpointing: bool = knob(False, "recompute each layer in backward to save memory")
+    activation_offload: bool = knob(False, "keep the activations saved for backward in CPU memory (pinned on CUDA)")
 
     # Evaluation, logging and checkpoints.
     eval_every: int = knob(50, "steps between evaluations on the held-out split")
@@ -112,12 +115,15 @@ CHOICES = {
     "kl_direction": ("ref_policy", "policy_ref"),
     "lr_schedule": ("cosine", "linear", "constant"),
     "bf16": ("auto", True, False),
+    "attn_implementation": (None, "prefops", "sdpa", "eager", "flex_attention", "flash_attention_2",
+                            "flash_attention_3"),
 }
 
 # Keys that only change what is observed, not the trajectory: a run may resume with other values.
 RESUME_FREE_KEYS = frozenset({
     "eval_every", "eval_batches", "win_rate_samples", "log_every", "out_dir", "checkpoint_every",
     "resume", "ref_cache_dir", "plot", "tensorboard", "device", "threads", "sample_temperature",
+    "activation_offload",  # where saved activations wait changes memory, not values
 })
 
 
@@ -127,6 +133,13 @@ class ConfigError(ValueError):
     def __init__(self, message: str, key: str | None = None):
         super().__init__(message)
         self.key = key
+
+
+def attention_implementation(config: Config) -> str:
+    """The attention a model is built with: prefops (no T x T mask) for packed layouts unless one is named."""
+    if config.attn_implementation is not None:
+        return config.attn_implementation
+    return "prefops" if config.packing or config.shared_prompt else "sdpa"
 
 
 def valid_keys() -> list[str]:
@@ -252,10 +265,10 @@ def _validate_objective(config: Config) -> None:
         if config.ld_alpha is not None:
             raise ValueError("ld_alpha needs padded batches (it pairs chosen and rejected tokens): "
                              "set shared_prompt: false")
-        if "flash" in config.attn_implementation:
+        if "flash" in (config.attn_implementation or ""):
             raise ValueError(f"shared_prompt needs an attention mask flash-attention's varlen kernels cannot "
-                             f"express: set attn_implementation to sdpa, eager or flex_attention; got "
-                             f"{config.attn_implementation!r}")
+                             f"express: set attn_implementation to prefops (which runs flash-attn per block when "
+                             f"installed), sdpa, eager or flex_attention; got {config.attn_implementation!r}")
     coupled = [name for name in names if name in BATCH_COUPLED_LOSSES]
     if coupled and config.grad_accum_steps > 1:
         raise ValueError(f"loss_type {coupled[0]!r} couples the pairs of a batch (it sorts across them), so its loss "

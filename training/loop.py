@@ -414,7 +414,7 @@ class Trainer:
             distributed.shard(self.lm)
         self.out_dir = Path(config.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.autocast = lambda: M.autocast(self.device, config.bf16)
+        self.autocast = lambda: M.autocast(self.device, config.bf16, config.activation_offload)
         self.stages: dict[str, Stage] = {}
 
     @staticmethod

@@ -16,11 +16,12 @@ import torch
 import transformers
 
 import prefops
+import prefops.attention
 from prefops import reference as reference_ops
 from prefops.integrations.hf import LMHead, final_hidden_states
 from prefops.shared_prompt import shared_prompt_hidden_states
 
-from .config import ConfigError, as_yaml
+from .config import ConfigError, as_yaml, attention_implementation
 from .data import IGNORE_INDEX, Batch
 from .tokenizer import CharTokenizer
 
@@ -43,6 +44,8 @@ def resolve_device(name: str) -> torch.device:
 
 def build(config, device: torch.device, chars: str | None = None):
     """(model, tokenizer) for config.model; the tiny Llama (characters `chars`) is initialised from config.seed."""
+    prefops.attention.register()
+    attention = attention_implementation(config)
     if config.model == "tiny-llama":
         tokenizer = CharTokenizer(*([chars] if chars else []))
         torch.manual_seed(config.seed)
@@ -51,7 +54,7 @@ def build(config, device: torch.device, chars: str | None = None):
                 **{**TINY_LLAMA, **config.model_config}, vocab_size=len(tokenizer),
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id)
-            model_config._attn_implementation = config.attn_implementation
+            model_config._attn_implementation = attention
             model = transformers.LlamaForCausalLM(model_config)
         except Exception as error:  # noqa: BLE001 - model_config is the only input here a user gives
             raise ConfigError(f"model_config {as_yaml(config.model_config)}: {' '.join(str(error).split())}",
@@ -59,7 +62,7 @@ def build(config, device: torch.device, chars: str | None = None):
     else:
         tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            config.model, attn_implementation=config.attn_implementation, **config.model_config)
+            config.model, attn_implementation=attention, **config.model_config)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     return model.to(device), tokenizer
@@ -93,7 +96,9 @@ def linear_logprobs_fn(loss_impl: str):
 
 
 def hidden_states(model, batch: Batch) -> torch.Tensor:
-    """Final hidden states of the batch; packed sequences are kept apart by transformers (from position_ids).
+    """Final hidden states of the batch. Packed sequences are kept apart by their position_ids, which restart
+    at 0 in each: attn_implementation prefops reads its blocks from them (no T x T mask), transformers' other
+    implementations their masks.
 
     A shared-prompt batch gives [1, N, H]: the rows that predict its N scored tokens."""
     if batch.layout is not None:
@@ -159,10 +164,16 @@ def sequence_logprobs(model, batch: Batch, loss_impl: str, ld_alpha: float | Non
     return sequence_sums(token_logprobs(model, batch, loss_impl), batch, ld_token_weights(batch, ld_alpha))
 
 
-def autocast(device: torch.device, bf16: str | bool):
-    """bf16 autocast on a GPU that supports it (bf16: auto), forced on or off otherwise."""
-    if device.type == "cuda" and (bf16 is True or (bf16 == "auto" and torch.cuda.is_bf16_supported())):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if bf16 is True:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def autocast(device: torch.device, bf16: str | bool, activation_offload: bool = False):
+    """bf16 autocast on a GPU that supports it (bf16: auto), forced on or off otherwise; with activation_offload
+    the tensors autograd saves in forward wait in CPU memory (pinned on CUDA, so the copies overlap) for backward.
+    Under no_grad nothing is saved and the offload does nothing."""
+    with contextlib.ExitStack() as stack:
+        if activation_offload:
+            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"))
+        if device.type == "cuda" and (bf16 is True or (bf16 == "auto" and torch.cuda.is_bf16_supported())):
+            stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+        elif bf16 is True:
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+        yield

@@ -22,6 +22,7 @@ import weakref
 
 import torch
 
+from .. import attention as packed_attention
 from .. import reference
 from ..losses import ld_dpo_token_weights
 from ..ops import linear_logprobs
@@ -447,9 +448,42 @@ def _loss_for_head(loss: PreferenceLoss, head: LMHead) -> PreferenceLoss:
 
 
 _CHECKED = weakref.WeakKeyDictionary()
+ATTENTION = ("prefops", "model")
+# Implementations whose packed path is a T x T mask; others (flash, flex, prefops, custom) are left as they are.
+_MASKED = ("sdpa", "eager")
 
 
-def preference_loss(model, batch, loss: PreferenceLoss | None = None, *, ref_model=None, check: bool = True):
+def _configs(config):
+    """A config and its sub-configs, at any depth."""
+    found, stack = [], [config]
+    while stack:
+        config = stack.pop()
+        found.append(config)
+        stack += [sub for key in getattr(config, "sub_configs", {}) if (sub := getattr(config, key, None)) is not None]
+    return found
+
+
+@contextlib.contextmanager
+def _attention_for(models, inputs: PreferenceInputs, attention: str):
+    """Within it, models on sdpa or eager run a padding-free batch with prefops attention (no T x T mask)."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}; got {attention!r}")
+    configs = [unwrap_model(m).config for m in models if m is not None] if inputs.padding_free else []
+    configs = [config for config in configs if config._attn_implementation in _MASKED] if attention == "prefops" else []
+    saved = [(sub, sub._attn_implementation_internal) for config in configs for sub in _configs(config)]
+    if configs:
+        packed_attention.register()
+    for config in configs:
+        config._attn_implementation = packed_attention.NAME
+    try:
+        yield
+    finally:
+        for sub, value in saved:
+            sub._attn_implementation_internal = value
+
+
+def preference_loss(model, batch, loss: PreferenceLoss | None = None, *, ref_model=None, check: bool = True,
+                    attention: str = "prefops"):
     """(loss, metrics) of a preference batch for any transformers causal LM, without the N x V logits.
 
     Args:
@@ -474,6 +508,9 @@ def preference_loss(model, batch, loss: PreferenceLoss | None = None, *, ref_mod
             (its 'ref' adapter when it has one, as TRL); other models raise.
         check: on the first call for a model, confirm the fused head against the model's own
             logits on 3 tokens (check_head).
+        attention: "prefops" runs a padding-free batch on a model (and ref_model) whose attention is sdpa or
+            eager with attn_implementation="prefops" for this call (prefops.attention: no T x T mask, same
+            values), restored after; "model" keeps the model's own, which builds the T x T mask.
 
     Returns the mean loss over pairs and metrics under TRL's names (rewards/chosen,
     rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, ...).
@@ -487,15 +524,16 @@ def preference_loss(model, batch, loss: PreferenceLoss | None = None, *, ref_mod
     if check and unwrap_model(model) not in _CHECKED:
         check_head(model, head)
         _CHECKED[unwrap_model(model)] = True
-    if loss.needs_reference and inputs.ref_chosen_logps is None:
-        reference_context = None if ref_model is not None else _peft_reference(model)
-        if ref_model is None and reference_context is None:
-            raise ValueError(f"loss_type {loss.loss_type!r} needs the reference: pass ref_model, or "
-                             "ref_chosen_logps / ref_rejected_logps in the batch (or use a PEFT model)")
-        with torch.no_grad(), reference_context or contextlib.nullcontext():
-            ref = completion_logps(ref_model or model, inputs, ld_alpha=loss.ld_alpha, ignore_index=ignore_index)
-        inputs.ref_chosen_logps, inputs.ref_rejected_logps = ref[:inputs.pairs], ref[inputs.pairs:]
-    return fused_loss(model, inputs, loss, head)[:2]
+    with _attention_for((model, ref_model), inputs, attention):
+        if loss.needs_reference and inputs.ref_chosen_logps is None:
+            reference_context = None if ref_model is not None else _peft_reference(model)
+            if ref_model is None and reference_context is None:
+                raise ValueError(f"loss_type {loss.loss_type!r} needs the reference: pass ref_model, or "
+                                 "ref_chosen_logps / ref_rejected_logps in the batch (or use a PEFT model)")
+            with torch.no_grad(), reference_context or contextlib.nullcontext():
+                ref = completion_logps(ref_model or model, inputs, ld_alpha=loss.ld_alpha, ignore_index=ignore_index)
+            inputs.ref_chosen_logps, inputs.ref_rejected_logps = ref[:inputs.pairs], ref[inputs.pairs:]
+        return fused_loss(model, inputs, loss, head)[:2]
 
 
 def fused_loss(model, inputs: PreferenceInputs, loss: PreferenceLoss, head: LMHead | None = None, **model_kwargs):
