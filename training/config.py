@@ -124,6 +124,9 @@ RESUME_FREE_KEYS = frozenset({
     "eval_every", "eval_batches", "win_rate_samples", "log_every", "out_dir", "checkpoint_every",
     "resume", "ref_cache_dir", "plot", "tensorboard", "device", "threads", "sample_temperature",
     "activation_offload",  # where saved activations wait changes memory, not values
+    # Every backend computes the same attention (tested against the masked float64 reference), so
+    # a run saved with sdpa resumes under the prefops default.
+    "attn_implementation",
 })
 
 
