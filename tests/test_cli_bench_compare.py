@@ -213,3 +213,10 @@ def test_reports_name_the_tiles_the_autotuner_chose(capsys):
         del logits_stats.logits_stats_kernel.cache[key]
     printed = capsys.readouterr().out
     assert "Autotuner picks:" in printed and f"logits_stats_kernel {key}: BLOCK_N: 128, BLOCK_V: 128" in printed
+
+
+def test_bench_options_name_every_row():
+    """`prefops bench --rows` is defined without importing torch, from names that must match the rows."""
+    from prefops.tools.options import ROW_NAMES
+
+    assert ROW_NAMES == tuple(bench.ROWS)

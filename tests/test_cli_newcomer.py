@@ -43,8 +43,8 @@ def test_top_level_help_is_instant_and_describes_the_commands():
     assert "add_commands" not in text and "COMMAND_GROUPS" not in text  # no developer notes
 
 
-@pytest.mark.parametrize("command", ["train", "eval"])
-def test_training_help_imports_nothing_heavy(command):
+@pytest.mark.parametrize("command", ["train", "eval", "bench", "compare"])
+def test_command_help_imports_nothing_heavy(command):
     text, imported, _ = help_in_a_fresh_process(command)
     assert imported == []
     assert f"usage: prefops {command}" in text
@@ -158,10 +158,10 @@ def test_threads_apply_to_the_run_and_are_restored(tmp_path, monkeypatch):
 
 def test_bench_writes_under_the_ignored_runs_folder_and_labels_its_progress(capsys):
     import argparse
-    from prefops.tools import bench
+    from prefops.tools import bench, options
 
     subparsers = argparse.ArgumentParser().add_subparsers()
-    bench.add_commands(subparsers)
+    options.add_commands(subparsers)
     out_dir = subparsers.choices["bench"].get_default("out_dir")
     ignored = subprocess.run(["git", "check-ignore", "-q", str(out_dir / "report.md")], cwd=ROOT)
     assert ignored.returncode == 0, f"{out_dir} is not git-ignored"

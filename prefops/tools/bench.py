@@ -35,6 +35,8 @@ from ..memory import AllocationRecorder
 from ..objective import sequence_objective
 from ..ops import linear_logprobs
 from ..sequences import sequence_sum
+from .options import (  # noqa: F401 - the benchmark scripts import these from here
+    PRESETS, TINY, add_choices_option, add_timing_options, choices_option)
 
 BETA = 0.1
 IGNORE_INDEX = -100
@@ -636,14 +638,6 @@ def plot_sweep(series, out_dir: Path, title: str) -> list[Path]:
 
 # ---------------------------------------------------------------- model presets
 
-# name: (hidden size, vocabulary, final logit softcap)
-PRESETS = {
-    "llama3-8b": (4096, 128256, None),
-    "llama3.2-1b": (2048, 128256, None),
-    "qwen2.5-7b": (3584, 152064, None),
-    "gemma2-9b": (3584, 256000, 30.0),
-    "mistral-7b": (4096, 32768, None),
-}
 
 
 def model_dims(name_or_path: str):
@@ -670,7 +664,6 @@ def model_dims(name_or_path: str):
 
 # ---------------------------------------------------------------- `prefops bench`
 
-TINY = dict(hidden=64, vocab=1000, tokens=256, seq_len=64, seq_lens=(32, 64, 128))
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -681,19 +674,6 @@ def _int_list(text: str, option: str) -> list[int]:
     if any(value < 2 for value in values):
         raise ValueError(f"{option} entries must be >= 2; got {text!r}")
     return values
-
-
-def add_timing_options(parser, tiny_help="tiny shapes, to smoke-test the script", *, reps=(20, 3),
-                       warmup=(3, 1)) -> None:
-    """--reps, --warmup, --device, --tiny: the options every benchmark script shares.
-
-    reps and warmup are the (CUDA, CPU) defaults; pass the same ones to timing_defaults."""
-    parser.add_argument("--reps", type=int,
-                        help=f"timed repetitions per row (default {reps[0]} on CUDA, {reps[1]} on CPU)")
-    parser.add_argument("--warmup", type=int,
-                        help=f"untimed calls first (default {warmup[0]} on CUDA, {warmup[1]} on CPU)")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--tiny", action="store_true", help=tiny_help)
 
 
 def timing_defaults(args, *, reps=(20, 3), warmup=(3, 1)) -> None:
@@ -709,34 +689,6 @@ def require_device(args) -> torch.device:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --device cpu --tiny for a smoke test")
     return torch.device(args.device)
-
-
-def comma_choices(allowed):
-    """An argparse type: comma-separated names, each one of `allowed`, as a list ('' gives none)."""
-    def names(text: str) -> list[str]:
-        chosen = [name for name in text.split(",") if name]
-        unknown = [name for name in chosen if name not in allowed]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
-        return chosen
-    return names
-
-
-def add_choices_option(parser, option: str, allowed, default: Optional[str] = None,
-                       help: Optional[str] = None) -> None:
-    """A comma-separated subset of `allowed` (default: all), parsed to a list; argparse names the option in
-    its error."""
-    everything = ",".join(allowed)
-    parser.add_argument(option, type=comma_choices(allowed), default=everything if default is None else default,
-                        help=help or "comma-separated subset of " + everything)
-
-
-def choices_option(text: str, allowed, option: str) -> list[str]:
-    """comma_choices outside argparse: ValueError naming `option` and the allowed names."""
-    try:
-        return comma_choices(allowed)(text)
-    except argparse.ArgumentTypeError as error:
-        raise ValueError(f"{option}: {error}") from None
 
 
 def rows_option(text: str, option: str = "--rows") -> list[str]:
@@ -774,30 +726,6 @@ def finish_report(text: str, path: Optional[Path], *, append: bool = False) -> N
     print(text)
     if path:
         write_report(text, path, append=append)
-
-
-def add_commands(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "bench", help="time fused DPO fwd+bwd against PyTorch, Liger and CCE on this GPU",
-        description="Op-level benchmark of DPO (sigmoid) forward+backward from hidden states and lm_head: "
-                    "median time, ratio to the 3-GEMM floor, memory beyond the gradients and error against an "
-                    "fp32 reference per row, plus time and memory against sequence length (PNG plots).",
-        epilog=f"presets: {', '.join(PRESETS)}. Without a GPU: prefops bench --device cpu --tiny (smoke test).")
-    parser.add_argument("--model-config", default="llama3-8b",
-                        help="preset name or path to a Hugging Face config.json (default llama3-8b)")
-    parser.add_argument("--hidden", type=int, help="hidden size H (overrides the model's)")
-    parser.add_argument("--vocab", type=int, help="vocabulary size V (overrides the model's)")
-    parser.add_argument("--softcap", type=float, help="final logit softcap (overrides the model's)")
-    parser.add_argument("--tokens", type=int, help="tokens in the table's batch, chosen + rejected (default 8192)")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence in the table's batch (default 1024)")
-    parser.add_argument("--seq-lens", help="sequence lengths of the sweep for the plots, comma-separated "
-                        "(default 1024,2048,4096,8192; '' for none)")
-    parser.add_argument("--sweep-pairs", type=int, default=1, help="pairs per batch in the sweep (default 1)")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
-    add_timing_options(parser, f"tiny shapes (H {TINY['hidden']}, V {TINY['vocab']}) to smoke-test, e.g. on CPU")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/bench"),
-                        help="where report.md and the PNG plots go (default runs/bench, next to the training runs)")
-    parser.set_defaults(run=run_bench)
 
 
 def bench_config(args):

@@ -10,8 +10,8 @@ import sys
 COMMANDS = {
     "train": ("prefops.training.cli", "train a model: optional SFT, then DPO-family preference optimisation"),
     "eval": ("prefops.training.cli", "evaluate a run's checkpoint with the config it was trained with"),
-    "bench": ("prefops.tools.bench", "time fused DPO forward+backward against PyTorch, Liger and CCE"),
-    "compare": ("prefops.tools.compare", "check every fused op and loss against its float64 reference"),
+    "bench": ("prefops.tools.options", "time fused DPO forward+backward against PyTorch, TRL, Liger and CCE"),
+    "compare": ("prefops.tools.options", "check every fused op and loss against its float64 reference"),
 }
 
 DESCRIPTION = """\

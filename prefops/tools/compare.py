@@ -180,6 +180,11 @@ def check(entry: Entry, *, dtype, device, seed=0, backend="auto") -> Result:
                   time.perf_counter() - begin, ran=ran)
 
 
+def _budget(rows: int, hidden, sides: int = 1) -> int:
+    """A budget that holds `rows` rows of logits (and their gradient tile) for inputs like `hidden`."""
+    return rows * VOCAB * budget_bytes_per_logit(hidden.dtype, sides)
+
+
 # ---------------------------------------------------------------- inputs
 
 def token_batch(generator, sequences, *, scale=4.0, bias=False):
@@ -272,7 +277,7 @@ def _objective_entries():
             out = sequence_objective(
                 hidden, weight, targets, head=lambda logps, index, stats: head(logps, rows[index] >= 0, stats),
                 groups=rows, seq_ids=seq_ids, token_weights=token_weights.float(),
-                stats=("entropy", "log_sum_p2"), strategy=strategy, budget=3 * LENGTH * VOCAB * budget_bytes_per_logit(hidden.dtype))
+                stats=("entropy", "log_sum_p2"), strategy=strategy, budget=_budget(3 * LENGTH, hidden))
             return {"loss": out.loss, "logps": out.logps}
         return run
 
@@ -353,8 +358,8 @@ def pairwise_entry(name, strategy, loss_type, **options):
                 "params": {**options, **pairwise_params(loss_type if isinstance(loss_type, str) else "", generator)}}
 
     def fused(hidden, weight, targets, ref, params):
-        module = PreferenceLoss(loss_type, beta=PAIRWISE_BETA, strategy=strategy, budget=2 * 2 * LENGTH * VOCAB * budget_bytes_per_logit(hidden.dtype),
-                                **params)
+        module = PreferenceLoss(loss_type, beta=PAIRWISE_BETA, strategy=strategy,
+                                budget=_budget(2 * 2 * LENGTH, hidden), **params)
         loss, metrics = module(hidden, weight, targets, ref_chosen_logps=ref[:PAIRS].float(),
                                ref_rejected_logps=ref[PAIRS:].float())
         return {"loss": loss, **{k: metrics[k] for k in PAIRWISE_OUTPUTS}}
@@ -410,7 +415,7 @@ def unpaired_entry(name, strategy, make_loss):
             return loss_fn(logps[:, 0], ref32[group_index], labels[group_index])[0].sum() / UNPAIRED
 
         out = sequence_objective(hidden, weight, targets, head=head, groups=groups, strategy=strategy,
-                                 budget=2 * LENGTH * VOCAB * budget_bytes_per_logit(hidden.dtype))
+                                 budget=_budget(2 * LENGTH, hidden))
         return {"loss": out.loss, "logps": out.logps}
 
     def reference(hidden, weight, targets, ref, labels):
@@ -454,7 +459,8 @@ def listwise_entry(loss_type, strategy):
                 "scores": torch.randn(LISTS, LIST_SIZE, generator=generator)}
 
     def fused(hidden, weight, targets, ref, scores):
-        module = ListwiseLoss(loss_type, beta=PAIRWISE_BETA, strategy=strategy, budget=LIST_SIZE * LENGTH * VOCAB * budget_bytes_per_logit(hidden.dtype))
+        module = ListwiseLoss(loss_type, beta=PAIRWISE_BETA, strategy=strategy,
+                              budget=_budget(LIST_SIZE * LENGTH, hidden))
         loss, _ = module(hidden, weight, targets, scores=scores, ref_logps=ref.float())
         return {"loss": loss}
 
@@ -515,7 +521,7 @@ def tdpo_entry(loss_type, direction, strategy):
 
     def fused(hidden, weight, targets, ref_hidden, ref_weight):
         module = PreferenceLoss(loss_type, beta=PAIRWISE_BETA, kl_direction=direction, strategy=strategy,
-                                budget=2 * 2 * LENGTH * VOCAB * budget_bytes_per_logit(hidden.dtype, sides=2))
+                                budget=_budget(2 * 2 * LENGTH, hidden, sides=2))
         loss, metrics = module(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight)
         return {"loss": loss, **{k: metrics[k] for k in PAIRWISE_OUTPUTS}}
 
@@ -592,26 +598,6 @@ def select(all_entries: dict, only: str | None) -> list:
 
 # ---------------------------------------------------------------- `prefops compare`
 
-def add_commands(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "compare", help="check every fused op and loss against its float64 reference",
-        description="Runs every fused op and loss, and its float64 reference, on fresh random inputs of odd "
-                    "shapes; prints per entry the max relative error of values and gradients, the tolerance it "
-                    "is held to (values 1e-5 in every dtype; gradients 1e-5 in float32, 3 units of roundoff of "
-                    "bfloat16/float16, which store them; unless the entry states its own), the "
-                    "strategy that ran and the warnings raised, and exits 1 when an entry is over tolerance, "
-                    "cannot run, or runs another strategy than the one it expects.")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
-                        help="prefops backend; triton on CPU runs under TRITON_INTERPRET=1 (slow)")
-    parser.add_argument("--only", help="comma-separated entry names or families (op, objective, pairwise, "
-                        "pairwise/sigmoid, ...)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--list", action="store_true", help="list the entries and exit")
-    parser.set_defaults(run=run_compare)
-
-
 @dataclasses.dataclass
 class Row:
     """One entry's line of the report."""
@@ -659,7 +645,8 @@ def report(rows: list, header: str) -> tuple[str, bool]:
         if entry.expected and result.ran != entry.strategy:
             ran += f" ({entry.strategy} asked)"
         table.append([result.name, ran, f"{result.value_error:.1e}", f"{result.grad_error:.1e}",
-                      "{:.1e} / {:.1e}".format(*row.tolerance), "; ".join(["FAIL"] + row.problems) if row.problems else "ok",
+                      "{:.1e} / {:.1e}".format(*row.tolerance),
+                      "; ".join(["FAIL"] + row.problems) if row.problems else "ok",
                       result.error or result.worst, " ".join(f"[{note_numbers[n]}]" for n in row.notes),
                       f"{result.seconds:.2f}"])
     from .bench import markdown_table
