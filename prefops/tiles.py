@@ -48,21 +48,26 @@ class Token(NamedTuple):
 
 def transform(linear: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
     """z = softcap * tanh(u / softcap) with u = linear / temperature (fp32)."""
-    return transform_with_slope(linear, temperature, softcap)[0]
+    u = _scaled(linear, temperature)
+    return u if softcap is None else softcap * torch.tanh(u / softcap)
 
 
 def transform_with_slope(linear: torch.Tensor, temperature: float, softcap: float | None):
-    """(z, dz / dlinear): the logits and the chain-rule factor of their gradient (a tensor, or a
-    number without softcap). 1 - tanh^2 is formed as 4e / (1 + e)^2 with e = exp(-2|u / softcap|),
-    which keeps its relative accuracy where the tanh saturates (1 - t^2 would cancel)."""
-    z = linear.float()
-    if temperature != 1.0:
-        z = z / temperature
+    """(z, dz / dlinear): the logits of transform, bit for bit, and the chain-rule factor of their
+    gradient (a tensor, or a number without softcap). 1 - tanh^2 is formed as 4e / (1 + e)^2 with
+    e = exp(-2|u / softcap|), which keeps its relative accuracy where the tanh saturates (1 - t^2
+    would cancel). Only the gradient paths pay for the slope."""
+    u = _scaled(linear, temperature)
     if softcap is None:
-        return z, 1.0 / temperature
-    x = z / softcap
+        return u, 1.0 / temperature
+    x = u / softcap
     e = torch.exp(-2.0 * x.abs())
     return softcap * torch.tanh(x), 4.0 * e / ((1.0 + e) * (1.0 + e) * temperature)
+
+
+def _scaled(linear, temperature):
+    u = linear.float()
+    return u if temperature == 1.0 else u / temperature
 
 
 def tile_stats(z: torch.Tensor, local_targets: torch.Tensor) -> Stats:

@@ -120,6 +120,17 @@ def shared_examples(k, seed):
     return prompts, responses
 
 
+def check_shared_layout(model, reference, layout, seed):
+    """The model on a shared-prompt layout (prefops attention) against the float64 reference with
+    the layout's eager mask: hidden states and, through random upstream values, every gradient."""
+    hidden = model(input_ids=layout.input_ids, position_ids=layout.position_ids, prefops_layout=layout,
+                   use_cache=False).last_hidden_state
+    expected = reference(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False,
+                         attention_mask=attention_mask_for(layout, "eager", torch.float64)).last_hidden_state
+    upstream = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    check_against(model, hidden, reference, expected, upstream, layout.input_ids.shape[1])
+
+
 @pytest.mark.parametrize("packing", ["flat", "example"])
 @pytest.mark.parametrize("k", [2, 4, [3, 1, 4]], ids=["K2", "K4", "Kvaries"])
 def test_shared_prompt_matches_masked_reference(k, packing):
@@ -127,13 +138,7 @@ def test_shared_prompt_matches_masked_reference(k, packing):
     model = tiny_model(seed=2)
     reference = reference_of(model)
     layout = build_layout(*shared_examples(k, seed=len(str(k))), packing=packing, pad_to_multiple=8)
-    hidden = model(input_ids=layout.input_ids, position_ids=layout.position_ids, prefops_layout=layout,
-                   use_cache=False).last_hidden_state
-    expected = reference(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False,
-                         attention_mask=attention_mask_for(layout, "eager", torch.float64)).last_hidden_state
-    # Padding too: it is one causal run per row in both.
-    upstream = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    check_against(model, hidden, reference, expected, upstream, layout.input_ids.shape[1])
+    check_shared_layout(model, reference, layout, seed=4)  # padding too: one causal run per row in both
 
 
 def test_shared_prompt_matches_unshared_padded_batch():
@@ -224,12 +229,7 @@ def test_flash_path_cu_seqlens_and_gathered_keys(monkeypatch):
     model = tiny_model(seed=6)
     reference = reference_of(model)
     layout = build_layout(*shared_examples([2, 3, 1], seed=9), packing="example")
-    hidden = model(input_ids=layout.input_ids, position_ids=layout.position_ids, prefops_layout=layout,
-                   use_cache=False).last_hidden_state
-    expected = reference(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False,
-                         attention_mask=attention_mask_for(layout, "eager", torch.float64)).last_hidden_state
-    upstream = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
-    check_against(model, hidden, reference, expected, upstream, layout.input_ids.shape[1])
+    check_shared_layout(model, reference, layout, seed=10)
 
 
 @pytest.mark.gpu
