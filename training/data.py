@@ -99,6 +99,9 @@ class Record:
     scores: list | None = None  # ranked only
     label: bool | None = None   # unpaired only
     stage: int | None = None    # curriculum pairs only: the pair's stage, easy (0) to hard
+    preference_prob: float | None = None  # pairwise only: P(chosen > rejected), a soft label
+    weight: float | None = None           # pairwise only: the pair's weight in the loss
+    margin: float | None = None           # pairwise only: a reward margin of other objectives (MODPO)
 
     @property
     def kind(self) -> str:
