@@ -548,47 +548,61 @@ class Trainer:
 
     # --- one stage
 
+    def optimizer(self, lr: float, steps: int):
+        """AdamW and its warmup-then-decay schedule over `steps` optimizer steps."""
+        config = self.config
+        optimizer = torch.optim.AdamW(self.lm.parameters(), lr=lr, betas=tuple(config.adam_betas),
+                                      weight_decay=config.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
+
+    def restore(self, resume: dict, optimizer, scheduler, objective) -> int:
+        """Model, optimizer, schedule, loss state and RNG of a checkpoint; the step it was written at."""
+        distributed.load_model_state(self.model, resume["model"])
+        distributed.load_optimizer_state(self.model, optimizer, resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("objective"):
+            objective.load_state_dict(resume["objective"])
+        checkpoint.set_rng_state(resume["rng"])
+        return resume["step"]
+
+    def train_step(self, stage: str, step: int, train_set: D.Dataset, objective, optimizer, scheduler) -> dict:
+        """One optimizer step on the global batch `step` of train_set (0-based); its train record."""
+        config = self.config
+        began = time.perf_counter()
+        global_batch = config.batch_size * distributed.world_size()
+        indices = D.step_indices(len(train_set), step, global_batch, config.seed, stage, train_set.curriculum)
+        batches = self.step_batches(train_set, indices)
+        with explain_out_of_memory(config, f"{stage} step {step + 1}"):
+            record = run_batches(self.lm, objective, batches, self.autocast, backward=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.lm.parameters(), config.grad_clip or math.inf)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record_lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        seconds = time.perf_counter() - began
+        counts = {"tokens": sum(batch.num_tokens for batch in batches),
+                  "completion_tokens": sum(batch.num_targets for batch in batches)}
+        if config.shared_prompt:  # prompt tokens not run again for each completion
+            counts["tokens_saved"] = sum(batch.tokens_saved for batch in batches)
+        counts = distributed.all_reduce_sums(counts)
+        return {"stage": stage, "kind": "train", "step": step + 1, **record, "lr": record_lr,
+                "grad_norm": distributed.as_float(grad_norm), **{name: int(n) for name, n in counts.items()},
+                "tokens_per_s": counts["tokens"] / seconds, "examples_per_s": len(indices) / seconds}
+
     def run_stage(self, stage: str, log: RunLog, resume: dict | None) -> None:
         config = self.config
         steps, lr, train_set, objective, _, _ = self.stages[stage]
-        optimizer = torch.optim.AdamW(self.lm.parameters(), lr=lr, betas=tuple(config.adam_betas),
-                                      weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
-        start = 0
+        optimizer, scheduler = self.optimizer(lr, steps)
         if resume is not None:
-            distributed.load_model_state(self.model, resume["model"])
-            distributed.load_optimizer_state(self.model, optimizer, resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
-            if resume.get("objective"):
-                objective.load_state_dict(resume["objective"])
-            checkpoint.set_rng_state(resume["rng"])
-            start = resume["step"]
+            start = self.restore(resume, optimizer, scheduler, objective)
         else:
+            start = 0
             log.write(self.evaluate(stage, 0))
         self.lm.train()
         bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, dynamic_ncols=True,
                    disable=not distributed.is_main())
-        global_batch = config.batch_size * distributed.world_size()
         for step in bar:
-            began = time.perf_counter()
-            indices = D.step_indices(len(train_set), step, global_batch, config.seed, stage, train_set.curriculum)
-            batches = self.step_batches(train_set, indices)
-            with explain_out_of_memory(config, f"{stage} step {step + 1}"):
-                record = run_batches(self.lm, objective, batches, self.autocast, backward=True)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.lm.parameters(), config.grad_clip or math.inf)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            record_lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            seconds = time.perf_counter() - began
-            counts = {"tokens": sum(batch.num_tokens for batch in batches),
-                      "completion_tokens": sum(batch.num_targets for batch in batches)}
-            if config.shared_prompt:  # prompt tokens not run again for each completion
-                counts["tokens_saved"] = sum(batch.tokens_saved for batch in batches)
-            counts = distributed.all_reduce_sums(counts)
-            record = {"stage": stage, "kind": "train", "step": step + 1, **record, "lr": record_lr,
-                      "grad_norm": distributed.as_float(grad_norm), **{name: int(n) for name, n in counts.items()},
-                      "tokens_per_s": counts["tokens"] / seconds, "examples_per_s": len(indices) / seconds}
+            record = self.train_step(stage, step, train_set, objective, optimizer, scheduler)
             bar.set_postfix(loss=f"{record['loss']:.4f}", **(
                 {"acc": f"{record['rewards/accuracies']:.2f}"} if "rewards/accuracies" in record else {}))
             done = step + 1
