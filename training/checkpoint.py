@@ -40,8 +40,8 @@ def set_rng_state(state: dict) -> None:
 
 def save(path: Path, *, config, model_state: dict, stage: str, step: int, optimizer_state: dict | None = None,
          scheduler=None, objective_state: dict | None = None, summary: dict | None = None,
-         world_size: int = 1) -> None:
-    """Write a checkpoint from full (unsharded) model and optimizer state dicts."""
+         world_size: int = 1, extra: dict | None = None) -> None:
+    """Write a checkpoint from full (unsharded) model and optimizer state dicts, and `extra` entries."""
     state = {
         "stage": stage,
         "step": step,
@@ -54,6 +54,7 @@ def save(path: Path, *, config, model_state: dict, stage: str, step: int, optimi
         "rng": rng_state(),
         "summary": summary or {},
         "world_size": world_size,
+        **(extra or {}),
     }
     # A crash mid-write must never leave a truncated checkpoint behind: write aside, then rename.
     temporary = path.with_name(path.name + ".tmp")
