@@ -2,7 +2,11 @@
 
 Row formats (the TRL conventions), as JSONL lines or Hugging Face `datasets` rows:
   pairwise   {"prompt", "chosen", "rejected"}      text, or lists of {"role", "content"}
-             messages (the prompt may then be implicit: the shared leading messages)
+             messages (the prompt may then be implicit: the shared leading messages);
+             optionally "preference_prob" (P(chosen > rejected) in [0, 1], a soft label),
+             "weight" (>= 0, the pair's factor in the loss) and "margin" (the reward
+             margin R_chosen - R_rejected of another objective, for MODPO), each on
+             every row of a source or on none (PAIR_FIELDS)
   sft        {"prompt", "completion"}
   ranked     {"prompt", "completions": [...], "scores": [...]}   higher score is better
   unpaired   {"prompt", "completion", "label": bool}              (KTO)
@@ -25,6 +29,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import random
 from pathlib import Path
 
@@ -136,8 +141,41 @@ def _require(where: str, row: dict, field: str):
     return row[field]
 
 
+# Optional per-pair fields of pairwise rows (Record attributes), with the values each takes.
+PAIR_FIELDS = {"preference_prob": "a probability in [0, 1]", "weight": "a finite number >= 0",
+               "margin": "a finite number"}
+
+
+def _check_pair_value(where: str, field: str, value) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (field != "preference_prob" or 0 <= value <= 1) and (field != "weight" or value >= 0)
+    if not ok:
+        raise DataError(f"{where}: field {field!r}: expected {PAIR_FIELDS[field]}, got {value!r}")
+    return float(value)
+
+
+def check_pair_fields(records: list[Record]) -> None:
+    """Each per-pair field is on every record or on none, on pairwise records only, with valid values.
+
+    No value stands in for a missing one: a pair without a soft label is not one with
+    probability 1, nor is a pair without a margin one with margin 0.
+    """
+    for field in PAIR_FIELDS:
+        given = [record for record in records if getattr(record, field) is not None]
+        if given and len(given) < len(records):
+            lacking = next(record for record in records if getattr(record, field) is None)
+            raise DataError(f"{lacking.where}: missing field {field!r}, which {given[0].where} has: "
+                            f"give every pair a {field!r} or none")
+        for record in given:
+            if record.kind != "pairwise":
+                raise DataError(f"{record.where}: field {field!r}: only pairs carry it; this record is {record.kind}")
+            _check_pair_value(record.where, field, getattr(record, field))
+
+
 def parse_row(where: str, row: dict) -> Record:
+    fields = {field: row[field] for field in PAIR_FIELDS if row.get(field) is not None}
     if "chosen" in row or "rejected" in row:
+        fields = {field: _check_pair_value(where, field, value) for field, value in fields.items()}
         chosen = _check_text_or_messages(where, "chosen", _require(where, row, "chosen"))
         rejected = _check_text_or_messages(where, "rejected", _require(where, row, "rejected"))
         if type(chosen) is not type(rejected):
@@ -146,12 +184,16 @@ def parse_row(where: str, row: dict) -> Record:
             prompt = _check_text_or_messages(where, "prompt", _require(where, row, "prompt"))
             if type(prompt) is not type(chosen):
                 raise DataError(f"{where}: field 'prompt': mixes text and messages with 'chosen'")
-            return Record(where, prompt, [chosen, rejected])
+            return Record(where, prompt, [chosen, rejected], **fields)
         # Implicit prompt: the conversations share all but their final assistant turn.
         if chosen[:-1] != rejected[:-1]:
             raise DataError(f"{where}: field 'rejected': without a 'prompt', chosen and rejected "
                             "must share every message but the last")
-        return Record(where, chosen[:-1], [chosen[-1:], rejected[-1:]])
+        return Record(where, chosen[:-1], [chosen[-1:], rejected[-1:]], **fields)
+    if fields:
+        kind = "ranked" if "completions" in row else "unpaired" if "label" in row else "prompt/completion"
+        raise DataError(f"{where}: field {next(iter(fields))!r}: only prompt/chosen/rejected rows carry "
+                        f"{', '.join(PAIR_FIELDS)}; this row is {kind}")
     prompt = _check_text_or_messages(where, "prompt", _require(where, row, "prompt"))
     if "completions" in row:
         completions = _require(where, row, "completions")
@@ -181,10 +223,14 @@ def records_for(rows: list[tuple[str, dict]], stage: str, *, unpaired: bool = Fa
     Ranked rows become the pair (best, worst), as done for UltraFeedback, unless
     `ranked` (listwise losses, curriculum pairs) keeps whole lists: a pair is then the
     list [chosen, rejected] with scores [1, 0].
+    A pair's preference_prob, weight and margin (PAIR_FIELDS) describe the comparison:
+    pairwise losses read them, SFT (which takes the chosen completion) does not, and
+    unpaired, listwise and curriculum training refuse them (their losses have no per-pair terms).
     """
     records, skipped = [], []
     for where, row in rows:
         record = parse_row(where, row)
+        carried = [field for field in PAIR_FIELDS if getattr(record, field) is not None]
         if record.kind == "ranked":
             best = max(range(len(record.scores)), key=record.scores.__getitem__)
             worst = min(range(len(record.scores)), key=record.scores.__getitem__)
@@ -194,6 +240,9 @@ def records_for(rows: list[tuple[str, dict]], stage: str, *, unpaired: bool = Fa
             if not ranked:
                 record = Record(where, record.prompt, [record.completions[best], record.completions[worst]])
         elif ranked and stage != "sft" and record.kind == "pairwise":
+            if carried:
+                raise DataError(f"{where}: field {carried[0]!r}: listwise losses and curriculum pairs read no "
+                                f"per-pair {', '.join(PAIR_FIELDS)}")
             record = Record(where, record.prompt, record.completions, scores=[1, 0])
         if stage == "sft":
             if record.label is False:
@@ -204,6 +253,9 @@ def records_for(rows: list[tuple[str, dict]], stage: str, *, unpaired: bool = Fa
             if record.kind == "sft":
                 raise DataError(f"{where}: unpaired losses need a 'label' (true = desirable) or a "
                                 "prompt/chosen/rejected row; got prompt/completion only")
+            if carried:
+                raise DataError(f"{where}: field {carried[0]!r}: unpaired losses (kto, apo_zero_unpaired, bco) "
+                                "split a pair into two labelled completions and read no per-pair fields")
             if record.kind == "pairwise":
                 records += [Record(where, record.prompt, record.completions[:1], label=True),
                             Record(where, record.prompt, record.completions[1:], label=False)]
@@ -217,6 +269,7 @@ def records_for(rows: list[tuple[str, dict]], stage: str, *, unpaired: bool = Fa
                             f"got a {record.kind} row")
         else:
             records.append(record)
+    check_pair_fields(records)
     return records, skipped
 
 
@@ -245,6 +298,9 @@ class Example:
     label: bool | None = None        # unpaired only: True = desirable
     scores: list | None = None       # ranked lists only: one per completion, larger = better
     stage: int | None = None         # curriculum pairs only
+    preference_prob: float | None = None  # pairs only: Record's per-pair fields (PAIR_FIELDS)
+    weight: float | None = None
+    margin: float | None = None
 
 
 def _render(tokenizer, prompt, completion, where: str) -> tuple[str, str, bool]:
@@ -268,7 +324,8 @@ def tokenize(tokenizer, record: Record, append_eos: bool = True) -> Example:
             ids = ids + [tokenizer.eos_token_id]
         completion_ids.append(ids)
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=not templated)
-    return Example(record.where, prompt_ids, completion_ids, record.label, record.scores, record.stage)
+    return Example(record.where, prompt_ids, completion_ids, record.label, record.scores, record.stage,
+                   **{field: getattr(record, field) for field in PAIR_FIELDS})
 
 
 def truncate(example: Example, max_length: int) -> Example | None:
@@ -305,6 +362,7 @@ class Dataset:
 
 def build_dataset(records: list[Record], tokenizer, max_length: int, skipped: list[str],
                   append_eos: bool = True, seed: int = 0) -> Dataset:
+    check_pair_fields(records)
     examples, skipped = [], list(skipped)
     for record in records:
         example = truncate(tokenize(tokenizer, record, append_eos), max_length)
@@ -359,6 +417,11 @@ class Batch:
     lists: torch.Tensor | None = None   # [P, K] ranked lists only: sequence index of each slot, -1 empty
     scores: torch.Tensor | None = None  # [P, K] ranked lists only: score of each slot (0 in empty ones)
     layout: SharedPromptLayout | None = None  # shared-prompt packing (targets are then the scored tokens)
+    # [P] pairs only, when the dataset's rows carry them (data.PAIR_FIELDS): P(chosen > rejected),
+    # the pair's weight in the loss, the reward margin of other objectives (MODPO).
+    preference_probs: torch.Tensor | None = None
+    pair_weights: torch.Tensor | None = None
+    margins: torch.Tensor | None = None
 
     @property
     def packed(self) -> bool:
@@ -443,17 +506,20 @@ def collate(dataset: Dataset, indices: list[int], *, packing: bool, shared_promp
     sequences = [_sequence(examples[p].prompt_ids, examples[p].completion_ids[k]) for p, k in slots]
     index_tensor = torch.tensor(indices)
     labels = torch.tensor([e.label for e in examples]) if examples[0].label is not None else None
-    ranked = {}
+    extra = {name: torch.tensor([getattr(e, field) for e in examples], dtype=torch.float32)
+             for field, name in (("preference_prob", "preference_probs"), ("weight", "pair_weights"),
+                                 ("margin", "margins"))
+             if getattr(examples[0], field) is not None}
     if examples[0].scores is not None:
         scores = torch.tensor([e.scores + [0.0] * (lists.shape[1] - len(e.scores)) for e in examples],
                               dtype=torch.float32)
-        ranked = dict(lists=lists, scores=scores)
+        extra.update(lists=lists, scores=scores)
     if shared_prompt:
         layout = build_layout([e.prompt_ids for e in examples], [e.completion_ids for e in examples], packing="flat")
         counts = torch.bincount(layout.seq_ids, minlength=layout.num_sequences)
         return Batch(input_ids=layout.input_ids, targets=layout.targets[None], attention_mask=None,
                      position_ids=layout.position_ids, cu_seqlens=torch.nn.functional.pad(counts.cumsum(0), (1, 0)).int(),
-                     indices=index_tensor, labels=labels, layout=layout, **ranked)
+                     indices=index_tensor, labels=labels, layout=layout, **extra)
     if packing:
         lengths = torch.tensor([len(ids) for ids, _ in sequences])
         return Batch(
@@ -464,7 +530,7 @@ def collate(dataset: Dataset, indices: list[int], *, packing: bool, shared_promp
             cu_seqlens=torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int(),
             indices=index_tensor,
             labels=labels,
-            **ranked,
+            **extra,
         )
     width = max(len(ids) for ids, _ in sequences)
     pad_id = 0  # any valid id: attention and targets both ignore padding
@@ -476,7 +542,7 @@ def collate(dataset: Dataset, indices: list[int], *, packing: bool, shared_promp
         cu_seqlens=None,
         indices=index_tensor,
         labels=labels,
-        **ranked,
+        **extra,
     )
 
 

@@ -111,9 +111,13 @@ class PreferenceObjective:
 
     loss_impl fused: prefops.PreferenceLoss from hidden states and the head weight.
     loss_impl reference: materialised logits, then the same prefops.losses.pairwise_loss.
+    Per-pair values of the rows (data.PAIR_FIELDS, batch.preference_probs, pair_weights,
+    margins) go to the loss; one that no chosen loss reads is refused (_check_rows).
     """
 
     METRIC_TOTALS: dict = {}  # metric -> the count (a key of counts()) it is a mean over; default the pairs
+    # The pairwise losses that read preference_probs: the label-smoothed ones (ε = 1 - p per pair) and SPPO.
+    SOFT_LABEL_LOSSES = ("sigmoid", "simpo", "alphapo", "cpo", "sppo")
 
     def __init__(self, config, reference):
         self.config = config
@@ -123,9 +127,57 @@ class PreferenceObjective:
         self.token_level = C.is_token_level(config)
 
     def prepare(self, lm, batches):
+        for batch in batches:
+            self._check_rows(batch)
         totals = {"normaliser": sum(batch.num_examples for batch in batches),
                   "chosen_tokens": sum(map(_chosen_tokens, batches))}
         return totals, [self.reference(batch) for batch in batches]
+
+    def _check_rows(self, batch) -> None:
+        """Refuse a per-pair field of the rows that the loss would not read, and a loss without the field it reads.
+
+        Every batch of a dataset carries the same fields (data.check_pair_fields), so the first step refuses.
+        """
+        config, names = self.config, C.loss_types(self.config)
+        if batch.preference_probs is not None:
+            if not set(names) & set(self.SOFT_LABEL_LOSSES):
+                raise ValueError(f"the rows carry 'preference_prob', which loss_type {config.loss_type!r} does not "
+                                 f"read; the losses with soft labels are {', '.join(self.SOFT_LABEL_LOSSES)}")
+            if config.label_smoothing:
+                raise ValueError("the rows carry 'preference_prob', each pair's own label_smoothing (1 - p): "
+                                 f"set label_smoothing to 0; got {config.label_smoothing}")
+        elif "sppo" in names:
+            raise ValueError("loss_type 'sppo' reads each pair's 'preference_prob': give every row one "
+                             "(sppo_hard takes hard labels)")
+        if batch.pair_weights is not None:
+            if config.wpo:
+                raise ValueError("the rows carry 'weight' and wpo is on; the fused loss would replace the rows' "
+                                 "weights by WPO's: set wpo to false or drop the rows' weights")
+            coupled = sorted(set(names) & set(C.BATCH_COUPLED_LOSSES))
+            if coupled:
+                raise ValueError(f"the rows carry 'weight', which loss_type {coupled[0]!r} cannot take: "
+                                 "it sorts the pairs of a batch")
+        if batch.margins is not None:
+            if "modpo" not in names:
+                raise ValueError(f"the rows carry 'margin', which only loss_type 'modpo' reads; "
+                                 f"got {config.loss_type!r}")
+            weights = config.loss_params.get("modpo_weights")
+            if not isinstance(weights, (list, tuple)) or len(weights) != 2:
+                raise ValueError("a row's 'margin' is the reward margin of one other objective: set "
+                                 f"loss_params.modpo_weights to [w_0, w_1]; got {weights!r}")
+        elif "modpo" in names:
+            raise ValueError("loss_type 'modpo' reads each pair's reward margin of the other objective: "
+                             "give every row a 'margin'")
+
+    @staticmethod
+    def _row_params(batch) -> dict:
+        """The rows' per-pair values as pairwise_loss arguments."""
+        params = {"preference_probs": batch.preference_probs, "pair_weights": batch.pair_weights}
+        if batch.margins is not None:
+            # MODPO subtracts w_1 (R_w - R_l) from β δ: only the difference of the other objective's rewards
+            # enters, and a row's margin is that difference, so R_w = margin and R_l = 0.
+            params.update(chosen_margin_rewards=batch.margins, rejected_margin_rewards=torch.zeros_like(batch.margins))
+        return {name: value for name, value in params.items() if value is not None}
 
     def nll_mean_length(self, totals) -> float:
         """The NLL term's mean chosen length, over the whole step (not one micro-batch)."""
@@ -154,7 +206,7 @@ class PreferenceObjective:
             config.loss_type, config.beta, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
             ld_alpha=config.ld_alpha, wpo=config.wpo, kl_direction=config.kl_direction, ignore_index=D.IGNORE_INDEX,
             temperature=head.temperature, softcap=head.softcap, strategy=config.strategy, budget=config.budget,
-            nll_mean_length=mean_length, **config.loss_params)
+            nll_mean_length=mean_length, **{**config.loss_params, **self._row_params(batch)})
         if self.token_level:
             ref_hidden, ref_weight, ref_bias = ref[1].cast(ref[0])
             reference = dict(ref_hidden=ref_hidden.to(hidden.dtype), ref_weight=ref_weight.to(hidden.dtype),
@@ -169,7 +221,7 @@ class PreferenceObjective:
         config = self.config
         hidden, weight, bias = head.cast(hidden)
         options = dict(bias=bias, ignore_index=D.IGNORE_INDEX, temperature=head.temperature, softcap=head.softcap)
-        params = dict(config.loss_params, nll_mean_length=mean_length)
+        params = {**config.loss_params, "nll_mean_length": mean_length, **self._row_params(batch)}
         pairs = batch.num_examples
         if self.token_level:  # TDPO: per-token KL and both models' log-probs from materialised logits
             ref_hidden, ref_weight, ref_bias = ref[1].cast(ref[0])
