@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import assert_fp32_close
 from prefops.losses import LOSSES, pairwise_loss
 from prefops.losses.pairwise import TOKEN_LEVEL_LOSSES
-from prefops.training import config as C, data as D, loop as L, model as M, references
+from prefops.training import data as D, loop as L, model as M, references
 from prefops.training.tokenizer import CharTokenizer
 from test_training import make_config
 
@@ -96,7 +96,8 @@ def test_soft_label_losses_are_those_that_read_preference_probs():
     generator = torch.Generator().manual_seed(0)
     values = lambda: torch.randn(4, generator=generator, dtype=torch.float64)  # noqa: E731
     inputs = dict(chosen_logps=values(), rejected_logps=values(), ref_chosen_logps=values(),
-                  ref_rejected_logps=values(), chosen_lengths=torch.full((4,), 3.0), rejected_lengths=torch.full((4,), 5.0),
+                  ref_rejected_logps=values(), chosen_lengths=torch.full((4,), 3.0),
+                  rejected_lengths=torch.full((4,), 5.0),
                   modpo_weights=[1.0, 0.5], chosen_margin_rewards=values(), rejected_margin_rewards=values(),
                   chosen_seq_kl=values().abs(), rejected_seq_kl=values().abs())
 
@@ -108,7 +109,8 @@ def test_soft_label_losses_are_those_that_read_preference_probs():
             return False
         return not torch.allclose(low, high)
 
-    assert {name for name in {**LOSSES, **TOKEN_LEVEL_LOSSES} if reads(name)} == set(L.PreferenceObjective.SOFT_LABEL_LOSSES)
+    readers = {name for name in {**LOSSES, **TOKEN_LEVEL_LOSSES} if reads(name)}
+    assert readers == set(L.PreferenceObjective.SOFT_LABEL_LOSSES)
 
 
 @pytest.mark.parametrize("fields, overrides, message", [
