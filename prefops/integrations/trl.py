@@ -1,4 +1,5 @@
-"""TRL's DPOTrainer with the loss computed by prefops: swap `DPOTrainer(` for `PrefopsDPOTrainer(`.
+"""TRL's DPOTrainer with the loss computed by prefops: swap `DPOTrainer(` for `PrefopsDPOTrainer(`
+(and TRL's experimental OnlineDPOTrainer: `OnlineDPOTrainer(` for `PrefopsOnlineDPOTrainer(`, below).
 
     from prefops.integrations.trl import PrefopsDPOTrainer
     trainer = PrefopsDPOTrainer(model=model, args=DPOConfig(...), train_dataset=dataset, processing_class=tokenizer)
@@ -22,7 +23,8 @@ across ranks: each rank's value times its token count, summed, over the summed
 counts. Top-1 counts a tie at the maximum logit as a hit, where TRL's argmax
 takes the lowest id; exact ties of fp32 logits are rare.
 
-Written against TRL 1.x (its DPOTrainer's compute_loss / compute_ref_log_probs).
+Written against TRL 1.x (its DPOTrainer's compute_loss / compute_ref_log_probs, and
+OnlineDPOTrainer._forward).
 """
 from __future__ import annotations
 
@@ -33,10 +35,12 @@ import torch
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from ..ops import linear_logprobs
 from ..preference import PreferenceLoss
-from .hf import PreferenceInputs, _peft_reference, check_head, completion_logps, fused_loss
+from .hf import (LMHead, PreferenceInputs, _peft_reference, check_head, completion_logps, final_hidden_states,
+                 fused_loss)
 
-__all__ = ["DataCollatorForPaddingFreePreference", "PrefopsDPOTrainer"]
+__all__ = ["DataCollatorForPaddingFreePreference", "PrefopsDPOTrainer", "PrefopsOnlineDPOTrainer"]
 
 # TRL's ratio metrics and the token counts (PreferenceLoss metrics) they are averages over.
 TOKEN_WEIGHTED = {"entropy": ("num_tokens/chosen", "num_tokens/rejected"), "logits/chosen": ("num_tokens/chosen",),
@@ -139,3 +143,56 @@ class PrefopsDPOTrainer(DPOTrainer):
             tokens = torch.as_tensor(tokens, device=self.accelerator.device)
             self._total_train_tokens += self.accelerator.gather_for_metrics(tokens).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+class _FusedOnlineLogprobs:
+    """TRL's OnlineDPOTrainer (trl.experimental.online_dpo) whose log-probs never build the logits.
+
+    Generation (transformers or vLLM), the reward functions, the chosen/rejected
+    split, the sigmoid / IPO loss and every logged metric stay TRL's: they are
+    computed from the per-token completion log-probs [2B, Tc] that `_forward` returns,
+    for the policy (with grad) and the reference (TRL calls it under no_grad, with
+    the PEFT adapter disabled when there is no ref_model). Only `_forward` changes:
+    the final hidden states of the positions that predict completion tokens go with
+    the lm_head into prefops.linear_logprobs, so neither model builds the N x V logits
+    (TRL's builds them for prompt and completion, then a log-softmax copy).
+
+    As in TRL, the log-probs are the model's own, without the sampling temperature,
+    and the padding after EOS is scored as the pad token: TRL's objective/kl and
+    objective/entropy sum over it unmasked. objective/entropy is TRL's sampled
+    estimate (minus the summed log-probs of the sampled tokens), so it comes from the
+    same log-probs; no full-vocabulary entropy is needed.
+    """
+
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        check_head(self.model)
+
+    def _forward(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, vision_inputs=None):
+        # TRL's truncation and alignment, with the logits replaced by the fused op.
+        if vision_inputs is None:
+            cut = max(prompt_ids.size(1) + completion_ids.size(1) - self.max_length, 0)
+            prompt_ids, prompt_mask = prompt_ids[:, cut:], prompt_mask[:, cut:]
+        input_ids = torch.cat((prompt_ids, completion_ids), dim=1)
+        attention_mask = torch.cat((prompt_mask, completion_mask), dim=1)
+        hidden = final_hidden_states(model, input_ids, attention_mask, **(vision_inputs or {}))
+        prompt_len = prompt_ids.size(1)
+        # With the prompt cut away TRL scores position t on completion token t (nothing predicts the
+        # first one); kept, so the two trainers agree.
+        hidden = hidden[:, prompt_len - 1:-1] if prompt_len > 0 else hidden
+        head = LMHead.of(model)
+        hidden, weight, bias = head.cast(hidden)
+        return linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=head.temperature,
+                               softcap=head.softcap)
+
+
+def __getattr__(name):
+    # Built on first use: importing trl.experimental warns, and TRL may move or drop it,
+    # neither of which should reach PrefopsDPOTrainer users.
+    if name != "PrefopsOnlineDPOTrainer":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from trl.experimental.online_dpo import OnlineDPOTrainer
+
+    trainer = type(name, (_FusedOnlineLogprobs, OnlineDPOTrainer), {"__doc__": _FusedOnlineLogprobs.__doc__})
+    globals()[name] = trainer
+    return trainer
