@@ -1,0 +1,274 @@
+"""Judges for online preference learning: score sampled completions, or compare them in pairs.
+
+make_judge(spec) builds one from a string:
+  "task"                      the synthetic task's ground-truth scorer, task.score(prompt, completion)
+  "module:function"           function(prompts, completions) -> one number per completion (flattened lists)
+  "reward_model:PATH"         a local AutoModelForSequenceClassification with one label: the logit of
+                              prompt + completion
+  "pairwise:module:function"  function(prompts, completions_a, completions_b) -> P(a beats b) per pair
+
+Scores are [P, K] float64, preferences [P, K, K] with P(i beats j); NaN marks what the
+judge failed on. A judge that raises on a batch is asked again one sample at a time; a
+sample that raises, or returns NaN, inf or something that is not a number, becomes NaN
+and is counted in `failed`, so a flaky judge neither stops the run nor puts garbage in
+the training data. A return of the wrong length is a bug of the judge and an error.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from pathlib import Path
+
+import torch
+
+
+class JudgeError(ValueError):
+    pass
+
+
+def _number(value) -> float:
+    """The value as a finite float, NaN for anything else (a string, None, inf)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        return math.nan
+    value = float(value)
+    return value if math.isfinite(value) else math.nan
+
+
+def _rectangular(prompts: list, completions: list) -> int:
+    """K, the completions per prompt, after checking every prompt has K."""
+    if len(prompts) != len(completions) or not prompts:
+        raise JudgeError(f"judging needs one list of completions per prompt; got {len(prompts)} prompts and "
+                         f"{len(completions)} lists")
+    sizes = {len(group) for group in completions}
+    if len(sizes) != 1 or 0 in sizes:
+        raise JudgeError(f"every prompt needs the same, non-zero number of completions; got {sorted(sizes)}")
+    return sizes.pop()
+
+
+class Judge:
+    """Scores completions; preferences() compares the completions of each prompt.
+
+    calls: completions (pairs for a pairwise judge) judged so far, the judge budget;
+    failed: how many of them came back NaN; last_error: the latest exception, for the log."""
+    pairwise: bool = False
+    calls: int = 0
+    failed: int = 0
+    last_error: str | None = None
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def _judge(self, columns: list[list], *, low: float = -math.inf, high: float = math.inf) -> torch.Tensor:
+        """self._call(*columns), one value per row of the columns; values outside [low, high] become NaN."""
+        rows = len(columns[0])
+        try:
+            values = self._values(self._call(*columns), rows)
+        except JudgeError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure of the judge: retry sample by sample
+            self.last_error = f"{type(error).__name__}: {error}"
+            values = [self._one(column[i] for column in columns) for i in range(rows)]
+        result = torch.tensor(values, dtype=torch.float64)
+        result[(result < low) | (result > high)] = math.nan
+        self.calls += rows
+        self.failed += int(result.isnan().sum())
+        return result
+
+    def _one(self, row) -> float:
+        try:
+            return self._values(self._call(*[[value] for value in row]), 1)[0]
+        except JudgeError:
+            raise
+        except Exception as error:  # noqa: BLE001 - this sample failed: it becomes NaN
+            self.last_error = f"{type(error).__name__}: {error}"
+            return math.nan
+
+    def _values(self, returned, rows: int) -> list[float]:
+        if isinstance(returned, torch.Tensor):
+            returned = returned.reshape(-1).tolist()
+        try:
+            values = list(returned)
+        except TypeError:
+            raise JudgeError(f"judge {self.name!r} returned {type(returned).__name__}, expected a list of "
+                             f"{rows} numbers") from None
+        if len(values) != rows:
+            raise JudgeError(f"judge {self.name!r} returned {len(values)} values for {rows} "
+                             f"{'pairs' if self.pairwise else 'completions'}")
+        return [_number(value) for value in values]
+
+    def _call(self, *columns) -> list:
+        raise NotImplementedError
+
+    def scores(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
+        """[P, K] float64 scores, larger is better; NaN where the judge failed."""
+        k = _rectangular(prompts, completions)
+        flat = self._judge([[prompt for prompt in prompts for _ in range(k)],
+                            [completion for group in completions for completion in group]])
+        return flat.view(len(prompts), k)
+
+    def scores_with_spread(self, prompts: list[str], completions: list[list[str]]):
+        """(scores [P, K], their uncertainty [P, K] or None when the judge has no measure of it)."""
+        return self.scores(prompts, completions), None
+
+    def preferences(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
+        """[P, K, K] P(completion i beats completion j): 1[s_i > s_j] + 1/2 1[s_i = s_j], NaN where a score is."""
+        return scalar_preferences(self.scores(prompts, completions))
+
+
+def scalar_preferences(scores: torch.Tensor) -> torch.Tensor:
+    s_i, s_j = scores[:, :, None], scores[:, None, :]
+    result = (s_i > s_j).double() + 0.5 * (s_i == s_j).double()
+    result[s_i.isnan() | s_j.isnan()] = math.nan
+    return result
+
+
+class FunctionJudge(Judge):
+    def __init__(self, name: str, function):
+        super().__init__(name)
+        self.function = function
+
+    def _call(self, *columns) -> list:
+        return self.function(*columns)
+
+
+class TaskJudge(Judge):
+    """The synthetic task's scorer: a completion it cannot parse raises there, and becomes NaN here."""
+
+    def __init__(self, task):
+        super().__init__(f"task:{getattr(task, 'name', type(task).__name__)}")
+        self.task = task
+
+    def _call(self, prompts, completions) -> list:
+        return [self.task.score(prompt, completion) for prompt, completion in zip(prompts, completions)]
+
+
+class RewardModelJudge(Judge):
+    """The single logit of a sequence-classification model on prompt + completion, batched, without grad."""
+
+    def __init__(self, path: str, device="cpu", batch_size: int = 16, max_length: int | None = None):
+        super().__init__(f"reward_model:{path}")
+        import transformers
+
+        if not Path(path).is_dir():
+            raise JudgeError(f"judge {self.name!r}: {path} is not a directory holding a model and its tokenizer")
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self.model = transformers.AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        if self.model.config.num_labels != 1:
+            raise JudgeError(f"judge {self.name!r}: a reward model has one label (its score); this model has "
+                             f"{self.model.config.num_labels}")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # The model reads its score at the last token that is not padding: it must know the pad id.
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+
+    @torch.no_grad()
+    def _call(self, prompts, completions) -> list:
+        texts = [prompt + completion for prompt, completion in zip(prompts, completions)]
+        values = []
+        for first in range(0, len(texts), self.batch_size):
+            inputs = self.tokenizer(texts[first:first + self.batch_size], return_tensors="pt", padding=True,
+                                    truncation=self.max_length is not None, max_length=self.max_length)
+            values += self.model(**inputs.to(self.device)).logits[:, 0].double().tolist()
+        return values
+
+
+class PairwiseJudge(FunctionJudge):
+    """function(prompts, completions_a, completions_b) -> P(a beats b); each unordered pair is asked once."""
+    pairwise = True
+
+    def preferences(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
+        k = _rectangular(prompts, completions)
+        pairs = [(p, i, j) for p in range(len(prompts)) for i in range(k) for j in range(i + 1, k)]
+        result = torch.full((len(prompts), k, k), 0.5, dtype=torch.float64)
+        if pairs:
+            won = self._judge([[prompts[p] for p, _, _ in pairs], [completions[p][i] for p, i, _ in pairs],
+                               [completions[p][j] for p, _, j in pairs]], low=0.0, high=1.0)
+            p, i, j = (torch.tensor(index) for index in zip(*pairs))
+            result[p, i, j], result[p, j, i] = won, 1 - won
+        return result
+
+    def scores(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
+        """Mean win probability against the prompt's other completions (over the comparisons that did not fail)."""
+        if _rectangular(prompts, completions) < 2:
+            raise JudgeError(f"judge {self.name!r} compares completions: it needs at least 2 per prompt")
+        preferences = self.preferences(prompts, completions)
+        preferences.diagonal(dim1=1, dim2=2).fill_(math.nan)
+        return preferences.nanmean(dim=2)
+
+
+class Ensemble(Judge):
+    """The mean of its members' scores, with their spread (std over members) as the uncertainty.
+
+    A completion any member failed on is NaN: members score on their own scales, so a mean of
+    the others would not be comparable with the rest."""
+
+    def __init__(self, judges: list[Judge]):
+        if len(judges) < 2:
+            raise JudgeError(f"an ensemble needs at least 2 judges; got {len(judges)}")
+        super().__init__("ensemble(" + ", ".join(judge.name for judge in judges) + ")")
+        self.judges = judges
+
+    @property
+    def calls(self) -> int:
+        return sum(judge.calls for judge in self.judges)
+
+    @property
+    def failed(self) -> int:
+        return sum(judge.failed for judge in self.judges)
+
+    def scores_with_spread(self, prompts: list[str], completions: list[list[str]]):
+        members = torch.stack([judge.scores(prompts, completions) for judge in self.judges])
+        return members.mean(dim=0), members.std(dim=0)
+
+    def scores(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
+        return self.scores_with_spread(prompts, completions)[0]
+
+
+def repeat_scores(judge: Judge, prompts: list[str], completions: list[list[str]], repeats: int):
+    """(mean [P, K], std [P, K]) of `repeats` scorings by a stochastic judge: the uncertainty of one scoring
+    (the mean's is std / sqrt(repeats)). Failed repeats are left out (they are draws of the same judge);
+    NaN where fewer than 2 succeeded."""
+    if not isinstance(repeats, int) or repeats < 2:
+        raise ValueError(f"repeats must be an integer >= 2 (a spread needs two scorings); got {repeats!r}")
+    runs = torch.stack([judge.scores(prompts, completions) for _ in range(repeats)])
+    valid = ~runs.isnan()
+    count = valid.sum(dim=0)
+    mean = runs.nan_to_num().sum(dim=0) / count
+    var = ((runs - mean).nan_to_num() ** 2).sum(dim=0) / (count - 1)
+    too_few = count < 2
+    return mean.masked_fill(too_few, math.nan), var.sqrt().masked_fill(too_few, math.nan)
+
+
+def _function(spec: str, reference: str):
+    module_name, _, function_name = reference.partition(":")
+    if not module_name or not function_name:
+        raise JudgeError(f"judge {spec!r}: expected module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise JudgeError(f"judge {spec!r}: cannot import module {module_name!r} ({error})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise JudgeError(f"judge {spec!r}: module {module_name!r} has no function {function_name!r}")
+    return function
+
+
+def make_judge(spec: str, *, task=None, device="cpu", batch_size: int = 16) -> Judge:
+    """A judge from its spec (see the module docstring); `task` is the synthetic task for "task"."""
+    if spec == "task":
+        if task is None:
+            raise JudgeError("judge 'task' scores with the synthetic task's scorer: pass task=")
+        return TaskJudge(task)
+    if spec.startswith("reward_model:"):
+        return RewardModelJudge(spec.split(":", 1)[1], device=device, batch_size=batch_size)
+    if spec.startswith("pairwise:"):
+        return PairwiseJudge(spec, _function(spec, spec.split(":", 1)[1]))
+    if ":" in spec:
+        return FunctionJudge(spec, _function(spec, spec))
+    raise JudgeError(f"judge {spec!r}: expected one of task, module:function, reward_model:PATH, "
+                     "pairwise:module:function")
