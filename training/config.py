@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from importlib import resources
 from pathlib import Path
 
@@ -62,9 +63,15 @@ class Config:
     loss_params: dict = knob({}, "other loss parameters (PARAM_DEFAULTS, LISTWISE_PARAM_DEFAULTS keys)")
     curriculum: str | int = knob("none", "Curry-DPO on ranked rows: none | rank (a stage per rank gap) | n stages")
     reference: str = knob("auto", "model | precomputed | none | auto (none for reference-free losses)")
+    reference_update: str = knob("never", "never | round (online: the policy at each round's start) | stage "
+                                 "(curriculum: the policy at each stage's start, Curry-DPO)")
     loss_impl: str = knob("fused", "fused | reference (materialises the logits, for checking)")
     strategy: str | None = knob(None, "lean | budget (null: prefops.configure's default)")
     budget: str | int | None = knob(None, "the budget strategy's logits budget, e.g. 1GB")
+
+    # Online preference learning: a non-empty section trains on the policy's own samples, round after
+    # round (training/online.py); its keys and defaults are ONLINE_KEYS.
+    online: dict = knob({}, "online rounds: sample, judge, pair, train (keys: ONLINE_KEYS; {}: offline)")
 
     # Optimisation. Examples per optimizer step = micro_batch_size * grad_accum_steps * processes (torchrun).
     sft_steps: int = knob(0, "optimizer steps of the SFT stage (0: no SFT)")
@@ -104,12 +111,38 @@ class Config:
         return self.micro_batch_size * self.grad_accum_steps
 
 
+# The online section's keys: (default, meaning). steps and lr do not apply online: the run takes
+# rounds * steps_per_round steps at the preference stage's lr.
+ONLINE_KEYS = {
+    "rounds": (4, "rounds of sample -> judge -> pair -> train"),
+    "prompts_per_round": (128, "prompts sampled each round"),
+    "samples_per_prompt": (4, "completions sampled per prompt (K)"),
+    "steps_per_round": (50, "optimizer steps on each round's pairs"),
+    "max_new_tokens": (None, "generated tokens per completion (null: the task's answer length, else 64)"),
+    "temperature": (1.0, "sampling temperature"),
+    "top_p": (1.0, "nucleus sampling threshold"),
+    "sample_batch_size": (64, "prompts per generate() call"),
+    "mixture_alpha": (0.0, "sample from the geometric mixture (1-a) z_policy + a z_ref (IPO-MD / Nash-MD)"),
+    "judge": ("task", "task | module:function | reward_model:PATH | pairwise:module:function"),
+    "judge_repeats": (1, "judge each sample this many times; the spread feeds the uncertainty filter"),
+    "pairs": ("best_worst", "best_worst | all_pairs | margin | ranked (lists, for listwise losses)"),
+    "min_margin": (0.0, "pairs=margin: the least score gap of a pair"),
+    "soft_labels": (False, "preference_prob from the judge (pairwise) or sigmoid(gap / soft_label_scale)"),
+    "soft_label_scale": (1.0, "the score gap that makes a soft label sigmoid(1)"),
+    "uncertainty_z": (None, "drop pairs whose gap is within z spreads of the judge's uncertainty (null: keep)"),
+    "apo_alpha": (0.0, "APO: reference log pi_t + a (log pi_t - log pi_t-1) (needs reference_update: round)"),
+    "prompts": (None, "prompts to sample for: a .jsonl of rows with a prompt (null: the synthetic task's)"),
+    "eval_prompts": (128, "prompts of the win rates against the start and the previous round"),
+}
+PAIR_MODES = ("best_worst", "all_pairs", "margin", "ranked")
+
 UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
 # Pairwise losses whose loss of a pair depends on the other pairs of its batch.
 BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired")
 
 CHOICES = {
     "reference": ("auto", "model", "precomputed", "none"),
+    "reference_update": ("never", "round", "stage"),
     "loss_impl": ("fused", "reference"),
     "strategy": (None, "lean", "budget"),
     "kl_direction": ("ref_policy", "policy_ref"),
@@ -185,6 +218,64 @@ def validate(config: Config) -> None:
     if not 0 <= config.eval_fraction < 1:
         raise ConfigError(f"eval_fraction must lie in [0, 1); got {config.eval_fraction}", "eval_fraction")
     _validate_objective(config)
+    _validate_online(config)
+
+
+def online_options(config: Config) -> dict:
+    """The online section with its defaults filled in."""
+    return {key: config.online.get(key, default) for key, (default, _) in ONLINE_KEYS.items()}
+
+
+def _validate_online(config: Config) -> None:
+    if config.reference_update == "stage" and config.curriculum == "none":
+        raise ConfigError("reference_update: stage refreshes the reference at each curriculum stage: set "
+                          "curriculum (rank or a number of stages), or reference_update: never", "reference_update")
+    if not config.online:
+        if config.reference_update == "round":
+            raise ConfigError("reference_update: round refreshes the reference each online round: add an online "
+                              "section, or use never (or stage with a curriculum)", "reference_update")
+        return
+    unknown = sorted(set(config.online) - set(ONLINE_KEYS))
+    if unknown:
+        raise ConfigError(f"online.{unknown[0]} is not an online key; valid: {', '.join(ONLINE_KEYS)}", "online")
+    options = online_options(config)
+
+    def require(key, ok, allowed):
+        if not ok(options[key]):
+            raise ConfigError(f"online.{key} must be {allowed}; got {options[key]!r}", "online")
+    whole = lambda low: lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    for key in ("rounds", "prompts_per_round", "steps_per_round", "sample_batch_size", "judge_repeats", "eval_prompts"):
+        require(key, whole(1), "a positive integer")
+    require("samples_per_prompt", whole(2), "an integer >= 2 (a pair needs two samples)")
+    require("max_new_tokens", lambda v: v is None or whole(1)(v), "a positive integer or null")
+    require("temperature", lambda v: number(v) and v > 0, "a number > 0")
+    require("top_p", lambda v: number(v) and 0 < v <= 1, "a number in (0, 1]")
+    require("mixture_alpha", lambda v: number(v) and 0 <= v <= 1, "a number in [0, 1]")
+    require("apo_alpha", lambda v: number(v) and v >= 0, "a number >= 0")
+    require("min_margin", lambda v: number(v) and v >= 0, "a number >= 0")
+    require("soft_label_scale", lambda v: number(v) and v > 0, "a number > 0")
+    require("uncertainty_z", lambda v: v is None or number(v) and v >= 0, "a number >= 0 or null")
+    require("soft_labels", lambda v: isinstance(v, bool), "true or false")
+    require("pairs", lambda v: v in PAIR_MODES, "one of " + ", ".join(PAIR_MODES))
+    require("judge", lambda v: isinstance(v, str) and v, "task, module:function, reward_model:PATH or "
+            "pairwise:module:function")
+    require("prompts", lambda v: v is None or isinstance(v, str), "a .jsonl path or null")
+    if options["judge"] == "task" or options["prompts"] is None:
+        if not config.data.startswith("synthetic:"):
+            raise ConfigError("online: judge task and prompts null need a synthetic task as data (synthetic:sort); "
+                              "otherwise name online.prompts and online.judge", "online")
+    if (options["pairs"] == "ranked") != is_listwise(config):
+        raise ConfigError(f"online.pairs {options['pairs']!r} with loss_type {config.loss_type!r}: listwise losses "
+                          "train on ranked lists (pairs: ranked), the others on pairs", "online")
+    if options["apo_alpha"] and config.reference_update != "round":
+        raise ConfigError("online.apo_alpha extrapolates from the last two rounds' references: set "
+                          "reference_update: round", "online")
+    if options["uncertainty_z"] is not None and options["judge_repeats"] < 2:
+        raise ConfigError("online.uncertainty_z needs the judge's spread: set judge_repeats >= 2", "online")
+    if config.curriculum != "none" or config.reference == "precomputed":
+        raise ConfigError("online rounds sample new pairs each round: set curriculum: none and reference to "
+                          "model, none or auto", "online")
 
 
 def loss_types(config: Config) -> list[str]:

@@ -178,3 +178,11 @@ def unsharded(lm: torch.nn.Module):
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """The full state dict on every rank (on its device), for a local unsharded copy of the model."""
+    if not active():
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))

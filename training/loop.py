@@ -582,8 +582,8 @@ class Trainer:
 
     # --- checkpoints
 
-    def save(self, path: Path, stage: str, step: int, optimizer=None, scheduler=None) -> None:
-        """Every rank gathers its shards; rank 0 writes."""
+    def save(self, path: Path, stage: str, step: int, optimizer=None, scheduler=None, extra: dict | None = None) -> None:
+        """Every rank gathers its shards; rank 0 writes (with `extra` entries, e.g. an online round's pairs)."""
         model_state = distributed.model_state(self.model)
         optimizer_state = optimizer and distributed.optimizer_state(self.model, optimizer)
         objective = self.stages[stage].objective if stage in self.stages else None
@@ -591,7 +591,7 @@ class Trainer:
             checkpoint.save(path, config=self.config, model_state=model_state, stage=stage, step=step,
                             optimizer_state=optimizer_state, scheduler=scheduler,
                             objective_state=objective.state_dict() if hasattr(objective, "state_dict") else None,
-                            world_size=distributed.world_size())
+                            world_size=distributed.world_size(), extra=extra)
         distributed.barrier()
 
     def load(self, path: Path, *, resuming: bool = False) -> dict:
@@ -689,8 +689,7 @@ class Trainer:
                 self.run_stage("sft", log, resume)
                 self.save(self.out_dir / "sft.pt", "sft", config.sft_steps)
                 resume = None
-        self.prepare("dpo")
-        self.run_stage("dpo", log, resume)
+        self.preference_stage(log, resume)
         if not distributed.is_main():
             return {}
         if config.plot:
@@ -703,6 +702,10 @@ class Trainer:
                 f"before {stage_name(config)} -> {summary['win_rate_after']:.1%} after (chance {self.task.chance:.0%})")
         say(f"done in {summary['wall_s']:.0f} s; log, curves and checkpoints in {self.out_dir}")
         return summary
+
+    def preference_stage(self, log: RunLog, resume: dict | None) -> None:
+        self.prepare("dpo")
+        self.run_stage("dpo", log, resume)
 
     def sft_weights(self) -> dict:
         return self.load(self.out_dir / "sft.pt")["model"]
@@ -734,6 +737,9 @@ def format_record(record: dict) -> str:
 
 
 def train(config) -> dict:
+    if config.online:
+        from .online import OnlineTrainer  # online.py builds on this module
+        return OnlineTrainer(config).train()
     return Trainer(config).train()
 
 

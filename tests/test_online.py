@@ -1,0 +1,203 @@
+"""prefops.training.online: the online loop from config, its references, resume and bad judges.
+
+A 1-layer Llama of width 32 on the bundled sort task, a few prompts a round; the
+default online job's ordering against offline DPO is asserted in test_online_job.py.
+"""
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from prefops.training import checkpoint, config as C, data as D, loop as L, model as M
+from prefops.training.online import OnlineTrainer
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+ONLINE = {"rounds": 3, "prompts_per_round": 8, "samples_per_prompt": 4, "steps_per_round": 2, "eval_prompts": 8,
+          "sample_batch_size": 4}
+
+
+def make_config(tmp_path, online=None, **overrides):
+    values = dict(model_config=TINY, data="synthetic:sort", synthetic_size=64, max_length=16, sft_steps=3,
+                  micro_batch_size=4, win_rate_samples=8, log_every=1, checkpoint_every=1, plot=False,
+                  tensorboard=False, out_dir=str(tmp_path / "run"), online={**ONLINE, **(online or {})})
+    values.update(overrides)
+    return C.load(None, values)
+
+
+def records(out_dir, kind):
+    return [r for r in map(json.loads, open(f"{out_dir}/log.jsonl")) if r["kind"] == kind]
+
+
+def without_timings(record):
+    return {k: v for k, v in record.items() if not (k.endswith("_per_s") or k.endswith("_s"))}
+
+
+def test_online_run_logs_rounds(tmp_path):
+    config = make_config(tmp_path)
+    L.train(config)
+    rounds = [r for r in records(config.out_dir, "eval") if "round" in r]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert [r["step"] for r in rounds] == [2, 4, 6]
+    for record in rounds:
+        assert record["judge_calls"] > 0 and record["pairs"] >= 1
+        assert 0 <= record["win_rate/vs_start"] <= 1 and 0 <= record["win_rate/vs_previous"] <= 1
+        assert record["kl"] >= -1e-6 and 0 < record["top_k_mass"] <= 1 + 1e-6
+        for key in ("reward/mean", "reward/std", "pair_yield", "generation_tokens_per_s", "sample_s", "judge_s",
+                    "win_rate", "rewards/accuracies"):
+            assert math.isfinite(record[key]), key
+    # Each round samples new prompts: judge calls grow by prompts * samples (+ the eval prompts' one each).
+    calls = [r["judge_calls"] for r in rounds]
+    assert calls[1] - calls[0] == calls[2] - calls[1] == 8 * 4 + 8
+    train = records(config.out_dir, "train")
+    assert [r["step"] for r in train if r["stage"] == "dpo"] == list(range(1, 7))
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("reference_update", ["never", "round"])
+def test_resume_mid_round_reproduces_uninterrupted_run(tmp_path, monkeypatch, reference_update):
+    straight = make_config(tmp_path, out_dir=str(tmp_path / "straight"), reference_update=reference_update)
+    straight_trainer = OnlineTrainer(straight)
+    straight_trainer.train()
+
+    config = make_config(tmp_path, out_dir=str(tmp_path / "resumed"), reference_update=reference_update)
+    save = checkpoint.save
+
+    def save_then_crash(path, **kwargs):
+        save(path, **kwargs)
+        if kwargs["stage"] == "dpo" and kwargs["step"] == 3:  # the middle of the second round
+            raise Interrupted
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    with pytest.raises(Interrupted):
+        OnlineTrainer(config).train()
+    monkeypatch.setattr(checkpoint, "save", save)
+    resumed = OnlineTrainer(C.from_dict({**C.to_dict(config), "resume": True}))
+    resumed.train()
+
+    for kind in ("train", "eval"):
+        assert list(map(without_timings, records(config.out_dir, kind))) == list(
+            map(without_timings, records(straight.out_dir, kind))), kind
+    for name, tensor in straight_trainer.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+
+
+def test_reference_refresh(tmp_path):
+    """never: the SFT policy throughout; round: the policy at the start of each round."""
+    for update in ("never", "round"):
+        trainer = OnlineTrainer(make_config(tmp_path, reference_update=update, out_dir=str(tmp_path / update)))
+        seen = []
+        build = trainer.round_reference
+
+        def spy():
+            seen.append({k: v.clone() for k, v in trainer.reference_states[-1].items()})
+            return build()
+        trainer.round_reference = spy
+        policy_at_round_start = []
+        new_round = trainer.new_round
+
+        def spy_round(index, reference_lm):
+            policy_at_round_start.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+            return new_round(index, reference_lm)
+        trainer.new_round = spy_round
+        trainer.train()
+        sft = torch.load(tmp_path / update / "sft.pt", weights_only=False)["model"]
+        if update == "never":
+            assert len(seen) == 1
+            assert all(torch.equal(seen[0][k], sft[k]) for k in sft)
+        else:
+            assert len(seen) == 3  # the first round's, then one per later round
+            for reference, policy in zip(seen, policy_at_round_start):
+                assert all(torch.equal(reference[k], policy[k]) for k in policy)
+            assert not all(torch.equal(seen[2][k], sft[k]) for k in sft)
+
+
+def test_apo_reference_is_the_extrapolation(tmp_path):
+    """APO: ref = log pi_t + alpha (log pi_t - log pi_{t-1}), from two models' float64 log-probs."""
+    alpha = 0.7
+    config = make_config(tmp_path, reference_update="round", online={"apo_alpha": alpha}, sft_steps=0)
+    trainer = OnlineTrainer(config)
+    older = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    newer = {k: v + 0.05 * torch.randn_like(v) for k, v in older.items()}
+    trainer.reference_states = [older, newer]
+    reference, _ = trainer.round_reference()
+    rows = trainer.task.rows("preference", 6, seed=1)
+    records_ = D.records_for([(f"t#{i}", row) for i, row in enumerate(rows)], "dpo")[0]
+    dataset = D.build_dataset(records_, trainer.tokenizer, config.max_length, [], True, 0)
+    batch = D.collate(dataset, list(range(6)), packing=False)
+    chosen, rejected = reference(batch)
+
+    def logps64(state):
+        model, _ = M.build(config, torch.device("cpu"), trainer.task.alphabet)
+        model.load_state_dict(state)
+        model.double()
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        token = torch.log_softmax(logits, -1).gather(-1, batch.targets.clamp_min(0)[..., None])[..., 0]
+        return torch.where(batch.targets != D.IGNORE_INDEX, token, 0.0).sum(-1)
+    expected = (1 + alpha) * logps64(newer) - alpha * logps64(older)
+    got = torch.cat([chosen, rejected]).double()
+    # fp32 log-probs of ~5 tokens over a vocabulary of 15: a few ulps of their magnitude, times (1 + 2 alpha).
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    plain = (1 + 0) * logps64(newer)
+    assert not torch.allclose(got, plain, rtol=1e-3)  # the extrapolation is not the plain reference
+
+
+def flaky_judge_module():
+    """A module:function judge that raises on every 5th sample and returns NaN on every 7th."""
+    module = types.ModuleType("flaky_judge")
+    calls = {"n": 0}
+
+    def score(prompts, completions):
+        values = []
+        for prompt, completion in zip(prompts, completions):
+            calls["n"] += 1
+            if len(prompts) == 1 and calls["n"] % 5 == 0:
+                raise ValueError("judge backend timed out")
+            if calls["n"] % 7 == 0:
+                values.append(float("nan"))
+            else:
+                values.append(float(sum(a == b for a, b in zip(sorted(prompt[:-1]), completion))))
+        if len(prompts) > 1 and calls["n"] % 2 == 0:
+            raise RuntimeError("batch failed")  # retried sample by sample
+        return values
+    module.score = score
+    return module
+
+
+def test_bad_judge_outputs_drop_samples_with_a_count(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "flaky_judge", flaky_judge_module())
+    config = make_config(tmp_path, online={"judge": "flaky_judge:score"})
+    L.train(config)
+    rounds = [r for r in records(config.out_dir, "eval") if "round" in r]
+    assert rounds[-1]["judge_failed"] > 0
+    assert sum(r["dropped_nan"] for r in rounds) > 0
+    assert "the judge failed on" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["online"]["round"]
+    assert saved["records"] and all(isinstance(c, str) for record in saved["records"] for c in record["completions"])
+
+
+@pytest.mark.parametrize("online, message", [
+    ({"rounds": 0}, "online.rounds must be a positive integer"),
+    ({"samples_per_prompt": 1}, "online.samples_per_prompt must be an integer >= 2"),
+    ({"pairs": "best"}, "online.pairs must be one of best_worst"),
+    ({"mixture_alpha": 1.5}, r"online.mixture_alpha must be a number in \[0, 1\]"),
+    ({"apo_alpha": 0.5}, "needs|set reference_update: round"),
+    ({"uncertainty_z": 1.0}, "judge_repeats >= 2"),
+    ({"rounds": 2, "judges": "task"}, "online.judges is not an online key"),
+])
+def test_online_config_errors_name_the_key(tmp_path, online, message):
+    with pytest.raises(C.ConfigError, match=message):
+        make_config(tmp_path, online=online)
+
+
+def test_reference_update_needs_rounds_or_stages(tmp_path):
+    with pytest.raises(C.ConfigError, match="reference_update: round refreshes the reference each online round"):
+        C.load(None, dict(reference_update="round"))
+    with pytest.raises(C.ConfigError, match="reference_update: stage refreshes the reference at each curriculum"):
+        C.load(None, dict(reference_update="stage"))
