@@ -268,6 +268,9 @@ def _validate_online(config: Config) -> None:
     if (options["pairs"] == "ranked") != is_listwise(config):
         raise ConfigError(f"online.pairs {options['pairs']!r} with loss_type {config.loss_type!r}: listwise losses "
                           "train on ranked lists (pairs: ranked), the others on pairs", "online")
+    if options["soft_labels"] and (is_unpaired(config) or is_listwise(config)):
+        raise ConfigError(f"online.soft_labels gives pairs a preference_prob; loss_type {config.loss_type!r} is "
+                          f"{'unpaired' if is_unpaired(config) else 'listwise'}", "online")
     if options["apo_alpha"] and config.reference_update != "round":
         raise ConfigError("online.apo_alpha extrapolates from the last two rounds' references: set "
                           "reference_update: round", "online")

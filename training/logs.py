@@ -68,7 +68,11 @@ def curves_figure(records: list[dict]):
               ("dpo", "rewards/margins", "reward margin", "chosen - rejected reward"),
               ("dpo", "win_rate", "scorer win rate", "fraction of samples correct")]
     panels = [panel for panel in panels if any(r["stage"] == panel[0] and panel[1] in r for r in records)]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.5), squeeze=False)
+    rounds = [r for r in records if r["kind"] == "eval" and "round" in r]
+    figure, axes = plt.subplots(1, len(panels) + bool(rounds), figsize=(4.2 * (len(panels) + bool(rounds)), 3.5),
+                                squeeze=False)
+    if rounds:
+        round_panel(axes[0][-1], rounds)
     for axis, (stage, key, title, ylabel) in zip(axes[0], panels):
         for kind, style in (("train", "-"), ("eval", "o-")):
             points = [(r["step"], r[key]) for r in records if r["stage"] == stage and r["kind"] == kind and key in r]
@@ -80,3 +84,17 @@ def curves_figure(records: list[dict]):
         axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def round_panel(axis, rounds: list[dict]) -> None:
+    """Online runs: each round's win rates by the judge, and the task's accuracy when it has one."""
+    x = [r["round"] + 1 for r in rounds]
+    for key, label in (("win_rate/vs_start", "vs the starting policy"), ("win_rate/vs_previous", "vs the last round"),
+                       ("win_rate", "task scorer: correct"), ("pair_yield", "pairs per prompt")):
+        if all(key in r for r in rounds):
+            axis.plot(x, [r[key] for r in rounds], "o-", label=label, markersize=3)
+    axis.set_title("online rounds")
+    axis.set_xlabel("round")
+    axis.set_ylabel("win rate / fraction")
+    axis.set_xticks(x)
+    axis.legend(fontsize=8)

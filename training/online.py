@@ -65,6 +65,7 @@ class OnlineTrainer(Trainer):
         self.baseline = None    # (completions, scores) of the starting policy on eval_prompts
         self.previous = None    # the same for the policy at the end of the previous round
         self.reference_states = []  # reference weights of this round (and of the last, for APO) on CPU
+        self.train_judge_calls = 0  # the judge budget of training samples (evaluation's calls not counted)
 
     # --- prompts, samples, judgements
 
@@ -99,7 +100,8 @@ class OnlineTrainer(Trainer):
             samples = sampling.sample(
                 model, self.tokenizer, chunk, k=k, max_new_tokens=self.max_new_tokens,
                 temperature=online["temperature"], top_p=online["top_p"], seed=_seed(self.config.seed, purpose, b),
-                device=self.device, batch_size=size, reference=reference, mixture_alpha=online["mixture_alpha"],
+                device=self.device, batch_size=size, reference=reference,
+                mixture_alpha=online["mixture_alpha"] if reference is not None else 0.0,  # evaluation: the policy
                 progress=False)
             sampled = time.perf_counter()
             scores, spread, preferences = self.judgements(chunk, samples.completions)
@@ -183,7 +185,9 @@ class OnlineTrainer(Trainer):
         online = self.online
         prompts = self.prompts(online["prompts_per_round"], f"round{index}")
         mixture = self.sampling_reference(reference_lm) if online["mixture_alpha"] else None
+        calls = self.judge.calls
         judged = self.sample_and_judge(prompts, online["samples_per_prompt"], f"round{index}", reference=mixture)
+        self.train_judge_calls += distributed.all_reduce_sums({"calls": self.judge.calls - calls})["calls"]
         records, stats = pairing.build_records(
             prompts, judged["completions"], judged["scores"], mode=online["pairs"], min_margin=online["min_margin"],
             soft_labels=online["soft_labels"], soft_label_scale=online["soft_label_scale"],
@@ -193,7 +197,7 @@ class OnlineTrainer(Trainer):
         if self.judge.failed:
             say(f"[round {index + 1}] the judge failed on {self.judge.failed} sample(s) so far, dropped "
                 f"(last error: {self.judge.last_error})")
-        stats.update(round=index, judge_calls=self.judge.calls, judge_failed=self.judge.failed,
+        stats.update(round=index, judge_calls=int(self.train_judge_calls), judge_failed=self.judge.failed,
                      new_tokens=judged["new_tokens"],
                      generation_tokens_per_s=judged["new_tokens"] / max(judged["sample_s"], 1e-9),
                      sample_s=judged["sample_s"], judge_s=judged["judge_s"],
@@ -214,7 +218,11 @@ class OnlineTrainer(Trainer):
 
     def round_dataset(self, current: Round) -> D.Dataset:
         config = self.config
-        return D.build_dataset(current.records, self.tokenizer, config.max_length, [], config.append_eos, config.seed)
+        records = current.records
+        if C.is_unpaired(config):  # KTO, BCO: a pair's chosen is desirable, its rejected undesirable
+            records = [D.Record(r.where, r.prompt, [completion], label=desirable) for r in records
+                       for completion, desirable in zip(r.completions, (True, False))]
+        return D.build_dataset(records, self.tokenizer, config.max_length, [], config.append_eos, config.seed)
 
     @torch.no_grad()
     def round_evaluation(self, current: Round, dataset: D.Dataset, reference_lm, step: int) -> dict:
@@ -276,7 +284,9 @@ class OnlineTrainer(Trainer):
         config, online = self.config, self.online
         rounds, per_round = online["rounds"], online["steps_per_round"]
         total = rounds * per_round
-        eval_set = self.datasets("dpo")[1] if config.eval_data or self.task else None
+        # The task's held-out pairs carry no preference_prob or margin, which sppo and modpo need.
+        task_pairs = self.task is not None and not set(C.loss_types(config)) & {"sppo", "modpo"}
+        eval_set = self.datasets("dpo")[1] if config.eval_data or task_pairs else None
         objective, eval_objective = self.objective(None), eval_set and self.objective(None)
         self.stages["dpo"] = Stage(total, config.lr, None, objective, eval_set, eval_objective)
         optimizer, scheduler = self.optimizer(config.lr, total)
@@ -285,6 +295,7 @@ class OnlineTrainer(Trainer):
             self.reference_states, self.baseline, self.previous = (
                 saved["reference_states"], saved["baseline"], saved["previous"])
             self.judge.calls, self.judge.failed = saved["judge_calls"], saved["judge_failed"]
+            self.train_judge_calls = saved["train_judge_calls"]
             current = Round(saved["round"]["index"], [D.Record(**r) for r in saved["round"]["records"]],
                             saved["round"]["stats"])
             step = self.restore(resume, optimizer, scheduler, objective)
@@ -333,10 +344,10 @@ class OnlineTrainer(Trainer):
         self.save(self.out_dir / "last.pt", "dpo", step, optimizer, scheduler, extra={"online": {
             "round": dataclasses.asdict(current), "reference_states": self.reference_states,
             "baseline": self.baseline, "previous": self.previous, "judge_calls": self.judge.calls,
-            "judge_failed": self.judge.failed}})
+            "judge_failed": self.judge.failed, "train_judge_calls": self.train_judge_calls}})
 
 
 def format_round(record: dict) -> str:
-    shown = ("pairs", "pair_yield", "reward/mean", "win_rate/vs_start", "win_rate/vs_previous", "kl",
+    shown = ("pairs", "pair_yield", "reward/mean", "win_rate/vs_start", "win_rate/vs_previous", "judge_calls",
              "generation_tokens_per_s", "sample_s", "judge_s")
     return " ".join(f"{key}={record[key]:.4g}" for key in shown if key in record)
