@@ -214,3 +214,83 @@ def test_reference_update_needs_rounds_or_stages(tmp_path):
         C.load(None, dict(reference_update="round"))
     with pytest.raises(C.ConfigError, match="reference_update: stage refreshes the reference at each curriculum"):
         C.load(None, dict(reference_update="stage"))
+
+
+def sort_quality(prompt, completion):
+    return sum(a == b for a, b in zip(sorted(prompt.rstrip("=")), completion)) - abs(len(completion) - 4)
+
+
+def judge_module():
+    """A pairwise judge (Bradley-Terry on the sort score) and a noisy scalar one, as module:function judges."""
+    module = types.ModuleType("online_judges")
+    noise = torch.Generator().manual_seed(0)
+
+    def prefer(prompts, completions_a, completions_b):
+        return [1 / (1 + math.exp(sort_quality(p, b) - sort_quality(p, a)))
+                for p, a, b in zip(prompts, completions_a, completions_b)]
+
+    def noisy(prompts, completions):
+        return [sort_quality(p, c) + 0.3 * float(torch.randn((), generator=noise))
+                for p, c in zip(prompts, completions)]
+    module.prefer, module.noisy = prefer, noisy
+    return module
+
+
+def test_pairwise_judge_soft_labels_and_win_rates(tmp_path, monkeypatch):
+    """A pairwise judge's P(a > b) gives the soft labels and the win rates (a probability, not a count)."""
+    monkeypatch.setitem(sys.modules, "online_judges", judge_module())
+    config = make_config(tmp_path, online={"judge": "pairwise:online_judges:prefer", "soft_labels": True})
+    trainer = OnlineTrainer(config)
+    captured = []
+    new_round = trainer.new_round
+    trainer.new_round = lambda index, ref: captured.append(new_round(index, ref)) or captured[-1]
+    trainer.train()
+    for current in captured:
+        for record in current.records:
+            prompt, (chosen, rejected) = record.prompt, record.completions
+            expected = 1 / (1 + math.exp(sort_quality(prompt, rejected) - sort_quality(prompt, chosen)))
+            assert record.preference_prob == pytest.approx(expected, rel=1e-12)
+            assert record.preference_prob >= 0.5
+    rounds = [r for r in records(config.out_dir, "eval") if "round" in r]
+    # K = 4 completions: each prompt's 6 unordered pairs are judged once each.
+    assert rounds[0]["judge_calls"] == 8 * 6
+    assert all(0 < r["win_rate/vs_start"] < 1 for r in rounds)
+
+
+def test_uncertainty_filter_over_repeated_judging(tmp_path, monkeypatch):
+    """judge_repeats scores each sample several times; pairs whose gap is within z spreads are dropped."""
+    monkeypatch.setitem(sys.modules, "online_judges", judge_module())
+    kept = {}
+    for z in (None, 3.0):
+        monkeypatch.setitem(sys.modules, "online_judges", judge_module())
+        config = make_config(tmp_path, out_dir=str(tmp_path / f"z{z}"), online={
+            "judge": "online_judges:noisy", "judge_repeats": 3, "uncertainty_z": z, "pairs": "all_pairs"})
+        L.train(config)
+        rounds = [r for r in records(config.out_dir, "eval") if "round" in r]
+        assert all(r["judge_calls"] == 3 * 8 * 4 * (i + 1) for i, r in enumerate(rounds))
+        kept[z] = rounds
+    assert sum(r["dropped_uncertain"] for r in kept[3.0]) > 0 == sum(r["dropped_uncertain"] for r in kept[None])
+    assert all(r["pairs"] + r["dropped_uncertain"] + r["dropped_identical"] == r["candidate_pairs"]
+               for r in kept[3.0])
+
+
+def test_reward_model_judge_from_a_local_directory(tmp_path):
+    import tokenizers
+    import transformers
+    from tokenizers import Regex, models as token_models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<eos>", *"0123456789="])}
+    backend = tokenizers.Tokenizer(token_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                                     eos_token="<eos>")
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=len(vocab), num_labels=1))
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    config = make_config(tmp_path, online={"judge": f"reward_model:{tmp_path / 'rm'}", "rounds": 1})
+    L.train(config)
+    (round_,) = [r for r in records(config.out_dir, "eval") if "round" in r]
+    assert round_["judge_calls"] == 32 and round_["judge_failed"] == 0 and round_["pairs"] >= 1

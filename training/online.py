@@ -40,7 +40,7 @@ from . import config as C
 from . import data as D
 from . import distributed, judges, pairing, references, sampling
 from . import model as M
-from .loop import ListwiseObjective, PreferenceObjective, Stage, Trainer, UnpairedObjective, format_record, say
+from .loop import Stage, Trainer, format_record, say
 
 
 def _seed(*parts) -> int:
@@ -173,11 +173,6 @@ class OnlineTrainer(Trainer):
             return tuple((1 + alpha) * now - alpha * before for now, before in zip(logps(batch), previous(batch)))
         return extrapolated, current
 
-    def objective(self, reference):
-        family = (UnpairedObjective if C.is_unpaired(self.config) else ListwiseObjective if C.is_listwise(self.config)
-                  else PreferenceObjective)
-        return family(self.config, reference)
-
     # --- one round
 
     def new_round(self, index: int, reference_lm) -> Round:
@@ -191,7 +186,8 @@ class OnlineTrainer(Trainer):
         records, stats = pairing.build_records(
             prompts, judged["completions"], judged["scores"], mode=online["pairs"], min_margin=online["min_margin"],
             soft_labels=online["soft_labels"], soft_label_scale=online["soft_label_scale"],
-            preferences=judged["preferences"], spread=judged["spread"], uncertainty_z=online["uncertainty_z"],
+            preferences=judged["preferences"], uncertainty_z=online["uncertainty_z"],
+            spread=judged["spread"] if online["uncertainty_z"] is not None else None,
             where=f"round{index}")
         scores = judged["scores"][torch.isfinite(judged["scores"])]
         if self.judge.failed:

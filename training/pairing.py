@@ -81,6 +81,10 @@ def build_records(prompts, completions, scores, *, mode: str = "best_worst", min
                 stats["pairs"] += ordered
             continue
         for i, j in _candidates(mode, s, valid, min_margin):
+            if preferences is not None and preferences[p, i, j] < 0.5:
+                # A pairwise judge's scores are mean win probabilities, which need not order every pair as
+                # its direct comparison does: the comparison decides which is chosen.
+                i, j = j, i
             stats["candidate_pairs"] += 1
             if completions[p][i] == completions[p][j]:
                 stats["dropped_identical"] += 1
