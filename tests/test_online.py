@@ -100,6 +100,21 @@ def test_resume_mid_round_reproduces_uninterrupted_run(tmp_path, monkeypatch, re
         assert torch.equal(resumed.model.state_dict()[name], tensor), name
 
 
+def test_a_python_judge(tmp_path):
+    """From Python any function judges (here longer answers win), in place of online.judge."""
+    config = make_config(tmp_path, online={"judge": "task", "rounds": 1})
+    seen = []
+
+    def longer(prompts, completions):
+        seen.extend(completions)
+        return [len(c) for c in completions]
+    trainer = OnlineTrainer(config, judge=longer)
+    trainer.train()
+    assert len(seen) == 32 + 2 * 8  # the round's samples, then the eval prompts before and after
+    (round_,) = [r for r in records(config.out_dir, "eval") if "round" in r]
+    assert round_["judge_calls"] == 32
+
+
 def test_reference_refresh(tmp_path):
     """never: the SFT policy throughout; round: the policy at the start of each round."""
     for update in ("never", "round"):

@@ -7,6 +7,11 @@ so the N x V logits are never built. Runs on one device or under torchrun (FSDP2
     from prefops import training
     config = training.load_config(None, {"steps": 50})   # the bundled default job
     summary = training.train(config)
+
+Online rounds (sample, judge, pair, train) take an `online` section, and from Python any judge:
+
+    config = training.load_config("training/configs/online.yaml")
+    summary = training.OnlineTrainer(config, judge=lambda prompts, completions: [...]).train()
 """
 import importlib
 
@@ -16,10 +21,11 @@ _EXPORTS = {
     "Config": ("config", "Config"), "load_config": ("config", "load"), "ConfigError": ("config", "ConfigError"),
     "DataError": ("data", "DataError"), "CheckpointMismatch": ("checkpoint", "CheckpointMismatch"),
     **{name: ("loop", name) for name in ("OutOfMemory", "Trainer", "evaluate", "train")},
+    "OnlineTrainer": ("online", "OnlineTrainer"),
 }
 
-__all__ = ["Config", "ConfigError", "load_config", "train", "evaluate", "Trainer", "DataError", "CheckpointMismatch",
-           "OutOfMemory"]
+__all__ = ["Config", "ConfigError", "load_config", "train", "evaluate", "Trainer", "OnlineTrainer", "DataError",
+           "CheckpointMismatch", "OutOfMemory"]
 
 
 def __getattr__(name: str):

@@ -57,10 +57,17 @@ class Round:
 
 
 class OnlineTrainer(Trainer):
-    def __init__(self, config):
+    """The online loop (module docstring). `judge` overrides online.judge from Python: a judges.Judge, or a
+    function (prompts, completions) -> one number per completion, larger is better."""
+
+    def __init__(self, config, judge=None):
         super().__init__(config)
         self.online = C.online_options(config)
-        self.judge = judges.make_judge(self.online["judge"], task=self.task, device=self.device)
+        if judge is None:
+            judge = judges.make_judge(self.online["judge"], task=self.task, device=self.device)
+        elif not isinstance(judge, judges.Judge):
+            judge = judges.FunctionJudge(getattr(judge, "__name__", "judge"), judge)
+        self.judge = judge
         self.eval_prompts = self.prompts(self.online["eval_prompts"], "eval")
         self.baseline = None    # (completions, scores) of the starting policy on eval_prompts
         self.previous = None    # the same for the policy at the end of the previous round
