@@ -566,3 +566,13 @@ def step_indices(size: int, step: int, batch_size: int, seed: int, stage: str,
     """
     positions = range(step * batch_size, (step + 1) * batch_size)
     return [_epoch_order(size, seed, stage, p // size, curriculum)[p % size] for p in positions]
+
+
+def step_stage(size: int, step: int, batch_size: int, seed: int, stage: str, curriculum: tuple) -> int:
+    """The curriculum stage of optimizer step `step`: that of its first example.
+
+    A step that straddles two stages thus belongs to the earlier one, so the policy at the
+    first step of a stage has trained on every pair of the stages before it (Curry-DPO's
+    reference refresh, reference_update: stage).
+    """
+    return curriculum[step_indices(size, step, batch_size, seed, stage, curriculum)[0]]

@@ -468,6 +468,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.autocast = lambda: M.autocast(self.device, config.bf16, config.activation_offload)
         self.stages: dict[str, Stage] = {}
+        self.stage_reference = None  # reference_update stage: {"stage": curriculum stage, "weights": its reference's}
 
     @staticmethod
     def seed_everything(seed: int) -> None:
@@ -531,25 +532,38 @@ class Trainer:
             objective = SFTObjective(config.loss_impl)
             self.stages[stage] = Stage(config.sft_steps, config.sft_lr, train_set, objective, eval_set, objective)
             return
+        if config.reference_update == "stage" and self.reference_kind() == "none":
+            raise C.ConfigError(f"reference_update: stage refreshes the reference, which loss_type "
+                                f"{config.loss_type!r} with reference none does not read: set reference_update: "
+                                "never", "reference_update")
+        family = (UnpairedObjective if C.is_unpaired(config) else ListwiseObjective if C.is_listwise(config)
+                  else PreferenceObjective)
+        self.stages[stage] = Stage(config.steps, config.lr, train_set, family(config, None), eval_set,
+                                   eval_set and family(config, None))
+        self.refresh_reference(stage)
+
+    def refresh_reference(self, stage: str) -> None:
+        """The stage's objectives get a frozen copy of the model as it is now as their reference."""
+        _, _, train_set, objective, eval_set, eval_objective = self.stages[stage]
+        objectives = [(objective, train_set)] + ([(eval_objective, eval_set)] if eval_objective else [])
+        for each, _ in objectives:  # the previous reference model is freed before the next one is built
+            each.reference = None
         kind = self.reference_kind()
         # Precomputed log-probs keep no reference to the model, so its memory is freed after this call.
         reference_lm = self.frozen_reference() if kind != "none" else None
+        for each, dataset in objectives:
+            each.reference = references.of_dataset(kind, reference_lm, dataset, self.config, self.device,
+                                                   self.autocast)
 
-        def objective_for(dataset):
-            if kind == "none":
-                reference = references.no_reference
-            elif kind == "model" and C.is_token_level(config):
-                reference = references.frozen_distributions(reference_lm, self.autocast)
-            elif kind == "model":
-                reference = references.frozen_model(reference_lm, config.loss_impl, self.autocast, config.ld_alpha)
-            else:
-                reference = references.precomputed(reference_lm, dataset, config, self.device, self.autocast)
-            family = (UnpairedObjective if C.is_unpaired(config) else ListwiseObjective if C.is_listwise(config)
-                      else PreferenceObjective)
-            return family(config, reference)
+    def snapshot(self) -> dict:
+        """The policy's weights now, on CPU (a copy: state_dict() alone aliases the live parameters)."""
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in
+                distributed.model_state(self.model).items()}
 
-        self.stages[stage] = Stage(config.steps, config.lr, train_set, objective_for(train_set), eval_set,
-                                   eval_set and objective_for(eval_set))
+    def curriculum_stage(self, stage: str, step: int) -> int:
+        config, train_set = self.config, self.stages[stage].train_set
+        return D.step_stage(len(train_set), step, config.batch_size * distributed.world_size(), config.seed, stage,
+                            train_set.curriculum)
 
     def step_batches(self, dataset: D.Dataset, indices: list[int]) -> list[D.Batch]:
         """This rank's micro-batches of a global step's example indices."""
@@ -645,15 +659,27 @@ class Trainer:
         config = self.config
         steps, lr, train_set, objective, _, _ = self.stages[stage]
         optimizer, scheduler = self.optimizer(lr, steps)
+        # Curry-DPO (Pattnaik et al. 2024): the reference of each curriculum stage is the policy at its first step
+        # (data.step_stage), kept in checkpoints so that a stage resumed mid-way has the same reference.
+        refresh = stage != "sft" and config.reference_update == "stage"
         if resume is not None:
+            if refresh:  # frozen from the model before restore() gives it back the policy's weights
+                self.stage_reference = resume["stage_reference"]
+                distributed.load_model_state(self.model, self.stage_reference["weights"])
+                self.refresh_reference(stage)
             start = self.restore(resume, optimizer, scheduler, objective)
         else:
             start = 0
+            if refresh:  # prepare() froze the policy as it is now
+                self.stage_reference = {"stage": self.curriculum_stage(stage, 0), "weights": self.snapshot()}
             log.write(self.evaluate(stage, 0))
         self.lm.train()
         bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, dynamic_ncols=True,
                    disable=not distributed.is_main())
         for step in bar:
+            if refresh and self.curriculum_stage(stage, step) != self.stage_reference["stage"]:
+                self.stage_reference = {"stage": self.curriculum_stage(stage, step), "weights": self.snapshot()}
+                self.refresh_reference(stage)
             record = self.train_step(stage, step, train_set, objective, optimizer, scheduler)
             bar.set_postfix(loss=f"{record['loss']:.4f}", **(
                 {"acc": f"{record['rewards/accuracies']:.2f}"} if "rewards/accuracies" in record else {}))
@@ -666,7 +692,8 @@ class Trainer:
                 log.write(evaluation)
                 say(format_record(evaluation))
             if done % config.checkpoint_every == 0 or done == steps:
-                self.save(self.out_dir / "last.pt", stage, done, optimizer, scheduler)
+                self.save(self.out_dir / "last.pt", stage, done, optimizer, scheduler,
+                          extra={"stage_reference": self.stage_reference} if refresh else None)
         bar.close()
 
     # --- the whole job
@@ -767,8 +794,10 @@ def evaluate(config=None, path: str | Path | None = None, overrides: dict | None
     trainer = Trainer(config)
     with cpu_threads(config.threads):
         state = trainer.load(Path(path) if path else trainer.out_dir / "last.pt")
-        if state["stage"] != "sft" and config.sft_steps:
-            # so that prepare() freezes the right reference
+        # what prepare() freezes as the reference: the curriculum stage's (reference_update: stage), else the SFT policy
+        if "stage_reference" in state:
+            distributed.load_model_state(trainer.model, state["stage_reference"]["weights"])
+        elif state["stage"] != "sft" and config.sft_steps:
             distributed.load_model_state(trainer.model, trainer.sft_weights())
         trainer.prepare(state["stage"])
         distributed.load_model_state(trainer.model, state["model"])

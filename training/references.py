@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import config as C
 from . import distributed
 from . import model as M
 from .data import Dataset, collate
@@ -23,6 +24,17 @@ from .data import Dataset, collate
 
 def no_reference(batch):
     return None, None
+
+
+def of_dataset(kind: str, reference_model, dataset: Dataset, config, device, autocast):
+    """The reference function of `dataset` for config.reference `kind` (model, precomputed or none)."""
+    if kind == "none":
+        return no_reference
+    if kind == "model" and C.is_token_level(config):
+        return frozen_distributions(reference_model, autocast)
+    if kind == "model":
+        return frozen_model(reference_model, config.loss_impl, autocast, config.ld_alpha)
+    return precomputed(reference_model, dataset, config, device, autocast)
 
 
 def per_slot(sums: torch.Tensor, batch) -> tuple:
