@@ -18,6 +18,19 @@ whole pack:
 The prompt's keys and values are a piece of one `split` that every response
 block reads, so autograd sums their gradients over the responses.
 
+Context parallelism, one long pack shared by a process group: a ContextShard says
+which consecutive span of the pack's flat tokens each rank holds (cut anywhere, so
+a sequence may straddle ranks). Each rank runs its own tokens; every layer
+all-gathers keys and values along the sequence (backward: a reduce-scatter of their
+gradients), and the pieces of blocks among the rank's queries attend to their keys
+as above. torch's context_parallel (ring attention) takes no attention bias, so it
+cannot keep packed sequences apart; this path needs none.
+
+    whole = PackedLayout.from_position_ids(positions)          # positions [1, N] of the whole pack
+    shard = prefops.attention.ContextShard.even(whole, group)  # near-equal spans over the group's ranks
+    start, stop = shard.span
+    model(input_ids=ids[:, start:stop], position_ids=positions[:, start:stop], prefops_layout=shard)
+
 How a layout reaches the attention. transformers 5 passes the keyword arguments
 of `model(...)` down to the attention function of every layer (gradient
 checkpointing re-runs replay them), so:
@@ -132,23 +145,112 @@ class PackedLayout:
             blocks.append((bounds[i], bounds[i + 1], prompt_of[doc] if part > 0 and doc >= 0 else -1))
         return cls(rows, length, tuple(blocks))
 
-    def varlen(self, device):
-        """(cu_seqlens_q, cu_seqlens_k, max_q, max_k, key_index or None) for flash-attn's varlen kernel."""
-        if device not in self._plans:
-            queries = [end - start for start, end, _ in self.blocks]
-            keys, index = [], []
-            for start, end, parent in self.blocks:
-                spans = [(start, end)] if parent == -1 else [self.blocks[parent][:2], (start, end)]
-                keys.append(sum(b - a for a, b in spans))
-                index += [torch.arange(a, b) for a, b in spans]
-            has_parent = any(parent != -1 for _, _, parent in self.blocks)
-            self._plans[device] = (_cumulative(queries, device), _cumulative(keys, device), max(queries), max(keys),
-                                   torch.cat(index).to(device) if has_parent else None)
-        return self._plans[device]
+    def segments(self, start: int = 0, stop: int | None = None) -> tuple:
+        """The pieces of blocks among the tokens start..stop-1 (default all), as (first, last, key_spans): queries
+        first..last-1 attend to the tokens of key_spans (the parent's, then their block's up to `last`), of which
+        they are the last."""
+        stop = self.rows * self.length if stop is None else stop
+        if ("segments", start, stop) not in self._plans:
+            found = []
+            for begin, end, parent in self.blocks:
+                first, last = max(begin, start), min(end, stop)
+                if first < last:
+                    found.append((first, last, ((self.blocks[parent][:2],) if parent != -1 else ()) + ((begin, last),)))
+            self._plans["segments", start, stop] = tuple(found)
+        return self._plans["segments", start, stop]
+
+    def varlen(self, device, start: int = 0, stop: int | None = None):
+        """(cu_seqlens_q, cu_seqlens_k, max_q, max_k, key_index or None) for flash-attn's varlen kernel: the queries
+        of tokens start..stop-1, the keys gathered from all tokens by key_index (None: the queries' own)."""
+        if (device, start, stop) not in self._plans:
+            segments = self.segments(start, stop)
+            queries = [last - first for first, last, _ in segments]
+            keys = [sum(end - begin for begin, end in spans) for _, _, spans in segments]
+            index = torch.cat([torch.arange(begin, end) for _, _, spans in segments for begin, end in spans])
+            own = index.numel() == self.rows * self.length and bool((index == torch.arange(index.numel())).all())
+            self._plans[device, start, stop] = (_cumulative(queries, device), _cumulative(keys, device), max(queries),
+                                                max(keys), None if own else index.to(device))
+        return self._plans[device, start, stop]
 
 
 def _cumulative(sizes, device):
     return torch.tensor([0] + sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+
+
+class ContextShard:
+    """One rank's share of a packed batch under context parallelism ("all-gather KV", as Llama 3 was trained on
+    long contexts): the ranks of `group` hold consecutive spans of the layout's flat tokens, spans[r] on group rank
+    r, cut anywhere (a sequence may straddle ranks). Each rank runs the model on its tokens only, input_ids [1, n]
+    with position_ids of the whole sequences (for rotary embeddings), and passes this as prefops_layout. In every
+    layer the ranks all-gather keys and values along the sequence (a reduce-scatter of their gradients in backward),
+    and each query attends to its block's keys up to its own position, never through a T x T mask.
+    """
+
+    def __init__(self, layout: PackedLayout, group, spans):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("a context-parallel shard needs torch.distributed initialised (init_process_group)")
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group must be a torch.distributed.ProcessGroup; got {type(group).__name__}")
+        spans = tuple((int(start), int(stop)) for start, stop in spans)
+        bounds = [0] + [stop for _, stop in spans]
+        if (len(spans) != dist.get_world_size(group) or [start for start, _ in spans] != bounds[:-1]
+                or bounds[-1] != layout.rows * layout.length or any(stop <= start for start, stop in spans)):
+            raise ValueError(f"spans must be {dist.get_world_size(group)} consecutive non-empty spans, one per rank of "
+                             f"the group, covering the layout's {layout.rows * layout.length} tokens; got {spans}")
+        self.layout, self.group, self.spans = layout, group, spans
+        self.span = spans[dist.get_rank(group)]
+
+    @classmethod
+    def even(cls, layout: PackedLayout, group) -> "ContextShard":
+        """The layout cut into the group's size of near-equal spans."""
+        import torch.distributed as dist
+
+        total, ranks = layout.rows * layout.length, dist.get_world_size(group)
+        if total < ranks:
+            raise ValueError(f"{total} tokens cannot be shared by {ranks} context-parallel ranks")
+        return cls(layout, group, [(total * r // ranks, total * (r + 1) // ranks) for r in range(ranks)])
+
+    def gather(self, key: torch.Tensor, value: torch.Tensor):
+        """This rank's keys and values [n, kv_heads, d] -> every rank's [N, kv_heads, d], in one collective."""
+        both = _GatherSequence.apply(torch.cat([key, value], -1), self.group,
+                                     tuple(stop - start for start, stop in self.spans))
+        return both.split([key.shape[-1], value.shape[-1]], -1)
+
+
+def _sequence_collectives():
+    """(all-gather, reduce-scatter) of flat tensors; torch 2.13 renamed them."""
+    import torch.distributed as dist
+
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor,
+            getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """The ranks' consecutive shares [n_r, ...] concatenated along dim 0. Every rank's queries read every share, so
+    a share's gradient is the sum over the ranks of their gradients of it: a reduce-scatter. The shares travel
+    padded to the longest (the collectives take equal sizes)."""
+
+    @staticmethod
+    def forward(ctx, local, group, sizes):
+        import torch.distributed as dist
+
+        ctx.group, ctx.sizes, ctx.rank = group, sizes, dist.get_rank(group)
+        longest, rest = max(sizes), local.shape[1:]
+        gathered = local.new_empty(len(sizes) * longest, *rest)
+        _sequence_collectives()[0](gathered, torch.cat([local, local.new_zeros(longest - local.shape[0], *rest)]),
+                                   group=group)
+        return torch.cat([gathered[r * longest:r * longest + size] for r, size in enumerate(ctx.sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        longest, rest = max(ctx.sizes), grad.shape[1:]
+        padded = torch.cat([piece for share, size in zip(grad.split(ctx.sizes), ctx.sizes)
+                            for piece in (share, grad.new_zeros(longest - size, *rest))])
+        mine = grad.new_empty(longest, *rest)
+        _sequence_collectives()[1](mine, padded, group=ctx.group)
+        return mine[:ctx.sizes[ctx.rank]], None, None
 
 
 class _LastDerived(threading.local):
@@ -216,18 +318,16 @@ def _use_flash(query, value) -> bool:
             and importlib.util.find_spec("flash_attn") is not None)
 
 
-def _flash_blocks(query, key, value, layout, scaling, dropout, sliding_window, softcap):
-    batch, heads, length, _ = query.shape
-    q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[-1]) for x in (query, key, value))
-    cu_q, cu_k, max_q, max_k, key_index = layout.varlen(query.device)
-    if key_index is not None:  # each block's keys are [parent; own]: the backward of the gather sums the parents'
-        k, v = k.index_select(0, key_index), v.index_select(0, key_index)
+def _flash_blocks(query, key, value, layout, scaling, dropout, sliding_window, softcap, span=(0, None)):
+    """Flat query [n, heads, d] of the tokens span (default all), key and value [N, kv_heads, d] of every token."""
+    cu_q, cu_k, max_q, max_k, key_index = layout.varlen(query.device, *span)
+    if key_index is not None:  # each piece's keys are [parent; own]: the backward of the gather sums the parents'
+        key, value = key.index_select(0, key_index), value.index_select(0, key_index)
     options = {} if softcap is None else {"softcap": softcap}  # flash-attn < 2.6 has no softcap argument
     if sliding_window is not None:
         options["window_size"] = (sliding_window - 1, 0)
-    out = _flash_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scaling, causal=True,
-                          **options)
-    return out.view(batch, length, heads, -1)
+    return _flash_varlen()(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scaling,
+                           causal=True, **options)
 
 
 def _lower_right(queries, keys, device):
@@ -256,23 +356,31 @@ def _pieces(queries, keys, sliding_window, device):
         yield slice(first, last), slice(low, offset + last), (key <= at) & (key > at - sliding_window), False
 
 
-def _sdpa_blocks(query, key, value, layout, scaling, dropout, sliding_window):
-    batch, heads, length, _ = query.shape
-    sizes = [end - start for start, end, _ in layout.blocks]
-    # One split per tensor: its backward writes every block's gradient in one pass.
-    q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[-1]).split(sizes)
-               for x in (query, key, value))
-    gqa = key.shape[1] != heads
+def _sdpa_blocks(query, key, value, layout, scaling, dropout, sliding_window, span=(0, None)):
+    """Flat query [n, heads, d] of the tokens span (default all), key and value [N, kv_heads, d] of every token."""
+    segments = layout.segments(*span)
+    bounds = sorted({0, key.shape[0]} | {end for _, _, spans in segments for keys in spans for end in keys})
+    piece = {bound: i for i, bound in enumerate(bounds)}
+    # One split per tensor: its backward writes every piece's gradient in one pass.
+    q = query.split([last - first for first, last, _ in segments])
+    k, v = (x.split([end - begin for begin, end in zip(bounds, bounds[1:])]) for x in (key, value))
+    gqa = key.shape[1] != query.shape[1]
     outputs = []
-    for i, (_, _, parent) in enumerate(layout.blocks):
-        keys, values = (k[i], v[i]) if parent == -1 else (torch.cat([k[parent], k[i]]), torch.cat([v[parent], v[i]]))
-        for rows, columns, mask, causal in _pieces(sizes[i], keys.shape[0], sliding_window, query.device):
+    for queries, (_, _, spans) in zip(q, segments):
+        pieces = [i for begin, end in spans for i in range(piece[begin], piece[end])]
+        keys, values = (x[pieces[0]] if len(pieces) == 1 else torch.cat([x[i] for i in pieces]) for x in (k, v))
+        for rows, columns, mask, causal in _pieces(queries.shape[0], keys.shape[0], sliding_window, query.device):
             out = F.scaled_dot_product_attention(
-                q[i][rows].transpose(0, 1)[None], keys[columns].transpose(0, 1)[None],
+                queries[rows].transpose(0, 1)[None], keys[columns].transpose(0, 1)[None],
                 values[columns].transpose(0, 1)[None], attn_mask=mask, dropout_p=dropout, is_causal=causal,
                 scale=scaling, enable_gqa=gqa)
             outputs.append(out[0].transpose(0, 1))
-    return torch.cat(outputs).view(batch, length, heads, -1)
+    return torch.cat(outputs)
+
+
+def _flat(x):
+    """[B, heads, T, d] -> [B * T, heads, d]."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[-1])
 
 
 # ----------------------------------------------------------------------------- transformers entry points
@@ -295,15 +403,27 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if kwargs.get("s_aux") is not None:
         raise ValueError("prefops attention has no attention sinks (s_aux); use attn_implementation='eager' or a "
                          "flash kernel that takes them")
-    batch, _, length, _ = query.shape
-    layout = _layout_of(batch, length, kwargs)
+    batch, heads, length, _ = query.shape
+    given = kwargs.get(LAYOUT_KWARG)
+    if isinstance(given, ContextShard):
+        layout, span = given.layout, given.span
+        if (batch, length) != (1, span[1] - span[0]):
+            raise ValueError(f"{LAYOUT_KWARG}: this rank holds tokens {span[0]}..{span[1] - 1} of the context-parallel "
+                             f"pack, so the model runs input_ids [1, {span[1] - span[0]}]; got {batch} x {length}")
+        key, value = given.gather(_flat(key), _flat(value))
+    else:
+        layout, span = _layout_of(batch, length, kwargs), (0, None)
+        key, value = _flat(key), _flat(value)
+    query = _flat(query)
     sliding_window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if _use_flash(query, value):
-        return _flash_blocks(query, key, value, layout, scaling, dropout, sliding_window, softcap), None
-    if softcap is not None:
+        out = _flash_blocks(query, key, value, layout, scaling, dropout, sliding_window, softcap, span)
+    elif softcap is not None:
         raise ValueError("prefops attention without flash-attn (torch SDPA) has no logit softcap; install "
                          "flash-attn on a GPU or use attn_implementation='eager'")
-    return _sdpa_blocks(query, key, value, layout, scaling, dropout, sliding_window), None
+    else:
+        out = _sdpa_blocks(query, key, value, layout, scaling, dropout, sliding_window, span)
+    return out.view(batch, length, heads, -1), None
 
 
 # The mask-function pieces transformers composes for a causal mask over packed rows, with or without a

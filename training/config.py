@@ -92,6 +92,7 @@ class Config:
     bf16: str = knob("auto", "auto (on when CUDA supports it) | true | false")
     gradient_checkpointing: bool = knob(False, "recompute each layer in backward to save memory")
     activation_offload: bool = knob(False, "keep the activations saved for backward in CPU memory (pinned on CUDA)")
+    context_parallel: int = knob(1, "ranks that share each packed micro-batch's tokens (under torchrun; 1: off)")
 
     # Evaluation, logging and checkpoints.
     eval_every: int = knob(50, "steps between evaluations on the held-out split")
@@ -212,9 +213,19 @@ def validate(config: Config) -> None:
     for key, allowed in CHOICES.items():
         if getattr(config, key) not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {getattr(config, key)!r}", key)
-    for key in ("micro_batch_size", "grad_accum_steps", "max_length", "steps"):
+    for key in ("micro_batch_size", "grad_accum_steps", "max_length", "steps", "context_parallel"):
         if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
             raise ConfigError(f"{key} must be a positive integer; got {getattr(config, key)!r}", key)
+    if config.context_parallel > 1 and not (config.packing or config.shared_prompt):
+        raise ConfigError("context_parallel cuts each micro-batch's flat token stream between ranks: set packing: "
+                          "true (or shared_prompt: true)", "context_parallel")
+    if config.context_parallel > 1 and attention_implementation(config) != "prefops":
+        raise ConfigError(f"context_parallel needs attn_implementation prefops (null picks it), whose attention "
+                          f"gathers the other ranks' keys; got {config.attn_implementation!r}", "context_parallel")
+    if config.context_parallel > 1 and config.online:
+        raise ConfigError("context_parallel shares the training batches of a group's ranks, which online rounds "
+                          "would have each rank sample on its own: train online without context_parallel",
+                          "context_parallel")
     if not 0 <= config.eval_fraction < 1:
         raise ConfigError(f"eval_fraction must lie in [0, 1); got {config.eval_fraction}", "eval_fraction")
     _validate_objective(config)

@@ -13,6 +13,15 @@ KL sums) are all-reduced before the backward pass and gradients are summed, not
 averaged, over ranks: the step's gradient equals that of one process on the
 whole global batch. Without torchrun (WORLD_SIZE unset or 1) everything here is
 a no-op.
+
+Context parallelism (config context_parallel: N > 1): consecutive groups of N
+ranks each share one data-parallel rank. Every rank of a group collates the same
+micro-batches and runs a contiguous 1/N of each one's tokens (model.context_shard);
+the losses all-reduce their per-sequence sums within the group, so every rank of it
+computes the same loss, metrics and counts, and rank(), world_size() and the sums,
+gathers and shares here are those of data parallelism (one rank per group).
+Gradients still go to FSDP2 over all ranks: each rank's share of a micro-batch's
+gradient is a partial sum, and their sum over the world is the step's gradient.
 """
 from __future__ import annotations
 
@@ -35,16 +44,49 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# set_context_parallel's groups: the size of a context-parallel group, this rank's group (None without
+# context parallelism) and the group of the ranks holding the same share in every context-parallel group.
+_CONTEXT = {"size": 1, "group": None, "data": None}
+
+
+def set_context_parallel(size: int) -> None:
+    """Form the context-parallel groups of `size` consecutive ranks (1: none); every rank must call it."""
+    _CONTEXT.update(size=1, group=None, data=None)
+    if size == 1:
+        return
+    processes = dist.get_world_size() if active() else 1
+    if processes % size:
+        raise ValueError(f"context_parallel: {size} needs a multiple of {size} processes (torchrun "
+                         f"--nproc_per_node); this run has {processes}")
+    me = dist.get_rank()
+    for first in range(0, processes, size):  # every rank creates every group, in the same order
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= me < first + size:
+            _CONTEXT["group"] = group
+    for offset in range(size):
+        group = dist.new_group(list(range(offset, processes, size)))
+        if me % size == offset:
+            _CONTEXT["data"] = group
+    _CONTEXT["size"] = size
+
+
+def context_group():
+    """This rank's context-parallel ProcessGroup, or None."""
+    return _CONTEXT["group"]
+
+
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    """This rank's data-parallel rank: which share of a step's examples it trains on."""
+    return dist.get_rank() // _CONTEXT["size"] if active() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if active() else 1
+    """The number of data-parallel ranks (processes / context_parallel)."""
+    return dist.get_world_size() // _CONTEXT["size"] if active() else 1
 
 
 def is_main() -> bool:
-    return rank() == 0
+    return not active() or dist.get_rank() == 0
 
 
 def local_device() -> torch.device:
@@ -85,31 +127,31 @@ def set_gradient_sync(lm: torch.nn.Module, sync: bool) -> None:
 
 
 def all_reduce_sums(values: dict) -> dict:
-    """Sum a dict of numbers (floats or scalar tensors) over ranks; returns floats."""
+    """Sum a dict of numbers (floats or scalar tensors) over the data-parallel ranks; returns floats."""
     if not active():
         return {key: float(value) for key, value in values.items()}
     keys = sorted(values)
     device = local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
     packed = torch.tensor([float(values[key]) for key in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(packed)
+    dist.all_reduce(packed, group=_CONTEXT["data"])
     return dict(zip(keys, packed.tolist()))
 
 
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped tensors of every rank along dim 0."""
+    """Concatenate equal-shaped tensors of every data-parallel rank along dim 0."""
     if not active():
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
+    dist.all_gather(parts, tensor.contiguous(), group=_CONTEXT["data"])
     return torch.cat(parts)
 
 
 def all_gather_objects(value) -> list:
-    """Every rank's picklable value, in rank order."""
+    """Every data-parallel rank's picklable value, in rank order."""
     if not active():
         return [value]
     values = [None] * world_size()
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, value, group=_CONTEXT["data"])
     return values
 
 

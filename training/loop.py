@@ -87,7 +87,7 @@ def cpu_threads(count: int | None):
 # and data parallelism exact: 4 micro-batches of 1 give the gradient of one batch of 4.
 
 def _chosen_tokens(batch: D.Batch) -> int:
-    return int((batch.completion(0).targets != D.IGNORE_INDEX).sum())
+    return batch.completion(0).num_targets
 
 
 class SFTObjective:
@@ -100,7 +100,8 @@ class SFTObjective:
         return {"normaliser": sum(batch.num_targets for batch in batches)}, [None] * len(batches)
 
     def __call__(self, lm, batch, totals, extra):
-        return lm(batch, lambda hidden, head: -M.head_logprobs(hidden, head, batch.targets, self.loss_impl).sum()), {}
+        return lm(batch, lambda hidden, head: -M.total(M.head_logprobs(hidden, head, batch.targets, self.loss_impl),
+                                                      batch)), {}
 
     def finish(self, sums, totals):
         return {"loss": sums["loss"] / totals["normaliser"]}
@@ -206,7 +207,8 @@ class PreferenceObjective:
             config.loss_type, config.beta, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
             ld_alpha=config.ld_alpha, wpo=config.wpo, kl_direction=config.kl_direction, ignore_index=D.IGNORE_INDEX,
             temperature=head.temperature, softcap=head.softcap, strategy=config.strategy, budget=config.budget,
-            nll_mean_length=mean_length, **{**config.loss_params, **self._row_params(batch)})
+            sequence_group=M.sequence_group(batch), nll_mean_length=mean_length,
+            **{**config.loss_params, **self._row_params(batch)})
         if self.token_level:
             ref_hidden, ref_weight, ref_bias = ref[1].cast(ref[0])
             reference = dict(ref_hidden=ref_hidden.to(hidden.dtype), ref_weight=ref_weight.to(hidden.dtype),
@@ -294,7 +296,7 @@ class ListwiseObjective(PreferenceObjective):
         hidden, weight, bias = head.cast(hidden)
         loss_fn = ListwiseLoss(config.loss_type, config.beta, ignore_index=D.IGNORE_INDEX, temperature=head.temperature,
                                softcap=head.softcap, strategy=config.strategy, budget=config.budget,
-                               **self._params(mean_length))
+                               sequence_group=M.sequence_group(batch), **self._params(mean_length))
         ref_slots, ref_logps = self._reference_slots(batch, ref), None
         if ref_slots is not None:  # per sequence [S], as ListwiseLoss takes it
             mask = batch.lists >= 0
@@ -369,7 +371,7 @@ class UnpairedObjective:
                     head=lambda logps, index, stats: self._losses(logps[:, 0], ref_logps[index], own.labels[index],
                                                                   kl)[0].sum(),
                     ignore_index=D.IGNORE_INDEX, temperature=head.temperature, softcap=head.softcap,
-                    strategy=self.config.strategy, budget=self.config.budget)
+                    strategy=self.config.strategy, budget=self.config.budget, sequence_group=M.sequence_group(own))
             out = lm(own, fused)
             loss, logps = out.loss, out.logps
         else:
@@ -452,6 +454,7 @@ class Trainer:
     def __init__(self, config):
         self.config = config
         distributed.initialise()
+        distributed.set_context_parallel(config.context_parallel)
         self.device = distributed.local_device() if distributed.active() else M.resolve_device(config.device)
         self.seed_everything(config.seed)
         task_name = config.data.split(":", 1)[1] if config.data.startswith("synthetic:") else None
@@ -566,11 +569,13 @@ class Trainer:
                             train_set.curriculum)
 
     def step_batches(self, dataset: D.Dataset, indices: list[int]) -> list[D.Batch]:
-        """This rank's micro-batches of a global step's example indices."""
-        mine, size = distributed.shard_of(indices), self.config.micro_batch_size
-        return [D.collate(dataset, mine[i:i + size], packing=self.config.packing,
-                          shared_prompt=self.config.shared_prompt).to(self.device)
-                for i in range(0, len(mine), size)]
+        """This rank's micro-batches of a global step's example indices (its share of their tokens under
+        context parallelism)."""
+        mine, size, group = distributed.shard_of(indices), self.config.micro_batch_size, distributed.context_group()
+        batches = [D.collate(dataset, mine[i:i + size], packing=self.config.packing,
+                             shared_prompt=self.config.shared_prompt).to(self.device)
+                   for i in range(0, len(mine), size)]
+        return batches if group is None else [M.context_shard(batch, group) for batch in batches]
 
     # --- evaluation
 

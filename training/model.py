@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 
 import torch
@@ -18,7 +19,9 @@ import transformers
 import prefops
 import prefops.attention
 from prefops import reference as reference_ops
+from prefops.attention import ContextShard, PackedLayout
 from prefops.integrations.hf import LMHead, final_hidden_states
+from prefops.objective import sequence_all_reduce
 from prefops.shared_prompt import shared_prompt_hidden_states
 
 from .config import ConfigError, as_yaml, attention_implementation
@@ -95,12 +98,82 @@ def linear_logprobs_fn(loss_impl: str):
     return reference_ops.linear_logprobs
 
 
+# ----------------------------------------------------------------------------- context parallelism
+
+@dataclasses.dataclass
+class ShardedBatch(Batch):
+    """A context-parallel rank's share of a packed micro-batch (context_shard). input_ids, position_ids (the
+    whole sequences' values), targets and cu_seqlens (clamped to the share, so seq_ids numbers the whole
+    batch's sequences) are its tokens'; what it says about examples (indices, lists, labels, ...) and its
+    counts num_tokens and num_targets are the whole micro-batch's, the same on every rank of the group."""
+    whole: Batch | None = None
+    shard: ContextShard | None = None
+    rows: torch.Tensor | None = None  # shared prompt: the row of this rank's hidden states predicting each target
+
+    @property
+    def num_tokens(self) -> int:
+        return self.whole.num_tokens
+
+    @property
+    def num_targets(self) -> int:
+        return self.whole.num_targets
+
+    def completion(self, k: int) -> Batch:
+        """This rank's share of the k-th completions (of a shared-prompt batch, which runs as a whole layout:
+        the whole batch's k-th completions, whose targets and counts are all they are read for)."""
+        part = self.whole.completion(k)
+        return part if self.layout is not None else context_shard(part, self.shard.group)
+
+
+def context_shard(batch: Batch, group) -> ShardedBatch:
+    """This rank's contiguous share of a packed micro-batch that every rank of the context-parallel `group`
+    collated: near-equal spans of its flat tokens (of a shared-prompt batch, its layout's tokens, and the
+    targets whose predicting rows lie there), cut anywhere. The targets were formed on the whole sequences,
+    so the token before a cut keeps its next-token target."""
+    if not batch.packed:
+        raise ValueError("context parallelism shares the tokens of packed batches: set packing or shared_prompt")
+    fields = {field.name: getattr(batch, field.name) for field in dataclasses.fields(Batch)}
+    layout = batch.layout
+    if layout is None:
+        shard = ContextShard.even(PackedLayout.from_cu_seqlens(batch.cu_seqlens, batch.input_ids.shape[1]), group)
+        start, stop = shard.span
+        return ShardedBatch(**{**fields, "input_ids": batch.input_ids[:, start:stop],
+                               "targets": batch.targets[:, start:stop], "position_ids": batch.position_ids[:, start:stop],
+                               "cu_seqlens": batch.cu_seqlens.clamp(start, stop) - start}, whole=batch, shard=shard)
+    shard = ContextShard.even(PackedLayout.from_shared_prompt(layout), group)
+    start, stop = shard.span
+    held = (layout.rows >= start) & (layout.rows < stop)
+    rows, targets, seq_ids = layout.rows[held] - start, layout.targets[held], layout.seq_ids[held]
+    if not bool(held.any()):  # a share of prompt tokens only: one ignored target, so the loss sees a sequence
+        rows, targets, seq_ids = rows.new_zeros(1), targets.new_full((1,), IGNORE_INDEX), seq_ids.new_zeros(1)
+    counts = torch.bincount(seq_ids, minlength=layout.num_sequences)
+    return ShardedBatch(**{**fields, "input_ids": layout.input_ids.reshape(1, -1)[:, start:stop],
+                           "position_ids": layout.position_ids.reshape(1, -1)[:, start:stop], "targets": targets[None],
+                           "cu_seqlens": torch.nn.functional.pad(counts.cumsum(0), (1, 0)).int()},
+                        whole=batch, shard=shard, rows=rows)
+
+
+def sequence_group(batch: Batch):
+    """The context-parallel group whose ranks share the batch's sequences (None: this rank holds them whole)."""
+    return batch.shard.group if isinstance(batch, ShardedBatch) else None
+
+
+def total(values: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The sum of per-token values over the whole batch (over the context-parallel group: each rank
+    differentiates it into its own tokens)."""
+    return sequence_all_reduce(values.sum(), sequence_group(batch))
+
+
 def hidden_states(model, batch: Batch) -> torch.Tensor:
     """Final hidden states of the batch. Packed sequences are kept apart by their position_ids, which restart
     at 0 in each: attn_implementation prefops reads its blocks from them (no T x T mask), transformers' other
     implementations their masks.
 
-    A shared-prompt batch gives [1, N, H]: the rows that predict its N scored tokens."""
+    A shared-prompt batch gives [1, N, H]: the rows that predict its N scored tokens. A context-parallel
+    share runs its tokens with prefops attention over the group (ShardedBatch)."""
+    if isinstance(batch, ShardedBatch):
+        hidden = final_hidden_states(model, batch.input_ids, None, batch.position_ids, prefops_layout=batch.shard)
+        return hidden if batch.rows is None else hidden[:, batch.rows]
     if batch.layout is not None:
         return batch.layout.gather(shared_prompt_hidden_states(model, batch.layout))[None]
     return final_hidden_states(model, batch.input_ids, None if batch.packed else batch.attention_mask,
@@ -150,12 +223,16 @@ def ld_token_weights(batch: Batch, ld_alpha: float | None) -> torch.Tensor | Non
 
 
 def sequence_sums(token_logps: torch.Tensor, batch: Batch, token_weights: torch.Tensor | None = None):
-    """(weighted sums of token values, completion token counts) per sequence [S]."""
+    """(weighted sums of token values, completion token counts) per sequence [S], of the whole sequences under
+    context parallelism."""
     counted = batch.targets != IGNORE_INDEX
     weights = counted.float() if token_weights is None else token_weights
     if batch.packed:
-        return (prefops.sequence_sum(token_logps.reshape(-1), weights.reshape(-1), cu_seqlens=batch.cu_seqlens),
-                prefops.sequence_count(token_logps.reshape(-1), counted.reshape(-1), cu_seqlens=batch.cu_seqlens))
+        group = sequence_group(batch)
+        return (sequence_all_reduce(prefops.sequence_sum(token_logps.reshape(-1), weights.reshape(-1),
+                                                         cu_seqlens=batch.cu_seqlens), group),
+                sequence_all_reduce(prefops.sequence_count(token_logps.reshape(-1), counted.reshape(-1),
+                                                           cu_seqlens=batch.cu_seqlens), group))
     return prefops.sequence_sum(token_logps, weights), prefops.sequence_count(token_logps, counted)
 
 
