@@ -18,16 +18,23 @@ TOKENIZER = CharTokenizer("0123456789+=")
 PROMPTS = ["1+2=", "3+45=", "6="]  # different lengths: left padding within a batch
 
 
-def tiny_llama(seed, cls=transformers.LlamaForCausalLM, **overrides):
+def tiny_lm(seed, arch="llama"):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=64, vocab_size=len(TOKENIZER), pad_token_id=TOKENIZER.pad_token_id,
-        bos_token_id=TOKENIZER.bos_token_id, eos_token_id=TOKENIZER.eos_token_id, **overrides)
-    model = cls(config)
-    with torch.no_grad():  # logits of a useful size; EOS as likely as "0" (id 4), so some rows stop early
+    ids = dict(vocab_size=len(TOKENIZER), pad_token_id=TOKENIZER.pad_token_id, bos_token_id=TOKENIZER.bos_token_id,
+               eos_token_id=TOKENIZER.eos_token_id, tie_word_embeddings=False)
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, **ids))
+    else:  # learned absolute positions: left padding must not shift them (RoPE only sees relative ones)
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                                     **ids))
+    # Logits of a useful size; EOS as likely as "0" (id 4), so some rows stop early, and the pad id as likely as
+    # "6" (id 10): sampled as a real token, it must stay in the completion.
+    with torch.no_grad():
         model.lm_head.weight.mul_(20)
         model.lm_head.weight[TOKENIZER.eos_token_id] = model.lm_head.weight[4]
+        model.lm_head.weight[TOKENIZER.pad_token_id] = model.lm_head.weight[10]
     return model
 
 
@@ -42,7 +49,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def models():
-    return tiny_llama(0), tiny_llama(1)
+    return tiny_lm(0), tiny_lm(1)
 
 
 def run(model, **kwargs):
@@ -52,12 +59,14 @@ def run(model, **kwargs):
 
 # ----------------------------------------------------------------------------- sampling
 
-def test_mixture_scores_match_float64_full_prefix(models, monkeypatch):
+# Seeds whose samples show both endings (EOS, max_new_tokens) and a sampled pad id.
+@pytest.mark.parametrize("arch, seed", [("llama", 0), ("gpt2", 2)])
+def test_mixture_scores_match_float64_full_prefix(arch, seed, monkeypatch):
     """Every step's final sampling scores (after all processors) equal ((1 - a) z_theta + a z_ref) / T, with the
     logits recomputed in float64 by both models on each row's whole unpadded prefix, without a cache: the
     reference's incremental cache, its positions under left padding, and the mixture acting before the
-    temperature."""
-    policy, reference = models
+    temperature. GPT-2's learned absolute positions catch positions shifted by the padding."""
+    policy, reference = tiny_lm(seed, arch), tiny_lm(seed + 1, arch)
     alpha, temperature = 0.3, 0.7
     steps, generate = [], policy.generate
 
@@ -70,7 +79,7 @@ def test_mixture_scores_match_float64_full_prefix(models, monkeypatch):
     samples = run(policy, reference=reference, mixture_alpha=alpha, temperature=temperature)
     assert len(steps) == 2  # 6 rows in batches of 4: the prompts straddle batches, padded differently
 
-    policy64, reference64 = copy.deepcopy(policy).double(), copy.deepcopy(reference).double()
+    policy64, reference64 = (copy.deepcopy(m).double().eval() for m in (policy, reference))
     errors, length, generated = [], 0, []
     for mask, sequences, scores in steps:
         width = mask.shape[1]
@@ -91,6 +100,7 @@ def test_mixture_scores_match_float64_full_prefix(models, monkeypatch):
     flat = [ids for group in samples.completion_ids for ids in group]
     assert [len(group) for group in samples.completion_ids] == [2, 2, 2]
     assert any(ids[-1] == eos for ids in flat) and any(eos not in ids for ids in flat)  # both endings occur
+    assert any(TOKENIZER.pad_token_id in ids[:-1] for ids in flat)
     for ids, row in zip(flat, generated, strict=True):
         assert ids == row[:len(ids)] and eos not in ids[:-1] and (ids[-1] == eos or len(ids) == 5)
     assert samples.new_tokens == sum(map(len, flat))
@@ -340,6 +350,12 @@ def test_soft_labels():
                                    preferences=preferences)
     assert [(r.where, r.preference_prob) for r in records] == [("online#p0[1>3]", 0.9)]
     assert (stats["dropped_nan_pairs"], stats["pairs"]) == (1, 1)
+    # The direct comparison orients a pair: mean win probabilities (the scores) need not order it alike.
+    preferences[0, 1, 0], preferences[0, 0, 1] = 0.3, 0.7
+    records, _ = build_records(PAIR_PROMPTS[:1], PAIR_COMPLETIONS[:1], PAIR_SCORES[:1], mode="all_pairs",
+                               soft_labels=True, preferences=preferences[:1])
+    assert [(r.where, r.completions, r.preference_prob) for r in records] == [
+        ("online#p0[0>3]", ["a", "d"], 0.5), ("online#p0[0>1]", ["a", "b"], 0.7), ("online#p0[1>3]", ["b", "d"], 0.9)]
 
 
 def test_uncertainty_filter_and_identical_texts():
