@@ -287,6 +287,9 @@ def test_ensemble_and_repeat_scores():
     assert_scores(mean, [[3, math.nan]])
     assert_scores(spread, [[math.sqrt(3), math.nan]])
     assert ensemble.calls == 6 and ensemble.failed == 1
+    ensemble.calls, ensemble.failed = 100, 10  # a resumed run's totals: the members count on from there
+    ensemble.scores(["p"], [["ab"]])
+    assert (ensemble.calls, ensemble.failed) == (103, 10)
     assert_scores(ensemble.scores(["p"], [["a"]]), [[(1 + 1 + 3) / 3]])
     with pytest.raises(JudgeError, match="at least 2"):
         Ensemble([first])

@@ -125,6 +125,14 @@ def scalar_preferences(scores: torch.Tensor) -> torch.Tensor:
     return result
 
 
+def mean_win_probability(preferences: torch.Tensor) -> torch.Tensor:
+    """[P, K] mean over j != i of P(i beats j), over the comparisons that did not fail (NaN where all did):
+    a failed comparison leaves both completions ranked against their other opponents, not dropped."""
+    others = preferences.clone()
+    others.diagonal(dim1=1, dim2=2).fill_(math.nan)
+    return others.nanmean(dim=2)
+
+
 class FunctionJudge(Judge):
     def __init__(self, name: str, function):
         super().__init__(name)
@@ -193,12 +201,10 @@ class PairwiseJudge(FunctionJudge):
         return result
 
     def scores(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
-        """Mean win probability against the prompt's other completions (over the comparisons that did not fail)."""
+        """Mean win probability against the prompt's other completions (see mean_win_probability)."""
         if _rectangular(prompts, completions) < 2:
             raise JudgeError(f"judge {self.name!r} compares completions: it needs at least 2 per prompt")
-        preferences = self.preferences(prompts, completions)
-        preferences.diagonal(dim1=1, dim2=2).fill_(math.nan)
-        return preferences.nanmean(dim=2)
+        return mean_win_probability(self.preferences(prompts, completions))
 
 
 class Ensemble(Judge):
@@ -212,14 +218,24 @@ class Ensemble(Judge):
             raise JudgeError(f"an ensemble needs at least 2 judges; got {len(judges)}")
         super().__init__("ensemble(" + ", ".join(judge.name for judge in judges) + ")")
         self.judges = judges
+        self._calls = self._failed = 0
 
+    # The members count their own calls; a resumed run sets the totals, kept as an offset over the members'.
     @property
     def calls(self) -> int:
-        return sum(judge.calls for judge in self.judges)
+        return self._calls + sum(judge.calls for judge in self.judges)
+
+    @calls.setter
+    def calls(self, value: int):
+        self._calls = value - sum(judge.calls for judge in self.judges)
 
     @property
     def failed(self) -> int:
-        return sum(judge.failed for judge in self.judges)
+        return self._failed + sum(judge.failed for judge in self.judges)
+
+    @failed.setter
+    def failed(self, value: int):
+        self._failed = value - sum(judge.failed for judge in self.judges)
 
     def scores_with_spread(self, prompts: list[str], completions: list[list[str]]):
         members = torch.stack([judge.scores(prompts, completions) for judge in self.judges])
