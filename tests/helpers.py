@@ -106,3 +106,24 @@ def reference64(hidden, weight, bias, targets, upstream, *, ignore_index=-100, t
                                                     temperature, softcap)
     grads[0], sizes[0] = grads[0].view(hidden.shape), sizes[0].view(hidden.shape)
     return outs, grads, sizes, logit_size
+
+
+def save_tiny_reward_model(path, chars, **config):
+    """A character-level tokenizer and a LlamaForSequenceClassification (one label) saved to `path`, as a
+    local reward-model directory; returns (model, tokenizer). config: LlamaConfig fields."""
+    import tokenizers
+    import transformers
+    from tokenizers import Regex, models as token_models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<eos>", *chars])}
+    backend = tokenizers.Tokenizer(token_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                                     eos_token="<eos>")
+    shape = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        **{**shape, **config}, vocab_size=len(vocab), num_labels=1))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer

@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 
+from helpers import save_tiny_reward_model
 from prefops.training import checkpoint, config as C, data as D, loop as L, model as M
 from prefops.training.online import OnlineTrainer
 
@@ -290,21 +291,8 @@ def test_uncertainty_filter_over_repeated_judging(tmp_path, monkeypatch):
 
 
 def test_reward_model_judge_from_a_local_directory(tmp_path):
-    import tokenizers
-    import transformers
-    from tokenizers import Regex, models as token_models, pre_tokenizers
-
-    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<eos>", *"0123456789="])}
-    backend = tokenizers.Tokenizer(token_models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                                     eos_token="<eos>")
     torch.manual_seed(0)
-    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=len(vocab), num_labels=1))
-    model.save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
+    save_tiny_reward_model(tmp_path / "rm", "0123456789=")
     config = make_config(tmp_path, online={"judge": f"reward_model:{tmp_path / 'rm'}", "rounds": 1})
     L.train(config)
     (round_,) = [r for r in records(config.out_dir, "eval") if "round" in r]

@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from conftest import decoder_tolerance, relative_error
+from helpers import save_tiny_reward_model
 from prefops.training.judges import Ensemble, JudgeError, make_judge, repeat_scores, scalar_preferences
 from prefops.training.pairing import build_records
 from prefops.training.sampling import sample
@@ -229,21 +230,12 @@ def test_scalar_preferences():
 
 
 def test_reward_model_judge_matches_unbatched_float64(tmp_path):
-    import tokenizers
-    from tokenizers import Regex, models as token_models, pre_tokenizers
-
-    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<eos>", *"0123456789+= abc"])}
-    backend = tokenizers.Tokenizer(token_models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                                     eos_token="<eos>")
     torch.manual_seed(0)
     # No pad_token_id in the model's config: the judge must take it from the tokenizer to pool batched rows.
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=len(vocab), num_labels=1, pad_token_id=None)
-    model = transformers.LlamaForSequenceClassification(config)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = save_tiny_reward_model(tmp_path, "0123456789+= abc", hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              pad_token_id=None)
+    config = model.config
 
     judge = make_judge(f"reward_model:{tmp_path}", batch_size=4)
     prompts, completions = ["1+2=", "10+20="], [["3", "30 abc", "c"], ["30", "3", "abcabc"]]
