@@ -9,20 +9,23 @@ The trainer (context_parallel: 2): both ranks form one context-parallel group, o
 their whole jobs (SFT, the preference stage, evaluations) must log the single process's records step by
 step and end with its weights.
 """
+import contextlib
 import json
 import os
 import socket
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 import transformers
 
+import prefops.attention as attention
 from conftest import U32, assert_records_close, decoder_tolerance, relative_error
 from prefops.attention import ContextShard, PackedLayout
 from prefops.shared_prompt import build_layout
-from prefops.training import config as C, loop as L
-from test_packed_attention import packed, ragged, shared_examples, tiny_model
+from prefops.training import config as C, data as D, loop as L
+from test_packed_attention import packed, ragged, shared_examples, tiny_model, varlen_by_definition
 from test_training import make_config
 from test_training_listwise import ranked_rows, write_jsonl
 
@@ -69,7 +72,20 @@ def _sliding_case():
     return model, ids, positions, None, PackedLayout.from_position_ids(positions), 16
 
 
-ATTENTION_CASES = {"packed": _packed_case, "shared_prompt": _shared_case, "sliding_window": _sliding_case}
+# name: (case, whether the rank runs flash-attn's varlen path, with the kernel replaced by its definition so
+# that its arguments for a share, the pieces' cu_seqlens and gathered keys, run without a GPU)
+ATTENTION_CASES = {"packed": (_packed_case, False), "shared_prompt": (_shared_case, False),
+                   "sliding_window": (_sliding_case, False), "shared_prompt_flash": (_shared_case, True),
+                   "sliding_window_flash": (_sliding_case, True)}
+
+
+def _flash_plumbing(on):
+    if not on:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(attention, "_use_flash", lambda query, value: True))
+    stack.enter_context(mock.patch.object(attention, "_flash_varlen", lambda: varlen_by_definition))
+    return stack
 
 
 def _hidden_and_grads(model, ids, positions, layout, start=0, stop=None):
@@ -86,12 +102,13 @@ def _attention_worker(rank, port, out_dir):
     try:
         group = dist.new_group(list(range(RANKS)))
         results = {}
-        for name, case in ATTENTION_CASES.items():
+        for name, (case, flash) in ATTENTION_CASES.items():
             model, ids, positions, _, blocks, cut = case()
             with pytest.raises(ValueError, match="consecutive non-empty spans"):
                 ContextShard(blocks, group, [(0, cut), (cut + 1, ids.shape[1])])
             shard = ContextShard(blocks, group, [(0, cut), (cut, ids.shape[1])])
-            hidden, grads = _hidden_and_grads(model, ids, positions, shard, *shard.span)
+            with _flash_plumbing(flash):
+                hidden, grads = _hidden_and_grads(model, ids, positions, shard, *shard.span)
             dist.all_reduce(grads)
             results[name] = hidden, grads
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -102,15 +119,15 @@ def _attention_worker(rank, port, out_dir):
 def test_context_parallel_attention_equals_one_process(tmp_path):
     torch.multiprocessing.spawn(_attention_worker, args=(_free_port(), str(tmp_path)), nprocs=RANKS, join=True)
     shards = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(RANKS)]
-    for name, case in ATTENTION_CASES.items():
+    for name, (case, _) in ATTENTION_CASES.items():
         model, ids, positions, layout, blocks, cut = case()
         hidden, grads = _hidden_and_grads(model, ids, positions, blocks if layout is None else layout)
-        length, tokens = ids.shape[1], ids.shape[1]
+        length = ids.shape[1]  # also the tokens each gradient sums over
         # Two fp32 computations of the same attention, each within the decoder's tolerance of float64.
         assert relative_error(torch.cat([shard[name][0] for shard in shards], 1), hidden) <= \
             2 * decoder_tolerance(model.config, length), name
-        assert relative_error(shards[0][name][1], grads) <= 2 * decoder_tolerance(model.config, length, tokens=tokens), \
-            name
+        assert relative_error(shards[0][name][1], grads) <= \
+            2 * decoder_tolerance(model.config, length, tokens=length), name
         assert torch.equal(shards[0][name][1], shards[1][name][1])
 
 
@@ -134,9 +151,16 @@ JOBS = {
     "kto": lambda tmp_path: dict(data=_pairs(tmp_path), loss_type="kto", packing=True, loss_impl="reference",
                                  reference="precomputed"),
     "listwise_shared_prompt": lambda tmp_path: dict(
-        data=write_jsonl(tmp_path / "ranked.jsonl", ranked_rows(12)), loss_type="all_pairs", shared_prompt=True,
+        data=write_jsonl(tmp_path / "ranked.jsonl", _long_prompts(ranked_rows(12))), loss_type="all_pairs",
+        shared_prompt=True, micro_batch_size=1, grad_accum_steps=4, max_length=40,
         loss_params={"pairwise_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}),
 }
+
+
+def _long_prompts(rows):
+    """Every other prompt longer than its completions: a rank whose share of the pack is prompt tokens only
+    holds no scored token (the last prompt token predicts the completions' first ones)."""
+    return [dict(row, prompt=row["prompt"] + "9" * 16) if i % 2 == 0 else row for i, row in enumerate(rows)]
 
 
 def _job_config(tmp_path, case, name, **overrides):
@@ -160,6 +184,8 @@ def _trainer_worker(rank, port, tmp_path):
                 shares = trainer.step_batches(trainer.stages["dpo"].train_set, list(range(config.batch_size)))
                 assert any(begin < share.shard.span[1] < end for share in shares
                            for begin, end, _ in share.shard.layout.blocks), case
+                assert case != "listwise_shared_prompt" or any(
+                    bool((share.targets == D.IGNORE_INDEX).all()) for share in shares), case
     finally:
         dist.destroy_process_group()
 
@@ -179,7 +205,8 @@ def test_context_parallel_training_equals_one_process(tmp_path):
         trainer.train()
         sharded, single = _records(tmp_path / case / "context_parallel"), _records(tmp_path / case / "one_process")
         terms = config.batch_size * 4 * config.max_length  # a step's sums: examples of at most 4 sequences
-        assert [(r["stage"], r["kind"], r["step"]) for r in sharded] == [(r["stage"], r["kind"], r["step"]) for r in single]
+        assert [(r["stage"], r["kind"], r["step"]) for r in sharded] == \
+            [(r["stage"], r["kind"], r["step"]) for r in single]
         for got, want in zip(sharded, single):
             exact = {key: value for key, value in want.items() if not isinstance(value, float) or key == "lr"}
             assert {key: got[key] for key in exact} == exact, case

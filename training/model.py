@@ -138,7 +138,8 @@ def context_shard(batch: Batch, group) -> ShardedBatch:
         shard = ContextShard.even(PackedLayout.from_cu_seqlens(batch.cu_seqlens, batch.input_ids.shape[1]), group)
         start, stop = shard.span
         return ShardedBatch(**{**fields, "input_ids": batch.input_ids[:, start:stop],
-                               "targets": batch.targets[:, start:stop], "position_ids": batch.position_ids[:, start:stop],
+                               "targets": batch.targets[:, start:stop],
+                               "position_ids": batch.position_ids[:, start:stop],
                                "cu_seqlens": batch.cu_seqlens.clamp(start, stop) - start}, whole=batch, shard=shard)
     shard = ContextShard.even(PackedLayout.from_shared_prompt(layout), group)
     start, stop = shard.span
