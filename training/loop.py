@@ -187,7 +187,12 @@ class PreferenceObjective:
     def __call__(self, lm, batch, totals, ref):
         mean_length = self.nll_mean_length(totals)
         loss_fn = self._fused if self.config.loss_impl == "fused" else self._reference
-        loss, metrics = lm(batch, lambda hidden, head: loss_fn(hidden, head, batch, ref, mean_length))
+        measure = not torch.is_grad_enabled()  # evaluation: a training step never pays for eval_metrics
+
+        def forward(hidden, head):
+            loss, metrics = loss_fn(hidden, head, batch, ref, mean_length)
+            return loss, ({**metrics, **self.eval_metrics(hidden, head, batch, ref)} if measure else metrics)
+        loss, metrics = lm(batch, forward)
         counts = self.counts(batch)
         # Metrics are means over this micro-batch's pairs (or lists, ordered pairs, responses: METRIC_TOTALS);
         # weighted by those counts they sum to the step's.
@@ -199,6 +204,40 @@ class PreferenceObjective:
 
     def finish(self, sums, totals):
         return {name: value / totals[self.METRIC_TOTALS.get(name, "normaliser")] for name, value in sums.items()}
+
+    def eval_metrics(self, hidden, head, batch, ref) -> dict:
+        """What evaluation adds (means over the pairs, from one more pass over the vocabulary):
+
+        logps/accuracies: the ranking accuracy 1[log pi(y_w|x) > log pi(y_l|x)] of summed log-probs;
+        logps/idealised_accuracies: that of the optimum pi* ~ pi_ref exp(r / beta) of the KL-regularised
+            objective whose Bradley-Terry reward gives the pair probability p (Chen et al. 2024, "Preference
+            Learning Algorithms Do Not Learn Preference Rankings"): 1[log pi_ref(y_w) - log pi_ref(y_l)
+            + logit(p) / beta > 0], p the row's preference_prob, else 1 - label_smoothing (cDPO's flip rate).
+            Left out with hard labels (p = 1 ranks every pair right), without a reference, and with ld_alpha
+            (its reference sums are length-weighted, not those the optimum ranks by);
+        diagnostics/entropy, diagnostics/top_k_entropy, diagnostics/top_k_mass: prefops.linear_diagnostics
+            (k = 10, renormalised top-k entropy) averaged over each chosen completion's tokens.
+        """
+        config, pairs = self.config, batch.num_examples
+        hidden, weight, bias = head.cast(hidden)
+        diagnostics = prefops.linear_diagnostics(
+            hidden, weight, batch.targets, bias=bias, ignore_index=D.IGNORE_INDEX, temperature=head.temperature,
+            softcap=head.softcap, top_k=min(10, weight.shape[0]))
+        logps = M.sequence_sums(diagnostics.logp, batch)[0]
+        metrics = {"logps/accuracies": (logps[:pairs] > logps[pairs:]).float().mean()}
+        for name in ("entropy", "top_k_entropy", "top_k_mass"):
+            sums, counts = M.sequence_sums(getattr(diagnostics, name), batch)
+            metrics[f"diagnostics/{name}"] = (sums[:pairs] / counts[:pairs]).mean()
+        probs = batch.preference_probs
+        if probs is None and config.label_smoothing:
+            probs = torch.full((pairs,), 1 - config.label_smoothing, device=logps.device)
+        if self.token_level:  # the reference's hidden states and head: its log-probs from them
+            ref_sums = M.sequence_sums(M.head_logprobs(*ref, batch.targets, config.loss_impl), batch)[0]
+            ref = ref_sums[:pairs], ref_sums[pairs:]
+        if probs is not None and ref[0] is not None and config.ld_alpha is None:
+            optimum = ref[0].double() - ref[1].double() + torch.logit(probs.double()) / config.beta
+            metrics["logps/idealised_accuracies"] = (optimum > 0).float().mean()
+        return metrics
 
     def _fused(self, hidden, head, batch, ref, mean_length):
         config = self.config
@@ -281,6 +320,9 @@ class ListwiseObjective(PreferenceObjective):
 
     def nll_mean_length(self, totals) -> float:
         return totals["pair_chosen_tokens"] / max(totals["pairs"], 1)
+
+    def eval_metrics(self, hidden, head, batch, ref) -> dict:
+        return {}  # the pairwise ranking metrics; a list's are kendall_tau and top1_accuracy
 
     def _params(self, mean_length):
         return {**self.config.loss_params,
