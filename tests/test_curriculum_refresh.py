@@ -14,7 +14,8 @@ from prefops.training import checkpoint, config as C, data as D, loop as L, mode
 from test_training import Interrupted, make_config, train_records
 
 CURRICULUM = dict(synthetic_size=16, list_size=3, curriculum="rank", sft_steps=1, steps=10, micro_batch_size=4,
-                  eval_every=5, eval_batches=1, win_rate_samples=4, checkpoint_every=1, reference_update="stage")
+                  eval_every=5, eval_batches=1, win_rate_samples=4, checkpoint_every=1, reference_update="stage",
+                  device="cpu")  # the probe batches stay on the CPU
 
 
 def curriculum_config(tmp_path, name, **overrides):

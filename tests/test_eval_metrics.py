@@ -23,9 +23,10 @@ EVAL_KEYS = {"logps/accuracies", "diagnostics/entropy", "diagnostics/top_k_entro
 
 
 def trainer_on(tmp_path, rows, **overrides):
-    """A trainer on `rows` and its reference's weights; the policy is then moved off the reference."""
+    """A trainer on `rows` (on the CPU, in fp32) and its reference's weights; the policy is then moved off the
+    reference."""
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    trainer = L.Trainer(make_config(tmp_path, data=path, eval_fraction=0.0, sft_steps=0, **overrides))
+    trainer = L.Trainer(make_config(tmp_path, data=path, eval_fraction=0.0, sft_steps=0, device="cpu", **overrides))
     trainer.model.config.final_logit_softcapping = SOFTCAP
     trainer.prepare("dpo")
     reference = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
