@@ -72,6 +72,9 @@ class Config:
     # Online preference learning: a non-empty section trains on the policy's own samples, round after
     # round (training/online.py); its keys and defaults are ONLINE_KEYS.
     online: dict = knob({}, "online rounds: sample, judge, pair, train (keys: ONLINE_KEYS; {}: offline)")
+    # OFS-DPO: a non-empty section trains a fast and a slow LoRA adapter over the frozen model, each on the
+    # pairwise loss, plus a regulariser between them (training/ofs.py); its keys and defaults are OFS_KEYS.
+    ofs_dpo: dict = knob({}, "OFS-DPO's fast and slow LoRA adapters (keys: OFS_KEYS; {}: off)")
 
     # Optimisation. Examples per optimizer step = micro_batch_size * grad_accum_steps * processes (torchrun).
     sft_steps: int = knob(0, "optimizer steps of the SFT stage (0: no SFT)")
@@ -136,6 +139,16 @@ ONLINE_KEYS = {
     "eval_prompts": (128, "prompts of the win rates against the start and the previous round"),
 }
 PAIR_MODES = ("best_worst", "all_pairs", "margin", "ranked")
+
+# The ofs_dpo section's keys: (default, meaning). The fast adapter trains at the stage's lr and schedule.
+OFS_KEYS = {
+    "rank": (8, "LoRA rank of each adapter"),
+    "alpha": (16, "LoRA alpha: each adapter's update is scaled by alpha / rank"),
+    "target_modules": (None, "module names that get the adapters, or all-linear (null: peft's default for the model)"),
+    "lr_ratio": (2.0, "the fast adapter's learning rate over the slow one's (> 1)"),
+    "reg_weight": (1.0, "weight of the regulariser -log sigmoid(beta (margin_fast - margin_slow)) in the fast loss"),
+    "swap": (True, "after a step whose loss of the slow adapter is below the fast one's, the two swap weights"),
+}
 
 UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
 # Pairwise losses whose loss of a pair depends on the other pairs of its batch.
@@ -230,6 +243,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"eval_fraction must lie in [0, 1); got {config.eval_fraction}", "eval_fraction")
     _validate_objective(config)
     _validate_online(config)
+    _validate_ofs(config)
 
 
 def online_options(config: Config) -> dict:
@@ -290,6 +304,41 @@ def _validate_online(config: Config) -> None:
     if config.curriculum != "none" or config.reference == "precomputed":
         raise ConfigError("online rounds sample new pairs each round: set curriculum: none and reference to "
                           "model, none or auto", "online")
+
+
+def ofs_options(config: Config) -> dict:
+    """The ofs_dpo section with its defaults filled in."""
+    return {key: config.ofs_dpo.get(key, default) for key, (default, _) in OFS_KEYS.items()}
+
+
+def _validate_ofs(config: Config) -> None:
+    if not config.ofs_dpo:
+        return
+    unknown = sorted(set(config.ofs_dpo) - set(OFS_KEYS))
+    if unknown:
+        raise ConfigError(f"ofs_dpo.{unknown[0]} is not an ofs_dpo key; valid: {', '.join(OFS_KEYS)}", "ofs_dpo")
+    options = ofs_options(config)
+
+    def require(key, ok, allowed):
+        if not ok(options[key]):
+            raise ConfigError(f"ofs_dpo.{key} must be {allowed}; got {options[key]!r}", "ofs_dpo")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    require("rank", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+    require("alpha", lambda v: number(v) and v > 0, "a number > 0")
+    require("lr_ratio", lambda v: number(v) and v > 1, "a number > 1 (the fast adapter learns faster)")
+    require("reg_weight", lambda v: number(v) and v >= 0, "a number >= 0")
+    require("swap", lambda v: isinstance(v, bool), "true or false")
+    require("target_modules", lambda v: v is None or v == "all-linear" or (
+        isinstance(v, list) and v and all(isinstance(name, str) and name for name in v)),
+        "a list of module names, all-linear or null")
+    if is_unpaired(config) or is_listwise(config):
+        raise ConfigError(f"ofs_dpo trains each adapter on a pairwise loss; loss_type {config.loss_type!r} is "
+                          f"{'unpaired' if is_unpaired(config) else 'listwise'}", "ofs_dpo")
+    if config.reference_update != "never":
+        raise ConfigError("ofs_dpo's reference is the frozen model under the adapters (adapters off), never refreshed: "
+                          f"set reference_update: never; got {config.reference_update!r}", "ofs_dpo")
+    if config.online and online_options(config)["mixture_alpha"]:
+        raise ConfigError("ofs_dpo samples from the fast adapter alone: set online.mixture_alpha: 0", "ofs_dpo")
 
 
 def loss_types(config: Config) -> list[str]:

@@ -29,7 +29,7 @@ from prefops import reference as reference_ops
 from prefops.losses import BCOLoss, kto_loss, pairwise_loss
 from prefops.losses.listwise import PAIR_BASED, listwise_loss, preference_matrix
 
-from . import checkpoint, distributed, references
+from . import checkpoint, distributed, ofs, references
 from . import config as C
 from . import data as D
 from . import model as M
@@ -560,7 +560,10 @@ class Trainer:
         return "model" if C.needs_reference(self.config) else "none"
 
     def frozen_reference(self) -> M.FusedLM:
-        """A frozen copy of the current model, sharded like it under torchrun."""
+        """A frozen copy of the current model, sharded like it under torchrun (OFS-DPO: the model with its
+        adapters off)."""
+        if self.config.ofs_dpo:
+            return ofs.BaseLM(self.model)
         if not distributed.active():
             return M.FusedLM(M.frozen_copy(self.model))
         model, _ = M.build(self.config, self.device, self.task and self.task.alphabet)
@@ -574,6 +577,8 @@ class Trainer:
         config = self.config
         train_set, eval_set = self.datasets(stage)
         if stage == "sft":
+            if config.ofs_dpo:
+                ofs.train_base(self.model)
             objective = SFTObjective(config.loss_impl)
             self.stages[stage] = Stage(config.sft_steps, config.sft_lr, train_set, objective, eval_set, objective)
             return
@@ -581,11 +586,17 @@ class Trainer:
             raise C.ConfigError(f"reference_update: stage refreshes the reference, which loss_type "
                                 f"{config.loss_type!r} with reference none does not read: set reference_update: "
                                 "never", "reference_update")
+        self.stages[stage] = Stage(config.steps, config.lr, train_set, self.objective(None), eval_set,
+                                   eval_set and self.objective(None))
+        self.refresh_reference(stage)
+
+    def objective(self, reference):
+        """The preference stage's objective of config.loss_type (OFS-DPO's two adapters around it when set)."""
+        config = self.config
         family = (UnpairedObjective if C.is_unpaired(config) else ListwiseObjective if C.is_listwise(config)
                   else PreferenceObjective)
-        self.stages[stage] = Stage(config.steps, config.lr, train_set, family(config, None), eval_set,
-                                   eval_set and family(config, None))
-        self.refresh_reference(stage)
+        objective = family(config, reference)
+        return ofs.FastSlowObjective(objective, config, self.model) if config.ofs_dpo else objective
 
     def refresh_reference(self, stage: str) -> None:
         """The stage's objectives get a frozen copy of the model as it is now as their reference."""
@@ -664,8 +675,8 @@ class Trainer:
     def optimizer(self, lr: float, steps: int):
         """AdamW and its warmup-then-decay schedule over `steps` optimizer steps."""
         config = self.config
-        optimizer = torch.optim.AdamW(self.lm.parameters(), lr=lr, betas=tuple(config.adam_betas),
-                                      weight_decay=config.weight_decay)
+        params = ofs.parameter_groups(self.model, lr, config) if config.ofs_dpo else self.lm.parameters()
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
 
     def restore(self, resume: dict, optimizer, scheduler, objective) -> int:
@@ -689,6 +700,8 @@ class Trainer:
             record = run_batches(self.lm, objective, batches, self.autocast, backward=True)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.lm.parameters(), config.grad_clip or math.inf)
             optimizer.step()
+        if hasattr(objective, "after_step"):
+            objective.after_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         record_lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -763,6 +776,8 @@ class Trainer:
                 self.run_stage("sft", log, resume)
                 self.save(self.out_dir / "sft.pt", "sft", config.sft_steps)
                 resume = None
+        if config.ofs_dpo:
+            ofs.train_adapters(self.model)
         self.preference_stage(log, resume)
         if not distributed.is_main():
             return {}

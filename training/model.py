@@ -68,6 +68,9 @@ def build(config, device: torch.device, chars: str | None = None):
             config.model, attn_implementation=attention, **config.model_config)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
+    if config.ofs_dpo:  # every model of the run (references, resumed runs) carries the same adapters
+        from .ofs import add_adapters  # ofs builds on this module
+        model = add_adapters(model, config)
     return model.to(device), tokenizer
 
 

@@ -40,7 +40,7 @@ from . import config as C
 from . import data as D
 from . import distributed, judges, pairing, references, sampling
 from . import model as M
-from .loop import ListwiseObjective, PreferenceObjective, Stage, Trainer, UnpairedObjective, format_record, say
+from .loop import Stage, Trainer, format_record, say
 
 
 def _seed(*parts) -> int:
@@ -179,11 +179,6 @@ class OnlineTrainer(Trainer):
         def extrapolated(batch):  # APO: log pi_t + alpha (log pi_t - log pi_{t-1})
             return tuple((1 + alpha) * now - alpha * before for now, before in zip(logps(batch), previous(batch)))
         return extrapolated, current
-
-    def objective(self, reference):
-        family = (UnpairedObjective if C.is_unpaired(self.config) else ListwiseObjective if C.is_listwise(self.config)
-                  else PreferenceObjective)
-        return family(self.config, reference)
 
     # --- one round
 
