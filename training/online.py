@@ -22,8 +22,10 @@ One optimizer and one learning-rate schedule span all rounds. Checkpoints (round
 every checkpoint_every steps) hold the round's pairs, the reference weights and the RNG,
 so a run resumed mid-round trains on the same pairs and reproduces the uninterrupted run.
 Under torchrun each rank samples and judges its share of the prompts (in fixed batches
-with their own seeds, so the samples do not depend on the number of ranks), and every
-rank gets every judged sample.
+with their own seeds, so the samples do not depend on the number of ranks) on a local
+unsharded copy of the policy, and every rank gets every judged sample and the judge's
+counts of every rank: a run on N ranks logs the rounds, pairs and judge budget of one
+process (tests/test_online_distributed.py).
 """
 from __future__ import annotations
 
@@ -86,22 +88,28 @@ class OnlineTrainer(Trainer):
         generator = torch.Generator().manual_seed(_seed(self.config.seed, "prompts", purpose))
         return [pool[i] for i in torch.randint(len(pool), (n,), generator=generator).tolist()]
 
-    def sampler(self):
-        """The model generate() runs on: the policy, or under torchrun a full local copy of it (FSDP's
-        layers gather their shards collectively, and ranks generate different numbers of tokens)."""
+    def local_copy(self, model):
+        """What generate() runs on: `model`, or under torchrun a full local copy of it (FSDP's layers
+        gather their shards collectively, and ranks generate different numbers of tokens)."""
         if not distributed.active():
-            return self.model
-        model, _ = M.build(self.config, self.device, self.task and self.task.alphabet)
-        model.load_state_dict(distributed.full_model_state(self.model))
-        return model.eval().requires_grad_(False)
+            return model
+        # M.build seeds torch's RNG: the run's RNG must not depend on the number of ranks.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            copy, _ = M.build(self.config, self.device, self.task and self.task.alphabet)
+        copy.load_state_dict(distributed.full_model_state(model))
+        return copy.eval().requires_grad_(False)
 
     def sample_and_judge(self, prompts: list[str], k: int, purpose, reference=None) -> dict:
-        """Every rank's samples and judgements of `prompts` (k each), sampled in fixed seeded batches."""
-        online = self.online
+        """Every rank's samples and judgements of `prompts` (k each), sampled in fixed seeded batches.
+
+        Under torchrun the judge's calls and failures become those of every rank, and the times those of
+        the slowest rank (they sample at once)."""
+        online, judge = self.online, self.judge
         size = online["sample_batch_size"]
         batches = [(b, prompts[start:start + size]) for b, start in enumerate(range(0, len(prompts), size))]
         mine = batches[distributed.rank()::distributed.world_size()]
-        parts, model = {}, self.sampler()
+        parts, model = {}, self.local_copy(self.model)
+        calls, failed = judge.calls, judge.failed
         for b, chunk in mine:
             began = time.perf_counter()
             samples = sampling.sample(
@@ -115,14 +123,19 @@ class OnlineTrainer(Trainer):
             parts[b] = dict(completions=samples.completions, scores=scores, spread=spread, preferences=preferences,
                             new_tokens=samples.new_tokens, sample_s=sampled - began,
                             judge_s=time.perf_counter() - sampled)
-        for part in distributed.all_gather_objects(parts):
-            parts.update(part)
+        ranks = distributed.all_gather_objects(dict(
+            parts=parts, calls=judge.calls - calls, failed=judge.failed - failed, last_error=judge.last_error,
+            **{key: sum(part[key] for part in parts.values()) for key in ("sample_s", "judge_s")}))
+        for each in ranks:
+            parts.update(each["parts"])
+        judge.calls, judge.failed = calls + sum(r["calls"] for r in ranks), failed + sum(r["failed"] for r in ranks)
+        judge.last_error = next((r["last_error"] for r in ranks if r["last_error"]), judge.last_error)
         ordered = [parts[b] for b, _ in batches]
         cat = lambda key: None if ordered[0][key] is None else torch.cat([p[key] for p in ordered])  # noqa: E731
         return dict(prompts=prompts, completions=[c for p in ordered for c in p["completions"]], scores=cat("scores"),
                     spread=cat("spread"), preferences=cat("preferences"),
                     new_tokens=sum(p["new_tokens"] for p in ordered),
-                    sample_s=sum(p["sample_s"] for p in ordered), judge_s=sum(p["judge_s"] for p in ordered))
+                    sample_s=max(r["sample_s"] for r in ranks), judge_s=max(r["judge_s"] for r in ranks))
 
     @property
     def max_new_tokens(self) -> int:
@@ -147,18 +160,15 @@ class OnlineTrainer(Trainer):
 
     # --- references
 
-    def snapshot(self) -> dict:
-        """The policy's weights now, on CPU (a copy: state_dict() alone aliases the live parameters)."""
-        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in
-                distributed.model_state(self.model).items()}
-
     def reference_lm(self, state: dict) -> M.FusedLM:
         """A frozen model holding `state` (sharded like the policy under torchrun)."""
         model, _ = M.build(self.config, self.device, self.task and self.task.alphabet)
         lm = M.FusedLM(model)
         if distributed.active():
             distributed.shard(lm)
-        distributed.load_model_state(model, state)
+        # A copy: under torchrun set_model_state_dict puts this rank's shards into the dict it is given, and
+        # `state` is kept (reference_states) and checkpointed in full.
+        distributed.load_model_state(model, dict(state))
         return lm.eval().requires_grad_(False)
 
     def round_reference(self):
@@ -186,10 +196,10 @@ class OnlineTrainer(Trainer):
         """Sample, judge and pair the prompts of round `index`."""
         online = self.online
         prompts = self.prompts(online["prompts_per_round"], f"round{index}")
-        mixture = self.sampling_reference(reference_lm) if online["mixture_alpha"] else None
+        mixture = self.local_copy(reference_lm.model) if online["mixture_alpha"] else None
         calls = self.judge.calls
         judged = self.sample_and_judge(prompts, online["samples_per_prompt"], f"round{index}", reference=mixture)
-        self.train_judge_calls += distributed.all_reduce_sums({"calls": self.judge.calls - calls})["calls"]
+        self.train_judge_calls += self.judge.calls - calls
         records, stats = pairing.build_records(
             prompts, judged["completions"], judged["scores"], mode=online["pairs"], min_margin=online["min_margin"],
             soft_labels=online["soft_labels"], soft_label_scale=online["soft_label_scale"],
@@ -210,14 +220,6 @@ class OnlineTrainer(Trainer):
             raise RuntimeError(f"round {index}: no pair to train on ({stats}); the samples all tie or the judge "
                                "failed on them: raise samples_per_prompt or temperature, or check the judge")
         return Round(index, records, stats)
-
-    def sampling_reference(self, reference_lm):
-        """The reference model of mixture sampling (a full local copy under torchrun, as sampler())."""
-        if not distributed.active():
-            return reference_lm.model
-        model, _ = M.build(self.config, self.device, self.task and self.task.alphabet)
-        model.load_state_dict(distributed.full_model_state(reference_lm.model))
-        return model.eval().requires_grad_(False)
 
     def round_dataset(self, current: Round) -> D.Dataset:
         config = self.config
