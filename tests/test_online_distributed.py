@@ -54,7 +54,7 @@ def judge(prompts, completions):
 
 def _config(tmp_path, name, case, **overrides):
     # 4 held-out pairs of the task's 64: evaluation drops a remainder that the ranks cannot share evenly.
-    online = {**ONLINE, "mixture_alpha": 0.5} if case == "straight" else ONLINE  # mixture: the reference's copy
+    online = {**ONLINE, "mixture_alpha": 0.5} if case == "straight" else ONLINE  # samples the reference's copy too
     return make_config(tmp_path, online=online, sft_steps=0, eval_fraction=4 / 64, lr=LR, warmup_steps=0,
                        reference_update="round", out_dir=str(tmp_path / name), **overrides)
 
@@ -122,13 +122,15 @@ def test_two_gloo_ranks_run_the_online_loop_of_one_process(tmp_path, case):
     for actual, expected in zip(ranks, one):
         _assert_record_matches(actual, expected)
 
-    saved = torch.load(tmp_path / "ranks" / "last.pt", weights_only=False)
-    assert saved["step"] == STEPS
-    assert saved["online"]["round"]["records"] == torch.load(
-        tmp_path / "single" / "last.pt", weights_only=False)["online"]["round"]["records"]
+    saved, expected = (torch.load(tmp_path / run / "last.pt", weights_only=False) for run in ("ranks", "single"))
+    assert saved["step"] == STEPS and saved["online"]["round"]["records"] == expected["online"]["round"]["records"]
+    # The references in full (rank 0's shards once went there): the second round's is the policy after step 2.
+    for state, reference in zip(saved["online"]["reference_states"], expected["online"]["reference_states"]):
+        for name, weight in reference.items():
+            assert type(state[name]) is torch.Tensor and state[name].shape == weight.shape, name
     # Final weights: each Adam step's update carries the relative error of its gradient, fp32 sums of
     # TOKENS_PER_STEP terms in another order, and the steps add theirs: normwise against how far they moved.
-    start = torch.load(tmp_path / "single" / "last.pt", weights_only=False)["online"]["reference_states"][0]
+    start = expected["online"]["reference_states"][0]
     for name, weight in single.model.state_dict().items():
         moved = (weight - start[name]).norm().item()
         assert moved > 0, name
