@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh families     # bench_losses, bench_listwise, bench_tdpo, bench_diagnostics (3, 4, 5)
 #   bash benchmarks/gpu_session.sh training     # bench_training throughput, then the longest pair per row (6, 15; <= 8 min)
 #   bash benchmarks/gpu_session.sh shared       # bench_shared_prompt (7)
+#   bash benchmarks/gpu_session.sh online       # bench_online: rounds of sample, judge, train at the 1B shape (<= 8 min)
 #
 # Reports go to $OUT (the device tool's output folder) or ./gpu-results. prefops is not
 # installed: the checkout goes on PYTHONPATH (prefops/__init__.py maps kernels/ and training/).
@@ -72,7 +73,15 @@ case "${1:-check}" in
             --attention flash --layout packed --budget 25 --out "$out/training-longest-flash.md" ;;
     shared)
         run shared-prompt python3 benchmarks/bench_shared_prompt.py --out "$out/shared-prompt.md" ;;
+    online)
+        # At most 8 minutes: the caps sum to 450 s, each over the imports, the 1B model and three rounds
+        # (one warm-up); every round prints its line as it ends, so a command past its cap still logs the
+        # rounds it finished. First the trainer's default of 64 sequences per generate() call, then the
+        # round's 256 sequences in one call.
+        run online timeout 270 python3 benchmarks/bench_online.py --out "$out/online.md"
+        run online-batch256 timeout 180 python3 benchmarks/bench_online.py --sample-batch 256 \
+            --out "$out/online-batch256.md" ;;
     *)
-        echo "unknown phase ${1}; choose check, core, families, training or shared" >&2
+        echo "unknown phase ${1}; choose check, core, families, training, shared or online" >&2
         exit 2 ;;
 esac
