@@ -110,7 +110,8 @@ class OnlineTrainer(Trainer):
         mine = batches[distributed.rank()::distributed.world_size()]
         parts, model = {}, self.local_copy(self.model)
         calls, failed = judge.calls, judge.failed
-        for b, chunk in mine:
+        for b, chunk in tqdm(mine, desc=f"sampling {purpose}", unit="batch", leave=False, dynamic_ncols=True,
+                             disable=not distributed.is_main() or purpose == "eval"):
             began = time.perf_counter()
             samples = sampling.sample(
                 model, self.tokenizer, chunk, k=k, max_new_tokens=self.max_new_tokens,
@@ -145,13 +146,12 @@ class OnlineTrainer(Trainer):
     def judgements(self, prompts, completions):
         """(scores [P, K], their spread or None, preferences [P, K, K] or None); NaN where the judge failed.
 
-        A pairwise judge is asked once per pair; a completion's score is its mean win probability."""
+        A pairwise judge is asked once per pair; a completion's score is its mean win probability over the
+        comparisons that did not fail."""
         repeats = self.online["judge_repeats"]
         if self.judge.pairwise:
             preferences = self.judge.preferences(prompts, completions)
-            others = ~torch.eye(preferences.shape[-1], dtype=torch.bool)
-            scores = torch.where(others, preferences, 0.0).sum(-1) / others.sum(-1)
-            return scores, None, preferences
+            return judges.mean_win_probability(preferences), None, preferences
         if repeats > 1:
             scores, spread = judges.repeat_scores(self.judge, prompts, completions, repeats)
         else:
