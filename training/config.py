@@ -246,9 +246,36 @@ def validate(config: Config) -> None:
     _validate_ofs(config)
 
 
+def _section_options(values: dict, keys: dict) -> dict:
+    return {key: values.get(key, default) for key, (default, _) in keys.items()}
+
+
 def online_options(config: Config) -> dict:
     """The online section with its defaults filled in."""
-    return {key: config.online.get(key, default) for key, (default, _) in ONLINE_KEYS.items()}
+    return _section_options(config.online, ONLINE_KEYS)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(low: int):
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _section_checker(config: Config, name: str, keys: dict):
+    """A dict section's options, after refusing unknown keys, and require(key, ok, allowed), which names
+    `name.key` and the allowed values when ok(value) fails."""
+    values = getattr(config, name)
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]} is not an {name} key; valid: {', '.join(keys)}", name)
+    options = _section_options(values, keys)
+
+    def require(key, ok, allowed):
+        if not ok(options[key]):
+            raise ConfigError(f"{name}.{key} must be {allowed}; got {options[key]!r}", name)
+    return options, require
 
 
 def _validate_online(config: Config) -> None:
@@ -260,16 +287,8 @@ def _validate_online(config: Config) -> None:
             raise ConfigError("reference_update: round refreshes the reference each online round: add an online "
                               "section, or use never (or stage with a curriculum)", "reference_update")
         return
-    unknown = sorted(set(config.online) - set(ONLINE_KEYS))
-    if unknown:
-        raise ConfigError(f"online.{unknown[0]} is not an online key; valid: {', '.join(ONLINE_KEYS)}", "online")
-    options = online_options(config)
-
-    def require(key, ok, allowed):
-        if not ok(options[key]):
-            raise ConfigError(f"online.{key} must be {allowed}; got {options[key]!r}", "online")
-    whole = lambda low: lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    options, require = _section_checker(config, "online", ONLINE_KEYS)
+    whole, number = _whole, _number
     for key in ("rounds", "prompts_per_round", "steps_per_round", "sample_batch_size", "judge_repeats", "eval_prompts"):
         require(key, whole(1), "a positive integer")
     require("samples_per_prompt", whole(2), "an integer >= 2 (a pair needs two samples)")
@@ -308,22 +327,15 @@ def _validate_online(config: Config) -> None:
 
 def ofs_options(config: Config) -> dict:
     """The ofs_dpo section with its defaults filled in."""
-    return {key: config.ofs_dpo.get(key, default) for key, (default, _) in OFS_KEYS.items()}
+    return _section_options(config.ofs_dpo, OFS_KEYS)
 
 
 def _validate_ofs(config: Config) -> None:
     if not config.ofs_dpo:
         return
-    unknown = sorted(set(config.ofs_dpo) - set(OFS_KEYS))
-    if unknown:
-        raise ConfigError(f"ofs_dpo.{unknown[0]} is not an ofs_dpo key; valid: {', '.join(OFS_KEYS)}", "ofs_dpo")
-    options = ofs_options(config)
-
-    def require(key, ok, allowed):
-        if not ok(options[key]):
-            raise ConfigError(f"ofs_dpo.{key} must be {allowed}; got {options[key]!r}", "ofs_dpo")
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-    require("rank", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+    _, require = _section_checker(config, "ofs_dpo", OFS_KEYS)
+    number = _number
+    require("rank", _whole(1), "a positive integer")
     require("alpha", lambda v: number(v) and v > 0, "a number > 0")
     require("lr_ratio", lambda v: number(v) and v > 1, "a number > 1 (the fast adapter learns faster)")
     require("reg_weight", lambda v: number(v) and v >= 0, "a number >= 0")
