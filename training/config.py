@@ -125,7 +125,7 @@ ONLINE_KEYS = {
     "max_new_tokens": (None, "generated tokens per completion (null: the task's answer length, else 64)"),
     "temperature": (1.0, "sampling temperature"),
     "top_p": (1.0, "nucleus sampling threshold"),
-    "sample_batch_size": (64, "prompts per generate() call"),
+    "sample_batch_size": (64, "prompts per sampling batch (one seed, one rank); generate() runs as many sequences"),
     "mixture_alpha": (0.0, "sample from the geometric mixture (1-a) z_policy + a z_ref (IPO-MD / Nash-MD)"),
     "judge": ("task", "task | module:function | reward_model:PATH | pairwise:module:function"),
     "judge_repeats": (1, "judge each sample this many times; the spread feeds the uncertainty filter"),

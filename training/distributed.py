@@ -191,7 +191,8 @@ def load_model_state(model: torch.nn.Module, state: dict) -> None:
         model.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # A copy: set_model_state_dict writes this rank's shards back into the dict it is given.
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
