@@ -109,7 +109,6 @@ def test_resume_mid_stage_reproduces_uninterrupted_run(tmp_path, monkeypatch, re
 
 
 def test_reference_free_loss_refuses_stage_refresh(tmp_path):
-    trainer = L.Trainer(curriculum_config(tmp_path, "simpo", loss_type="simpo", reference="auto"))
     with pytest.raises(C.ConfigError, match="reference_update: stage refreshes the reference, which loss_type "
-                                            "'simpo' with reference none does not read"):
-        trainer.prepare("dpo")
+                                            "'simpo' with reference auto does not read"):
+        curriculum_config(tmp_path, "simpo", loss_type="simpo", reference="auto")

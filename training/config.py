@@ -282,6 +282,11 @@ def _validate_online(config: Config) -> None:
     if config.reference_update == "stage" and config.curriculum == "none":
         raise ConfigError("reference_update: stage refreshes the reference at each curriculum stage: set "
                           "curriculum (rank or a number of stages), or reference_update: never", "reference_update")
+    reference_free = config.reference == "none" or config.reference == "auto" and not needs_reference(config)
+    if config.reference_update == "stage" and reference_free:
+        raise ConfigError(f"reference_update: stage refreshes the reference, which loss_type {config.loss_type!r} "
+                          f"with reference {config.reference} does not read: set reference_update: never",
+                          "reference_update")
     if not config.online:
         if config.reference_update == "round":
             raise ConfigError("reference_update: round refreshes the reference each online round: add an online "

@@ -582,10 +582,6 @@ class Trainer:
             objective = SFTObjective(config.loss_impl)
             self.stages[stage] = Stage(config.sft_steps, config.sft_lr, train_set, objective, eval_set, objective)
             return
-        if config.reference_update == "stage" and self.reference_kind() == "none":
-            raise C.ConfigError(f"reference_update: stage refreshes the reference, which loss_type "
-                                f"{config.loss_type!r} with reference none does not read: set reference_update: "
-                                "never", "reference_update")
         self.stages[stage] = Stage(config.steps, config.lr, train_set, self.objective(None), eval_set,
                                    eval_set and self.objective(None))
         self.refresh_reference(stage)
