@@ -66,6 +66,7 @@ import threading
 import weakref
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
@@ -187,8 +188,6 @@ class ContextShard:
     """
 
     def __init__(self, layout: PackedLayout, group, spans):
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("a context-parallel shard needs torch.distributed initialised (init_process_group)")
         if not isinstance(group, dist.ProcessGroup):
@@ -205,8 +204,6 @@ class ContextShard:
     @classmethod
     def even(cls, layout: PackedLayout, group) -> "ContextShard":
         """The layout cut into the group's size of near-equal spans."""
-        import torch.distributed as dist
-
         total, ranks = layout.rows * layout.length, dist.get_world_size(group)
         if total < ranks:
             raise ValueError(f"{total} tokens cannot be shared by {ranks} context-parallel ranks")
@@ -221,8 +218,6 @@ class ContextShard:
 
 def _sequence_collectives():
     """(all-gather, reduce-scatter) of flat tensors; torch 2.13 renamed them."""
-    import torch.distributed as dist
-
     return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor,
             getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)
 
@@ -234,8 +229,6 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local, group, sizes):
-        import torch.distributed as dist
-
         ctx.group, ctx.sizes, ctx.rank = group, sizes, dist.get_rank(group)
         longest, rest = max(sizes), local.shape[1:]
         gathered = local.new_empty(len(sizes) * longest, *rest)

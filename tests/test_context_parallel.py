@@ -219,6 +219,12 @@ def test_context_parallel_training_equals_one_process(tmp_path):
         for name, value in final[1].items():
             assert relative_error(final[0][name], value, scale=value - initial[name]) <= 2 * terms * U32, \
                 f"{case}: {name}"
+    # One process evaluates a run that shared its batches (context_parallel is free to change): its last evaluation.
+    run = tmp_path / "listwise_shared_prompt" / "context_parallel"
+    record, logged = L.evaluate(None, run / "last.pt", {"context_parallel": 1}), _records(run)[-1]
+    assert [record[key] for key in ("stage", "kind", "step")] == [logged[key] for key in ("stage", "kind", "step")]
+    assert_records_close({key: value for key, value in record.items() if isinstance(value, float)},
+                         {key: value for key, value in logged.items() if isinstance(value, float)}, terms)
 
 
 def test_context_parallel_needs_packed_batches_prefops_attention_and_its_processes(tmp_path):
@@ -230,5 +236,5 @@ def test_context_parallel_needs_packed_batches_prefops_attention_and_its_process
         make_config(tmp_path, context_parallel=2, packing=True, attn_implementation="sdpa")
     with pytest.raises(C.ConfigError, match="train online without context_parallel"):
         make_config(tmp_path, context_parallel=2, packing=True, data="synthetic:addition", online={"rounds": 1})
-    with pytest.raises(ValueError, match="context_parallel: 2 needs a multiple of 2 processes .* this run has 1"):
+    with pytest.raises(ValueError, match="needs a multiple of 2 processes .* or context_parallel: 1; this run has 1"):
         L.Trainer(make_config(tmp_path, context_parallel=2, packing=True))

@@ -174,6 +174,9 @@ RESUME_FREE_KEYS = frozenset({
     # Every backend computes the same attention (tested against the masked float64 reference), so
     # a run saved with sdpa resumes under the prefops default.
     "attn_implementation",
+    # How a micro-batch's tokens are shared by ranks changes no value (tests/test_context_parallel.py), and
+    # the data order depends on the data-parallel ranks only: a run evaluates or resumes with another split.
+    "context_parallel",
 })
 
 

@@ -57,7 +57,7 @@ def set_context_parallel(size: int) -> None:
     processes = dist.get_world_size() if active() else 1
     if processes % size:
         raise ValueError(f"context_parallel: {size} needs a multiple of {size} processes (torchrun "
-                         f"--nproc_per_node); this run has {processes}")
+                         f"--nproc_per_node), or context_parallel: 1; this run has {processes}")
     me = dist.get_rank()
     for first in range(0, processes, size):  # every rank creates every group, in the same order
         group = dist.new_group(list(range(first, first + size)))
