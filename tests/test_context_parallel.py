@@ -212,12 +212,14 @@ def test_context_parallel_training_equals_one_process(tmp_path):
             assert {key: got[key] for key in exact} == exact, case
             assert_records_close({key: value for key, value in got.items() if key not in exact},
                                  {key: value for key, value in want.items() if key not in exact}, terms)
-        # AdamW normalises each gradient element, so an update carries the gradient's relative error, bounded
-        # like the records' sums; a wrong key, position or share of a sum moves it by its own size.
+        # AdamW divides each gradient element by its RMS over the steps, so an element's update carries the
+        # element's relative error through both (twice), and a small element's exceeds the tensor's normwise
+        # error of the sums, 2 terms u32 (measured: up to 0.6 of it); a wrong key, position or share of a sum
+        # moves the updates by their own size.
         final = [torch.load(tmp_path / case / name / "last.pt", weights_only=False)["model"]
                  for name in ("context_parallel", "one_process")]
         for name, value in final[1].items():
-            assert relative_error(final[0][name], value, scale=value - initial[name]) <= 2 * terms * U32, \
+            assert relative_error(final[0][name], value, scale=value - initial[name]) <= 4 * 2 * terms * U32, \
                 f"{case}: {name}"
     # One process evaluates a run that shared its batches (context_parallel is free to change): its last evaluation.
     run = tmp_path / "listwise_shared_prompt" / "context_parallel"
