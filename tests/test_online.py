@@ -48,7 +48,7 @@ def test_online_run_logs_rounds(tmp_path):
         assert 0 <= record["win_rate/vs_start"] <= 1 and 0 <= record["win_rate/vs_previous"] <= 1
         assert record["kl"] >= -1e-6 and 0 < record["top_k_mass"] <= 1 + 1e-6
         for key in ("reward/mean", "reward/std", "pair_yield", "generation_tokens_per_s", "sample_s", "judge_s",
-                    "win_rate", "rewards/accuracies"):
+                    "train_s", "win_rate", "rewards/accuracies", "logps/accuracies", "diagnostics/top_k_mass"):
             assert math.isfinite(record[key]), key
     # The judge budget: each round's prompts * samples (evaluation's calls are not counted).
     assert [r["judge_calls"] for r in rounds] == [32, 64, 96]

@@ -329,6 +329,7 @@ class OnlineTrainer(Trainer):
                 current = self.new_round(index, reference_lm)
                 say(f"[round {index + 1}/{rounds}] {format_round(current.stats)}")
             dataset = self.round_dataset(current)
+            training_began = time.perf_counter()
             for step in range(step, (index + 1) * per_round):
                 record = {**self.train_step("dpo", step, dataset, objective, optimizer, scheduler), "round": index}
                 bar.update(1)
@@ -336,6 +337,7 @@ class OnlineTrainer(Trainer):
                 if done % config.log_every == 0 or done % per_round == 0:
                     log.write(record)
                 if done % per_round == 0:
+                    current.stats["train_s"] = time.perf_counter() - training_began  # since a resume, if resumed
                     evaluation = self.evaluate("dpo", done)
                     evaluation.update(self.round_evaluation(current, dataset, reference_lm, done))
                     log.write(evaluation)
@@ -354,5 +356,5 @@ class OnlineTrainer(Trainer):
 
 def format_round(record: dict) -> str:
     shown = ("pairs", "pair_yield", "reward/mean", "win_rate/vs_start", "win_rate/vs_previous", "judge_calls",
-             "generation_tokens_per_s", "sample_s", "judge_s")
+             "generation_tokens_per_s", "sample_s", "judge_s", "train_s")
     return " ".join(f"{key}={record[key]:.4g}" for key in shown if key in record)
