@@ -650,7 +650,8 @@ class Trainer:
 
     # --- checkpoints
 
-    def save(self, path: Path, stage: str, step: int, optimizer=None, scheduler=None, extra: dict | None = None) -> None:
+    def save(self, path: Path, stage: str, step: int, optimizer=None, scheduler=None,
+             extra: dict | None = None) -> None:
         """Every rank gathers its shards; rank 0 writes (with `extra` entries, e.g. an online round's pairs)."""
         model_state = distributed.model_state(self.model)
         optimizer_state = optimizer and distributed.optimizer_state(self.model, optimizer)
