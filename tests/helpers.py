@@ -1,4 +1,5 @@
-"""Random inputs and float64 references shared by the op tests."""
+"""Random inputs and float64 references shared by the op tests, and the trainer tests' shared steps."""
+import pytest
 import torch
 
 
@@ -127,3 +128,40 @@ def save_tiny_reward_model(path, chars, **config):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer
+
+
+def nudge(model, scale=0.05, seed=1):
+    """Add N(0, scale^2) noise to every parameter, so that a model just copied to its frozen reference moves off
+    it and no loss sits at its symmetric point (where chosen and rejected tie and gradients can cancel).
+    seed None draws from the global generator as it stands (building the model seeded it) instead."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+class Interrupted(Exception):
+    """The crash interrupted_then_resumed plants."""
+
+
+def interrupted_then_resumed(make_trainer, config, *, step, stage="dpo"):
+    """Train make_trainer(config) until it has written the checkpoint of (stage, step) and crash there, then train
+    a fresh make_trainer of the same config with resume: true to the end; returns that resumed trainer."""
+    from prefops.training import checkpoint, config as C
+
+    save = checkpoint.save
+
+    def save_then_crash(path, **kwargs):
+        save(path, **kwargs)
+        if (kwargs["stage"], kwargs["step"]) == (stage, step):
+            raise Interrupted(f"after writing the checkpoint of {stage} step {step}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "save", save_then_crash)
+        with pytest.raises(Interrupted):
+            make_trainer(config).train()
+        # Still crashing there: a run that started over instead of resuming would reproduce the uninterrupted run
+        # as well, but it writes that checkpoint again.
+        resumed = make_trainer(C.from_dict({**C.to_dict(config), "resume": True}))
+        resumed.train()
+    return resumed

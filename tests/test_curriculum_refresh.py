@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 
-from prefops.training import checkpoint, config as C, data as D, loop as L, model as M, references
-from test_training import Interrupted, make_config, train_records
+from helpers import interrupted_then_resumed
+from prefops.training import config as C, data as D, loop as L, model as M, references
+from test_training import make_config, train_records
 
 CURRICULUM = dict(synthetic_size=16, list_size=3, curriculum="rank", sft_steps=1, steps=10, micro_batch_size=4,
                   eval_every=5, eval_batches=1, win_rate_samples=4, checkpoint_every=1, reference_update="stage",
@@ -79,24 +80,13 @@ def test_reference_is_the_policy_at_each_stage_start(tmp_path, reference, update
 
 
 @pytest.mark.parametrize("reference", ["model", "precomputed"])
-def test_resume_mid_stage_reproduces_uninterrupted_run(tmp_path, monkeypatch, reference):
+def test_resume_mid_stage_reproduces_uninterrupted_run(tmp_path, reference):
     straight = curriculum_config(tmp_path, "straight", reference=reference)
     straight_trainer = L.Trainer(straight)
     straight_trainer.train()
 
     config = curriculum_config(tmp_path, "resumed", reference=reference)
-    save = checkpoint.save
-
-    def save_then_crash(path, **kwargs):
-        save(path, **kwargs)
-        if kwargs["stage"] == "dpo" and kwargs["step"] == 6:  # the middle of the second stage (steps 4 to 7)
-            raise Interrupted
-    monkeypatch.setattr(checkpoint, "save", save_then_crash)
-    with pytest.raises(Interrupted):
-        L.Trainer(config).train()
-    monkeypatch.setattr(checkpoint, "save", save)
-    resumed_trainer = L.Trainer(C.from_dict({**C.to_dict(config), "resume": True}))
-    resumed_trainer.train()
+    resumed_trainer = interrupted_then_resumed(L.Trainer, config, step=6)  # the middle of the second stage (4 to 7)
 
     assert train_records(config.out_dir) == train_records(straight.out_dir)
     evals = [[r for r in map(json.loads, open(f"{out}/log.jsonl")) if r["kind"] == "eval"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_fp32_close
+from helpers import nudge
 from prefops.training import data as D, loop as L, model as M
 from test_training import make_config
 from test_training_row_fields import LAYOUTS, PROBS, write_jsonl
@@ -30,10 +31,7 @@ def trainer_on(tmp_path, rows, **overrides):
     trainer.model.config.final_logit_softcapping = SOFTCAP
     trainer.prepare("dpo")
     reference = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    nudge(trainer.model)
     return trainer, reference
 
 

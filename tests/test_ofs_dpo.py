@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import lm_tolerances, relative_error
-from prefops.training import checkpoint, config as C, data as D, loop as L, model as M, ofs, references
+from helpers import interrupted_then_resumed
+from prefops.training import config as C, data as D, loop as L, model as M, ofs, references
 from prefops.training.synthetic import TASKS
 from test_training import NO_AUTOCAST, dataclass_replace, make_config, train_records
 
@@ -202,11 +203,7 @@ def test_run_from_config_with_sft_logs_the_metrics(tmp_path):
     assert all(end[name].abs().sum() > 0 for name in lora if "lora_B" in name)
 
 
-class Interrupted(Exception):
-    pass
-
-
-def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_reproduces_uninterrupted_run(tmp_path):
     values = dict(sft_steps=0, steps=6, lr=1e-2, warmup_steps=0, ofs_dpo=OFS)
     straight = make_config(tmp_path, out_dir=str(tmp_path / "straight"), **values)
     straight_trainer = L.Trainer(straight)
@@ -214,18 +211,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     assert train_records(straight.out_dir)[-1]["ofs/swaps"] > 0  # the swap count is restored too
 
     config = make_config(tmp_path, out_dir=str(tmp_path / "resumed"), **values)
-    save = checkpoint.save
-
-    def save_then_crash(path, **kwargs):
-        save(path, **kwargs)
-        if kwargs["step"] == 4:
-            raise Interrupted
-    monkeypatch.setattr(checkpoint, "save", save_then_crash)
-    with pytest.raises(Interrupted):
-        L.Trainer(config).train()
-    monkeypatch.setattr(checkpoint, "save", save)
-    resumed_trainer = L.Trainer(dataclass_replace(config, resume=True))
-    resumed_trainer.train()
+    resumed_trainer = interrupted_then_resumed(L.Trainer, config, step=4)
     assert train_records(config.out_dir) == train_records(straight.out_dir)
     for name, tensor in straight_trainer.model.state_dict().items():
         assert torch.equal(resumed_trainer.model.state_dict()[name], tensor), name

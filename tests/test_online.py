@@ -11,8 +11,8 @@ import types
 import pytest
 import torch
 
-from helpers import save_tiny_reward_model
-from prefops.training import checkpoint, config as C, data as D, loop as L, model as M
+from helpers import interrupted_then_resumed, save_tiny_reward_model
+from prefops.training import config as C, data as D, loop as L, model as M
 from prefops.training.online import OnlineTrainer
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -70,29 +70,14 @@ def test_every_loss_family_trains_online(tmp_path, overrides):
     assert len(rounds) == 2 and all(math.isfinite(r["loss"]) for r in records(config.out_dir, "train"))
 
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.mark.parametrize("reference_update", ["never", "round"])
-def test_resume_mid_round_reproduces_uninterrupted_run(tmp_path, monkeypatch, reference_update):
+def test_resume_mid_round_reproduces_uninterrupted_run(tmp_path, reference_update):
     straight = make_config(tmp_path, out_dir=str(tmp_path / "straight"), reference_update=reference_update)
     straight_trainer = OnlineTrainer(straight)
     straight_trainer.train()
 
     config = make_config(tmp_path, out_dir=str(tmp_path / "resumed"), reference_update=reference_update)
-    save = checkpoint.save
-
-    def save_then_crash(path, **kwargs):
-        save(path, **kwargs)
-        if kwargs["stage"] == "dpo" and kwargs["step"] == 3:  # the middle of the second round
-            raise Interrupted
-    monkeypatch.setattr(checkpoint, "save", save_then_crash)
-    with pytest.raises(Interrupted):
-        OnlineTrainer(config).train()
-    monkeypatch.setattr(checkpoint, "save", save)
-    resumed = OnlineTrainer(C.from_dict({**C.to_dict(config), "resume": True}))
-    resumed.train()
+    resumed = interrupted_then_resumed(OnlineTrainer, config, step=3)  # the middle of the second round
 
     for kind in ("train", "eval"):
         assert list(map(without_timings, records(config.out_dir, kind))) == list(

@@ -11,6 +11,7 @@ import torch
 
 import prefops
 from conftest import assert_fp32_close
+from helpers import interrupted_then_resumed, nudge
 from prefops.training import checkpoint, config as C, data as D, loop as L, model as M, references
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -76,9 +77,7 @@ def model_dataset_reference(config, records, *, scale=0.05, softcap=None):
     model.config.final_logit_softcapping = softcap
     dataset = D.build_dataset(records, tokenizer, 16, [])
     reference = M.FusedLM(M.frozen_copy(model))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
+    nudge(model, scale, seed=None)
     return config, model, dataset, reference
 
 
@@ -190,9 +189,7 @@ def test_accumulating_4x1_equals_1x4(tmp_path, objective, packing):
     trainer = L.Trainer(make_config(tmp_path, model="tiny-llama", data=str(path), eval_fraction=0.0,
                                     packing=packing, **overrides))
     trainer.prepare(stage)
-    with torch.no_grad():  # move off the reference so the preference loss is not at its symmetric point
-        for p in trainer.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    nudge(trainer.model, seed=None)
     objective_state = copy.deepcopy(getattr(trainer.stages[stage].objective, "state_dict", dict)())
     one_by_four, grads_a = _step_gradients(trainer, stage, 4)
     if objective_state:  # BCO's running mean moved on after the step: start the second run from the same point
@@ -204,28 +201,13 @@ def test_accumulating_4x1_equals_1x4(tmp_path, objective, packing):
         assert_fp32_close(grads_b[name], grad, STEP_TOKENS, name)
 
 
-class Interrupted(Exception):
-    pass
-
-
-def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_reproduces_uninterrupted_run(tmp_path):
     straight = make_config(tmp_path, out_dir=str(tmp_path / "straight"), reference="precomputed")
     straight_trainer = L.Trainer(straight)
     straight_trainer.train()
 
     config = make_config(tmp_path, out_dir=str(tmp_path / "resumed"), reference="precomputed")
-    save = checkpoint.save
-
-    def save_then_crash(path, **kwargs):
-        save(path, **kwargs)
-        if kwargs["stage"] == "dpo" and kwargs["step"] == 2:
-            raise Interrupted
-    monkeypatch.setattr(checkpoint, "save", save_then_crash)
-    with pytest.raises(Interrupted):
-        L.Trainer(config).train()
-    monkeypatch.setattr(checkpoint, "save", save)
-    resumed_trainer = L.Trainer(dataclass_replace(config, resume=True))
-    resumed_trainer.train()
+    resumed_trainer = interrupted_then_resumed(L.Trainer, config, step=2)
 
     assert train_records(config.out_dir) == train_records(straight.out_dir)
     for name, tensor in straight_trainer.model.state_dict().items():

@@ -7,6 +7,7 @@ import torch
 
 import prefops.attention
 from conftest import assert_fp32_close
+from helpers import nudge
 from prefops.memory import AllocationRecorder
 from prefops.training import config as C, data as D, loop as L
 from test_training import STEP_TOKENS, make_config
@@ -25,10 +26,7 @@ def trainer_for(tmp_path, scale=1, **overrides):
     trainer = L.Trainer(make_config(tmp_path, model="tiny-llama", data=str(path), eval_fraction=0.0,
                                     max_length=20 * scale, **overrides))
     trainer.prepare("dpo")
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    nudge(trainer.model)
     return trainer
 
 

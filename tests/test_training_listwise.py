@@ -10,6 +10,7 @@ from prefops.training.synthetic import TASKS
 from prefops.training.tokenizer import CharTokenizer
 
 from conftest import assert_fp32_close, assert_records_close
+from helpers import nudge
 from test_training import (  # noqa: F401 - tiny_model_and_batch is a fixture
     NO_AUTOCAST, STEP_TOKENS, TINY, fused_vs_reference_terms, make_config, model_dataset_reference,
     tiny_model_and_batch, train_records)
@@ -147,9 +148,7 @@ def test_listwise_accumulating_4x1_equals_1x4(tmp_path, packing):
     trainer = L.Trainer(make_config(tmp_path, data=path, eval_fraction=0.0, packing=packing, loss_type="all_pairs",
                                     loss_params={"pairwise_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.7]}))
     trainer.prepare("dpo")
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    nudge(trainer.model, seed=None)
     train_set, objective = trainer.stages["dpo"].train_set, trainer.stages["dpo"].objective
     indices = D.step_indices(len(train_set), 0, 4, 0, "dpo")
     assert len({len(train_set.examples[i].completion_ids) for i in indices}) > 1  # lists of several lengths

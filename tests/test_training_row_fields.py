@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_fp32_close
+from helpers import nudge
 from prefops.losses import LOSSES, pairwise_loss
 from prefops.losses.pairwise import TOKEN_LEVEL_LOSSES
 from prefops.training import data as D, loop as L, model as M, references
@@ -138,10 +139,7 @@ def prepared_trainer(tmp_path, rows, **overrides):
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     trainer = L.Trainer(make_config(tmp_path, data=path, eval_fraction=0.0, sft_steps=0, **overrides))
     trainer.prepare("dpo")
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    nudge(trainer.model)
     return trainer
 
 
