@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import RESUME_FREE_KEYS, as_yaml, default_path, key_help, load, parse_overrides
+from .config import OFS_KEYS, ONLINE_KEYS, RESUME_FREE_KEYS, as_yaml, default_path, key_help, load, parse_overrides
 
 TRAIN_DESCRIPTION = f"""\
 Train a model: an optional SFT stage, then preference optimisation on the fused losses.
@@ -40,6 +40,11 @@ def keys_epilog() -> str:
         shown = as_yaml(job) + (f" [{as_yaml(builtin)}]" if job != builtin else "")
         entry = f"  {name} = {shown}"
         lines += [entry.ljust(34) + meaning] if len(entry) < 33 else [entry, " " * 34 + meaning]
+    for section, keys in (("online", ONLINE_KEYS), ("ofs_dpo", OFS_KEYS)):
+        lines.append(f"keys of the {section} section (--{section}.key value), with their defaults:")
+        for name, (default, meaning) in keys.items():
+            entry = f"  {section}.{name} = {as_yaml(default)}"
+            lines += [entry.ljust(34) + meaning] if len(entry) < 33 else [entry, " " * 34 + meaning]
     return "\n".join(lines)
 
 
