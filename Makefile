@@ -1,4 +1,4 @@
-# Entry points: `make train` (the main job), `make test` (the whole suite), `make demo`.
+# Entry points: `make train` (the main job), `make test` (the whole suite), `make online`, `make demo`.
 # Both create .venv on first use. torch is pinned so a CPU machine never pulls
 # a multi-GB CUDA build; on a GPU machine install your own torch first and run
 # `pip install -e .[test]` instead.
@@ -14,11 +14,14 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install train demo test
+.PHONY: install train online demo test
 install: $(BIN)/.installed
 
 train: install
 	$(BIN)/prefops train
+
+online: install
+	$(BIN)/prefops train training/configs/online.yaml
 
 demo: install
 	$(BIN)/python -m prefops.tools.demo
