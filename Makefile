@@ -1,5 +1,5 @@
 # Entry points: `make train` (the main job), `make test` (the whole suite), `make online`, `make demo`.
-# Both create .venv on first use. torch is pinned so a CPU machine never pulls
+# Each creates .venv on first use. torch is pinned so a CPU machine never pulls
 # a multi-GB CUDA build; on a GPU machine install your own torch first and run
 # `pip install -e .[test]` instead.
 PYTHON ?= python3
