@@ -232,7 +232,8 @@ class OnlineTrainer(Trainer):
     @torch.no_grad()
     def round_evaluation(self, current: Round, dataset: D.Dataset, reference_lm, step: int) -> dict:
         """The policy after a round: win rates by the judge against the starting policy and the previous
-        round's, the task's accuracy, and KL to the reference and top-k diagnostics on the round's samples."""
+        round's, and KL to the reference and top-k diagnostics on the round's samples (the task's accuracy
+        and the eval set's metrics come from Trainer.evaluate)."""
         record = dict(current.stats)
         judged = self.sample_and_judge(self.eval_prompts, 1, "eval")
         latest = (judged["completions"], judged["scores"], judged["preferences"])
