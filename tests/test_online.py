@@ -86,6 +86,34 @@ def test_resume_mid_round_reproduces_uninterrupted_run(tmp_path, reference_updat
         assert torch.equal(resumed.model.state_dict()[name], tensor), name
 
 
+def test_pairs_train_on_the_sampled_token_ids(tmp_path, monkeypatch):
+    """The round's examples hold the ids generate() returned, with no EOS appended to a sample cut at
+    max_new_tokens (the text encoded again would get one)."""
+    from prefops.training import sampling
+    sampled = set()
+    sample = sampling.sample
+
+    def spy(model, tokenizer, prompts, **kwargs):
+        samples = sample(model, tokenizer, prompts, **kwargs)
+        sampled.update((prompt, tuple(ids)) for prompt, group in zip(prompts, samples.completion_ids) for ids in group)
+        return samples
+    monkeypatch.setattr(sampling, "sample", spy)
+    config = make_config(tmp_path, online={"rounds": 1, "max_new_tokens": 3})
+    trainer = OnlineTrainer(config)
+    datasets = []
+    round_dataset = trainer.round_dataset
+    trainer.round_dataset = lambda current: datasets.append(round_dataset(current)) or datasets[-1]
+    trainer.train()
+    examples = datasets[0].examples
+    eos = trainer.tokenizer.eos_token_id
+    for example in examples:
+        prompt = trainer.tokenizer.decode(example.prompt_ids)
+        for ids in example.completion_ids:
+            assert (prompt, tuple(ids)) in sampled
+            assert len(ids) <= 3 and (eos not in ids or ids[-1] == eos)
+    assert any(eos not in ids for example in examples for ids in example.completion_ids)  # cut short: no EOS added
+
+
 def test_a_python_judge(tmp_path):
     """From Python any function judges (here longer answers win), in place of online.judge."""
     config = make_config(tmp_path, online={"judge": "task", "rounds": 1})

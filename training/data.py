@@ -107,6 +107,9 @@ class Record:
     preference_prob: float | None = None  # pairwise only: P(chosen > rejected), a soft label
     weight: float | None = None           # pairwise only: the pair's weight in the loss
     margin: float | None = None           # pairwise only: a reward margin of other objectives (MODPO)
+    # Token ids of each completion as sampled (online rounds): trained verbatim, EOS only where it was
+    # sampled, since decoding and encoding again need not give back the ids the policy produced.
+    completion_ids: list | None = None
 
     @property
     def kind(self) -> str:
@@ -316,13 +319,20 @@ def _render(tokenizer, prompt, completion, where: str) -> tuple[str, str, bool]:
 
 
 def tokenize(tokenizer, record: Record, append_eos: bool = True) -> Example:
-    completion_ids = []
-    for completion in record.completions:
-        prompt_text, completion_text, templated = _render(tokenizer, record.prompt, completion, record.where)
-        ids = tokenizer.encode(completion_text, add_special_tokens=False)
-        if append_eos and (not ids or ids[-1] != tokenizer.eos_token_id):
-            ids = ids + [tokenizer.eos_token_id]
-        completion_ids.append(ids)
+    rendered = [_render(tokenizer, record.prompt, completion, record.where) for completion in record.completions]
+    prompt_text, _, templated = rendered[-1]
+    if record.completion_ids is not None:
+        if len(record.completion_ids) != len(record.completions):
+            raise DataError(f"{record.where}: {len(record.completion_ids)} completion_ids for "
+                            f"{len(record.completions)} completions")
+        completion_ids = [list(ids) for ids in record.completion_ids]
+    else:
+        completion_ids = []
+        for _, completion_text, _ in rendered:
+            ids = tokenizer.encode(completion_text, add_special_tokens=False)
+            if append_eos and (not ids or ids[-1] != tokenizer.eos_token_id):
+                ids = ids + [tokenizer.eos_token_id]
+            completion_ids.append(ids)
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=not templated)
     return Example(record.where, prompt_ids, completion_ids, record.label, record.scores, record.stage,
                    **{field: getattr(record, field) for field in PAIR_FIELDS})

@@ -18,7 +18,9 @@ A run with an `online:` section (ONLINE_KEYS) trains on its own samples. Each ro
 Offline DPO on pairs sampled once from the SFT policy is the same loop with one round:
 rounds 1, prompts_per_round R*n, steps_per_round R*s spends the judge calls of R rounds.
 
-One optimizer and one learning-rate schedule span all rounds. Checkpoints (round ends and
+Pairs train on the token ids the policy sampled, not on their text encoded again (which need not
+give the same ids), with EOS only where it was sampled. One optimizer and one learning-rate
+schedule span all rounds. Checkpoints (round ends and
 every checkpoint_every steps) hold the round's pairs, the reference weights and the RNG,
 so a run resumed mid-round trains on the same pairs and reproduces the uninterrupted run.
 Under torchrun each rank samples and judges its share of the prompts (in fixed batches
@@ -121,7 +123,8 @@ class OnlineTrainer(Trainer):
                 progress=False)
             sampled = time.perf_counter()
             scores, spread, preferences = self.judgements(chunk, samples.completions)
-            parts[b] = dict(completions=samples.completions, scores=scores, spread=spread, preferences=preferences,
+            parts[b] = dict(completions=samples.completions, completion_ids=samples.completion_ids, scores=scores,
+                            spread=spread, preferences=preferences,
                             new_tokens=samples.new_tokens, sample_s=sampled - began,
                             judge_s=time.perf_counter() - sampled)
         ranks = distributed.all_gather_objects(dict(
@@ -133,7 +136,8 @@ class OnlineTrainer(Trainer):
         judge.last_error = next((r["last_error"] for r in ranks if r["last_error"]), judge.last_error)
         ordered = [parts[b] for b, _ in batches]
         cat = lambda key: None if ordered[0][key] is None else torch.cat([p[key] for p in ordered])  # noqa: E731
-        return dict(prompts=prompts, completions=[c for p in ordered for c in p["completions"]], scores=cat("scores"),
+        return dict(prompts=prompts, completions=[c for p in ordered for c in p["completions"]],
+                    completion_ids=[c for p in ordered for c in p["completion_ids"]], scores=cat("scores"),
                     spread=cat("spread"), preferences=cat("preferences"),
                     new_tokens=sum(p["new_tokens"] for p in ordered),
                     sample_s=max(r["sample_s"] for r in ranks), judge_s=max(r["judge_s"] for r in ranks))
@@ -205,7 +209,7 @@ class OnlineTrainer(Trainer):
             soft_labels=online["soft_labels"], soft_label_scale=online["soft_label_scale"],
             preferences=judged["preferences"], uncertainty_z=online["uncertainty_z"],
             spread=judged["spread"] if online["uncertainty_z"] is not None else None,
-            where=f"round{index}")
+            where=f"round{index}", completion_ids=judged["completion_ids"])
         scores = judged["scores"][torch.isfinite(judged["scores"])]
         if self.judge.failed:
             say(f"[round {index + 1}] the judge failed on {self.judge.failed} sample(s) so far, dropped "
@@ -225,8 +229,9 @@ class OnlineTrainer(Trainer):
         config = self.config
         records = current.records
         if C.is_unpaired(config):  # KTO, BCO: a pair's chosen is desirable, its rejected undesirable
-            records = [D.Record(r.where, r.prompt, [completion], label=desirable) for r in records
-                       for completion, desirable in zip(r.completions, (True, False))]
+            records = [D.Record(r.where, r.prompt, [completion], label=desirable, completion_ids=[ids])
+                       for r in records for completion, ids, desirable in zip(r.completions, r.completion_ids,
+                                                                             (True, False))]
         return D.build_dataset(records, self.tokenizer, config.max_length, [], config.append_eos, config.seed)
 
     @torch.no_grad()

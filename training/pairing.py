@@ -39,11 +39,13 @@ def _candidates(mode: str, s: torch.Tensor, valid: list[int], min_margin: float)
 
 def build_records(prompts, completions, scores, *, mode: str = "best_worst", min_margin: float = 0.0,
                   soft_labels: bool = False, soft_label_scale: float = 1.0, preferences=None, spread=None,
-                  uncertainty_z: float = 1.0, where: str = "online") -> tuple[list[Record], dict]:
+                  uncertainty_z: float = 1.0, where: str = "online", completion_ids=None
+                  ) -> tuple[list[Record], dict]:
     """Records from judged completions ([P][K] texts, scores [P, K]) and statistics of what was kept:
     prompts, completions, dropped_nan (completions), candidate_pairs, dropped_identical, dropped_uncertain,
     dropped_nan_pairs (soft labels the pairwise judge failed on), pairs, records, pair_yield (pairs per prompt).
-    In ranked mode candidate_pairs and pairs count the ordered pairs the lists hold."""
+    In ranked mode candidate_pairs and pairs count the ordered pairs the lists hold. completion_ids ([P][K]
+    token id lists, as sampled) go into the records, which then train on those ids (data.Record)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if not soft_label_scale > 0:
@@ -62,6 +64,9 @@ def build_records(prompts, completions, scores, *, mode: str = "best_worst", min
         if tuple(preferences.shape) != (len(prompts), k, k):
             raise ValueError(f"preferences must have shape [{len(prompts)}, {k}, {k}]; got {list(preferences.shape)}")
 
+    def ids(p, chosen):  # the sampled token ids of completions `chosen` of prompt p, when given
+        return None if completion_ids is None else [completion_ids[p][i] for i in chosen]
+
     stats = dict(prompts=len(prompts), completions=len(prompts) * k, dropped_nan=0, candidate_pairs=0,
                  dropped_identical=0, dropped_uncertain=0, dropped_nan_pairs=0, pairs=0, records=0)
     records = []
@@ -75,6 +80,7 @@ def build_records(prompts, completions, scores, *, mode: str = "best_worst", min
         if mode == "ranked":
             if len({s[i].item() for i in valid}) >= 2:
                 records.append(Record(f"{where}#p{p}", prompt, [completions[p][i] for i in valid],
+                                      completion_ids=ids(p, valid),
                                       scores=[s[i].item() for i in valid]))
                 ordered = sum(bool(s[i] > s[j]) for i in valid for j in valid)
                 stats["candidate_pairs"] += ordered
@@ -100,6 +106,7 @@ def build_records(prompts, completions, scores, *, mode: str = "best_worst", min
                     stats["dropped_nan_pairs"] += 1
                     continue
             records.append(Record(f"{where}#p{p}[{i}>{j}]", prompt, [completions[p][i], completions[p][j]],
+                                  completion_ids=ids(p, [i, j]),
                                   preference_prob=probability))
             stats["pairs"] += 1
     stats["records"] = len(records)
