@@ -566,11 +566,16 @@ class Trainer:
             return ofs.BaseLM(self.model)
         if not distributed.active():
             return M.FusedLM(M.frozen_copy(self.model))
+        return self.frozen(distributed.model_state(self.model))
+
+    def frozen(self, state: dict) -> M.FusedLM:
+        """A frozen model holding the weights `state`, sharded like the policy under torchrun."""
         model, _ = M.build(self.config, self.device, self.task and self.task.alphabet)
-        reference = M.FusedLM(model)
-        distributed.shard(reference)
-        distributed.load_model_state(model, distributed.model_state(self.model))
-        return reference.eval().requires_grad_(False)
+        lm = M.FusedLM(model)
+        if distributed.active():
+            distributed.shard(lm)
+        distributed.load_model_state(model, state)
+        return lm.eval().requires_grad_(False)
 
     def prepare(self, stage: str) -> None:
         """Datasets and objectives of a stage; for preference training the model is now the reference."""

@@ -72,6 +72,9 @@ class OnlineTrainer(Trainer):
         elif not isinstance(judge, judges.Judge):
             judge = judges.FunctionJudge(getattr(judge, "__name__", "judge"), judge)
         self.judge = judge
+        source = self.online["prompts"]
+        rows = [] if source is None else D.read_rows(source, kind="sft", size=0, seed=config.seed)
+        self.prompt_pool = [D._require(where, row, "prompt") for where, row in rows] if rows else None
         self.eval_prompts = self.prompts(self.online["eval_prompts"], "eval")
         self.baseline = None    # (completions, scores) of the starting policy on eval_prompts
         self.previous = None    # the same for the policy at the end of the previous round
@@ -82,13 +85,10 @@ class OnlineTrainer(Trainer):
 
     def prompts(self, n: int, purpose) -> list[str]:
         """n prompts for a round or for evaluation: the task's, or drawn (seeded) from online.prompts rows."""
-        source = self.online["prompts"]
-        if source is None:
+        if self.prompt_pool is None:
             return self.task.prompts(n, f"online-{purpose}-{self.config.seed}")
-        rows = D.read_rows(source, kind="sft", size=0, seed=self.config.seed)
-        pool = [D._require(where, row, "prompt") for where, row in rows]
         generator = torch.Generator().manual_seed(_seed(self.config.seed, "prompts", purpose))
-        return [pool[i] for i in torch.randint(len(pool), (n,), generator=generator).tolist()]
+        return [self.prompt_pool[i] for i in torch.randint(len(self.prompt_pool), (n,), generator=generator).tolist()]
 
     def local_copy(self, model):
         """What generate() runs on: `model`, or under torchrun a full local copy of it (FSDP's layers
@@ -164,21 +164,10 @@ class OnlineTrainer(Trainer):
 
     # --- references
 
-    def reference_lm(self, state: dict) -> M.FusedLM:
-        """A frozen model holding `state` (sharded like the policy under torchrun)."""
-        model, _ = M.build(self.config, self.device, self.task and self.task.alphabet)
-        lm = M.FusedLM(model)
-        if distributed.active():
-            distributed.shard(lm)
-        # A copy: under torchrun set_model_state_dict puts this rank's shards into the dict it is given, and
-        # `state` is kept (reference_states) and checkpointed in full.
-        distributed.load_model_state(model, dict(state))
-        return lm.eval().requires_grad_(False)
-
     def round_reference(self):
         """(batch -> reference log-probs per slot, the reference model) of this round (module docstring)."""
         config = self.config
-        current = self.reference_lm(self.reference_states[-1])
+        current = self.frozen(self.reference_states[-1])
         if self.reference_kind() == "none":
             return references.no_reference, current
         if C.is_token_level(config):
@@ -187,7 +176,7 @@ class OnlineTrainer(Trainer):
         alpha = self.online["apo_alpha"]
         if not alpha or len(self.reference_states) < 2:
             return logps, current
-        previous = references.frozen_model(self.reference_lm(self.reference_states[-2]), config.loss_impl,
+        previous = references.frozen_model(self.frozen(self.reference_states[-2]), config.loss_impl,
                                            self.autocast, config.ld_alpha)
 
         def extrapolated(batch):  # APO: log pi_t + alpha (log pi_t - log pi_{t-1})
