@@ -230,7 +230,8 @@ def test_bad_judge_outputs_drop_samples_with_a_count(tmp_path, monkeypatch, caps
     ({"pairs": "best"}, "online.pairs must be one of best_worst"),
     ({"mixture_alpha": 1.5}, r"online.mixture_alpha must be a number in \[0, 1\]"),
     ({"apo_alpha": 0.5}, "needs|set reference_update: round"),
-    ({"uncertainty_z": 1.0}, "judge_repeats >= 2"),
+    ({"uncertainty_z": 1.0}, "judge_repeats >= 2 or make judge a list"),
+    ({"judge": ["task"]}, "online.judge must be task, .* or a list of >= 2 of them"),
     ({"rounds": 2, "judges": "task"}, "online.judges is not an online key"),
 ])
 def test_online_config_errors_name_the_key(tmp_path, online, message):
@@ -286,14 +287,18 @@ def test_pairwise_judge_soft_labels_and_win_rates(tmp_path, monkeypatch):
     assert all(0 < r["win_rate/vs_start"] < 1 for r in rounds)
 
 
-def test_uncertainty_filter_over_repeated_judging(tmp_path, monkeypatch):
-    """judge_repeats scores each sample several times; pairs whose gap is within z spreads are dropped."""
-    monkeypatch.setitem(sys.modules, "online_judges", judge_module())
+@pytest.mark.parametrize("judging", [
+    {"judge": "online_judges:noisy", "judge_repeats": 3},
+    {"judge": ["online_judges:noisy", "online_judges:noisy", "online_judges:noisy"]},
+], ids=["repeated", "ensemble"])
+def test_uncertainty_filter(tmp_path, monkeypatch, judging):
+    """Each sample is scored three times (repeated judging, or an ensemble of three judges); pairs whose gap is
+    within z spreads are dropped."""
     kept = {}
     for z in (None, 3.0):
         monkeypatch.setitem(sys.modules, "online_judges", judge_module())
         config = make_config(tmp_path, out_dir=str(tmp_path / f"z{z}"), online={
-            "judge": "online_judges:noisy", "judge_repeats": 3, "uncertainty_z": z, "pairs": "all_pairs"})
+            **judging, "uncertainty_z": z, "pairs": "all_pairs"})
         L.train(config)
         rounds = [r for r in records(config.out_dir, "eval") if "round" in r]
         assert all(r["judge_calls"] == 3 * 8 * 4 * (i + 1) for i, r in enumerate(rounds))
@@ -301,6 +306,22 @@ def test_uncertainty_filter_over_repeated_judging(tmp_path, monkeypatch):
     assert sum(r["dropped_uncertain"] for r in kept[3.0]) > 0 == sum(r["dropped_uncertain"] for r in kept[None])
     assert all(r["pairs"] + r["dropped_uncertain"] + r["dropped_identical"] == r["candidate_pairs"]
                for r in kept[3.0])
+
+
+def test_prompts_from_a_file(tmp_path, monkeypatch):
+    """online.prompts: each round's prompts are drawn from the file's rows (here judged by a function)."""
+    monkeypatch.setitem(sys.modules, "online_judges", judge_module())
+    pool = ["1234=", "9876=", "5511="]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in pool))
+    config = make_config(tmp_path, online={"prompts": str(path), "judge": "online_judges:noisy", "rounds": 1})
+    trainer = OnlineTrainer(config)
+    assert set(trainer.eval_prompts) <= set(pool)
+    captured = []
+    new_round = trainer.new_round
+    trainer.new_round = lambda index, ref: captured.append(new_round(index, ref)) or captured[-1]
+    trainer.train()
+    assert {record.prompt for record in captured[0].records} <= set(pool)
 
 
 def test_reward_model_judge_from_a_local_directory(tmp_path):

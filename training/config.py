@@ -127,7 +127,8 @@ ONLINE_KEYS = {
     "top_p": (1.0, "nucleus sampling threshold"),
     "sample_batch_size": (64, "prompts per sampling batch (one seed, one rank); generate() runs as many sequences"),
     "mixture_alpha": (0.0, "sample from the geometric mixture (1-a) z_policy + a z_ref (IPO-MD / Nash-MD)"),
-    "judge": ("task", "task | module:function | reward_model:PATH | pairwise:module:function"),
+    "judge": ("task", "task | module:function | reward_model:PATH | pairwise:module:function, or a list of "
+                      "scalar ones (an ensemble: their mean; their spread feeds uncertainty_z)"),
     "judge_repeats": (1, "judge each sample this many times; the spread feeds the uncertainty filter"),
     "pairs": ("best_worst", "best_worst | all_pairs | margin | ranked (lists, for listwise losses)"),
     "min_margin": (0.0, "pairs=margin: the least score gap of a pair"),
@@ -310,10 +311,12 @@ def _validate_online(config: Config) -> None:
     require("uncertainty_z", lambda v: v is None or number(v) and v >= 0, "a number >= 0 or null")
     require("soft_labels", lambda v: isinstance(v, bool), "true or false")
     require("pairs", lambda v: v in PAIR_MODES, "one of " + ", ".join(PAIR_MODES))
-    require("judge", lambda v: isinstance(v, str) and v, "task, module:function, reward_model:PATH or "
-            "pairwise:module:function")
+    spec = lambda v: isinstance(v, str) and v  # noqa: E731
+    require("judge", lambda v: spec(v) or isinstance(v, list) and len(v) >= 2 and all(map(spec, v)),
+            "task, module:function, reward_model:PATH, pairwise:module:function or a list of >= 2 of them")
     require("prompts", lambda v: v is None or isinstance(v, str), "a .jsonl path or null")
-    if options["judge"] == "task" or options["prompts"] is None:
+    ensemble = isinstance(options["judge"], list)
+    if "task" in (options["judge"] if ensemble else [options["judge"]]) or options["prompts"] is None:
         if not config.data.startswith("synthetic:"):
             raise ConfigError("online: judge task and prompts null need a synthetic task as data (synthetic:sort); "
                               "otherwise name online.prompts and online.judge", "online")
@@ -326,8 +329,9 @@ def _validate_online(config: Config) -> None:
     if options["apo_alpha"] and config.reference_update != "round":
         raise ConfigError("online.apo_alpha extrapolates from the last two rounds' references: set "
                           "reference_update: round", "online")
-    if options["uncertainty_z"] is not None and options["judge_repeats"] < 2:
-        raise ConfigError("online.uncertainty_z needs the judge's spread: set judge_repeats >= 2", "online")
+    if options["uncertainty_z"] is not None and options["judge_repeats"] < 2 and not ensemble:
+        raise ConfigError("online.uncertainty_z needs the judge's spread: set judge_repeats >= 2 or make judge a "
+                          "list (an ensemble)", "online")
     if config.curriculum != "none" or config.reference == "precomputed":
         raise ConfigError("online rounds sample new pairs each round: set curriculum: none and reference to "
                           "model, none or auto", "online")

@@ -6,6 +6,8 @@ make_judge(spec) builds one from a string:
   "reward_model:PATH"         a local AutoModelForSequenceClassification with one label: the logit of
                               prompt + completion
   "pairwise:module:function"  function(prompts, completions_a, completions_b) -> P(a beats b) per pair
+  [spec, spec, ...]           an Ensemble of scalar judges: their mean, and their spread for the
+                              uncertainty filter
 
 Scores are [P, K] float64, preferences [P, K, K] with P(i beats j); NaN marks what the
 judge failed on. A judge that raises on a batch is asked again one sample at a time; a
@@ -274,8 +276,13 @@ def _function(spec: str, reference: str):
     return function
 
 
-def make_judge(spec: str, *, task=None, device="cpu", batch_size: int = 16) -> Judge:
+def make_judge(spec: str | list, *, task=None, device="cpu", batch_size: int = 16) -> Judge:
     """A judge from its spec (see the module docstring); `task` is the synthetic task for "task"."""
+    if isinstance(spec, list):
+        members = [make_judge(each, task=task, device=device, batch_size=batch_size) for each in spec]
+        if any(member.pairwise for member in members):
+            raise JudgeError(f"judge {spec!r}: an ensemble averages scores; a pairwise judge gives none")
+        return Ensemble(members)
     if spec == "task":
         if task is None:
             raise JudgeError("judge 'task' scores with the synthetic task's scorer: pass task=")
