@@ -113,7 +113,7 @@ def env(args, log):
     import prefops
     import prefops.kernels
     log(check="prefops", ok=True, detail=f"{Path(prefops.__file__).parent}, kernels from "
-                                          f"{Path(prefops.kernels.__file__).parent} (not installed: PYTHONPATH)")
+                                          f"{', '.join(prefops.kernels.__path__)} (not installed: PYTHONPATH)")
     from importlib import metadata
     for name, module in (("trl", "trl.trainer.utils"), ("liger-kernel", "liger_kernel.chunked_loss"),
                          ("cut-cross-entropy", "cut_cross_entropy"), ("datasets", "datasets")):

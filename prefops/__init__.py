@@ -3,12 +3,18 @@ import importlib
 import os
 
 # A source checkout put on the path without installing it (PYTHONPATH=<checkout>, as on a GPU
-# box with no package index) finds prefops.kernels and prefops.training where pyproject.toml's
-# package-dir puts them: kernels/ and training/ beside this folder. An installed prefops holds
-# them inside and skips this.
+# box with no package index, or an editable install) finds prefops.kernels and prefops.training
+# where pyproject.toml's package-dir puts them: kernels/ and training/ beside this folder. An
+# installed prefops holds them inside and skips this.
+#
+# kernels/ has no __init__.py on purpose. From the checkout root (python -m pytest, python -c)
+# the root is on sys.path, and a regular package there named `kernels` would shadow Hugging
+# Face's `kernels`, which transformers imports. As a folder without __init__.py it is at most a
+# namespace portion: any installed package of that name wins over it, and transformers reads a
+# bare namespace as "not installed". tests/test_checkout_imports.py holds the line.
 _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isfile(os.path.join(_checkout, "pyproject.toml")) and os.path.isfile(
-        os.path.join(_checkout, "kernels", "__init__.py")):
+        os.path.join(_checkout, "kernels", "logits_stats.py")):
     __path__.append(_checkout)
 
 # Public name -> the submodule that defines it. Loaded on first use: importing prefops costs

@@ -77,7 +77,7 @@ def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backe
     from the same pass over the vocabulary."""
     n, vocab = rows.numel(), weight.shape[0]
     if backend == "triton" and n:
-        from .kernels import launch_logits_stats
+        from .kernels.logits_stats import launch_logits_stats
 
         if not top_k:
             return tiles.finalize(tiles.combine_splits(
@@ -167,7 +167,7 @@ def token_grads(hidden, weight, bias, rows, targets, lse, entropy, grad_logp, gr
 
     def tile(chunk, chunk_rows, h_rows, v0, v1):
         if backend == "triton":
-            from .kernels import launch_logits_grad
+            from .kernels.logits_grad import launch_logits_grad
 
             out = torch.empty(chunk_rows.numel(), v1 - v0, device=hidden.device, dtype=hidden.dtype)
             return launch_logits_grad(hidden, weight, bias, chunk_rows, targets[chunk], lse[chunk],

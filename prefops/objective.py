@@ -470,7 +470,7 @@ class _LogpRows(ChunkRows):
 
 def _chunk_token_stats(logits, targets, temperature, softcap, backend) -> tiles.Token:
     if backend == "triton":
-        from .kernels import launch_rows_stats
+        from .kernels.rows_stats import launch_rows_stats
 
         return tiles.finalize(launch_rows_stats(logits, targets, temperature, softcap))
     parts = []
@@ -482,7 +482,7 @@ def _chunk_token_stats(logits, targets, temperature, softcap, backend) -> tiles.
 
 def _logit_grads(logits, targets, token, grad_logp, out, temperature, softcap, backend):
     if backend == "triton":
-        from .kernels import launch_rows_grad
+        from .kernels.rows_grad import launch_rows_grad
 
         launch_rows_grad(logits, out, targets, token.lse, grad_logp, torch.zeros_like(grad_logp), temperature,
                          softcap)

@@ -481,7 +481,7 @@ class _KLRows(ChunkRows):
 def rows_kl_stats(logits, ref_logits, targets, policy_first, temperature, softcap, backend) -> KLStats:
     """KLStats of materialised policy and reference logits [n, V] (side a = policy when policy_first)."""
     if backend == "triton":
-        from .kernels import launch_rows_kl_stats
+        from .kernels.rows_kl import launch_rows_kl_stats
 
         return launch_rows_kl_stats(logits, ref_logits, targets, policy_first, temperature, softcap)
     parts = []
@@ -496,7 +496,7 @@ def rows_kl_grads(logits, ref_logits, out, targets, lse, ref_lse, kl, grad_kl, g
     """Write d(Σ g_kl KL + g_logp log p_θ(target)) / d logits of the policy logits [n, V] into out
     [n, V] (may be logits)."""
     if backend == "triton":
-        from .kernels import launch_rows_kl_grad
+        from .kernels.rows_kl import launch_rows_kl_grad
 
         launch_rows_kl_grad(logits, ref_logits, out, targets, lse, ref_lse, kl, grad_kl, grad_logp, policy_first,
                             temperature, softcap)

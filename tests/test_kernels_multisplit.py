@@ -14,8 +14,14 @@ import prefops
 from conftest import grad_tolerance, relative_error, value_tolerance
 from helpers import (kl64, linear_grads64, make_inputs, reference64, run_with_grads, token_kl_loss, token_values64,
                      transform64)
-from prefops.kernels import (config, launch_logits_grad, launch_logits_stats, launch_rows_grad, launch_rows_kl_grad,
-                             launch_rows_kl_stats, launch_rows_stats, launch_token_kl_grad, launch_token_kl_stats)
+from prefops.kernels import config
+from prefops.kernels.logits_grad import launch_logits_grad
+from prefops.kernels.logits_stats import launch_logits_stats
+from prefops.kernels.rows_grad import launch_rows_grad
+from prefops.kernels.rows_kl import launch_rows_kl_grad, launch_rows_kl_stats
+from prefops.kernels.rows_stats import launch_rows_stats
+from prefops.kernels.token_kl_grad import launch_token_kl_grad
+from prefops.kernels.token_kl_stats import launch_token_kl_stats
 from prefops.token_kl import linear_token_kl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

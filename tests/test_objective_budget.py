@@ -110,7 +110,8 @@ def _no_fallback():
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_row_kernels_match_float64(softcap, out_dtype):
     """The budget strategy's row kernels on fp32 logits, against float64 from the definitions."""
-    from prefops.kernels import launch_rows_grad, launch_rows_stats
+    from prefops.kernels.rows_grad import launch_rows_grad
+    from prefops.kernels.rows_stats import launch_rows_stats
 
     n, vocab, temperature = 7, 5003, 0.9  # more than one vocabulary block, odd length
     logits = torch.randn(n, vocab) * 50

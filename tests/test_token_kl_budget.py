@@ -181,7 +181,7 @@ def test_token_weights_and_forward_only():
 @pytest.mark.parametrize("softcap", [None, 20.0])
 def test_row_kernels_match_float64(policy_first, softcap):
     """Both backends' row KL statistics and gradient against float64 from the definitions."""
-    from prefops.kernels import launch_rows_kl_grad, launch_rows_kl_stats
+    from prefops.kernels.rows_kl import launch_rows_kl_grad, launch_rows_kl_stats
 
     n, vocab, temperature = 5, 5003, 0.9  # more than one vocabulary block, odd length
     g = torch.Generator().manual_seed(2)

@@ -14,6 +14,23 @@ Online rounds (sample, judge, pair, train) take an `online` section, and from Py
     summary = training.OnlineTrainer(config, judge=lambda prompts, completions: [...]).train()
 """
 import importlib
+import os
+import sys
+
+if __name__ != "prefops.training":
+    # Imported as a top-level `training`: the checkout root is on sys.path (python -m, python -c
+    # started there). This folder is prefops.training alone, so the name goes to whatever would
+    # have it without the checkout, an installed distribution or nothing, and the import system
+    # returns the module left in sys.modules. tests/test_checkout_imports.py holds the line.
+    from importlib.machinery import PathFinder
+    from importlib.util import module_from_spec
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = PathFinder.find_spec(__name__, [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is None:
+        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+    sys.modules[__name__] = module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[__name__])
 
 # Public name -> (submodule, its name there), loaded on first use so that the command line's
 # help and config parsing (prefops.training.cli, .config) do not import torch and transformers.

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -707,12 +706,11 @@ def autotune_choices() -> list[str]:
     --profile reports their registers and spills)."""
     try:
         from triton.runtime import Autotuner
-
-        from .. import kernels
     except ImportError:
         return []
     picks = set()
-    modules = [module for module in vars(kernels).values() if isinstance(module, types.ModuleType)]
+    # Only a kernel module that was imported can have launched, so the loaded ones are all there is to read.
+    modules = [module for name, module in list(sys.modules.items()) if name.startswith("prefops.kernels.")]
     for module in modules:
         for name, obj in vars(module).items():
             if isinstance(obj, Autotuner):
