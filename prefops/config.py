@@ -1,10 +1,24 @@
-"""Global settings for the fused ops: strategy, memory budget, backend.
+"""Global settings for the fused ops: strategy, memory workspace, backend.
 
-`lean` keeps memory beyond the gradients independent of sequence length and
-batch size (log-sum-exp in forward, logits recomputed blockwise in backward).
-`budget` materialises the logits of whole loss groups (a pair, a list) when
-they fit `budget` bytes and computes the gradients during forward, saving the
-recompute GEMM. Both give the same values and gradients.
+Every strategy gives the same values and gradients (each within the error model of fp32
+logits from input-dtype operands); they differ in time and memory. prefops.strategy holds
+the one place that picks the path a call runs (and records it: prefops.strategy.last_path).
+
+`auto` (the default) takes the fastest exact path whose memory beyond the gradients fits
+`workspace` (default 2 GiB), in order:
+  stored   3 GEMMs: cuBLAS materialises the fp32 logits of whole loss groups (a pair, a
+           list) a chunk at a time, the head runs on them, and every chunk's logit gradient
+           is kept in the input dtype; backward runs one dh GEMM and one dW GEMM over all of
+           them (dW written once).
+  chunked  3 GEMMs, when the kept gradients would not fit: each chunk's dh and dW GEMMs run
+           in forward, dW accumulating over the chunks.
+  sliced   4 GEMMs on cuBLAS, when one group's logits do not fit (one long pair, a large
+           list): vocabulary slices of all rows, an online-logsumexp fold in forward; in
+           backward each slice is recomputed, its dW written once and dh accumulated in fp32.
+`budget` is the 3-GEMM choice alone within `budget` bytes (stored, else chunked; lean when
+a group does not fit). `sliced` is the 4-GEMM path within `workspace`. `lean` keeps memory
+independent of sequence length and batch size within `lean_workspace` (fused Triton kernels
+hold the logits in registers; backward recomputes them): the least memory, not the fastest.
 """
 from __future__ import annotations
 
@@ -12,7 +26,7 @@ import contextlib
 import dataclasses
 import re
 
-STRATEGIES = ("lean", "budget")
+STRATEGIES = ("auto", "budget", "sliced", "lean")
 BACKENDS = ("auto", "triton", "torch")
 
 _UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -20,12 +34,14 @@ _UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "kib": 1 <
 
 @dataclasses.dataclass
 class Settings:
-    strategy: str = "lean"
+    strategy: str = "auto"
     budget: int = 1 << 30
     backend: str = "auto"
-    # Scratch memory for lean mode: the fp32 dh accumulator of one row chunk
-    # plus one tile of logit gradients. Fixed, so memory never grows with N.
-    workspace: int = 160 << 20
+    # Memory beyond the gradients that `auto` and `sliced` may use.
+    workspace: int = 2 << 30
+    # Scratch memory for lean: the fp32 dh accumulator of one row chunk plus one tile of logit
+    # gradients, fixed so that memory never grows with N. Lean uses the smaller of the two.
+    lean_workspace: int = 160 << 20
     # Keep an fp32 copy of W.grad across row chunks even for bf16/fp16 weights
     # (exact, but costs V*H*4 bytes). Off: each row chunk's dW comes from one
     # GEMM with fp32 accumulation and is added to W.grad with fp32 arithmetic.
@@ -63,7 +79,8 @@ def get_settings() -> Settings:
     return _settings
 
 
-def configure(*, strategy=None, budget=None, backend=None, workspace=None, fp32_weight_grad=None) -> Settings:
+def configure(*, strategy=None, budget=None, backend=None, workspace=None, lean_workspace=None,
+              fp32_weight_grad=None) -> Settings:
     """Change the global defaults; returns the previous settings."""
     global _settings
     previous = dataclasses.replace(_settings)
@@ -76,6 +93,8 @@ def configure(*, strategy=None, budget=None, backend=None, workspace=None, fp32_
         new.backend = check_choice(backend, BACKENDS, "backend")
     if workspace is not None:
         new.workspace = parse_bytes(workspace, name="workspace")
+    if lean_workspace is not None:
+        new.lean_workspace = parse_bytes(lean_workspace, name="lean_workspace")
     if fp32_weight_grad is not None:
         new.fp32_weight_grad = bool(fp32_weight_grad)
     _settings = new

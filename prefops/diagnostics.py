@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import fused
+from . import fused, strategy
 from .checks import check_linear_inputs, check_targets_in_range
 from .config import BACKENDS, check_choice, get_settings
 from .sequences import sequence_stats
@@ -123,10 +123,12 @@ def linear_diagnostics(hidden, weight, targets, *, bias=None, ignore_index=-100,
         hidden_2d = hidden_2d.contiguous()
     flat_targets = targets.reshape(-1)
     rows, counted_targets = fused.counted_rows(flat_targets, ignore_index)
+    sliced, workspace = strategy.token_path()
     token, values, ids = fused.token_stats(
         hidden_2d, weight.contiguous(), bias, rows, counted_targets, float(temperature),
         None if softcap is None else float(softcap), _resolve(requested, hidden.device, top_k),
-        settings.workspace, top_k)
+        workspace, top_k, sliced=sliced)
+    strategy.record("sliced" if sliced else "lean")
     top_entropy, top_mass = top_k_summary(values, token.lse)
     n, shape = flat_targets.numel(), targets.shape
 

@@ -62,20 +62,41 @@ def counted_rows(targets: torch.Tensor, ignore_index: int):
 
 
 def _linear_fp32(h_rows, weight, bias, v0, v1):
-    linear = h_rows.float() @ weight[v0:v1].float().t()
-    return linear if bias is None else linear + bias[v0:v1].float()
+    """fp32 (h W[v0:v1]^T + b) from operands in the input dtype: one cuBLAS GEMM with fp32 output on CUDA."""
+    linear = matmul_fp32(h_rows, weight[v0:v1].t())
+    return linear if bias is None else linear.add_(bias[v0:v1].float())
+
+
+def plan_slices(n: int, vocab: int, hidden_size: int, tile_bytes_per_element: int, workspace: int):
+    """Rows per chunk and vocabulary columns per slice of the sliced path (materialised GEMM slices).
+
+    All rows at once where their gathered h, fp32 dh accumulator and fp32 dh GEMM result (12 bytes
+    per hidden element) take at most a quarter of the workspace, so that every slice's dW comes
+    from one GEMM over all rows and is written once; the slices take the rest. A slice narrower
+    than the vocabulary is a multiple of 256 columns, for 16-byte row strides."""
+    row_chunk = max(1, min(max(n, 1), workspace // 4 // (12 * hidden_size)))
+    tile_space = workspace - row_chunk * 12 * hidden_size
+    v_chunk = max(256, min(vocab, tile_space // (row_chunk * tile_bytes_per_element)))
+    if v_chunk < vocab:
+        v_chunk = v_chunk // 256 * 256
+    row_chunk = max(1, min(row_chunk, tile_space // (min(v_chunk, vocab) * tile_bytes_per_element)))
+    return row_chunk, min(v_chunk, vocab)
 
 
 def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k=0,
-                extras=(True, True, True)):
+                extras=(True, True, True), sliced=False):
     """log p(target), lse, entropy, sum p^2, sum of the logits and top-1 for the counted rows, as a tiles.Token.
 
     extras: whether entropy, sum p^2 and the logit sum are wanted; the Triton kernel
     skips the others (their values are then meaningless), the PyTorch path computes them anyway.
+    sliced: materialise fp32 logit slices with a GEMM (cuBLAS on CUDA) and fold their statistics
+    (the row kernel on the Triton backend) instead of the lean fused kernel.
 
     With top_k > 0, returns (Token, top-k logits [n, k] descending, their ids [n, k] int64)
     from the same pass over the vocabulary."""
     n, vocab = rows.numel(), weight.shape[0]
+    if sliced:
+        return _sliced_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k)
     if backend == "triton" and n:
         from .kernels.logits_stats import launch_logits_stats
 
@@ -109,6 +130,40 @@ def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backe
     return (token, torch.cat(values), torch.cat(ids)) if top_k else token
 
 
+def _sliced_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k):
+    n, (vocab, hidden_size) = rows.numel(), weight.shape
+    rows_kernel = backend == "triton"
+    # fp32 logits, plus on the PyTorch path about three fp32 temporaries, plus z for a top-k.
+    bytes_per = (4 if rows_kernel else 16) + (4 if top_k else 0)
+    row_chunk, v_chunk = plan_slices(n, vocab, hidden_size, bytes_per, workspace)
+    parts = []
+    for r0 in range(0, n, row_chunk):
+        h_rows = hidden.index_select(0, rows[r0:r0 + row_chunk])
+        local = targets[r0:r0 + row_chunk]
+        stats = tiles.empty_stats(h_rows.shape[0], hidden.device)
+        top = tiles.empty_top_k(h_rows.shape[0], top_k, hidden.device)
+        for v0 in range(0, vocab, v_chunk):
+            linear = _linear_fp32(h_rows, weight, bias, v0, v0 + v_chunk)
+            if rows_kernel:
+                from .kernels.rows_stats import launch_rows_stats
+
+                stats = tiles.combine(stats, launch_rows_stats(linear, local - v0, temperature, softcap))
+                z = tiles.transform(linear, temperature, softcap) if top_k else None
+            else:
+                z = tiles.transform(linear, temperature, softcap)
+                stats = tiles.combine(stats, tiles.tile_stats(z, local - v0))
+            del linear
+            if top_k:
+                top = tiles.merge_top_k(top, z, v0)
+            del z
+        parts.append((tiles.finalize(stats), *top))
+    if not parts:
+        parts.append((tiles.finalize(tiles.empty_stats(0, hidden.device)), *tiles.empty_top_k(0, top_k, hidden.device)))
+    tokens, values, ids = zip(*parts)
+    token = tiles.Token(*(torch.cat(column) for column in zip(*tokens)))
+    return (token, torch.cat(values), torch.cat(ids)) if top_k else token
+
+
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 result, accumulating in fp32 for half-precision inputs.
 
@@ -128,15 +183,24 @@ class WeightGrad:
     """dW accumulated across row chunks: in fp32 when asked (or when W is fp32), else in
     W's dtype with one fp32-arithmetic rounding per row chunk."""
 
-    def __init__(self, weight: torch.Tensor, fp32: bool):
+    def __init__(self, weight: torch.Tensor, fp32: bool, written_whole: bool = False):
+        """written_whole: the first row chunk writes every vocabulary row (add(..., first=True)), so
+        the buffer needs no zero fill."""
         dtype = torch.float32 if fp32 else weight.dtype
         self.out_dtype = weight.dtype
-        self.value = torch.zeros(weight.shape, device=weight.device, dtype=dtype)
+        allocate = torch.empty if written_whole else torch.zeros
+        self.value = allocate(weight.shape, device=weight.device, dtype=dtype)
 
-    def add(self, v0: int, v1: int, tile: torch.Tensor, h_rows: torch.Tensor) -> None:
+    def add(self, v0: int, v1: int, tile: torch.Tensor, h_rows: torch.Tensor, first: bool = False) -> None:
+        """dW[v0:v1] += tile^T h_rows; first: the rows' first contribution, written without reading."""
         target = self.value[v0:v1]
         if target.dtype == tile.dtype == h_rows.dtype:
-            target.addmm_(tile.t(), h_rows)
+            if first:
+                torch.mm(tile.t(), h_rows, out=target)
+            else:
+                target.addmm_(tile.t(), h_rows)
+        elif first:
+            target.copy_(matmul_fp32(tile.t(), h_rows))
         else:
             target.add_(matmul_fp32(tile.t(), h_rows).to(target.dtype))
 
@@ -162,11 +226,23 @@ def plan_chunks(n: int, vocab: int, hidden_size: int, tile_bytes_per_element: in
 
 
 def token_grads(hidden, weight, bias, rows, targets, lse, entropy, grad_logp, grad_lse, grad_entropy,
-                temperature, softcap, backend, workspace, fp32_weight_grad, needs):
-    """Gradients of sum_r (g_logp logp_r + g_lse lse_r + g_ent H_r) for the counted rows."""
+                temperature, softcap, backend, workspace, fp32_weight_grad, needs, sliced=False):
+    """Gradients of sum_r (g_logp logp_r + g_lse lse_r + g_ent H_r) for the counted rows.
+
+    sliced: each tile's logits are recomputed by a GEMM with fp32 output (cuBLAS on CUDA) and the
+    row kernel writes their gradient (the 4-GEMM path); else the lean fused kernel recomputes them."""
+    # The row kernel has no entropy term; a differentiated entropy takes the PyTorch tile math.
+    rows_kernel = sliced and backend == "triton" and grad_entropy is None
 
     def tile(chunk, chunk_rows, h_rows, v0, v1):
-        if backend == "triton":
+        if rows_kernel:
+            from .kernels.rows_grad import launch_rows_grad
+
+            linear = _linear_fp32(h_rows, weight, bias, v0, v1)
+            out = torch.empty(chunk_rows.numel(), v1 - v0, device=hidden.device, dtype=hidden.dtype)
+            return launch_rows_grad(linear, out, targets[chunk] - v0, lse[chunk], grad_logp[chunk], grad_lse[chunk],
+                                    temperature, softcap)
+        if backend == "triton" and not sliced:
             from .kernels.logits_grad import launch_logits_grad
 
             out = torch.empty(chunk_rows.numel(), v1 - v0, device=hidden.device, dtype=hidden.dtype)
@@ -179,22 +255,30 @@ def token_grads(hidden, weight, bias, rows, targets, lse, entropy, grad_logp, gr
         return tiles.tile_grad(z, targets[chunk] - v0, lse[chunk], _part(entropy, chunk), grad_logp[chunk],
                                grad_lse[chunk], _part(grad_entropy, chunk), slope).to(hidden.dtype)
 
-    tile_bytes = weight.element_size() if backend == "triton" else 16
-    return linear_grads(hidden, weight, bias, rows, tile, tile_bytes, workspace, fp32_weight_grad, needs)
+    if rows_kernel:
+        tile_bytes = 4 + weight.element_size()  # the fp32 recomputed slice and its gradient
+    else:
+        tile_bytes = weight.element_size() if backend == "triton" and not sliced else 16
+    return linear_grads(hidden, weight, bias, rows, tile, tile_bytes, workspace, fp32_weight_grad, needs,
+                        plan=plan_slices if sliced else plan_chunks)
 
 
-def linear_grads(hidden, weight, bias, rows, logit_grad_tile, tile_bytes, workspace, fp32_weight_grad, needs):
+def linear_grads(hidden, weight, bias, rows, logit_grad_tile, tile_bytes, workspace, fp32_weight_grad, needs,
+                 plan=None):
     """dh, dW, db of a loss whose gradient with respect to the linear output hW^T + b of the
     counted rows comes tile by tile from logit_grad_tile(chunk, chunk_rows, h_rows, v0, v1)
     (chunk: a slice of `rows`; h_rows: their gathered hidden states) -> [len(chunk_rows), v1 - v0].
 
-    tile_bytes: workspace bytes per tile element (the tile and the temporaries that build it)."""
+    tile_bytes: workspace bytes per tile element (the tile and the temporaries that build it).
+    plan: (n, vocab, hidden, tile_bytes, workspace) -> (rows per chunk, columns per tile);
+    plan_chunks by default."""
     need_h, need_w, need_b = needs
     n, (vocab, hidden_size) = rows.numel(), weight.shape
     grad_h = torch.zeros_like(hidden) if need_h else None
-    grad_w = WeightGrad(weight, fp32_weight_grad or weight.dtype == torch.float32) if need_w else None
+    grad_w = WeightGrad(weight, fp32_weight_grad or weight.dtype == torch.float32, written_whole=n > 0) \
+        if need_w else None
     grad_b = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_b else None
-    row_chunk, v_chunk = plan_chunks(n, vocab, hidden_size, tile_bytes, workspace)
+    row_chunk, v_chunk = (plan or plan_chunks)(n, vocab, hidden_size, tile_bytes, workspace)
     for r0 in range(0, n, row_chunk):
         chunk = slice(r0, r0 + row_chunk)
         chunk_rows = rows[chunk]
@@ -206,7 +290,7 @@ def linear_grads(hidden, weight, bias, rows, logit_grad_tile, tile_bytes, worksp
             if need_h:
                 dh += matmul_fp32(tile, weight[v0:v1])
             if need_w:
-                grad_w.add(v0, v1, tile, h_rows)
+                grad_w.add(v0, v1, tile, h_rows, first=r0 == 0)
             if need_b:
                 grad_b[v0:v1] += tile.sum(0, dtype=torch.float32)
             del tile  # else it stays alive while the next tile is built: two tiles in the workspace

@@ -139,9 +139,9 @@ class ListwiseLoss(torch.nn.Module):
                 raise ValueError("pass either ref_hidden/ref_weight or ref_logps, not both")
             if ref_weight is None:
                 raise ValueError("ref_hidden needs ref_weight")
-            # The no-grad lean path saves nothing for backward: the forward-only fused op.
+            # Without grad the sliced path saves nothing for backward: the forward-only fused op.
             out = sequence_objective(ref_hidden, ref_weight, targets, head=_sum_of_logps, groups=lists,
-                                     seq_ids=seq_ids, bias=ref_bias, strategy="lean",
+                                     seq_ids=seq_ids, bias=ref_bias, strategy="sliced",
                                      sequence_group=self.sequence_group, **self.options)
             return torch.where(lists >= 0, out.logps[lists.clamp_min(0)], 0.0)
         if ref_logps is None:

@@ -35,8 +35,9 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import fused, tiles
+from . import strategy as strategy_module
 from .checks import check_linear_inputs, check_targets_in_range
-from .config import BACKENDS, STRATEGIES, check_choice, get_settings, parse_bytes
+from .config import BACKENDS, check_choice, get_settings
 from .ops import linear_logprobs, token_outputs
 from .sequences import sequence_sum
 
@@ -197,8 +198,7 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
                         temperature=temperature, softcap=softcap)
     sequence_group = check_sequence_group(sequence_group)
     settings = get_settings()
-    strategy = check_choice(strategy or settings.strategy, STRATEGIES, "strategy")
-    budget = settings.budget if budget is None else parse_bytes(budget)
+    choice = strategy_module.resolve(strategy, budget)
     for name in stats:
         check_choice(name, STAT_NAMES, "stats entry")
     flat_seq, groups, num_sequences = _check_layout(targets, seq_ids, groups, token_weights, sequence_group)
@@ -206,23 +206,22 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
     counted = (flat_targets != ignore_index) & (flat_seq >= 0)
     weights = counted.float() if token_weights is None else torch.where(counted, token_weights.reshape(-1).float(), 0.0)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    if strategy == "budget":
-        plan = plan_budget(flat_seq, counted, groups, num_sequences, weight, budget, sequence_group=sequence_group)
-        if plan is not None:
-            check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
-            row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
-                                                hidden.device)
-            count = sequence_all_reduce(_per_sequence(counted.float(), flat_seq, num_sequences), sequence_group)
-            math = _LogpRows(head, groups, weights, counted.float(), count, set(stats), float(temperature), softcap,
-                             row_backend)
-            loss, sums = budget_objective(flat_hidden, weight, bias, flat_targets, math, plan, groups, flat_seq,
-                                          num_sequences, sequence_group)
-            return Objective(loss, sums["logps"], {"count": count, **{name: sums[name] for name in stats}})
-        warn_lean(stacklevel=2)
+    token_path = plan_groups(choice, flat_seq, counted, groups, num_sequences, weight, sequence_group)
+    if not isinstance(token_path, str):
+        check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
+        row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
+                                            hidden.device)
+        count = sequence_all_reduce(_per_sequence(counted.float(), flat_seq, num_sequences), sequence_group)
+        math = _LogpRows(head, groups, weights, counted.float(), count, set(stats), float(temperature), softcap,
+                         row_backend)
+        loss, sums = budget_objective(flat_hidden, weight, bias, flat_targets, math, token_path, groups, flat_seq,
+                                      num_sequences, sequence_group)
+        return Objective(loss, sums["logps"], {"count": count, **{name: sums[name] for name in stats}})
     token_logp, _, *extras = token_outputs(flat_hidden, weight, torch.where(counted, flat_targets, ignore_index),
                                            bias=bias, ignore_index=ignore_index, temperature=temperature,
                                            softcap=softcap, extras=[STAT_EXTRAS[name] for name in stats
-                                                                    if name in STAT_EXTRAS], backend=backend)
+                                                                    if name in STAT_EXTRAS], backend=backend,
+                                           strategy=token_path)
     logps = _per_sequence(token_logp * weights, flat_seq, num_sequences)
     seq_stats = _sequence_stats(_stat_values(stats, token_logp, *extras), counted, flat_seq, num_sequences)
     if sequence_group is not None:
@@ -255,6 +254,21 @@ def sequence_logps(hidden, weight, targets, *, seq_ids=None, num_sequences=None,
     return sequence_all_reduce(sums, check_sequence_group(sequence_group))
 
 
+def plan_groups(choice, seq_ids, counted, groups, num_sequences, weight, sequence_group=None, sides=1):
+    """The path a sequence-level objective runs, in prefops.strategy's order: a plan_budget plan
+    for a 3-GEMM path (stored or chunked), else 'sliced' or 'lean' for the per-token op. Records it."""
+    paths = strategy_module.group_paths(choice)
+    if "chunked" in paths:
+        plan = plan_budget(seq_ids, counted, groups, num_sequences, weight, choice.memory, sides=sides,
+                           sequence_group=sequence_group, may_store="stored" in paths)
+        if plan is not None:
+            strategy_module.record("stored" if plan[0] else "chunked")
+            return plan
+        if choice.strategy == "budget":
+            warn_lean(stacklevel=3)
+    return strategy_module.record(paths[-1])
+
+
 def warn_lean(stacklevel):
     warnings.warn("a loss group does not fit the memory budget; using the lean strategy", stacklevel=stacklevel + 1)
 
@@ -265,14 +279,19 @@ def budget_bytes_per_logit(dtype: torch.dtype, sides: int = 1) -> int:
     return 4 * sides + (0 if dtype == torch.float32 else torch.empty((), dtype=dtype).element_size())
 
 
-def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1, sequence_group=None):
+def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1, sequence_group=None,
+                may_store=False):
     """Chunks of whole groups whose logits (`sides` [rows, V] tensors) fit the budget, or None if
     some group does not.
 
     With a sequence_group, every rank gets the same chunks of groups (sized by the largest share of
     each group on any rank), so that the ranks reduce each chunk's sums together.
 
-    Returns a list of (group indices, this rank's counted row indices sorted by group)."""
+    may_store: plan the stored path when it fits (the logit gradient of every row kept in the
+    input dtype, and the chunks' fp32 logits in what is left); never under a sequence_group,
+    whose ranks must agree on the chunks.
+
+    Returns (stored, [(group indices, this rank's counted row indices sorted by group), ...])."""
     group_of_sequence = torch.full((num_sequences,), -1, dtype=torch.long, device=groups.device)
     slots = groups >= 0
     group_of_sequence[groups[slots]] = torch.arange(groups.shape[0], device=groups.device)[:, None].expand_as(
@@ -286,11 +305,16 @@ def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1
     first_row = [0] + tokens_per_group.cumsum(0).tolist()
     if sequence_group is not None:
         torch.distributed.all_reduce(tokens_per_group, op=torch.distributed.ReduceOp.MAX, group=sequence_group)
-    bytes_per_row = weight.shape[0] * budget_bytes_per_logit(weight.dtype, sides)
-    limit = max(1, budget // bytes_per_row)
     sizes = tokens_per_group.tolist()
-    if max(sizes, default=0) > limit:
-        return None
+    largest, vocab = max(sizes, default=0), weight.shape[0]
+    stored_bytes = rows.numel() * vocab * weight.element_size()
+    stored = may_store and sequence_group is None and largest * vocab * 4 * sides <= budget - stored_bytes
+    if stored:
+        limit = (budget - stored_bytes) // (vocab * 4 * sides)
+    else:
+        limit = max(1, budget // (vocab * budget_bytes_per_logit(weight.dtype, sides)))
+        if largest > limit:
+            return None
     bounds, used = [0], 0
     for group, count in enumerate(sizes):
         if used + count > limit:
@@ -298,8 +322,8 @@ def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1
             used = 0
         used += count
     bounds.append(len(sizes))
-    return [(torch.arange(g0, g1, device=groups.device), rows[first_row[g0]:first_row[g1]])
-            for g0, g1 in zip(bounds, bounds[1:])]
+    return stored, [(torch.arange(g0, g1, device=groups.device), rows[first_row[g0]:first_row[g1]])
+                    for g0, g1 in zip(bounds, bounds[1:])]
 
 
 class ChunkRows:
@@ -333,31 +357,43 @@ class ChunkRows:
 
 def budget_objective(hidden, weight, bias, targets, math: ChunkRows, plan, groups, seq_ids, num_sequences,
                      sequence_group=None):
-    """The budget strategy's loss (differentiable in hidden, weight, bias) and the per-sequence
-    sums {name: [S]} (detached) of every value math produces. hidden [N, H], targets [N].
-    With a sequence_group (and a plan_budget plan made with it) the sums are the group's."""
-    run = _BudgetRun(math, plan, groups, seq_ids, num_sequences, sequence_group)
+    """The 3-GEMM paths' loss (differentiable in hidden, weight, bias) and the per-sequence sums
+    {name: [S]} (detached) of every value math produces. hidden [N, H], targets [N]; plan from
+    plan_budget (stored or chunked). With a sequence_group (and a plan_budget plan made with it)
+    the sums are the group's."""
+    stored, chunks = plan
+    run = _BudgetRun(math, chunks, stored, groups, seq_ids, num_sequences, sequence_group)
     loss = _BudgetObjective.apply(hidden, weight, bias, targets, run, get_settings().fp32_weight_grad)
     return loss, run.sums
 
 
 class _BudgetRun:
-    """What the budget strategy needs besides tensors, and what it hands back."""
+    """What the 3-GEMM paths need besides tensors, and what they hand back."""
 
-    def __init__(self, math, plan, groups, seq_ids, num_sequences, sequence_group):
+    def __init__(self, math, plan, stored, groups, seq_ids, num_sequences, sequence_group):
         self.math, self.plan, self.groups, self.seq_ids, self.num_sequences = math, plan, groups, seq_ids, num_sequences
-        self.sequence_group = sequence_group
+        self.stored, self.sequence_group = stored, sequence_group
         self.sums = None
 
 
 class _BudgetObjective(torch.autograd.Function):
+    """Chunked: each chunk's dh and dW GEMMs run in forward and backward scales the results.
+    Stored: each chunk's logit gradient goes into one [rows, V] buffer in the input dtype, and
+    backward runs one dh GEMM and one dW GEMM over all of it (dW written once, not accumulated)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, run, fp32_weight_grad):
         vocab, math = weight.shape[0], run.math
-        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        needs = ctx.needs_input_grad[:2] + (bias is not None and ctx.needs_input_grad[2],)
+        stored = run.stored and any(needs)
+        chunked = not run.stored
+        grad_h = torch.zeros_like(hidden) if needs[0] and chunked else None
         grad_w = fused.WeightGrad(weight, fp32_weight_grad or weight.dtype == torch.float32) \
-            if ctx.needs_input_grad[1] else None
-        grad_b = torch.zeros(vocab, device=hidden.device) if bias is not None and ctx.needs_input_grad[2] else None
+            if needs[1] and chunked else None
+        grad_b = torch.zeros(vocab, device=hidden.device) if needs[2] and chunked else None
+        all_rows = torch.cat([rows for _, rows in run.plan]) if stored else None
+        logit_grads = hidden.new_empty(all_rows.numel(), vocab, dtype=weight.dtype) if stored else None
+        offset = 0
         sums = {name: hidden.new_zeros(run.num_sequences, dtype=torch.float32) for name in math.weights}
         loss = hidden.new_zeros((), dtype=torch.float32)
         for group_index, rows in run.plan:
@@ -388,14 +424,18 @@ class _BudgetObjective(torch.autograd.Function):
             if not has_rows:
                 continue
             tile = None
-            if grad_h is not None or grad_w is not None or grad_b is not None:
+            if any(needs):
                 token_grads = {}
                 for name, grad in zip(math.differentiable, grads):
                     grad_sequence = loss.new_zeros(run.num_sequences)
                     if grad is not None:
                         grad_sequence.index_add_(0, slots[slots >= 0], grad[slots >= 0])
                     token_grads[name] = grad_sequence.index_select(0, seq) * weights[name]
-                tile = logits if weight.dtype == torch.float32 else torch.empty_like(logits, dtype=weight.dtype)
+                if stored:
+                    tile = logit_grads[offset:offset + rows.numel()]
+                    offset += rows.numel()
+                else:
+                    tile = logits if weight.dtype == torch.float32 else torch.empty_like(logits, dtype=weight.dtype)
                 math.logit_grads(logits, local_targets, saved, token_grads, tile)
             # The GEMMs need only the gradient tile: the fp32 logits go first, and every buffer of
             # this chunk before the next chunk's GEMM allocates its own (the budget holds one chunk).
@@ -409,6 +449,10 @@ class _BudgetObjective(torch.autograd.Function):
                 grad_b += tile.sum(0, dtype=torch.float32)
             del tile
         run.sums = sums
+        ctx.stored, ctx.needs = stored, needs
+        if stored:
+            ctx.save_for_backward(hidden, weight, bias, logit_grads, all_rows)
+            return loss
         ctx.save_for_backward(*(g for g in (grad_h, grad_w.result() if grad_w else None,
                                             grad_b.to(bias.dtype) if grad_b is not None else None)
                                 if g is not None))
@@ -417,12 +461,35 @@ class _BudgetObjective(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.stored:
+            return (*_stored_grads(*ctx.saved_tensors, grad_loss, ctx.needs), None, None, None)
         saved = iter(ctx.saved_tensors)
         grads = []
         for present in ctx.present:
             grad = next(saved) if present else None
             grads.append(None if grad is None else (grad * grad_loss).to(grad.dtype))
         return (*grads, None, None, None)
+
+
+def _stored_grads(hidden, weight, bias, logit_grads, rows, grad_loss, needs):
+    """dh, dW, db from the stored logit gradients G [n, V] of the rows, times the upstream grad_loss.
+
+    dh: one GEMM with fp32 output, scaled, rounded once. dW = G^T (grad_loss h): one GEMM with fp32
+    accumulation, written once; grad_loss scales the n x H operand rather than the V x H result
+    (h * grad_loss is exact at the usual grad_loss of 1, else rounded once to the input dtype)."""
+    grad_h = grad_w = grad_b = None
+    if needs[0]:
+        grad_h = torch.zeros_like(hidden).index_copy_(
+            0, rows, (fused.matmul_fp32(logit_grads, weight) * grad_loss).to(hidden.dtype))
+    if needs[1]:
+        h_rows = (hidden.index_select(0, rows).float() * grad_loss).to(hidden.dtype)
+        if logit_grads.dtype == h_rows.dtype == weight.dtype:
+            grad_w = logit_grads.t() @ h_rows
+        else:
+            grad_w = fused.matmul_fp32(logit_grads.t(), h_rows).to(weight.dtype)
+    if needs[2]:
+        grad_b = (logit_grads.sum(0, dtype=torch.float32) * grad_loss).to(bias.dtype)
+    return grad_h, grad_w, grad_b
 
 
 # Vocabulary rows of W upcast at a time by the CPU GEMM, so no fp32 copy of W is made.

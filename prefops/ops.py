@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import fused
+from . import strategy as strategy_module
 from .checks import check_linear_inputs, check_targets_in_range
 from .config import BACKENDS, check_choice, get_settings
 
@@ -34,16 +35,18 @@ def _scatter(rows, values, n):
 
 def _forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             targets: torch.Tensor, ignore_index: int, temperature: float,
-                            softcap: Optional[float], backend: str, workspace: int, extras: list[bool]
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                            softcap: Optional[float], backend: str, workspace: int, sliced: bool,
+                            extras: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                        torch.Tensor]:
     """hidden [N, H], targets [N] -> (logp, lse, entropy, sum_p2, mean_logit) [N] fp32 and top1 [N] bool.
 
-    extras: [entropy, sum_p2, mean_logit] to compute; an output left out is all zeros."""
+    extras: [entropy, sum_p2, mean_logit] to compute; an output left out is all zeros.
+    sliced: cuBLAS slices and the row kernels (prefops.strategy's sliced path), else the lean kernels."""
     check_targets_in_range(targets, weight.shape[0], ignore_index)
     rows, counted_targets = fused.counted_rows(targets, ignore_index)
     token = fused.token_stats(hidden, weight, bias, rows, counted_targets, temperature, softcap,
-                              fused.resolve_backend(backend, hidden.device), workspace, extras=tuple(extras))
+                              fused.resolve_backend(backend, hidden.device), workspace, extras=tuple(extras),
+                              sliced=sliced)
     n = targets.numel()
     token = token._replace(logit_sum=token.logit_sum / weight.shape[0])
     wanted = (True, True, *extras, True)
@@ -54,7 +57,7 @@ linear_logprobs_forward = torch.library.custom_op("prefops::linear_logprobs", mu
 
 
 @linear_logprobs_forward.register_fake
-def _(hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace, extras):
+def _(hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace, sliced, extras):
     n = targets.numel()
     return (*(hidden.new_empty(n, dtype=torch.float32) for _ in range(5)), hidden.new_empty(n, dtype=torch.bool))
 
@@ -63,7 +66,7 @@ def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                              targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
                              grad_logp: torch.Tensor, grad_lse: torch.Tensor, grad_entropy: Optional[torch.Tensor],
                              ignore_index: int, temperature: float, softcap: Optional[float], backend: str,
-                             workspace: int, fp32_weight_grad: bool, needs: list[bool]
+                             workspace: int, sliced: bool, fp32_weight_grad: bool, needs: list[bool]
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dh [N, H], dW [V, H], db [V]); an unneeded one comes back empty."""
     rows, counted_targets = fused.counted_rows(targets, ignore_index)
@@ -71,7 +74,7 @@ def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     grads = fused.token_grads(
         hidden, weight, bias, rows, counted_targets, pick(lse), pick(entropy), pick(grad_logp), pick(grad_lse),
         pick(grad_entropy), temperature, softcap, fused.resolve_backend(backend, hidden.device), workspace,
-        fp32_weight_grad, tuple(needs),
+        fp32_weight_grad, tuple(needs), sliced=sliced,
     )
     return tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
 
@@ -82,33 +85,34 @@ linear_logprobs_backward = torch.library.custom_op("prefops::linear_logprobs_bac
 
 @linear_logprobs_backward.register_fake
 def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_lse, grad_entropy, ignore_index, temperature,
-      softcap, backend, workspace, fp32_weight_grad, needs):
+      softcap, backend, workspace, sliced, fp32_weight_grad, needs):
     return (torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
             torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
             torch.empty_like(bias) if needs[2] else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace, extras = inputs
+    hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace, sliced, extras = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, output[1], output[2])
-    ctx.options = (ignore_index, temperature, softcap, backend, workspace, get_settings().fp32_weight_grad)
+    ctx.options = (ignore_index, temperature, softcap, backend, workspace, sliced, get_settings().fp32_weight_grad)
+    ctx.sliced = sliced  # which path ran, for prefops.tools.compare's reading of the graph
     # An entropy that was not computed (zeros) must not pass a gradient on.
     ctx.mark_non_differentiable(*output[3:], *([] if extras[0] else [output[2]]))
 
 
 def _backward(ctx, grad_logp, grad_lse, grad_entropy, *_not_differentiable):
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-    ignore_index, temperature, softcap, backend, workspace, fp32_weight_grad = ctx.options
+    ignore_index, temperature, softcap, backend, workspace, sliced, fp32_weight_grad = ctx.options
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     zeros = lambda: torch.zeros_like(lse)  # noqa: E731
     grad_h, grad_w, grad_b = linear_logprobs_backward(
         hidden, weight, bias, targets, lse, entropy,
         grad_logp if grad_logp is not None else zeros(), grad_lse if grad_lse is not None else zeros(),
-        grad_entropy, ignore_index, temperature, softcap, backend, workspace, fp32_weight_grad, needs,
+        grad_entropy, ignore_index, temperature, softcap, backend, workspace, sliced, fp32_weight_grad, needs,
     )
     keep = lambda grad, needed: grad if needed else None  # noqa: E731
     return (keep(grad_h, needs[0]), keep(grad_w, needs[1]), keep(grad_b, needs[2]),
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 linear_logprobs_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -124,14 +128,16 @@ EXTRAS = ("entropy", "sum_p2", "mean_logit")
 
 
 def token_outputs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
-                  extras=EXTRAS, backend=None):
+                  extras=EXTRAS, backend=None, strategy=None):
     """Every per-token output of the fused pass, shaped like targets: (logp, lse, entropy,
     sum_p2, mean_logit, top1); see linear_logprobs. logp, lse and entropy are differentiable;
     sum_p2, mean_logit (sum_v z_v / V) and top1 (bool: target's logit >= every logit, so a
     tie counts) are not. All are 0 / False at ignored tokens.
 
     extras: which of EXTRAS to compute; one left out costs nothing and comes back as None
-    (logp, lse and top1 are always there)."""
+    (logp, lse and top1 are always there).
+    strategy: as in prefops.settings; lean runs the fused kernels, any other the sliced path
+    (prefops.strategy)."""
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
                         temperature=temperature, softcap=softcap)
     for name in extras:
@@ -142,16 +148,18 @@ def token_outputs(hidden, weight, targets, *, bias=None, ignore_index=-100, temp
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     if hidden_2d.stride(-1) != 1:
         hidden_2d = hidden_2d.contiguous()
+    sliced, workspace = strategy_module.token_path(strategy)
     outputs = linear_logprobs_forward(
         hidden_2d, weight.contiguous(), bias, targets.reshape(-1), ignore_index, float(temperature),
-        None if softcap is None else float(softcap), backend, settings.workspace, wanted,
+        None if softcap is None else float(softcap), backend, workspace, sliced, wanted,
     )
+    strategy_module.record("sliced" if sliced else "lean")
     present = (True, True, *wanted, True)
     return tuple(value.view(targets.shape) if keep else None for value, keep in zip(outputs, present))
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
-                    return_lse=False, return_entropy=False, return_sum_p2=False, backend=None):
+                    return_lse=False, return_entropy=False, return_sum_p2=False, backend=None, strategy=None):
     """Per-token log p(target | hidden) through the lm_head, without the N x V logits.
 
     Args:
@@ -165,6 +173,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, te
             full-vocabulary entropy (nats) and sum_v p_v^2 from the same pass.
         backend: 'auto' (Triton on CUDA, chunked PyTorch on CPU), 'triton' or 'torch';
             default from prefops.configure().
+        strategy: 'lean' (fused Triton kernels, least memory) or any other strategy (cuBLAS
+            vocabulary slices within the workspace, the default); see prefops.strategy.
 
     Returns fp32 log-probs shaped like targets (0 at ignored tokens), or a LogProbs
     tuple when an extra output is requested. Runs without saving anything for backward
@@ -174,7 +184,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, te
     extras = [name for name, wanted in zip(EXTRAS, (return_entropy, return_sum_p2, False)) if wanted]
     logp, lse, entropy, sum_p2, _, _ = token_outputs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                                                      temperature=temperature, softcap=softcap, extras=extras,
-                                                     backend=backend)
+                                                     backend=backend, strategy=strategy)
     if not (return_lse or return_entropy or return_sum_p2):
         return logp
     return LogProbs(logp, lse if return_lse else None, entropy if return_entropy else None,

@@ -170,6 +170,8 @@ class PreferenceLoss(torch.nn.Module):
 
     def _strategy(self):
         strategy = self.strategy or get_settings().strategy
+        if strategy == "auto" and self.batch_coupled:
+            return "sliced"  # one head over the whole batch, on the fastest path that has one
         if strategy == "budget" and self.batch_coupled:
             warnings.warn(f"loss_type {self.loss_type!r} couples the pairs of a batch (AOT sorts across it), so it "
                           "cannot run chunk by chunk; using the lean strategy", stacklevel=3)

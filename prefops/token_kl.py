@@ -44,11 +44,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import fused, tiles
+from . import strategy as strategy_module
 from .checks import check_float, check_linear_inputs, check_targets_in_range, check_tensor
-from .config import BACKENDS, STRATEGIES, check_choice, get_settings, parse_bytes
+from .config import BACKENDS, check_choice, get_settings
 from .objective import (_BLOCK_ROWS, ChunkRows, Objective, _check_layout, _gather, _per_sequence, _sum_over,
-                        budget_objective, check_sequence_group, materialise, plan_budget, sequence_all_reduce,
-                        warn_lean)
+                        budget_objective, check_sequence_group, materialise, plan_groups, sequence_all_reduce)
 from .ops import IMPLEMENTATIONS
 
 DIRECTIONS = ("ref_policy", "policy_ref")
@@ -361,7 +361,8 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bi
         flatten(hidden), weight.contiguous(), bias, flatten(ref_hidden).detach(), ref_weight.contiguous().detach(),
         None if ref_bias is None else ref_bias.detach(), flat_targets, counted.reshape(-1),
         direction == "policy_ref", float(temperature), None if softcap is None else float(softcap), backend,
-        settings.workspace)
+        strategy_module.resolve("lean").memory)
+    strategy_module.record("lean")
     if targets is None:
         return kl.view(shape)
     return TokenKL(kl.view(shape), logp.view(shape), ref_logp.view(shape))
@@ -412,29 +413,26 @@ def sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, *, he
     check_choice(direction, DIRECTIONS, "direction")
     sequence_group = check_sequence_group(sequence_group)
     settings = get_settings()
-    strategy = check_choice(strategy or settings.strategy, STRATEGIES, "strategy")
-    budget = settings.budget if budget is None else parse_bytes(budget)
+    choice = strategy_module.resolve(strategy, budget)
     flat_seq, groups, num_sequences = _check_layout(targets, seq_ids, groups, token_weights, sequence_group)
     flat_targets = targets.reshape(-1)
     counted = (flat_targets != ignore_index) & (flat_seq >= 0)
     weights = counted.float() if token_weights is None else torch.where(counted, token_weights.reshape(-1).float(), 0.0)
     count = _per_sequence(counted.float(), flat_seq, num_sequences)
     flatten = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-    if strategy == "budget":
-        plan = plan_budget(flat_seq, counted, groups, num_sequences, weight, budget, sides=2,
-                           sequence_group=sequence_group)
-        if plan is not None:
-            check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
-            row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
-                                                hidden.device)
-            reference = (flatten(ref_hidden).detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach())
-            count = sequence_all_reduce(count, sequence_group)
-            math = _KLRows(head, groups, weights, counted.float(), count, reference, direction == "policy_ref",
-                           float(temperature), softcap, row_backend)
-            loss, sums = budget_objective(flatten(hidden), weight, bias, flat_targets, math, plan, groups, flat_seq,
-                                          num_sequences, sequence_group)
-            return Objective(loss, sums["logps"], {"count": count, "kl": sums["kl"], "ref_logp": sums["ref_logps"]})
-        warn_lean(stacklevel=2)
+    # The per-token KL has no sliced path yet: where a 3-GEMM plan does not fit, the lean kernels run it.
+    plan = plan_groups(choice, flat_seq, counted, groups, num_sequences, weight, sequence_group, sides=2)
+    if not isinstance(plan, str):
+        check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
+        row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
+                                            hidden.device)
+        reference = (flatten(ref_hidden).detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach())
+        count = sequence_all_reduce(count, sequence_group)
+        math = _KLRows(head, groups, weights, counted.float(), count, reference, direction == "policy_ref",
+                       float(temperature), softcap, row_backend)
+        loss, sums = budget_objective(flatten(hidden), weight, bias, flat_targets, math, plan, groups, flat_seq,
+                                      num_sequences, sequence_group)
+        return Objective(loss, sums["logps"], {"count": count, "kl": sums["kl"], "ref_logp": sums["ref_logps"]})
     token = linear_token_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, direction=direction,
                             targets=torch.where(counted.view(targets.shape), targets, ignore_index),
                             ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend)

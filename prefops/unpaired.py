@@ -71,6 +71,8 @@ class UnpairedLoss(torch.nn.Module):
             return losses.sum() / count
 
         strategy = self.strategy or get_settings().strategy
+        if self.bco is not None and strategy == "auto":
+            strategy = "sliced"  # the running mean needs the whole batch's rewards before any loss
         if self.bco is not None and strategy == "budget":
             # δ_0 must see the whole batch's rewards before any completion's loss, and the
             # budget strategy runs the head chunk by chunk.

@@ -11,6 +11,7 @@ import torch
 import triton
 
 import prefops
+import prefops.kernels.logits_grad
 from conftest import grad_tolerance, relative_error, value_tolerance
 from helpers import (kl64, linear_grads64, make_inputs, reference64, run_with_grads, token_kl_loss, token_values64,
                      transform64)
@@ -357,9 +358,9 @@ def test_lean_op_with_splits_row_chunks_and_tiles(dtype, monkeypatch):
                                                 device=DEVICE)
     options = dict(return_lse=True, return_entropy=True, **TRANSFORM)
     upstream = [torch.randn(targets.shape, dtype=torch.float64, device=DEVICE) for _ in range(3)]
-    calls = count_calls(monkeypatch, prefops.kernels, "launch_logits_grad")
+    calls = count_calls(monkeypatch, prefops.kernels.logits_grad, "launch_logits_grad")
     fused = lambda *a, **k: prefops.linear_logprobs(*a, backend="triton", **k)  # noqa: E731
-    with config.forced(v_per_split=V_PER_SPLIT), prefops.settings(workspace=WORKSPACE):
+    with config.forced(v_per_split=V_PER_SPLIT), prefops.settings(workspace=WORKSPACE, strategy="lean"):
         actual, actual_grads = run_with_grads(fused, hidden, weight, bias, targets, upstream, **options)
     check_chunks(calls)
     expected, expected_grads, sizes, logit_size = reference64(hidden, weight, bias, targets, upstream, **options)

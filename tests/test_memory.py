@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import prefops
-import prefops.kernels
+import prefops.kernels.logits_grad
+import prefops.kernels.logits_stats
 import prefops.kernels.token_kl_grad
 import prefops.objective
 import prefops.token_kl
@@ -82,7 +83,8 @@ def grad_bytes(*tensors):
 
 # The planted leak of each lean test: the fp32 logit tiles of the PyTorch path; on the Triton
 # path (logits live in registers) the gradient tiles the launcher fills in backward.
-LEAN_LEAKS = {"linear_logprobs": {"torch": (fused, "_linear_fp32"), "triton": (prefops.kernels, "launch_logits_grad")},
+LEAN_LEAKS = {"linear_logprobs": {"torch": (fused, "_linear_fp32"),
+                                   "triton": (prefops.kernels.logits_grad, "launch_logits_grad")},
               "token_kl": {"torch": (fused, "_linear_fp32"),
                            "triton": (prefops.kernels.token_kl_grad, "launch_token_kl_grad")}}
 
@@ -102,7 +104,7 @@ def test_lean_linear_logprobs_peak_within_the_workspace(backend, planted, monkey
     counted = int((targets != -100).sum())
     hidden.requires_grad_()
     weight.requires_grad_()
-    with prefops.settings(workspace=WORKSPACE, backend=backend):
+    with prefops.settings(workspace=WORKSPACE, backend=backend, strategy="lean"):
         forward, loss = record(lambda: prefops.linear_logprobs(hidden, weight, targets).sum())
         backward, _ = record(loss.backward)
     per_token = N_ROWS * PER_TOKEN_BYTES
@@ -125,7 +127,7 @@ def test_lean_sequence_kl_peak_within_the_workspace(backend, planted, monkeypatc
     hidden.requires_grad_()
     weight.requires_grad_()
     seq_ids = torch.arange(N_ROWS) // 12
-    with prefops.settings(workspace=WORKSPACE, backend=backend):
+    with prefops.settings(workspace=WORKSPACE, backend=backend, strategy="lean"):
         forward, loss = record(lambda: prefops.sequence_kl(hidden, weight, ref_hidden, ref_weight, targets,
                                                            seq_ids=seq_ids).sum())
         backward, _ = record(loss.backward)
@@ -146,19 +148,19 @@ def test_linear_diagnostics_peak_within_the_workspace(backend, planted, monkeypa
     if planted and backend == "torch":
         keep_results(monkeypatch, fused, "_linear_fp32")
     if planted and backend == "triton":
-        original = prefops.kernels.launch_logits_stats
+        original = prefops.kernels.logits_stats.launch_logits_stats
         kept = []
 
         def materialising(hidden, weight, bias, rows, *args, **kwargs):
             kept.append(hidden.index_select(0, rows) @ weight.t())
             return original(hidden, weight, bias, rows, *args, **kwargs)
 
-        monkeypatch.setattr(prefops.kernels, "launch_logits_stats", materialising)
+        monkeypatch.setattr(prefops.kernels.logits_stats, "launch_logits_stats", materialising)
     hidden, weight, g = fp32_inputs(N_ROWS, HIDDEN, seed=3)
     targets = torch.randint(0, VOCAB, (N_ROWS,), generator=g)
     targets[::3] = -100
     counted = int((targets != -100).sum())
-    with prefops.settings(workspace=WORKSPACE, backend=backend):
+    with prefops.settings(workspace=WORKSPACE, backend=backend, strategy="lean"):
         forward, _ = record(lambda: prefops.linear_diagnostics(hidden, weight, targets, top_k=top_k))
     per_token = N_ROWS * (PER_TOKEN_BYTES + 2 * 12 * top_k)
     check_peaks([("forward", forward, WORKSPACE + counted * HIDDEN * 4 + per_token)], planted)
@@ -258,7 +260,7 @@ def test_recorder_sees_inside_custom_ops_and_their_frees():
     sees its fp32 tiles (the workspace's worth) and their frees."""
     hidden, weight, g = fp32_inputs(N_ROWS, HIDDEN, seed=7)
     targets = torch.randint(0, VOCAB, (N_ROWS,), generator=g)
-    with prefops.settings(workspace=WORKSPACE, backend="torch"):
+    with prefops.settings(workspace=WORKSPACE, backend="torch", strategy="lean"):
         recorder, logp = record(lambda: prefops.linear_logprobs(hidden, weight, targets))
     assert recorder.peak >= WORKSPACE, recorder.describe_peak()
     assert recorder.live == N_ROWS * 4, "only the returned log-probs outlive the op"
@@ -278,10 +280,10 @@ def test_recorder_sees_triton_launches_and_collects_their_garbage():
     with recorder:
         for _ in range(3):
             out = torch.empty(N_ROWS, VOCAB)
-            prefops.kernels.launch_logits_grad(hidden, weight, None, rows, targets, per_row, None, per_row, per_row,
-                                               None, 1.0, None, 0, out)
+            prefops.kernels.logits_grad.launch_logits_grad(hidden, weight, None, rows, targets, per_row, None,
+                                                           per_row, per_row, None, 1.0, None, 0, out)
             del out
-        prefops.kernels.launch_logits_stats(hidden, weight, None, rows, targets, 1.0, None)
+        prefops.kernels.logits_stats.launch_logits_stats(hidden, weight, None, rows, targets, 1.0, None)
     assert recorder.peak == N_ROWS * VOCAB * 4, recorder.describe_peak()
     assert any(op == "aten.empty.memory_format" and numel % (6 * N_ROWS) == 0 for _, numel, op in recorder.sizes), \
         "the statistics launcher's output buffer was not seen"

@@ -92,10 +92,11 @@ def test_extra_outputs_save_nothing_for_backward():
 
 
 @pytest.mark.parametrize("extras", [[True, True, True], [False, False, False], [True, False, True]], ids=str)
-def test_custom_op_schema_and_fake_agree(extras):
+@pytest.mark.parametrize("sliced", [False, True], ids=["lean", "sliced"])
+def test_custom_op_schema_and_fake_agree(extras, sliced):
     hidden, weight, targets, bias = make_inputs(10, HIDDEN, VOCAB, bias=True)
     torch.library.opcheck(linear_logprobs_forward, (hidden.requires_grad_(), weight, bias, targets, -100, 1.0, None,
-                                                    "torch", 1 << 20, extras))
+                                                    "torch", 1 << 20, sliced, extras))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -119,7 +120,7 @@ def test_an_entropy_not_asked_for_takes_no_gradient():
     hidden.requires_grad_()
     _, _, entropy, _, _, _ = token_outputs(hidden, weight, targets, extras=("entropy",))
     assert entropy.requires_grad
-    out = linear_logprobs_forward(hidden, weight, None, targets, -100, 1.0, None, "torch", 1 << 20,
+    out = linear_logprobs_forward(hidden, weight, None, targets, -100, 1.0, None, "torch", 1 << 20, True,
                                   [False, True, True])
     assert not out[2].requires_grad and torch.equal(out[2], torch.zeros_like(out[2]))
 
