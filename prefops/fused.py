@@ -67,20 +67,23 @@ def _linear_fp32(h_rows, weight, bias, v0, v1):
     return linear if bias is None else linear.add_(bias[v0:v1].float())
 
 
-def plan_slices(n: int, vocab: int, hidden_size: int, tile_bytes_per_element: int, workspace: int):
+def plan_slices(n: int, vocab: int, hidden_size: int, tile_bytes_per_element: int, workspace: int,
+                row_bytes_per_element: int = 12):
     """Rows per chunk and vocabulary columns per slice of the sliced path (materialised GEMM slices).
 
-    All rows at once where their gathered h, fp32 dh accumulator and fp32 dh GEMM result (12 bytes
-    per hidden element) take at most a quarter of the workspace, so that every slice's dW comes
-    from one GEMM over all rows and is written once; the slices take the rest. A slice narrower
-    than the vocabulary is a multiple of 256 columns, for 16-byte row strides."""
-    row_chunk = max(1, min(max(n, 1), workspace // 4 // (12 * hidden_size)))
-    tile_space = workspace - row_chunk * 12 * hidden_size
+    row_bytes_per_element: what a row holds per hidden element (its gathered h, and in backward
+    its fp32 dh accumulator, plus on CPU the fp32 result of each dh GEMM). All rows at once where
+    that takes at most half the workspace, so that every slice's dW comes from one GEMM over all
+    rows and is written once; the slices take the rest. A slice narrower than the vocabulary is a
+    multiple of 256 columns, for 16-byte row strides."""
+    row_chunk = max(1, min(max(n, 1), workspace // 2 // (row_bytes_per_element * hidden_size)))
+    tile_space = workspace - row_chunk * row_bytes_per_element * hidden_size
     v_chunk = max(256, min(vocab, tile_space // (row_chunk * tile_bytes_per_element)))
     if v_chunk < vocab:
         v_chunk = v_chunk // 256 * 256
-    row_chunk = max(1, min(row_chunk, tile_space // (min(v_chunk, vocab) * tile_bytes_per_element)))
-    return row_chunk, min(v_chunk, vocab)
+    v_chunk = min(v_chunk, vocab)
+    row_chunk = max(1, min(row_chunk, tile_space // (v_chunk * tile_bytes_per_element)))
+    return row_chunk, v_chunk
 
 
 def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k=0,
@@ -135,7 +138,7 @@ def _sliced_stats(hidden, weight, bias, rows, targets, temperature, softcap, bac
     rows_kernel = backend == "triton"
     # fp32 logits, plus on the PyTorch path about three fp32 temporaries, plus z for a top-k.
     bytes_per = (4 if rows_kernel else 16) + (4 if top_k else 0)
-    row_chunk, v_chunk = plan_slices(n, vocab, hidden_size, bytes_per, workspace)
+    row_chunk, v_chunk = plan_slices(n, vocab, hidden_size, bytes_per, workspace, hidden.element_size())
     parts = []
     for r0 in range(0, n, row_chunk):
         h_rows = hidden.index_select(0, rows[r0:r0 + row_chunk])
@@ -177,6 +180,15 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             raise TypeError(f"matmul_fp32 needs operands of one dtype; got {a.dtype} and {b.dtype}")
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
+
+
+def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 acc: on CUDA one GEMM that reads and writes acc (no fp32 temporary
+    of acc's size); on CPU through matmul_fp32."""
+    if a.is_cuda and a.dtype != torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += matmul_fp32(a, b)
 
 
 class WeightGrad:
@@ -259,8 +271,11 @@ def token_grads(hidden, weight, bias, rows, targets, lse, entropy, grad_logp, gr
         tile_bytes = 4 + weight.element_size()  # the fp32 recomputed slice and its gradient
     else:
         tile_bytes = weight.element_size() if backend == "triton" and not sliced else 16
-    return linear_grads(hidden, weight, bias, rows, tile, tile_bytes, workspace, fp32_weight_grad, needs,
-                        plan=plan_slices if sliced else plan_chunks)
+    plan = plan_chunks
+    if sliced:
+        row_bytes = hidden.element_size() + 4 + (0 if hidden.is_cuda else 4)  # h, dh, and on CPU dh's GEMM result
+        plan = lambda *args: plan_slices(*args, row_bytes_per_element=row_bytes)  # noqa: E731
+    return linear_grads(hidden, weight, bias, rows, tile, tile_bytes, workspace, fp32_weight_grad, needs, plan=plan)
 
 
 def linear_grads(hidden, weight, bias, rows, logit_grad_tile, tile_bytes, workspace, fp32_weight_grad, needs,
@@ -288,7 +303,7 @@ def linear_grads(hidden, weight, bias, rows, logit_grad_tile, tile_bytes, worksp
             v1 = min(v0 + v_chunk, vocab)
             tile = logit_grad_tile(chunk, chunk_rows, h_rows, v0, v1)
             if need_h:
-                dh += matmul_fp32(tile, weight[v0:v1])
+                accumulate_fp32(dh, tile, weight[v0:v1])
             if need_w:
                 grad_w.add(v0, v1, tile, h_rows, first=r0 == 0)
             if need_b:
