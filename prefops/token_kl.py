@@ -151,6 +151,40 @@ def _torch_stats(policy, reference, rows, targets, policy_first, temperature, so
     return KLStats(*(torch.cat(column) for column in zip(*parts)))
 
 
+def _sliced_stats(policy, reference, rows, targets, policy_first, temperature, softcap, backend, workspace):
+    """KLStats of the counted rows from both sides' materialised fp32 slices (a GEMM each, cuBLAS on
+    CUDA), folded by the row kernel on the Triton backend, by tile_kl_stats otherwise."""
+    n, vocab = rows.numel(), policy[1].shape[0]
+    rows_kernel = backend == "triton"
+    # Both sides' fp32 slices, plus on the PyTorch path about three temporaries a side.
+    per_element = 8 if rows_kernel else 32
+    width = policy[0].shape[-1] + reference[0].shape[-1]
+    row_chunk, v_chunk = fused.plan_slices(n, vocab, width, per_element, workspace, policy[0].element_size())
+    parts = []
+    for r0 in range(0, n, row_chunk):
+        chunk_rows = rows[r0:r0 + row_chunk]
+        h_rows = [side[0].index_select(0, chunk_rows) for side in (policy, reference)]
+        local = targets[r0:r0 + row_chunk]
+        running = None
+        for v0 in range(0, vocab, v_chunk):
+            z, y = (fused._linear_fp32(h, side[1], side[2], v0, v0 + v_chunk) for h, side in zip(h_rows, (policy, reference)))
+            local_v = torch.where(local >= 0, local - v0, -1)
+            if rows_kernel:
+                from .kernels.rows_kl import launch_rows_kl_stats
+
+                block = launch_rows_kl_stats(z, y, local_v, policy_first, temperature, softcap)
+            else:
+                za, zb = _sides(tiles.transform(z, temperature, softcap), tiles.transform(y, temperature, softcap),
+                                policy_first)
+                block = tile_kl_stats(za, zb, local_v)
+                del za, zb
+            del z, y
+            running = block if running is None else combine_kl_splits(
+                KLStats(*(torch.stack(pair, 1) for pair in zip(running, block))))
+        parts.append(running)
+    return KLStats(*(torch.cat(column) for column in zip(*parts)))
+
+
 def _scatter(rows, values, n):
     return values.new_zeros(n).index_copy_(0, rows, values)
 
@@ -163,7 +197,7 @@ def _counted(targets, counted):
 def _forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: Optional[torch.Tensor],
                   targets: torch.Tensor, counted: torch.Tensor, policy_first: bool, temperature: float,
-                  softcap: Optional[float], backend: str, workspace: int
+                  softcap: Optional[float], backend: str, workspace: int, sliced: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, H], ref_hidden [N, H_ref], targets [N] (-1: none), counted [N] bool
     -> (kl, logp, ref_logp, lse, ref_lse), each [N] fp32, 0 where not counted."""
@@ -172,7 +206,11 @@ def _forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if rows.numel() == 0:
         return tuple(hidden.new_zeros(n, dtype=torch.float32) for _ in range(5))
     policy, reference = (hidden, weight, bias), (ref_hidden, ref_weight, ref_bias)
-    if fused.resolve_backend(backend, hidden.device) == "triton":
+    backend = fused.resolve_backend(backend, hidden.device)
+    if sliced:
+        stats = _sliced_stats(policy, reference, rows, row_targets, policy_first, temperature, softcap, backend,
+                              workspace)
+    elif backend == "triton":
         from .kernels.token_kl_stats import launch_token_kl_stats
 
         first, second = _sides(policy, reference, policy_first)
@@ -192,7 +230,7 @@ linear_token_kl_forward = torch.library.custom_op("prefops::linear_token_kl", mu
 
 @linear_token_kl_forward.register_fake
 def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, policy_first, temperature, softcap,
-      backend, workspace):
+      backend, workspace, sliced):
     return tuple(hidden.new_empty(targets.numel(), dtype=torch.float32) for _ in range(5))
 
 
@@ -200,7 +238,7 @@ def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                    ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: Optional[torch.Tensor],
                    targets: torch.Tensor, counted: torch.Tensor, lse: torch.Tensor, ref_lse: torch.Tensor,
                    kl: torch.Tensor, grad_kl: torch.Tensor, grad_logp: torch.Tensor, policy_first: bool,
-                   temperature: float, softcap: Optional[float], backend: str, workspace: int,
+                   temperature: float, softcap: Optional[float], backend: str, workspace: int, sliced: bool,
                    fp32_weight_grad: bool, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dh [N, H], dW [V, H], db [V]) of the policy; an unneeded one comes back empty."""
     rows, row_targets = _counted(targets, counted)
@@ -209,9 +247,19 @@ def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     backend = fused.resolve_backend(backend, hidden.device)
     reference_rows = _ChunkRows(ref_hidden)
 
+    rows_kernel = sliced and backend == "triton"
+
     def tile(chunk, chunk_rows, h_rows, v0, v1):
         per_row = (row_targets[chunk], lse[chunk], ref_lse[chunk], kl[chunk], grad_kl[chunk], grad_logp[chunk])
-        if backend == "triton":
+        if rows_kernel:
+            from .kernels.rows_kl import launch_rows_kl_grad
+
+            z = fused._linear_fp32(h_rows, weight, bias, v0, v1)
+            y = fused._linear_fp32(reference_rows.get(chunk_rows), ref_weight, ref_bias, v0, v1)
+            out = torch.empty(chunk_rows.numel(), v1 - v0, device=hidden.device, dtype=hidden.dtype)
+            local = torch.where(per_row[0] >= 0, per_row[0] - v0, -1)
+            return launch_rows_kl_grad(z, y, out, local, *per_row[1:], policy_first, temperature, softcap)
+        if backend == "triton" and not sliced:
             from .kernels.token_kl_grad import launch_token_kl_grad
 
             out = torch.empty(chunk_rows.numel(), v1 - v0, device=hidden.device, dtype=hidden.dtype)
@@ -225,9 +273,18 @@ def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
     # The PyTorch tile: both sides' logits and tile_kl_grad's temporaries, 9 fp32 values an element at
     # their peak (measured by tests/test_memory.py), then the tile rounded to the input dtype.
-    tile_bytes = weight.element_size() if backend == "triton" else 9 * 4 + weight.element_size()
+    if rows_kernel:
+        tile_bytes = 2 * 4 + weight.element_size()  # both sides' fp32 slices and the gradient
+    else:
+        tile_bytes = weight.element_size() if backend == "triton" and not sliced else 9 * 4 + weight.element_size()
+    plan = None
+    if sliced:
+        # A row holds its h, its reference h and its fp32 dh (and on CPU dh's GEMM result), per policy element.
+        row_bytes = hidden.element_size() * (1 + ref_hidden.shape[-1] / hidden.shape[-1]) + 4 + (
+            0 if hidden.is_cuda else 4)
+        plan = lambda *args: fused.plan_slices(*args, row_bytes_per_element=int(row_bytes) + 1)  # noqa: E731
     grads = fused.linear_grads(hidden, weight, bias, rows, tile, tile_bytes, workspace, fp32_weight_grad,
-                               tuple(needs))
+                               tuple(needs), plan=plan)
     return tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
 
 
@@ -249,7 +306,7 @@ linear_token_kl_backward = torch.library.custom_op("prefops::linear_token_kl_bac
 
 @linear_token_kl_backward.register_fake
 def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, lse, ref_lse, kl, grad_kl,
-      grad_logp, policy_first, temperature, softcap, backend, workspace, fp32_weight_grad, needs):
+      grad_logp, policy_first, temperature, softcap, backend, workspace, sliced, fp32_weight_grad, needs):
     return (torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
             torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
             torch.empty_like(bias) if needs[2] else hidden.new_empty(0))
@@ -257,23 +314,24 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, 
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, policy_first, temperature, softcap,
-     backend, workspace) = inputs
+     backend, workspace, sliced) = inputs
     kl, _, _, lse, ref_lse = output
     ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, lse, ref_lse, kl)
-    ctx.options = (policy_first, temperature, softcap, backend, workspace, get_settings().fp32_weight_grad)
+    ctx.options = (policy_first, temperature, softcap, backend, workspace, sliced, get_settings().fp32_weight_grad)
+    ctx.sliced = sliced  # which path ran, for prefops.tools.compare's reading of the graph
     ctx.mark_non_differentiable(*output[2:])
 
 
 def _backward(ctx, grad_kl, grad_logp, _grad_ref_logp, _grad_lse, _grad_ref_lse):
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, lse, ref_lse, kl = ctx.saved_tensors
-    policy_first, temperature, softcap, backend, workspace, fp32_weight_grad = ctx.options
+    policy_first, temperature, softcap, backend, workspace, sliced, fp32_weight_grad = ctx.options
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     zeros = lambda grad: torch.zeros_like(lse) if grad is None else grad  # noqa: E731
     grad_h, grad_w, grad_b = linear_token_kl_backward(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, lse, ref_lse, kl, zeros(grad_kl),
-        zeros(grad_logp), policy_first, temperature, softcap, backend, workspace, fp32_weight_grad, needs)
+        zeros(grad_logp), policy_first, temperature, softcap, backend, workspace, sliced, fp32_weight_grad, needs)
     keep = lambda grad, needed: grad if needed else None  # noqa: E731
-    return (keep(grad_h, needs[0]), keep(grad_w, needs[1]), keep(grad_b, needs[2])) + (None,) * 10
+    return (keep(grad_h, needs[0]), keep(grad_w, needs[1]), keep(grad_b, needs[2])) + (None,) * 11
 
 
 linear_token_kl_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -313,7 +371,8 @@ def check_reference_inputs(hidden, weight, ref_hidden, ref_weight, ref_bias):
 
 
 def linear_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, direction="ref_policy",
-                    mask=None, targets=None, ignore_index=-100, temperature=1.0, softcap=None, backend=None):
+                    mask=None, targets=None, ignore_index=-100, temperature=1.0, softcap=None, backend=None,
+                    strategy=None):
     """Per-token KL between the policy's and the reference's next-token distributions, without N x V logits.
 
     Args:
@@ -328,8 +387,9 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bi
         temperature, softcap: the same logit transform on both sides, as in prefops.linear_logprobs.
         backend: 'auto', 'triton' or 'torch' (default from prefops.configure()).
 
-    Always the lean (recompute) strategy: a budget strategy needs the loss's gradient during
-    forward (see sequence_kl_objective).
+    strategy: 'lean' runs the fused Triton kernels; any other the sliced path (both sides' logits
+    in cuBLAS slices within the workspace, recomputed in backward; prefops.strategy). A 3-GEMM path
+    needs the loss's gradient during forward (see sequence_kl_objective).
 
     Returns fp32 [...] KL (or TokenKL(kl, logp, ref_logp)). Differentiable in hidden, weight and bias;
     the reference side gets no gradient. Nothing is saved when no input requires grad.
@@ -356,13 +416,14 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bi
         flat_targets = torch.full((counted.numel(),), -1, dtype=torch.int32, device=hidden.device)
     settings = get_settings()
     backend = check_choice(backend or settings.backend, BACKENDS, "backend")
+    sliced, workspace = strategy_module.token_path(strategy)
     flatten = lambda x: x.reshape(-1, x.shape[-1]).contiguous()  # noqa: E731
     kl, logp, ref_logp, _, _ = linear_token_kl_forward(
         flatten(hidden), weight.contiguous(), bias, flatten(ref_hidden).detach(), ref_weight.contiguous().detach(),
         None if ref_bias is None else ref_bias.detach(), flat_targets, counted.reshape(-1),
         direction == "policy_ref", float(temperature), None if softcap is None else float(softcap), backend,
-        strategy_module.resolve("lean").memory)
-    strategy_module.record("lean")
+        workspace, sliced)
+    strategy_module.record("sliced" if sliced else "lean")
     if targets is None:
         return kl.view(shape)
     return TokenKL(kl.view(shape), logp.view(shape), ref_logp.view(shape))
@@ -420,7 +481,6 @@ def sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, *, he
     weights = counted.float() if token_weights is None else torch.where(counted, token_weights.reshape(-1).float(), 0.0)
     count = _per_sequence(counted.float(), flat_seq, num_sequences)
     flatten = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-    # The per-token KL has no sliced path yet: where a 3-GEMM plan does not fit, the lean kernels run it.
     plan = plan_groups(choice, flat_seq, counted, groups, num_sequences, weight, sequence_group, sides=2)
     if not isinstance(plan, str):
         check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
@@ -435,7 +495,8 @@ def sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, *, he
         return Objective(loss, sums["logps"], {"count": count, "kl": sums["kl"], "ref_logp": sums["ref_logps"]})
     token = linear_token_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, direction=direction,
                             targets=torch.where(counted.view(targets.shape), targets, ignore_index),
-                            ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend)
+                            ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+                            strategy=plan)
     total = lambda values, w: _per_sequence(values.reshape(-1) * w, flat_seq, num_sequences)  # noqa: E731
     sums = _sum_over(sequence_group, {"logps": total(token.logp, weights), "kl": total(token.kl, counted.float()),
                                       "ref_logps": total(token.ref_logp, weights), "count": count})

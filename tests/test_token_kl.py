@@ -67,21 +67,27 @@ def check(case, *, backend, with_targets=True, large_logits=False, **options):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("direction", ["ref_policy", "policy_ref"])
 @pytest.mark.parametrize("options", [{}, {"softcap": 5.0, "temperature": 1.3}])
-def test_torch_backend_matches_float64(dtype, direction, options):
-    # V, H, H_ref multiples of no block; a small workspace forces several row and vocabulary chunks.
+@pytest.mark.parametrize("strategy", ["lean", "sliced"])
+def test_torch_backend_matches_float64(dtype, direction, options, strategy):
+    # V, H, H_ref multiples of no block; a small workspace forces several row and vocabulary chunks
+    # (sliced: rows of 5 and slices of 256 columns).
     case = make_pair(45, 67, 53, 1013, dtype=dtype, bias=True)
-    with prefops.settings(workspace=60_000):
+    with prefops.settings(workspace=60_000, strategy=strategy):
         check(case, backend="torch", direction=direction, **options)
+        assert prefops.strategy.last_path() == strategy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("direction", ["ref_policy", "policy_ref"])
-def test_triton_kernels_match_float64(dtype, direction):
-    """The real Triton kernels (under TRITON_INTERPRET=1 on CPU)."""
-    case = make_pair(21, 35, 19, 203, dtype=dtype, bias=direction == "policy_ref")
+@pytest.mark.parametrize("strategy,vocab,workspace", [("lean", 203, 20_000), ("sliced", 600, 20_000)])
+def test_triton_kernels_match_float64(dtype, direction, strategy, vocab, workspace):
+    """The real Triton kernels (under TRITON_INTERPRET=1 on CPU): the lean fused kernels, or the sliced
+    path's row kernels over slices of 256 columns (600 = 256 + 256 + 88) and chunks of rows."""
+    case = make_pair(21, 35, 19, vocab, dtype=dtype, bias=direction == "policy_ref")
     options = {"softcap": 3.0, "temperature": 0.7} if direction == "policy_ref" else {}
-    with prefops.settings(workspace=20_000):
+    with prefops.settings(workspace=workspace, strategy=strategy):
         check(case, backend="triton", direction=direction, **options)
+        assert prefops.strategy.last_path() == strategy
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -555,7 +555,7 @@ def tdpo_entry(loss_type, direction, strategy):
 def _token_kl_entries():
     return [token_kl_entry(direction) for direction in ("ref_policy", "policy_ref")] + [
         tdpo_entry(loss_type, direction, strategy) for loss_type in ("tdpo1", "tdpo2")
-        for direction in ("ref_policy", "policy_ref") for strategy in ("lean", "budget", "auto")]
+        for direction in ("ref_policy", "policy_ref") for strategy in STRATEGIES]
 
 
 # ---------------------------------------------------------------- diffusion
