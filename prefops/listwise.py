@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from .losses.listwise import PAIR_BASED, listwise_loss, preference_matrix
-from .objective import check_sequence_group, max_over_group, sequence_all_reduce, sequence_objective
+from .objective import sequence_objective
+from .sequence_group import check_sequence_group, max_over_group, sequence_all_reduce
 from .sequences import sequence_count
 
 # Pairwise types whose loss has an NLL term averaged over the batch's chosen tokens.

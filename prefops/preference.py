@@ -18,7 +18,8 @@ from .losses import PARAM_DEFAULTS, REFERENCE_FREE, ld_dpo_token_weights, pairwi
 from .losses.pairwise import TOKEN_LEVEL_LOSSES, has_nll_term
 from .config import get_settings
 from .losses.token_level import tgdpo_token_rewards
-from .objective import check_sequence_group, max_over_group, sequence_all_reduce, sequence_objective
+from .objective import sequence_objective
+from .sequence_group import check_sequence_group, max_over_group, sequence_all_reduce
 from .ops import linear_logprobs
 from .sequences import sequence_sum
 from .token_kl import sequence_kl_objective

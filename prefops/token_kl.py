@@ -47,8 +47,10 @@ from . import fused, tiles
 from . import strategy as strategy_module
 from .checks import check_float, check_linear_inputs, check_targets_in_range, check_tensor
 from .config import BACKENDS, check_choice, get_settings
-from .objective import (_BLOCK_ROWS, ChunkRows, Objective, _check_layout, _gather, _per_sequence, _sum_over,
-                        budget_objective, check_sequence_group, materialise, plan_groups, sequence_all_reduce)
+from .chunks import ChunkRows, budget_objective, materialise
+from .objective import _BLOCK_ROWS, Objective, plan_groups
+from .per_sequence import _check_layout, _gather, _per_sequence
+from .sequence_group import _sum_over, check_sequence_group, sequence_all_reduce
 from .ops import IMPLEMENTATIONS
 
 DIRECTIONS = ("ref_policy", "policy_ref")

@@ -15,7 +15,8 @@ import torch
 
 from .config import get_settings
 from .losses import BCOLoss, kto_kl_estimate, kto_loss
-from .objective import check_sequence_group, max_over_group, sequence_logps, sequence_objective
+from .objective import sequence_logps, sequence_objective
+from .sequence_group import check_sequence_group, max_over_group
 from .preference import check_token_weights
 
 UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")

@@ -9,7 +9,7 @@ from prefops.listwise import ListwiseLoss
 from prefops.losses.listwise import listwise_loss
 from prefops.memory import AllocationRecorder
 from prefops.tools.compare import pairwise_reference_loss
-from prefops.objective import budget_bytes_per_logit
+from prefops.chunks import budget_bytes_per_logit
 
 LENGTH, HIDDEN, VOCAB = 11, 21, 307
 # Three lists of 4, 2 and 3 responses stored in a scrambled order; slot -1 is empty.

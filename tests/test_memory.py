@@ -15,11 +15,12 @@ import prefops
 import prefops.kernels.logits_grad
 import prefops.kernels.logits_stats
 import prefops.kernels.token_kl_grad
+import prefops.chunks
 import prefops.objective
 import prefops.token_kl
 from prefops import fused
 from prefops.memory import AllocationRecorder
-from prefops.objective import budget_bytes_per_logit
+from prefops.chunks import budget_bytes_per_logit
 from prefops.token_kl import sequence_kl_objective
 
 BACKENDS = ["torch", "triton"]
@@ -197,7 +198,7 @@ def test_budget_objective_peak_within_the_budget(backend, planted, monkeypatch):
     """sequence_objective(strategy='budget') with a budget of two pairs' logits: three chunks."""
     monkeypatch.setattr(prefops.objective, "_BLOCK_ROWS", BLOCK_ROWS)
     if planted:
-        keep_results(monkeypatch, prefops.objective, "materialise")
+        keep_results(monkeypatch, prefops.chunks, "materialise")
     hidden, weight, targets, groups = pair_batch(seed=4)
     hidden.requires_grad_()
     weight.requires_grad_()

@@ -8,7 +8,7 @@ import prefops
 from conftest import relative_error
 from helpers import make_inputs
 from prefops import tiles
-from prefops.objective import budget_bytes_per_logit
+from prefops.chunks import budget_bytes_per_logit
 
 PAIRS, LENGTH, HIDDEN, VOCAB = 3, 10, 23, 331
 BETA = 0.1

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import prefops
+import prefops.chunks
 import prefops.objective
 from conftest import grad_tolerance, relative_error, value_tolerance
 from helpers import make_inputs, reference64, run_with_grads
 from prefops import fused, strategy
 from prefops.memory import AllocationRecorder
-from prefops.objective import budget_bytes_per_logit
+from prefops.chunks import budget_bytes_per_logit
 from test_objective_budget import bf16_store_error, float64_pipeline, head, problem, rounding_bound
 
 BACKENDS = ["torch", "triton"]
@@ -164,7 +165,7 @@ def test_peak_within_the_workspace(path, planted, monkeypatch):
     workspace = {"stored": rows * MEMORY_VOCAB * 4 + 2 * pair, "sliced": 40000}[path]
     monkeypatch.setattr(prefops.objective, "_BLOCK_ROWS", BLOCK_ROWS)
     if planted:
-        owner, name = (prefops.objective, "materialise") if path == "stored" else (fused, "_linear_fp32")
+        owner, name = (prefops.chunks, "materialise") if path == "stored" else (fused, "_linear_fp32")
         kept, original = [], getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *args: kept.append(original(*args)) or kept[-1])
     with prefops.settings(workspace=workspace, backend="torch"):

@@ -6,7 +6,7 @@ import torch
 import prefops
 from conftest import assert_fused_loss_matches, relative_error
 from prefops.tools.compare import pairwise_reference_loss as reference_loss
-from prefops.objective import budget_bytes_per_logit
+from prefops.chunks import budget_bytes_per_logit
 
 PAIRS, LENGTH, HIDDEN, VOCAB = 3, 11, 21, 307
 BETA = 0.1

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import prefops
 from prefops.listwise import ListwiseLoss
-from prefops.objective import budget_bytes_per_logit
+from prefops.chunks import budget_bytes_per_logit
 from prefops.shared_prompt import build_layout
 from prefops.unpaired import UnpairedLoss
 

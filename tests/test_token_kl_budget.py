@@ -14,7 +14,7 @@ from prefops.losses import pairwise_loss
 from prefops.memory import AllocationRecorder
 from prefops.reference.token_kl import linear_token_kl as reference_token_kl
 from prefops.kernels.config import forced
-from prefops.objective import budget_bytes_per_logit
+from prefops.chunks import budget_bytes_per_logit
 from prefops.token_kl import finalize_kl, rows_kl_grads, rows_kl_stats, sequence_kl_objective
 
 PAIRS, LENGTH, HIDDEN, REF_HIDDEN, VOCAB = 3, 9, 23, 19, 331

@@ -11,7 +11,7 @@ from helpers import make_inputs
 from prefops.ops import linear_logprobs_forward, token_outputs
 from prefops.preference import trl_token_metrics
 from prefops.reference.logprobs import logits as reference_logits
-from prefops.objective import budget_bytes_per_logit
+from prefops.chunks import budget_bytes_per_logit
 
 TRANSFORMS = [{}, {"temperature": 0.7}, {"softcap": 15.0}]
 PAIRS, LENGTH, HIDDEN, VOCAB = 3, 9, 19, 331

@@ -7,7 +7,7 @@ import prefops
 from conftest import assert_fused_loss_matches, relative_error
 from prefops.losses import BCOLoss, kto_kl_estimate, kto_loss
 from prefops.unpaired import UnpairedLoss
-from prefops.objective import budget_bytes_per_logit
+from prefops.chunks import budget_bytes_per_logit
 
 COMPLETIONS, LENGTH, HIDDEN, VOCAB = 5, 9, 19, 263
 BETA = 0.2

@@ -21,7 +21,7 @@ import prefops.attention
 from prefops import reference as reference_ops
 from prefops.attention import ContextShard, PackedLayout
 from prefops.integrations.hf import LMHead, final_hidden_states
-from prefops.objective import sequence_all_reduce
+from prefops.sequence_group import sequence_all_reduce
 from prefops.shared_prompt import shared_prompt_hidden_states
 
 from .config import ConfigError, as_yaml, attention_implementation

@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 from ..config import STRATEGIES
-from ..objective import budget_bytes_per_logit
+from ..chunks import budget_bytes_per_logit
 
 # The error model of tests/conftest.py: values are computed with fp32 accumulation from inputs of
 # any dtype, so they match float64 of the same rounded inputs to ~1e-5 at these shapes, bf16 or
@@ -112,7 +112,7 @@ def strategies_that_ran(outputs: dict) -> str:
     """The paths in the autograd graph of the outputs, joined by '+' ('' when none is there): the
     3-GEMM chunk loop is one autograd Function (stored or chunked), lean and sliced are a fused
     op's backward (the sliced flag on its context; the token KL op has lean alone)."""
-    from ..objective import _BudgetObjective
+    from ..chunks import _BudgetObjective
     from ..ops import IMPLEMENTATIONS
     # torch names the backward node of a custom op after the op (torch._library.autograd).
     lean_nodes = tuple(f"GeneratedBackwardFor_{op.replace('::', '_')}_" for op in IMPLEMENTATIONS)

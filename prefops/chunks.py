@@ -1,0 +1,253 @@
+"""The 3-GEMM paths' chunk loop (prefops.strategy: stored and chunked), shared by the log-prob
+objectives and the per-token KL of the TDPO losses (prefops.token_kl).
+
+Groups are packed into chunks whose fp32 logits fit the memory; for each chunk one GEMM
+materialises the logits (fp32 results of input-dtype operands, as every path computes them), a
+ChunkRows object turns them into per-token values, the head runs on the chunk's groups, and the
+logit gradient is formed in the input dtype. Chunked: each chunk's dh and dW GEMMs follow at
+once. Stored: every chunk's gradient is kept, and backward runs one dh and one dW GEMM.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import fused
+from .config import get_settings
+from .per_sequence import _gather
+from .sequence_group import _sum_over
+
+
+def budget_bytes_per_logit(dtype: torch.dtype, sides: int = 1) -> int:
+    """Bytes a budget chunk holds per row and vocabulary entry: `sides` fp32 logits, plus the
+    gradient tile in the input dtype when that is not fp32 (fp32 gradients overwrite the logits)."""
+    return 4 * sides + (0 if dtype == torch.float32 else torch.empty((), dtype=dtype).element_size())
+
+
+def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1, sequence_group=None,
+                may_store=False):
+    """Chunks of whole groups whose logits (`sides` [rows, V] tensors) fit the budget, or None if
+    some group does not.
+
+    With a sequence_group, every rank gets the same chunks of groups (sized by the largest share of
+    each group on any rank), so that the ranks reduce each chunk's sums together.
+
+    may_store: plan the stored path when it fits (the logit gradient of every row kept in the
+    input dtype, and the chunks' fp32 logits in what is left); never under a sequence_group,
+    whose ranks must agree on the chunks.
+
+    Returns (stored, [(group indices, this rank's counted row indices sorted by group), ...])."""
+    group_of_sequence = torch.full((num_sequences,), -1, dtype=torch.long, device=groups.device)
+    slots = groups >= 0
+    group_of_sequence[groups[slots]] = torch.arange(groups.shape[0], device=groups.device)[:, None].expand_as(
+        groups)[slots]
+    rows = counted.nonzero().squeeze(1)
+    row_group = group_of_sequence[seq_ids[rows]]
+    rows, row_group = rows[row_group >= 0], row_group[row_group >= 0]
+    order = torch.argsort(row_group, stable=True)
+    rows, row_group = rows[order], row_group[order]
+    tokens_per_group = torch.bincount(row_group, minlength=groups.shape[0])
+    first_row = [0] + tokens_per_group.cumsum(0).tolist()
+    if sequence_group is not None:
+        torch.distributed.all_reduce(tokens_per_group, op=torch.distributed.ReduceOp.MAX, group=sequence_group)
+    sizes = tokens_per_group.tolist()
+    largest, vocab = max(sizes, default=0), weight.shape[0]
+    stored_bytes = rows.numel() * vocab * weight.element_size()
+    stored = may_store and sequence_group is None and largest * vocab * 4 * sides <= budget - stored_bytes
+    if stored:
+        limit = (budget - stored_bytes) // (vocab * 4 * sides)
+    else:
+        limit = max(1, budget // (vocab * budget_bytes_per_logit(weight.dtype, sides)))
+        if largest > limit:
+            return None
+    bounds, used = [0], 0
+    for group, count in enumerate(sizes):
+        if used + count > limit:
+            bounds.append(group)
+            used = 0
+        used += count
+    bounds.append(len(sizes))
+    return stored, [(torch.arange(g0, g1, device=groups.device), rows[first_row[g0]:first_row[g1]])
+                    for g0, g1 in zip(bounds, bounds[1:])]
+
+
+class ChunkRows:
+    """What the budget strategy's chunk loop asks of a family of per-token quantities: the
+    statistics of a chunk's materialised logits, the head on the chunk's groups, and the
+    logit gradient formed in place. The core op (log p(target)) and the per-token KL
+    (prefops.token_kl) are the two implementations.
+
+    weights: {name: [N] per-token weights}; the loop sums weight * value per sequence for
+        every name token_values returns.
+    differentiable: the names whose per-sequence sums the head is differentiated in.
+    """
+
+    weights: dict
+    differentiable: tuple
+
+    def token_values(self, logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> tuple[dict, object]:
+        """({name: [n] per-token values}, what the gradient needs) of a chunk; rows index the flat
+        tokens, targets are theirs."""
+        raise NotImplementedError
+
+    def head(self, sums: dict, group_index: torch.Tensor) -> torch.Tensor:
+        """Loss of the groups group_index from their per-sequence sums {name: [G', K]}."""
+        raise NotImplementedError
+
+    def logit_grads(self, logits: torch.Tensor, targets: torch.Tensor, saved, grads: dict, out: torch.Tensor) -> None:
+        """Write d loss / d logits into out (the input dtype; logits itself when that is fp32), given
+        {name: [n] d loss / d value} per token."""
+        raise NotImplementedError
+
+
+def budget_objective(hidden, weight, bias, targets, math: ChunkRows, plan, groups, seq_ids, num_sequences,
+                     sequence_group=None):
+    """The 3-GEMM paths' loss (differentiable in hidden, weight, bias) and the per-sequence sums
+    {name: [S]} (detached) of every value math produces. hidden [N, H], targets [N]; plan from
+    plan_budget (stored or chunked). With a sequence_group (and a plan_budget plan made with it)
+    the sums are the group's."""
+    stored, chunks = plan
+    run = _BudgetRun(math, chunks, stored, groups, seq_ids, num_sequences, sequence_group)
+    loss = _BudgetObjective.apply(hidden, weight, bias, targets, run, get_settings().fp32_weight_grad)
+    return loss, run.sums
+
+
+class _BudgetRun:
+    """What the 3-GEMM paths need besides tensors, and what they hand back."""
+
+    def __init__(self, math, plan, stored, groups, seq_ids, num_sequences, sequence_group):
+        self.math, self.plan, self.groups, self.seq_ids, self.num_sequences = math, plan, groups, seq_ids, num_sequences
+        self.stored, self.sequence_group = stored, sequence_group
+        self.sums = None
+
+
+class _BudgetObjective(torch.autograd.Function):
+    """Chunked: each chunk's dh and dW GEMMs run in forward and backward scales the results.
+    Stored: each chunk's logit gradient goes into one [rows, V] buffer in the input dtype, and
+    backward runs one dh GEMM and one dW GEMM over all of it (dW written once, not accumulated)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, run, fp32_weight_grad):
+        vocab, math = weight.shape[0], run.math
+        needs = ctx.needs_input_grad[:2] + (bias is not None and ctx.needs_input_grad[2],)
+        stored = run.stored and any(needs)
+        chunked = not run.stored
+        grad_h = torch.zeros_like(hidden) if needs[0] and chunked else None
+        grad_w = fused.WeightGrad(weight, fp32_weight_grad or weight.dtype == torch.float32) \
+            if needs[1] and chunked else None
+        grad_b = torch.zeros(vocab, device=hidden.device) if needs[2] and chunked else None
+        all_rows = torch.cat([rows for _, rows in run.plan]) if stored else None
+        logit_grads = hidden.new_empty(all_rows.numel(), vocab, dtype=weight.dtype) if stored else None
+        offset = 0
+        sums = {name: hidden.new_zeros(run.num_sequences, dtype=torch.float32) for name in math.weights}
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for group_index, rows in run.plan:
+            slots = run.groups[group_index]
+            # Under a sequence group a rank may hold no token of a chunk; it still joins its reduction and head.
+            has_rows = rows.numel() > 0
+            if has_rows:
+                h_rows = hidden.index_select(0, rows)
+                local_targets = targets.index_select(0, rows)
+                logits = materialise(h_rows, weight, bias)
+                seq = run.seq_ids.index_select(0, rows)
+                weights = {name: w.index_select(0, rows) for name, w in math.weights.items()}
+                values, saved = math.token_values(logits, rows, local_targets)
+                for name, value in values.items():
+                    sums[name].index_add_(0, seq, value * weights[name])
+            if run.sequence_group is not None:
+                # The chunk's sequences are summed in this chunk only (a sequence is in one group).
+                totals = _sum_over(run.sequence_group, {name: _gather(total, slots) for name, total in sums.items()})
+                filled = slots >= 0
+                for name, total in sums.items():
+                    total.index_copy_(0, slots[filled], totals[name][filled])
+            chunk_sums = {name: _gather(total, slots) for name, total in sums.items()}
+            inputs = [chunk_sums[name].requires_grad_() for name in math.differentiable]
+            with torch.enable_grad():
+                chunk_loss = math.head(chunk_sums, group_index)
+                grads = torch.autograd.grad(chunk_loss, inputs, allow_unused=True)
+            loss += chunk_loss.detach()
+            if not has_rows:
+                continue
+            tile = None
+            if any(needs):
+                token_grads = {}
+                for name, grad in zip(math.differentiable, grads):
+                    grad_sequence = loss.new_zeros(run.num_sequences)
+                    if grad is not None:
+                        grad_sequence.index_add_(0, slots[slots >= 0], grad[slots >= 0])
+                    token_grads[name] = grad_sequence.index_select(0, seq) * weights[name]
+                if stored:
+                    tile = logit_grads[offset:offset + rows.numel()]
+                    offset += rows.numel()
+                else:
+                    tile = logits if weight.dtype == torch.float32 else torch.empty_like(logits, dtype=weight.dtype)
+                math.logit_grads(logits, local_targets, saved, token_grads, tile)
+            # The GEMMs need only the gradient tile: the fp32 logits go first, and every buffer of
+            # this chunk before the next chunk's GEMM allocates its own (the budget holds one chunk).
+            del logits, saved
+            if grad_h is not None:
+                # One GEMM over the whole vocabulary: fp32 accumulation, one rounding to h's dtype.
+                grad_h.index_copy_(0, rows, tile @ weight)
+            if grad_w is not None:
+                grad_w.add(0, vocab, tile, h_rows)
+            if grad_b is not None:
+                grad_b += tile.sum(0, dtype=torch.float32)
+            del tile
+        run.sums = sums
+        ctx.stored, ctx.needs = stored, needs
+        if stored:
+            ctx.save_for_backward(hidden, weight, bias, logit_grads, all_rows)
+            return loss
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w.result() if grad_w else None,
+                                            grad_b.to(bias.dtype) if grad_b is not None else None)
+                                if g is not None))
+        ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.stored:
+            return (*_stored_grads(*ctx.saved_tensors, grad_loss, ctx.needs), None, None, None)
+        saved = iter(ctx.saved_tensors)
+        grads = []
+        for present in ctx.present:
+            grad = next(saved) if present else None
+            grads.append(None if grad is None else (grad * grad_loss).to(grad.dtype))
+        return (*grads, None, None, None)
+
+
+def _stored_grads(hidden, weight, bias, logit_grads, rows, grad_loss, needs):
+    """dh, dW, db from the stored logit gradients G [n, V] of the rows, times the upstream grad_loss.
+
+    dh: one GEMM with fp32 output, scaled, rounded once. dW = G^T (grad_loss h): one GEMM with fp32
+    accumulation, written once; grad_loss scales the n x H operand rather than the V x H result
+    (h * grad_loss is exact at the usual grad_loss of 1, else rounded once to the input dtype)."""
+    grad_h = grad_w = grad_b = None
+    if needs[0]:
+        grad_h = torch.zeros_like(hidden).index_copy_(
+            0, rows, (fused.matmul_fp32(logit_grads, weight) * grad_loss).to(hidden.dtype))
+    if needs[1]:
+        h_rows = (hidden.index_select(0, rows).float() * grad_loss).to(hidden.dtype)
+        if logit_grads.dtype == h_rows.dtype == weight.dtype:
+            grad_w = logit_grads.t() @ h_rows
+        else:
+            grad_w = fused.matmul_fp32(logit_grads.t(), h_rows).to(weight.dtype)
+    if needs[2]:
+        grad_b = (logit_grads.sum(0, dtype=torch.float32) * grad_loss).to(bias.dtype)
+    return grad_h, grad_w, grad_b
+
+
+# Vocabulary rows of W upcast at a time by the CPU GEMM, so no fp32 copy of W is made.
+_CPU_VOCAB_BLOCK = 4096
+
+
+def materialise(h_rows, weight, bias):
+    """fp32 logits [n, V] of one chunk from operands in the input dtype: never rounded to bf16,
+    so the budget strategy's values carry only fp32 accumulation error, like lean's."""
+    if h_rows.is_cuda or weight.dtype == torch.float32:
+        logits = fused.matmul_fp32(h_rows, weight.t())
+    else:
+        logits = h_rows.new_empty(h_rows.shape[0], weight.shape[0], dtype=torch.float32)
+        h32 = h_rows.float()
+        for v0 in range(0, weight.shape[0], _CPU_VOCAB_BLOCK):
+            torch.mm(h32, weight[v0:v0 + _CPU_VOCAB_BLOCK].float().t(), out=logits[:, v0:v0 + _CPU_VOCAB_BLOCK])
+    return logits if bias is None else logits.add_(bias.float())
