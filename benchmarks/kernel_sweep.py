@@ -392,18 +392,23 @@ def fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def table(headers, rows) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+
+
 def markdown(records) -> str:
-    """The cuBLAS baselines, then one table row per config and the best config of each kernel and shape."""
-    from prefops.tools.bench import markdown_table
-    lines = ["| shape | counted rows | H | V | cuBLAS bf16 ms | cuBLAS fp32-out ms | note |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['shape']} | {r['counted']} | {r['hidden']} | {r['vocab']} | {fmt(r.get('bf16_ms'), '.3f')} | "
-              f"{fmt(r.get('fp32_out_ms'), '.3f')} | {r.get('reason') or ''} |"
-              for r in records if r.get("kind") == "cublas"]
+    """The cuBLAS baselines, then one table row per config and the best config of each kernel and shape.
+    Standard library only: first light's summary reads the records without importing prefops."""
+    lines = table(["shape", "counted rows", "H", "V", "cuBLAS bf16 ms", "cuBLAS fp32-out ms", "note"],
+                  [[r["shape"], r["counted"], r["hidden"], r["vocab"], fmt(r.get("bf16_ms"), ".3f"),
+                    fmt(r.get("fp32_out_ms"), ".3f"), r.get("reason") or ""]
+                   for r in records if r.get("kind") == "cublas"])
     configs = [r for r in records if r.get("kind") == "config"]
     rows = [[r["kernel"], r["shape"], r["config"], fmt(r.get("ms"), ".3f"), fmt(r.get("pct_bf16"), ".0f"),
              fmt(r.get("pct_fp32_out"), ".0f"), fmt(r.get("n_regs"), "d"), fmt(r.get("n_spills"), "d"),
              fmt(r.get("first_launch_s"), ".1f"), fmt(r.get("rel_diff"), ".1e"),
-             ("two GEMMs' work; " if r.get("gemms", 1) > 1 else "") + (r.get("reason") or "")]
+             "; ".join(filter(None, ["two GEMMs' work" if r.get("gemms", 1) > 1 else "", r.get("reason")]))]
             for r in configs]
     best = {}
     for r in configs:
@@ -413,7 +418,7 @@ def markdown(records) -> str:
                 best[key] = r
     picks = [f"- {kernel} at {shape}: {r['config']}, {r['ms']:.3f} ms, {fmt(r.get('pct_bf16'), '.0f')}% of cuBLAS bf16"
              for (kernel, shape), r in best.items()]
-    return "\n".join([*lines, "", markdown_table(HEADERS, rows), "", "Fastest config:", *(picks or ["- none timed"])])
+    return "\n".join([*lines, "", *table(HEADERS, rows), "", "Fastest config:", *(picks or ["- none timed"])])
 
 
 def main(argv=None):
