@@ -321,8 +321,9 @@ def main(argv=None):
         "Shapes: " + "; ".join(f"{n}: {s.pairs} pairs × {s.tokens} tokens, H {s.hidden}, V {s.vocab}"
                                for n, s in shapes.items() if n in args.shapes) + ".",
         "Head ms = the row's time minus its logps-only baseline's (lean: linear_logprobs + sequence_sum; budget "
-        "and default: sequence_objective), same trivial head Σ logps. Relative errors are against the row's own loss computed "
-        "from chunked fp32 logits on the same inputs (the naive row's own error is its bf16 logits).", "",
+        "and default: sequence_objective), same trivial head Σ logps. Relative errors are against the row's own "
+        "loss computed from chunked fp32 logits on the same inputs (the naive row's own error is its bf16 logits).",
+        "",
         markdown_table(HEADERS, table),
     ])
     finish_report(report, args.out)

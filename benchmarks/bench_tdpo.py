@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import prefops
 from bench_core import SHAPES, TINY_SHAPES
 from prefops.tools.bench import (IGNORE_INDEX, add_choices_option, add_timing_options, attempt,
-                           finish_report, fmt_gb, fmt_ms, last_path, make_problem, markdown_table, median_ms, peak_during,
-                           relative_error, report_heading, require_device, timing_defaults, token_chunks)
+                           finish_report, fmt_gb, fmt_ms, last_path, make_problem, markdown_table, median_ms,
+                           peak_during, relative_error, report_heading, require_device, timing_defaults, token_chunks)
 
 BETA, ALPHA = 0.1, 0.5
 REPS = (20, 2)  # --reps defaults on CUDA and on CPU

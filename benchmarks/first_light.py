@@ -469,9 +469,9 @@ def family_head(args, device, log):
         with warnings_as_notes() as notes:
             (result,) = bench_losses.measure_loss_type(HEAD_LOSS, p, [key], device, timing)
         errors = None if result.errors is None else [f"{e:.1e}" for e in result.errors]
-        log(kind="family", family="head", row=key, label=bench_losses.ROWS[key].label, note=f"loss_type {HEAD_LOSS!r}",
-            ms=result.ms, floor_ms=floor_ms, beyond=result.beyond, errors=errors, reason=result.reason or None,
-            notes=notes, path=last_path() if result.ms else None)
+        log(kind="family", family="head", row=key, label=bench_losses.ROWS[key].label,
+            note=f"loss_type {HEAD_LOSS!r}", ms=result.ms, floor_ms=floor_ms, beyond=result.beyond, errors=errors,
+            reason=result.reason or None, notes=notes, path=last_path() if result.ms else None)
 
 
 # ---------------------------------------------------------------- kernel sweep at A, and 1B training
@@ -557,7 +557,8 @@ def summary(args, log):
     else:
         lines.append("not run")
     lines += ["", "## 1B training throughput (bench_training.py --part throughput)", "",
-              "| loss | batch | step ms | tokens/s | step peak GB | first-step loss | note |", "|---|---|---|---|---|---|---|"]
+              "| loss | batch | step ms | tokens/s | step peak GB | first-step loss | note |",
+              "|---|---|---|---|---|---|---|"]
     for r in records:
         if r.get("kind") == "training":
             note = "; ".join(filter(None, [r.get("reason"), r.get("path") and f"path {r['path']}"]))

@@ -171,7 +171,8 @@ class Operands:
         """(h, W) of a reference model: the policy plus 0.3 x std noise (bench_tdpo.py's), a KL of order 1."""
         if "reference" not in self.cache:
             import torch
-            noise = lambda x: (x + 0.3 * x.float().std() * torch.randn_like(x, dtype=torch.float32)).to(x.dtype)  # noqa: E731
+            def noise(x):
+                return (x + 0.3 * x.float().std() * torch.randn_like(x, dtype=torch.float32)).to(x.dtype)
             self.cache["reference"] = noise(self.hidden), noise(self.weight)
         return self.cache["reference"]
 
@@ -427,7 +428,8 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=180.0, help="time for the whole sweep (default 180)")
     parser.add_argument("--shapes", default="AQL", help="letters of the shapes, from A, Q, L (default AQL)")
     parser.add_argument("--kernels", default="", help="comma-separated kernel names (default: every GEMM-fused one)")
-    parser.add_argument("--reps", type=int, help=f"timed launches per config (default {REPS[0]} on CUDA, {REPS[1]} on CPU)")
+    parser.add_argument("--reps", type=int, help=f"timed launches per config (default {REPS[0]} on CUDA, "
+                                                 f"{REPS[1]} on CPU)")
     parser.add_argument("--warmup", type=int, help=f"untimed launches first (default {WARMUP[0]} on CUDA, "
                                                    f"{WARMUP[1]} on CPU)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
