@@ -284,6 +284,12 @@ def cublas(ops: Operands, device, reps: int, warmup: int) -> dict:
     return times
 
 
+def baseline(shape, device, reps: int, warmup: int):
+    """(Operands at `shape`, their cuBLAS medians)."""
+    ops = make_operands(shape, device)
+    return ops, cublas(ops, device, reps, warmup)
+
+
 def percent(gemms: int, base_ms, ms) -> Optional[float]:
     return None if base_ms is None or not ms else 100.0 * gemms * base_ms / ms
 
@@ -373,12 +379,11 @@ def sweep(device, table: dict, *, deadline: float, reps: int, warmup: int, log: 
                 if skipped:
                     log(kind="config", kernel=name, shape=shape_name, config="all", reason=skipped)
                     continue
-                operands[shape_name] = make_operands(table[shape_name], device)
-                base, reason = attempt(lambda: cublas(operands[shape_name], device, reps, warmup))
                 shape = table[shape_name]
-                log(kind="cublas", shape=shape_name, counted=operands[shape_name].counted, hidden=shape.hidden,
-                    vocab=shape.vocab, **(base or {}), reason=reason)
-                bases[shape_name] = base
+                prepared, reason = attempt(lambda: baseline(shape, device, reps, warmup))
+                operands[shape_name], bases[shape_name] = prepared or (None, None)
+                log(kind="cublas", shape=shape_name, counted=prepared and prepared[0].counted, hidden=shape.hidden,
+                    vocab=shape.vocab, **(prepared[1] if prepared else {}), reason=reason)
             if bases[shape_name] is None:
                 log(kind="config", kernel=name, shape=shape_name, config="all", reason="no cuBLAS baseline")
                 continue
