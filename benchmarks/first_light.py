@@ -84,6 +84,9 @@ class Log:
         return record
 
 
+OUT_OF_TIME = "skipped: out of time"
+
+
 def left(args) -> float:
     return math.inf if args.deadline is None else args.deadline - time.time()
 
@@ -92,7 +95,7 @@ def out_of_time(args, step: str):
     """None when `step` fits before the deadline, else the reason it is skipped."""
     if left(args) >= NEEDS[step]:
         return None
-    return f"skipped: out of time ({max(left(args), 0):.0f} s left, {step} needs ~{NEEDS[step]} s)"
+    return f"{OUT_OF_TIME} ({max(left(args), 0):.0f} s left, {step} needs ~{NEEDS[step]} s)"
 
 
 # ---------------------------------------------------------------- env
@@ -405,12 +408,11 @@ def families(args, log):
     device = torch.device(args.device)
     for family, run in (("tdpo", family_tdpo), ("listwise", family_listwise), ("head", family_head)):
         reason = out_of_time(args, family)
-        if reason:
-            log(kind="family", family=family, row="all", label=family, reason=reason)
-            continue
-        _, reason = attempt(lambda: run(args, device, log))
-        if reason:
-            log(kind="family", family=family, row="all", label=family, reason=reason)
+        if not reason:
+            _, reason = attempt(lambda: run(args, device, log))
+        if reason:  # in the family's rows, so that their bars say why
+            for key in FAMILY_ROWS[family]:
+                log(kind="family", family=family, row=key, label=key, reason=reason)
 
 
 def timed_floor(build, p, device, timing):
@@ -618,10 +620,15 @@ def bar_lines(records) -> list:
     return lines
 
 
+def not_run(record) -> bool:
+    """A row that never ran: none recorded, or skipped for lack of time (out of memory is a failure)."""
+    return record is None or (record.get("ms") is None and (record.get("reason") or "").startswith(OUT_OF_TIME))
+
+
 def bar_verdict(record, ratio_bar, gib_bar):
     """(pass / FAIL / not run, what was measured) of one fwd+bwd row against its bar; gib_bar None: time alone."""
-    if record is None:
-        return "not run", "not run"
+    if not_run(record):
+        return "not run", record.get("reason") if record else "not run"
     if record.get("ms") is None or not record.get("floor_ms"):
         return "FAIL", record.get("reason") or "no time"
     ratio = record["ms"] / record["floor_ms"]
@@ -638,8 +645,8 @@ def bar_verdict(record, ratio_bar, gib_bar):
 
 def head_verdict(head, logps):
     """(measured, verdict) of the head row's time over its logps-only row's."""
-    if head is None or logps is None:
-        return "not run", "not run"
+    if not_run(head) or not_run(logps):
+        return (head or logps or {}).get("reason") or "not run", "not run"
     if not (head.get("ms") and logps.get("ms")):
         return head.get("reason") or logps.get("reason") or "no time", "FAIL"
     over = head["ms"] / logps["ms"] - 1
@@ -652,8 +659,8 @@ def head_verdict(head, logps):
 def compare_verdict(ours, peer, field, ratio_bar):
     """(measured, verdict) of prefops' training figure against a peer's: tokens/s at least ratio_bar x the peer's,
     or (ratio_bar None) a step peak no higher. A peer that did not run leaves the bar not run."""
-    if ours is None:
-        return "not run", "not run"
+    if not_run(ours):
+        return ours.get("reason") if ours else "not run", "not run"
     if ours.get(field) is None:
         return ours.get("reason") or f"no {field}", "FAIL"
     if peer is None or peer.get(field) is None:

@@ -106,13 +106,20 @@ def test_cpu_dry_run_writes_every_log_and_the_summary(tmp_path):
 
 
 def test_a_step_starts_only_with_its_time_left(tmp_path):
-    assert first_light.main(["peers", "--out", str(tmp_path), "--device", "cpu", "--tiny",
-                             "--deadline", str(time.time() + 5)]) == 0
+    for phase in ("peers", "families", "training"):
+        assert first_light.main([phase, "--out", str(tmp_path), "--device", "cpu", "--tiny",
+                                 "--deadline", str(time.time() + 5)]) == 0
     first_light.main(["summary", "--out", str(tmp_path), "--tiny"])
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [r["reason"][:22] for r in records if r["kind"] == "shape"] == ["skipped: out of time ("]
+    skipped = 1 + sum(map(len, first_light.FAMILY_ROWS.values())) + len(first_light.TRAINING_ROWS)
+    assert [r["reason"][:22] for r in records if r["kind"] in ("shape", "family", "training")] == \
+        ["skipped: out of time ("] * skipped
     assert not [r for r in records if r["kind"] in ("floor", "forward") or r.get("ms")]
-    assert "| lean <= 1.45x floor, <= 0.25 GB | A | not run | not run |" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| lean <= 1.45x floor, <= 0.25 GB | A | not run | not run |" in summary
+    assert "| TDPO2 default <= 1.6x its 4-GEMM floor | A | skipped: out of time (" in summary
+    assert "| 1B tokens/s >= 1.03x trl | 4x2048 | skipped: out of time (" in summary
+    assert "Bars passed: 0 of 15; failed: 0; not run: 15." in summary
 
 
 def fwdbwd(shape, row, ratio, gib, notes=(), path="stored"):
