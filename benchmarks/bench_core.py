@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from prefops.tools.bench import (  # noqa: F401 - Problem, make_problem, ... stay importable from here
-    BETA, FORWARD_HEADERS, ROWS, TABLE_HEADERS, Problem, Row, Shape, add_choices_option, add_timing_options,
+    BENCH_ROWS, BETA, FORWARD_HEADERS, ROWS, TABLE_HEADERS, Problem, Row, Shape, add_choices_option, add_timing_options,
     bench_shape, finish_report, make_problem, markdown_table, reference_outputs, report_heading, require_device,
     setup_lines, timing_defaults,
 )
@@ -36,7 +36,7 @@ TINY_SHAPES = {
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_choices_option(parser, "--shapes", SHAPES)
-    add_choices_option(parser, "--rows", ROWS)
+    add_choices_option(parser, "--rows", BENCH_ROWS)
     add_choices_option(parser, "--forward-shapes", SHAPES, "A",
                        "shapes that also get the forward-only table ('' for none)")
     add_timing_options(parser)

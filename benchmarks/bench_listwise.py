@@ -22,7 +22,7 @@ import torch
 from prefops.tools.bench import (GIB, Problem, Row, Shape, add_choices_option, add_timing_options, attempt, build_floor,
                            report_heading, exact_sequence_logps, finish_report, fmt_gb, fmt_ms, make_problem,
                            markdown_table, measure_row, median_ms, naive_token_logps, require_device,
-                           timing_defaults, token_chunks)
+                           row_note, timing_defaults, token_chunks)
 from prefops.listwise import ListwiseLoss
 from prefops.losses.listwise import LISTWISE_LOSSES, listwise_loss
 
@@ -59,8 +59,10 @@ def builders(lists: Lists):
     return {
         "naive": Row("naive PyTorch + listwise_loss", naive),
         "compile": Row("torch.compile(naive)", compiled, compiled=True),
-        "lean": Row("prefops ListwiseLoss lean", fused, {"strategy": "lean"}),
-        "budget": Row("prefops ListwiseLoss budget 1 GB", fused, {"strategy": "budget", "budget": "1GB"}),
+        "default": Row("prefops ListwiseLoss default", fused, reports_path=True),
+        "lean": Row("prefops ListwiseLoss lean", fused, {"strategy": "lean"}, reports_path=True),
+        "budget": Row("prefops ListwiseLoss budget 1 GB", fused, {"strategy": "budget", "budget": "1GB"},
+                      reports_path=True),
     }
 
 
@@ -80,11 +82,17 @@ def reference_outputs(p: Problem, lists: Lists):
     return loss.detach(), dh.view(p.hidden.shape), weight.grad
 
 
-def run(args, device):
-    shape = TINY_SHAPE if args.tiny else SHAPE
+def make_lists_problem(shape: Shape, device) -> tuple[Problem, torch.Tensor]:
+    """The core benchmark's problem at `shape` read as lists of RESPONSES, and random scores [prompts, K]."""
     p = make_problem(shape, device)
     prompts = 2 * shape.pairs // RESPONSES
-    scores = torch.randn(prompts, RESPONSES, generator=torch.Generator().manual_seed(1)).to(device)
+    return p, torch.randn(prompts, RESPONSES, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def run(args, device):
+    shape = TINY_SHAPE if args.tiny else SHAPE
+    p, scores = make_lists_problem(shape, device)
+    prompts = scores.shape[0]
     counted = int(p.mask.sum())
     print(f"{prompts} prompts × {RESPONSES} responses, {shape}, {counted} counted tokens", file=sys.stderr)
     floor_ms, reason = attempt(lambda: median_ms(build_floor(p), device=device, reps=args.reps, warmup=args.warmup))
@@ -105,7 +113,7 @@ def run(args, device):
             else:
                 ms, beyond, errors = result
                 ratio = f"{ms / floor_ms:.2f}×" if floor_ms else "n/a"
-                table.append([row.label, loss_type, fmt_ms(ms), ratio, fmt_gb(beyond), *errors, row.note])
+                table.append([row.label, loss_type, fmt_ms(ms), ratio, fmt_gb(beyond), *errors, row_note(row)])
             print("  " + " | ".join(table[-1]), file=sys.stderr, flush=True)
     header = [
         *report_heading("prefops listwise benchmark", args.tiny, device),
@@ -123,7 +131,7 @@ def run(args, device):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_choices_option(parser, "--rows", ("naive", "compile", "lean", "budget"))
+    add_choices_option(parser, "--rows", ("naive", "compile", "default", "lean", "budget"))
     add_choices_option(parser, "--loss-types", LISTWISE_LOSSES, "plackett_luce,lipo_lambda")
     add_timing_options(parser, "tiny shape, to smoke-test the script")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")

@@ -14,6 +14,7 @@ Rows per loss type:
   lean          prefops.PreferenceLoss(loss_type) / prefops.UnpairedLoss("kto"), strategy lean
   logps-budget  prefops.sequence_objective with the trivial head, budget strategy (1 GB)
   budget        the lean row's module with strategy budget, budget 1 GB
+  logps-default, default   the same two under prefops.settings' default strategy (auto)
   liger         Liger-Kernel's fused module where it has the loss type (liger_kernel.chunked_loss)
 KTO: the 2P sequences are 2P completions, labels [True] * P + [False] * P, reference
 point z_0 fixed at KTO_KL (as when it is estimated beforehand and averaged over ranks).
@@ -98,19 +99,22 @@ def build_logps(loss_type: str, p: Problem):
     return loss
 
 
-def build_logps_budget(loss_type: str, p: Problem):
-    sequences, tokens, width = p.hidden.shape
-    index = torch.arange(sequences, device=p.hidden.device)
-    # The loss row's own groups (pairs, or single completions for KTO), so both runs chunk alike.
-    groups = index[:, None] if loss_type == "kto" else torch.stack([index[:p.pairs], index[p.pairs:]], 1)
+def build_logps_objective(strategy: Optional[str]):
+    """The logps-only row of a sequence_objective strategy (None: prefops.settings' default)."""
+    def build(loss_type: str, p: Problem):
+        sequences, tokens, width = p.hidden.shape
+        index = torch.arange(sequences, device=p.hidden.device)
+        # The loss row's own groups (pairs, or single completions for KTO), so both runs chunk alike.
+        groups = index[:, None] if loss_type == "kto" else torch.stack([index[:p.pairs], index[p.pairs:]], 1)
 
-    def loss():
-        return prefops.sequence_objective(
-            p.hidden.view(-1, width), p.weight, p.targets.view(-1), groups=groups,
-            seq_ids=index.repeat_interleave(tokens), head=lambda logps, group_index, stats: logps.sum(),
-            ignore_index=IGNORE_INDEX, strategy="budget", budget=BUDGET,
-        ).loss
-    return loss
+        def loss():
+            return prefops.sequence_objective(
+                p.hidden.view(-1, width), p.weight, p.targets.view(-1), groups=groups,
+                seq_ids=index.repeat_interleave(tokens), head=lambda logps, group_index, stats: logps.sum(),
+                ignore_index=IGNORE_INDEX, strategy=strategy, budget=BUDGET if strategy == "budget" else None,
+            ).loss
+        return loss
+    return build
 
 
 def build_prefops(strategy: str):
@@ -186,9 +190,12 @@ ROWS = {
                  note=lambda t: "linear_logprobs + sequence_sum, head = Σ logps"),
     "lean": Row("prefops lean", build_prefops("lean"), loss_head, baseline="logps",
                 note=lambda t: "UnpairedLoss('kto')" if t == "kto" else f"PreferenceLoss({t!r})"),
-    "logps-budget": Row("prefops logps only (budget 1 GB)", build_logps_budget, logps_head,
+    "logps-budget": Row("prefops logps only (budget 1 GB)", build_logps_objective("budget"), logps_head,
                         note=lambda t: "sequence_objective, head = Σ logps"),
     "budget": Row("prefops budget 1 GB", build_prefops("budget"), loss_head, baseline="logps-budget"),
+    "logps-default": Row("prefops logps only (default strategy)", build_logps_objective(None), logps_head,
+                         note=lambda t: "sequence_objective, head = Σ logps"),
+    "default": Row("prefops default strategy", build_prefops(None), loss_head, baseline="logps-default"),
     "liger": Row("Liger", build_liger, liger_head, note=lambda t: LIGER_NOTES.get(t, "")),
 }
 
@@ -313,9 +320,10 @@ def main(argv=None):
         + ("; CUDA-event timing" if device.type == "cuda" else "; wall-clock timing, no memory figures") + ".",
         "Shapes: " + "; ".join(f"{n}: {s.pairs} pairs × {s.tokens} tokens, H {s.hidden}, V {s.vocab}"
                                for n, s in shapes.items() if n in args.shapes) + ".",
-        "Head ms = the row's time minus its logps-only baseline's (lean: linear_logprobs + sequence_sum; budget: "
-        "sequence_objective), same trivial head Σ logps. Relative errors are against the row's own loss computed "
-        "from chunked fp32 logits on the same inputs (the naive row's own error is its bf16 logits).", "",
+        "Head ms = the row's time minus its logps-only baseline's (lean: linear_logprobs + sequence_sum; budget "
+        "and default: sequence_objective), same trivial head Σ logps. Relative errors are against the row's own "
+        "loss computed from chunked fp32 logits on the same inputs (the naive row's own error is its bf16 logits).",
+        "",
         markdown_table(HEADERS, table),
     ])
     finish_report(report, args.out)

@@ -9,6 +9,7 @@ reference model is the policy plus noise. Rows:
           dh = G W, dW = G^T h, and the reference logits
   naive   both logits tensors materialised (bf16 GEMMs, fp32 log_softmax), per-token KL,
           log-probs, sums, TDPO2
+  default PreferenceLoss("tdpo2") under prefops.settings' default strategy (auto)
   prefops PreferenceLoss("tdpo2"): prefops.linear_token_kl, one fused pass (lean)
   budget  PreferenceLoss("tdpo2", strategy="budget"): whole pairs' policy and reference logits
           materialised within prefops.settings().budget (default 1 GiB), gradient formed in place
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 import prefops
 from bench_core import SHAPES, TINY_SHAPES
 from prefops.tools.bench import (IGNORE_INDEX, add_choices_option, add_timing_options, attempt,
-                           finish_report, fmt_gb, fmt_ms, make_problem, markdown_table, median_ms, peak_during,
-                           relative_error, report_heading, require_device, timing_defaults, token_chunks)
+                           finish_report, fmt_gb, fmt_ms, last_path, make_problem, markdown_table, median_ms,
+                           peak_during, relative_error, report_heading, require_device, timing_defaults, token_chunks)
 
 BETA, ALPHA = 0.1, 0.5
 REPS = (20, 2)  # --reps defaults on CUDA and on CPU
@@ -99,6 +100,7 @@ def build_prefops(strategy):
 
 
 ROWS = {"naive": ("naive PyTorch (two materialised logits)", build_naive),
+        "default": ("prefops PreferenceLoss('tdpo2'), default strategy", build_prefops(None)),
         "prefops": ("prefops PreferenceLoss('tdpo2'), lean", build_prefops("lean")),
         "budget": ("prefops PreferenceLoss('tdpo2'), budget", build_prefops("budget"))}
 
@@ -177,7 +179,7 @@ def bench_shape(name, shape, args, device):
         else:
             ms, beyond, errors = result
             table.append([name, label, fmt_ms(ms), f"{ms / floor_ms:.2f}×" if floor_ms else "n/a", fmt_gb(beyond),
-                          *errors, ""])
+                          *errors, "" if key == "naive" else f"path {last_path()}"])
         print("  " + " | ".join(table[-1][1:]), file=sys.stderr, flush=True)
     return table
 

@@ -297,16 +297,27 @@ def label(row: str, attention: str, layout: str) -> list[str]:
     return [row, attention, layout]
 
 
-def throughput(args, device, row: str, attention: str, layout: str) -> list:
+def step_figures(args, device, row: str, attention: str = "sdpa", layout: str = "padded") -> dict:
+    """One row's throughput in numbers: median step ms, tokens a step, tokens/s, the step's peak beyond what
+    was allocated before it and the most allocated (bytes; None off CUDA), the first step's loss, and the
+    MEMORY columns as the table prints them."""
     bench = Bench(args, device, row, attention, layout)
     batch, reference = bench.batch(args.pairs, args.seq_len)
     first = bench.step(batch, reference)  # also allocates the AdamW state, so the peak below is the step's own
     ms = median_ms(lambda: bench.step(batch, reference), device=bench.device, reps=args.reps, warmup=args.warmup)
-    total = bench.meter.regions.get("max allocated")  # of the last timed step
     tokens = batch.input_ids.numel()
+    return {"ms": ms, "tokens": tokens, "tokens_per_s": tokens / ms * 1e3,
+            "step_peak": bench.meter.regions.get("step peak"),
+            "total": bench.meter.regions.get("max allocated"),  # of the last timed step
+            "loss": first["loss"], "breakdown": bench.breakdown()}
+
+
+def throughput(args, device, row: str, attention: str, layout: str) -> list:
+    figures = step_figures(args, device, row, attention, layout)
+    total = figures["total"]
     return label(row, attention, layout) + [
-        f"{args.pairs} x {args.seq_len}", f"{ms:.1f}", f"{tokens / ms * 1e3:,.0f}", *bench.breakdown(),
-        fmt_gb(total) if total is not None else "n/a", f"{first['loss']:.5f}"]
+        f"{args.pairs} x {args.seq_len}", f"{figures['ms']:.1f}", f"{figures['tokens_per_s']:,.0f}",
+        *figures["breakdown"], fmt_gb(total) if total is not None else "n/a", f"{figures['loss']:.5f}"]
 
 
 def trains(bench: Bench, length: int) -> bool:

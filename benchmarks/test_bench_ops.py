@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from prefops.tools.bench import (
-    IGNORE_INDEX, ROWS, Shape, forward_ops, make_problem, naive_token_logps, reference_outputs,
+    BENCH_ROWS, IGNORE_INDEX, Shape, forward_ops, make_problem, naive_token_logps, reference_outputs,
     relative_error, row_problem, row_step,
 )
 
@@ -24,12 +24,12 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 if CUDA:
     SHAPE, DTYPE, EXACT, TOLERANCE = Shape(pairs=4, tokens=1024, hidden=4096, vocab=128256), torch.bfloat16, \
         torch.float32, 1e-2
-    KEYS = list(ROWS)
+    KEYS = list(BENCH_ROWS)
 else:
     SHAPE, DTYPE, EXACT, TOLERANCE = Shape(pairs=2, tokens=48, hidden=67, vocab=1031), torch.float32, \
         torch.float64, 1e-5
-    KEYS = ["naive", "lean", "budget"]  # compiling on a 2-core CPU takes longer than the rest together
-CHECKED = {"lean", "budget"} | (set() if CUDA else {"naive"})
+    KEYS = ["naive", "default", "lean", "budget"]  # compiling on a 2-core CPU takes longer than the rest together
+CHECKED = {"default", "lean", "budget"} | (set() if CUDA else {"naive"})
 # Timings of toy shapes on a shared CPU measure nothing: one round a row.
 pytestmark = [] if CUDA else [pytest.mark.benchmark(min_rounds=1, max_time=0.0, warmup=False)]
 PEER_MODULES = {"liger": "liger_kernel", "cce": "cut_cross_entropy", "trl": "trl"}
@@ -44,7 +44,7 @@ def synchronize():
 def test_dpo_forward_backward(benchmark, key):
     if key in PEER_MODULES:
         pytest.importorskip(PEER_MODULES[key])
-    row = ROWS[key]
+    row = BENCH_ROWS[key]
     problem = row_problem(row, make_problem(SHAPE, DEVICE, dtype=DTYPE))
     expected = reference_outputs(problem, EXACT)
     step = row_step(row, problem)

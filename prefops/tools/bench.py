@@ -387,20 +387,43 @@ class Row:
     zero_ref: bool = False  # cannot take precomputed reference log-probs: runs, and is checked, with ref = 0
     note: str = ""
     compiled: bool = False  # a compiled graph: the CPU allocation recorder would measure its eager fallback
+    reports_path: bool = False  # a prefops row: its note names the path that ran (last_path)
 
 
 ROWS = {
     "naive": Row("naive PyTorch", build_naive),
     "compile": Row("torch.compile(naive)", build_compiled, compiled=True),
-    "lean": Row("prefops lean", build_prefops_tokens, {"strategy": "lean"}),
+    "lean": Row("prefops lean", build_prefops_tokens, {"strategy": "lean"}, reports_path=True),
     "budget": Row("prefops budget 1 GB", build_prefops_objective, {"strategy": "budget", "budget": "1GB"},
-                  note="sequence_objective"),
+                  note="sequence_objective", reports_path=True),
     "trl": Row("TRL ChunkedLogProbFunction", build_trl,
                note="DPOTrainer's fused head; log-probs only (the trainer adds entropy, mean logit, top-1)"),
     "liger": Row("Liger LigerFusedLinearDPOLoss", build_liger, zero_ref=True, compiled=True,
                  note="takes no precomputed ref logps: runs and is checked with ref = 0"),
     "cce": Row("CCE linear_cross_entropy", build_cce, note="reduction='none', default filter_eps", compiled=True),
 }
+
+
+# `prefops bench --rows` takes ROWS (prefops.tools.options.ROW_NAMES lists them without importing torch);
+# the benchmark scripts and first light also run the row a user gets without choosing a strategy:
+# prefops.settings' default ("auto", the fastest exact path within the workspace).
+BENCH_ROWS = {"default": Row("prefops default", build_prefops_objective, note="sequence_objective",
+                             reports_path=True), **ROWS}
+
+
+def last_path() -> str:
+    """The path the last fused call ran (prefops.strategy.last_path(): stored, chunked, sliced or lean);
+    "none" when no fused call ran, "n/a" for a prefops that does not record it."""
+    try:
+        from .. import strategy
+    except ImportError:
+        return "n/a"
+    return strategy.last_path() or "none"
+
+
+def row_note(row: Row) -> str:
+    """The row's note, with the path that ran for a prefops row (read right after the row's last call)."""
+    return "; ".join(filter(None, [row.note, f"path {last_path()}" if row.reports_path else ""]))
 
 
 def build_floor(p: Problem):
@@ -507,7 +530,7 @@ def bench_shape(name: str, shape: Shape, args, device, *, record_cpu=False):
 
     expected = {}
     for key in args.rows:
-        row = ROWS[key]
+        row = BENCH_ROWS[key]
         problem = row_problem(row, p)
         if row.zero_ref not in expected:
             expected[row.zero_ref], reason = attempt(lambda: reference_outputs(problem))
@@ -520,7 +543,7 @@ def bench_shape(name: str, shape: Shape, args, device, *, record_cpu=False):
         else:
             ms, beyond, errors = result
             ratio = f"{ms / floor_ms:.2f}×" if floor_ms else "n/a"
-            table.append([name, row.label, fmt_ms(ms), ratio, fmt_gb(beyond), *errors, row.note])
+            table.append([name, row.label, fmt_ms(ms), ratio, fmt_gb(beyond), *errors, row_note(row)])
         cells = zip(TABLE_HEADERS[2:], table[-1][2:])  # labelled: the table with its header comes at the end
         shown = ", ".join(f"{header} {value}" for header, value in cells if value not in ("", "—"))
         print(f"  {row.label}: {shown}", file=sys.stderr, flush=True)
