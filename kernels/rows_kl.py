@@ -65,7 +65,8 @@ def rows_kl_stats_kernel(logits_a_ptr, logits_b_ptr, targets_ptr, out_ptr, n_row
         c = scale_a * (c + ((m_a - ma_new) - (m_b - mb_new)) * s_a) + ea * (shift_a - shift_b)
         s_a = scale_a * s_a + ea
         s_b = tl.exp(m_b - mb_new) * s_b + eb
-        hit = offs == target
+        # A target beyond the row (a later vocabulary slice's) may equal a masked lane's offset.
+        hit = (offs == target) & inside
         t_a += tl.where(hit, za, 0.0)
         t_b += tl.where(hit, zb, 0.0)
         m_a = ma_new

@@ -49,7 +49,8 @@ def rows_stats_kernel(logits_ptr, targets_ptr, out_ptr, n_rows, vocab_size, stri
         a = rescale * (a + (m - m_new) * s) + e * shifted
         s = rescale * s + e
         q = rescale * rescale * q + e * e
-        t += tl.where(offs == target, z, 0.0)
+        # A target beyond the row (a later vocabulary slice's) may equal a masked lane's offset.
+        t += tl.where((offs == target) & inside, z, 0.0)
         m = m_new
     m_row = tl.max(m, axis=0)
     delta = m - m_row

@@ -140,3 +140,20 @@ def test_row_kernels_match_float64(softcap, out_dtype):
     store = 2.0**-24 if out_dtype == torch.float32 else bf16_store_error("triton")
     for r in range(n):
         assert relative_error(grad[r], z64.grad[r]) <= 1e-5 + store + 4 * 2.0**-24 * abs(got.lse[r].item()), r
+
+
+def test_row_kernels_ignore_a_target_beyond_the_row():
+    """A sliced path hands each slice its targets shifted by the slice's first column: a target of a
+    later slice lies beyond the row and may equal the offset of a masked lane of the last block
+    (300 columns in blocks of 512 here). It must pick nothing, not the masked lane's -1e38 (seen on
+    an H200, 2026-12-04: log-probs of -1e38 at V 128256)."""
+    from prefops.kernels.rows_kl import launch_rows_kl_stats
+    from prefops.kernels.rows_stats import launch_rows_stats
+
+    logits = torch.randn(3, 300)
+    targets = torch.tensor([400, 299, -5], dtype=torch.int32)
+    stats = launch_rows_stats(logits, targets, 1.0, None)
+    assert stats.target.tolist() == [0.0, logits[1, 299].item(), 0.0]
+    kl = launch_rows_kl_stats(logits, logits.flip(1), targets, True, 1.0, None)
+    assert kl.a_target.tolist() == [0.0, logits[1, 299].item(), 0.0]
+    assert kl.b_target.tolist() == [0.0, logits[1, 0].item(), 0.0]
