@@ -173,7 +173,8 @@ class _BudgetObjective(torch.autograd.Function):
                 for name, grad in zip(math.differentiable, grads):
                     grad_sequence = loss.new_zeros(run.num_sequences)
                     if grad is not None:
-                        grad_sequence.index_add_(0, slots[slots >= 0], grad[slots >= 0])
+                        # Empty slots add 0 to sequence 0: a boolean mask here would sync the host every chunk.
+                        grad_sequence.index_add_(0, slots.clamp_min(0), torch.where(slots >= 0, grad, 0.0))
                     token_grads[name] = grad_sequence.index_select(0, seq) * weights[name]
                 if stored:
                     tile = logit_grads[offset:offset + rows.numel()]

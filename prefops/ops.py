@@ -96,6 +96,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, targets, output[1], output[2])
     ctx.options = (ignore_index, temperature, softcap, backend, workspace, sliced, get_settings().fp32_weight_grad)
     ctx.sliced = sliced  # which path ran, for prefops.tools.compare's reading of the graph
+    ctx.entropy = extras[0]
     # An entropy that was not computed (zeros) must not pass a gradient on.
     ctx.mark_non_differentiable(*output[3:], *([] if extras[0] else [output[2]]))
 
@@ -108,7 +109,10 @@ def _backward(ctx, grad_logp, grad_lse, grad_entropy, *_not_differentiable):
     grad_h, grad_w, grad_b = linear_logprobs_backward(
         hidden, weight, bias, targets, lse, entropy,
         grad_logp if grad_logp is not None else zeros(), grad_lse if grad_lse is not None else zeros(),
-        grad_entropy, ignore_index, temperature, softcap, backend, workspace, sliced, fp32_weight_grad, needs,
+        # Autograd hands an output that took no gradient a zero gradient: an entropy that was not
+        # computed gets None, so that the backward keeps its fast path (no entropy term).
+        grad_entropy if ctx.entropy else None, ignore_index, temperature, softcap, backend, workspace, sliced,
+        fp32_weight_grad, needs,
     )
     keep = lambda grad, needed: grad if needed else None  # noqa: E731
     return (keep(grad_h, needs[0]), keep(grad_w, needs[1]), keep(grad_b, needs[2]),
