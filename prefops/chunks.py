@@ -174,7 +174,8 @@ class _BudgetObjective(torch.autograd.Function):
                     grad_sequence = loss.new_zeros(run.num_sequences)
                     if grad is not None:
                         # Empty slots add 0 to sequence 0: a boolean mask here would sync the host every chunk.
-                        grad_sequence.index_add_(0, slots.clamp_min(0), torch.where(slots >= 0, grad, 0.0))
+                        grad_sequence.index_add_(0, slots.clamp_min(0).flatten(),
+                                                 torch.where(slots >= 0, grad, 0.0).flatten())
                     token_grads[name] = grad_sequence.index_select(0, seq) * weights[name]
                 if stored:
                     tile = logit_grads[offset:offset + rows.numel()]
