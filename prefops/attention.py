@@ -70,6 +70,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from .versions import TRANSFORMERS_ATTENTION, require
+
 NAME = "prefops"
 LAYOUT_KWARG = "prefops_layout"
 
@@ -460,6 +462,7 @@ def mask_forward(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
 
 def register(name: str = NAME) -> str:
     """Register attention_forward and mask_forward with transformers under `name` (idempotent); returns it."""
+    require("transformers", TRANSFORMERS_ATTENTION, f"attn_implementation={name!r} (prefops.attention)")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 

@@ -42,8 +42,9 @@ def check_interpreter_versions() -> None:
     import numpy
     import triton
 
-    version = lambda text: tuple(int(part) for part in text.split(".")[:2])  # noqa: E731
-    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+    from .versions import release
+
+    if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
         raise RuntimeError(f"triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) does not work with "
                            f"numpy {numpy.__version__}: install 'numpy<2.4' or 'triton>=3.7'")
 

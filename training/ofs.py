@@ -36,6 +36,8 @@ import contextlib
 
 import torch
 
+from prefops.versions import PEFT_ADAPTERS, require
+
 from . import config as C
 from . import distributed
 from . import model as M
@@ -48,6 +50,7 @@ ADAPTERS = ("fast", "slow")
 def add_adapters(model, config):
     """`model` wrapped by peft with the fast and slow adapters (one LoraConfig; B = 0, so each starts as the
     model); the adapters train, the model's own weights are frozen."""
+    require("peft", PEFT_ADAPTERS, "ofs_dpo (its fast and slow LoRA adapters)")
     import peft
 
     if distributed.active():

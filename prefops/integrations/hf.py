@@ -28,6 +28,7 @@ from ..losses import ld_dpo_token_weights
 from ..ops import linear_logprobs
 from ..preference import PreferenceLoss
 from ..sequences import sequence_sum
+from ..versions import TRANSFORMERS_PACKED, require
 
 __all__ = ["LMHead", "PreferenceInputs", "check_head", "completion_logps", "final_hidden_states", "fused_loss",
            "preference_loss", "unwrap_model"]
@@ -335,12 +336,8 @@ class PreferenceInputs:
 
 
 def _check_packed_attention():
-    import transformers.masking_utils as masking
-
-    # Older transformers attend across the packed sequences unless the model runs flash attention.
-    if not hasattr(masking, "find_packed_sequence_indices"):
-        raise ValueError("padding-free batches need transformers >= 4.54, which keeps packed sequences apart "
-                         "given position_ids; upgrade transformers or pass a padded batch")
+    require("transformers", TRANSFORMERS_PACKED, "a padding-free batch (position_ids restarting at 0 for each "
+            "sequence, kept apart by transformers; or pass a padded batch)")
 
 
 def _integer(value, name):

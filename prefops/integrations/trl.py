@@ -23,8 +23,8 @@ across ranks: each rank's value times its token count, summed, over the summed
 counts. Top-1 counts a tie at the maximum logit as a hit, where TRL's argmax
 takes the lowest id; exact ties of fp32 logits are rare.
 
-Written against TRL 1.x (its DPOTrainer's compute_loss / compute_ref_log_probs, and
-OnlineDPOTrainer._forward).
+Written against TRL >= 1.15 (prefops.versions.TRL_DROP_INS): its DPOTrainer's compute_loss /
+compute_ref_log_probs, and OnlineDPOTrainer._forward.
 """
 from __future__ import annotations
 
@@ -32,13 +32,18 @@ import contextlib
 import dataclasses
 
 import torch
-from trl import DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 
 from ..ops import linear_logprobs
 from ..preference import PreferenceLoss
+from ..versions import TRL_DROP_INS, require
 from .hf import (LMHead, PreferenceInputs, _peft_reference, check_head, completion_logps, final_hidden_states,
                  fused_loss)
+
+# Before trl's own imports: an older TRL fails inside them, or imports and then runs other internals.
+require("trl", TRL_DROP_INS, "prefops.integrations.trl (PrefopsDPOTrainer, PrefopsOnlineDPOTrainer)")
+
+from trl import DPOTrainer  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
 __all__ = ["DataCollatorForPaddingFreePreference", "PrefopsDPOTrainer", "PrefopsOnlineDPOTrainer"]
 
