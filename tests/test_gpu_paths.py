@@ -44,41 +44,65 @@ def test_token_op_paths_match_float64(path, dtype):
 
 
 def dpo_head(logps, group_index, stats):
-    return -torch.nn.functional.logsigmoid(0.1 * (logps[:, 0] - logps[:, 1])).sum() / PAIRS
+    return -torch.nn.functional.logsigmoid(BETA * (logps[:, 0] - logps[:, 1])).sum() / PAIRS
+
+
+BETA = 0.1
+GROUP_SETTINGS = {  # at PAIRS x LENGTH, V 128256: 2 GiB holds every logit gradient (stored); a pair and its
+    # gradient tile, not every gradient (chunked); less than a pair (sliced); lean asked for.
+    "stored": {}, "chunked": {"workspace": 2 * LENGTH * VOCAB * 6}, "sliced": {"workspace": LENGTH * VOCAB * 6},
+    "lean": {"strategy": "lean"}}
+
+
+def group_problem(dtype):
+    hidden, weight, targets, _ = make_inputs(2 * PAIRS * LENGTH, HIDDEN, VOCAB, dtype=dtype, scale=4.0,
+                                             ignore_every=5, seed=3, device=DEVICE)
+    groups = torch.stack([torch.arange(PAIRS), torch.arange(PAIRS) + PAIRS], 1).to(DEVICE)
+    return hidden.view(2 * PAIRS, LENGTH, HIDDEN), weight, targets.view(2 * PAIRS, LENGTH), groups
+
+
+def run_group_path(path, hidden, weight, targets, groups):
+    leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight)]
+    with prefops.settings(**GROUP_SETTINGS[path]):
+        out = prefops.sequence_objective(leaves[0], leaves[1], targets, head=dpo_head, groups=groups)
+        assert strategy.last_path() == path
+    return (out.loss.detach(), *torch.autograd.grad(out.loss, leaves))
 
 
 def float64_dpo(hidden, weight, targets, groups):
-    """Loss and gradients from the definitions, in float64 on the GPU."""
+    """Loss, gradients, the logit gradient and the magnitude of the sequence sums, from the
+    definitions in float64 on the GPU."""
     h, w = (x.detach().double().requires_grad_() for x in (hidden, weight))
-    logp = torch.log_softmax(h @ w.t(), -1).gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
-    loss = dpo_head(torch.where(targets != -100, logp, 0.0).sum(1)[groups], None, None)
+    linear = h @ w.t()
+    linear.retain_grad()
+    logp = torch.where(targets != -100, torch.log_softmax(linear, -1).gather(
+        -1, targets.clamp_min(0)[..., None]).squeeze(-1), 0.0)
+    loss = dpo_head(logp.sum(1)[groups], None, None)
     loss.backward()
-    return loss.detach(), h.grad, w.grad
+    return loss.detach(), h.grad, w.grad, linear.grad, logp.abs().sum().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("path", ["stored", "chunked", "sliced", "lean"])
-def test_group_paths_match_float64_and_repeat_bitwise(path, dtype):
-    hidden, weight, targets, _ = make_inputs(2 * PAIRS * LENGTH, HIDDEN, VOCAB, dtype=dtype, scale=4.0,
-                                             ignore_every=5, device=DEVICE)
-    hidden, targets = hidden.view(2 * PAIRS, LENGTH, HIDDEN), targets.view(2 * PAIRS, LENGTH)
-    groups = torch.stack([torch.arange(PAIRS), torch.arange(PAIRS) + PAIRS], 1).to(DEVICE)
-    pair_bytes = 2 * LENGTH * VOCAB * 6
-    # stored: 2 GiB holds everything; chunked: a pair and its tile, not every gradient; sliced: not a pair.
-    settings = {"stored": {}, "chunked": {"workspace": pair_bytes}, "sliced": {"workspace": pair_bytes // 2},
-                "lean": {"strategy": "lean"}}[path]
-    runs = []
-    for _ in range(2):
-        leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight)]
-        with prefops.settings(**settings):
-            out = prefops.sequence_objective(leaves[0], leaves[1], targets, head=dpo_head, groups=groups)
-            assert strategy.last_path() == path
-        runs.append((out.loss.detach(), *torch.autograd.grad(out.loss, leaves)))
-    expected = float64_dpo(hidden, weight, targets, groups)
-    assert relative_error(runs[0][0], expected[0]) <= 1e-5
+def test_group_paths_match_float64(path, dtype):
+    hidden, weight, targets, groups = group_problem(dtype)
+    loss, grad_h, grad_w = run_group_path(path, hidden, weight, targets, groups)
+    want_loss, want_h, want_w, logit_grad, logp_size = float64_dpo(hidden, weight, targets, groups)
+    # The loss is a sigmoid of BETA times a difference of sequence sums: each log-prob carries the
+    # fp32 error of its logits and vocabulary sum, relative to the size of the sums it enters.
+    assert abs(loss.item() - want_loss.item()) <= value_tolerance(HIDDEN, VOCAB, LENGTH) * BETA * logp_size / PAIRS
+    # The gradient tile rounded once to the dtype, the stored gradient once more (h * grad_loss is
+    # exact here); a chunked dW adds one rounding of its accumulator per chunk (a pair a chunk).
     unit = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
-    for got, want in zip(runs[0][1:], expected[1:]):
-        # the gradient tile and the stored gradient, each rounded once, plus a chunked dW's per-chunk roundings
-        assert relative_error(got, want) <= (3 + PAIRS) * unit
-    for first, second in zip(*runs):
-        assert torch.equal(first, second), "two runs of one path differ"
+    g, h64, w64 = logit_grad.abs().flatten(0, 1), hidden.double().abs().flatten(0, 1), weight.double().abs()
+    roundings_w = {"chunked": 1 + PAIRS}.get(path, 2)
+    assert (grad_h.double() - want_h).norm() <= 2 * unit * (g @ w64).norm()
+    assert (grad_w.double() - want_w).norm() <= roundings_w * unit * (g.t() @ h64).norm()
+
+
+@pytest.mark.parametrize("path", ["stored", "chunked", "sliced", "lean"])
+def test_group_paths_repeat_bitwise(path):
+    problem = group_problem(torch.bfloat16)
+    first, second = (run_group_path(path, *problem) for _ in range(2))
+    for name, a, b in zip(("loss", "h.grad", "W.grad"), first, second):
+        assert torch.equal(a, b), f"two runs of the {path} path differ in {name}"
