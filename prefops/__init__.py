@@ -32,7 +32,7 @@ _EXPORTS = {
     **dict.fromkeys(("Diagnostics", "SequenceDiagnostics", "ches_scores", "linear_diagnostics",
                      "sequence_diagnostics"), "diagnostics"),
 }
-_SUBMODULES = ("reference", "losses", "shared_prompt")
+_SUBMODULES = ("reference", "losses", "shared_prompt", "strategy")
 
 __all__ = [*_EXPORTS, *_SUBMODULES]
 

@@ -66,7 +66,7 @@ class Config:
     reference_update: str = knob("never", "never | round (online: the policy at each round's start) | stage "
                                  "(curriculum: the policy at each stage's start, Curry-DPO)")
     loss_impl: str = knob("fused", "fused | reference (materialises the logits, for checking)")
-    strategy: str | None = knob(None, "lean | budget (null: prefops.configure's default)")
+    strategy: str | None = knob(None, "auto | budget | sliced | lean (null: prefops.configure's default, auto)")
     budget: str | int | None = knob(None, "the budget strategy's logits budget, e.g. 1GB")
 
     # Online preference learning: a non-empty section trains on the policy's own samples, round after
@@ -159,7 +159,7 @@ CHOICES = {
     "reference": ("auto", "model", "precomputed", "none"),
     "reference_update": ("never", "round", "stage"),
     "loss_impl": ("fused", "reference"),
-    "strategy": (None, "lean", "budget"),
+    "strategy": (None, "auto", "budget", "sliced", "lean"),
     "kl_direction": ("ref_policy", "policy_ref"),
     "lr_schedule": ("cosine", "linear", "constant"),
     "bf16": ("auto", True, False),

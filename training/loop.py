@@ -715,7 +715,8 @@ class Trainer:
         counts = distributed.all_reduce_sums(counts)
         return {"stage": stage, "kind": "train", "step": step + 1, **record, "lr": record_lr,
                 "grad_norm": distributed.as_float(grad_norm), **{name: int(n) for name, n in counts.items()},
-                "tokens_per_s": counts["tokens"] / seconds, "examples_per_s": len(indices) / seconds}
+                "tokens_per_s": counts["tokens"] / seconds, "examples_per_s": len(indices) / seconds,
+                "path": prefops.strategy.last_path()}
 
     def run_stage(self, stage: str, log: RunLog, resume: dict | None) -> None:
         config = self.config
