@@ -42,7 +42,8 @@ def logits_grad_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, entr
         coef = coef - grad_entropy[:, None] * (log_p + entropy[:, None])
     dz = p * coef + tl.where(offs_v[None, :] == targets[:, None], grad_logp[:, None], 0.0)
     dz = dz * slope
-    out = out_ptr + offs_n[:, None] * stride_out + local_v[None, :]
+    # int64: a tile of many rows can span more than 2^31 elements (the sweep at L hit it on an H200).
+    out = out_ptr + offs_n.to(tl.int64)[:, None] * stride_out + local_v[None, :]
     tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & v_mask[None, :])
 
 

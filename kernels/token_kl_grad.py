@@ -52,7 +52,8 @@ def token_kl_grad_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, rows_ptr, 
     dz = grad_kl[:, None] * dkl - grad_logp[:, None] * p
     dz += tl.where(offs_v[None, :] == targets[:, None], grad_logp[:, None], 0.0)
     dz = dz * slope
-    out = out_ptr + offs_n[:, None] * stride_out + local_v[None, :]
+    # int64: a tile of many rows can span more than 2^31 elements (the sweep at L hit it on an H200).
+    out = out_ptr + offs_n.to(tl.int64)[:, None] * stride_out + local_v[None, :]
     tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & v_mask[None, :])
 
 

@@ -382,7 +382,7 @@ def test_lean_token_kl_with_splits_row_chunks_and_tiles(direction, monkeypatch):
     leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
     g = torch.Generator().manual_seed(11)
     grad_kl, grad_logp = (torch.randn(TOKENS, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2))
-    with config.forced(v_per_split=V_PER_SPLIT), prefops.settings(workspace=WORKSPACE):
+    with config.forced(v_per_split=V_PER_SPLIT), prefops.settings(workspace=WORKSPACE, strategy="lean"):
         kl, logp, ref_logp = linear_token_kl(leaves[0], leaves[1], ref_hidden, ref_weight, bias=leaves[2],
                                              ref_bias=ref_bias, targets=targets, direction=direction,
                                              backend="triton", **TRANSFORM)
