@@ -6,6 +6,7 @@ is reported instead of read out of bounds.
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -32,6 +33,24 @@ def check_positive(value, name: str, *, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+
+
+class ValueCheck(NamedTuple):
+    """A check of tensor values, run later with others so that all of them read the device once."""
+    failed: torch.Tensor
+    """0-dim bool, on the device of the values: whether the check fails."""
+    fail: Callable[[], None]
+    """Raises the error (free to read more values: it runs only on bad input)."""
+
+
+def run_value_checks(checks: list[Optional[ValueCheck]]) -> None:
+    """One host sync for every check (None entries skipped); the first that fails, in order, raises."""
+    checks = [check for check in checks if check is not None]
+    if not checks:
+        return
+    for check, failed in zip(checks, torch.stack([check.failed for check in checks]).tolist()):
+        if failed:
+            check.fail()
 
 
 def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index: int, name: str = "targets") -> None:

@@ -162,7 +162,8 @@ class _LogpRows(ChunkRows):
     differentiable = ("logps",)
 
     def __init__(self, head, groups, weights, counted, count, wanted, temperature, softcap, backend):
-        self.user_head, self.groups, self.count, self.wanted = head, groups, count, wanted
+        self.user_head, self.wanted = head, wanted
+        self.group_count = _gather(count, groups)  # once: each chunk picks its groups' rows
         self.temperature, self.softcap, self.backend = temperature, softcap, backend
         self.weights = {"logps": weights, **{name: counted for name in wanted}}
 
@@ -173,7 +174,7 @@ class _LogpRows(ChunkRows):
         return {"logps": token.logp, **stats}, token
 
     def head(self, sums, group_index):
-        stats = {"count": _gather(self.count, self.groups[group_index])}
+        stats = {"count": self.group_count[group_index]}
         stats.update({name: sums[name].detach() for name in self.wanted})
         return self.user_head(sums["logps"], group_index, stats)
 

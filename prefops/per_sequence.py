@@ -8,7 +8,8 @@ from .sequence_group import max_over_group
 
 
 def _check_layout(targets, seq_ids, groups, token_weights, sequence_group=None):
-    if seq_ids is None:
+    padded = seq_ids is None
+    if padded:
         if targets.dim() != 2:
             raise ValueError("seq_ids is required unless targets is a padded batch [B, T]")
         seq_ids = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
@@ -18,11 +19,18 @@ def _check_layout(targets, seq_ids, groups, token_weights, sequence_group=None):
         raise TypeError(f"seq_ids must be an integer tensor; got {seq_ids.dtype}")
     if not isinstance(groups, torch.Tensor) or groups.dim() != 2 or groups.dtype.is_floating_point:
         raise ValueError("groups must be an integer tensor [G, K] of sequence indices (-1 for an empty slot)")
-    num_sequences = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
-    num_sequences = max(num_sequences, int(groups.max()) + 1 if groups.numel() else 0)
+    # Every bound in one host read; a padded batch's largest sequence index is its last row.
+    bounds = {}
+    if not padded and seq_ids.numel():
+        bounds["seq_ids"] = seq_ids.max().long()
+    if groups.numel():
+        bounds["lowest group"], bounds["groups"] = torch.aminmax(groups.long())
+    bounds = dict(zip(bounds, torch.stack(list(bounds.values())).tolist())) if bounds else {}
+    last_row = targets.shape[0] - 1 if padded and targets.numel() else -1
+    num_sequences = max(last_row, bounds.get("seq_ids", -1), bounds.get("groups", -1)) + 1
     # A rank may hold no token of the last sequences; the sums it reduces must have every rank's shape.
     num_sequences = max_over_group(num_sequences, sequence_group, targets.device)
-    if groups.numel() and int(groups.min()) < -1:
+    if bounds.get("lowest group", -1) < -1:
         raise ValueError("groups entries must be sequence indices >= 0, or -1 for an empty slot")
     if token_weights is not None and tuple(token_weights.shape) != tuple(targets.shape):
         raise ValueError(f"token_weights must have the shape of targets {tuple(targets.shape)}; "

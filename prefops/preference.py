@@ -13,23 +13,21 @@ import warnings
 
 import torch
 
-from .checks import check_targets_in_range
-from .losses import PARAM_DEFAULTS, REFERENCE_FREE, ld_dpo_token_weights, pairwise_loss
-from .losses.pairwise import TOKEN_LEVEL_LOSSES, has_nll_term
+from .checks import check_targets_in_range, run_value_checks
+from .losses import PARAM_DEFAULTS, REFERENCE_FREE, ld_dpo_token_weights
+from .losses.pairwise import PAIR_TENSORS, TOKEN_LEVEL_LOSSES, PairwiseSpec, has_nll_term, lengths_check, split_params
 from .config import get_settings
 from .losses.token_level import tgdpo_token_rewards
 from .objective import sequence_objective
+from .per_sequence import _per_sequence
 from .sequence_group import check_sequence_group, max_over_group, sequence_all_reduce
 from .ops import linear_logprobs
-from .sequences import sequence_sum
 from .token_kl import sequence_kl_objective
 
 # Loss types whose loss of a pair depends on the other pairs of the batch.
 BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired")
 # Per-sequence statistics behind TRL's token metrics (entropy, logits/*, mean_token_accuracy).
 TOKEN_METRIC_STATS = ("entropy", "mean_logit", "top1")
-# Parameters that carry one value per pair, sliced with the pairs when the budget strategy chunks them.
-PER_PAIR_PARAMS = ("preference_probs", "pair_weights", "chosen_margin_rewards", "rejected_margin_rewards")
 
 
 class PreferenceLoss(torch.nn.Module):
@@ -86,23 +84,6 @@ class PreferenceLoss(torch.nn.Module):
         if self.token_level and token_metrics:
             raise ValueError("token_metrics is not available for the TDPO losses (their fused pass is the KL's)")
 
-    def _sequence_loss(self, chosen, rejected, ref_chosen, ref_rejected, lengths, pair_weights, mean_length,
-                       seq_kl=None, group_index=None, nll=None):
-        # A caller's nll_mean_length (a whole step's, across micro-batches and ranks) wins over this batch's.
-        params = {"nll_mean_length": mean_length, **self.params}
-        if nll is not None:
-            params.update(chosen_nll_logps=nll[0], chosen_nll_lengths=nll[1])
-        if group_index is not None:  # the budget strategy hands the head a chunk of the pairs
-            params.update({name: params[name][group_index] for name in PER_PAIR_PARAMS
-                           if isinstance(params.get(name), torch.Tensor)})
-        if seq_kl is not None:
-            params.update(chosen_seq_kl=seq_kl[:, 0], rejected_seq_kl=seq_kl[:, 1])
-        if pair_weights is not None:
-            params["pair_weights"] = pair_weights
-        return pairwise_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type=self.loss_type, beta=self.beta,
-                             label_smoothing=self.label_smoothing, chosen_lengths=lengths[:, 0],
-                             rejected_lengths=lengths[:, 1], loss_weights=self.loss_weights, **params)
-
     def forward(self, hidden, weight, targets, *, bias=None, seq_ids=None, ref_chosen_logps=None,
                 ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, token_weights=None,
                 token_rewards=None, rm_hidden=None, rm_weight=None, rm_bias=None, nll_targets=None):
@@ -126,47 +107,53 @@ class PreferenceLoss(torch.nn.Module):
         if num_sequences % 2:
             raise ValueError(f"expected an even number of sequences [chosen; rejected]; got {num_sequences}")
         pairs = num_sequences // 2
-        groups = torch.stack([torch.arange(pairs), torch.arange(pairs) + pairs], 1).to(targets.device)
+        groups = torch.arange(num_sequences, device=targets.device).view(2, pairs).t()
+        options, given = split_params(self.params)
+        spec = PairwiseSpec(self.loss_type, self.beta, self.label_smoothing, self.loss_weights, **options)
         token_weights = self._token_weights(targets, seq_ids, token_weights)
         token_weights = self._tgdpo_weights(targets, seq_ids, pairs, token_weights, token_rewards, ref_hidden,
                                             ref_weight, ref_bias, rm_hidden, rm_weight, rm_bias)
         nll_rows = self._nll_rows(targets, seq_ids, pairs, nll_targets, weight.shape[0])
-        counted = (targets if nll_targets is None else nll_targets) != self.options["ignore_index"]
-        chosen_tokens = counted[:pairs].sum() if seq_ids is None else (counted.reshape(-1) & (
-            seq_ids.reshape(-1) < pairs) & (seq_ids.reshape(-1) >= 0)).sum()
-        mean_length = sequence_all_reduce(chosen_tokens.float(), self.sequence_group) / pairs
+        lengths, nll_lengths = self._lengths(targets, seq_ids, pairs, nll_targets)
+        # A caller's nll_mean_length (a whole step's, across micro-batches and ranks) wins over this batch's.
+        batch_values = {"nll_mean_length": given["nll_mean_length"] if "nll_mean_length" in given else
+                        (lengths[:, 0] if nll_lengths is None else nll_lengths).sum() / pairs}
+        per_pair = {name: given[name] for name in PAIR_TENSORS if given.get(name) is not None}
         if self.token_level:
-            return self._token_level_forward(hidden, weight, targets, bias, seq_ids, pairs, groups, mean_length,
-                                             token_weights, ref_chosen_logps, ref_rejected_logps, ref_hidden,
-                                             ref_weight, ref_bias)
-        ref = self._reference(targets, seq_ids, token_weights, ref_chosen_logps, ref_rejected_logps,
-                              ref_hidden, ref_weight, ref_bias, pairs)
+            run_value_checks(spec.check({**per_pair, "chosen_lengths": lengths[:, 0],
+                                         "rejected_lengths": lengths[:, 1]}))
+            return self._token_level_forward(spec, per_pair, batch_values, hidden, weight, targets, bias, seq_ids,
+                                             pairs, groups, token_weights, ref_chosen_logps, ref_rejected_logps,
+                                             ref_hidden, ref_weight, ref_bias)
+        ref_chosen, ref_rejected = self._reference(targets, seq_ids, token_weights, ref_chosen_logps,
+                                                   ref_rejected_logps, ref_hidden, ref_weight, ref_bias, pairs)
+        per_pair.update({name: value for name, value in (("ref_chosen_logps", ref_chosen),
+                                                         ("ref_rejected_logps", ref_rejected)) if value is not None})
+        # Every value check of the step, before the fused pass: the head that runs per chunk checks nothing.
+        run_value_checks([*spec.check({**per_pair, "chosen_lengths": lengths[:, 0],
+                                       "rejected_lengths": lengths[:, 1]}),
+                          lengths_check(nll_lengths, "chosen_nll_lengths")])
         if nll_rows is not None:
             hidden, targets, seq_ids, token_weights, groups = _append_nll_sequences(
                 hidden, targets, seq_ids, token_weights, groups, nll_targets, nll_rows)
-        nll = lambda logps, count: None if nll_rows is None else (logps[:, 2], count[:, 2])  # noqa: E731
 
         def head(logps, group_index, stats):
-            pick = lambda values: None if values is None else values[group_index]  # noqa: E731
-            losses, _ = self._sequence_loss(logps[:, 0], logps[:, 1], pick(ref[0]), pick(ref[1]), stats["count"],
-                                            self._wpo_weights(stats), mean_length, group_index=group_index,
-                                            nll=nll(logps, stats["count"]))
-            return losses.sum() / pairs
+            values = _pair_values(per_pair, logps, stats["count"], group_index, **batch_values)
+            if self.wpo:
+                values["pair_weights"] = self._wpo_weights(stats)
+            return spec.losses(spec.batch(values)).sum() / pairs
 
         stats = (("log_sum_p2", "logp") if self.wpo else ()) + (TOKEN_METRIC_STATS if self.token_metrics else ())
         out = sequence_objective(hidden, weight, targets, head=head, groups=groups, seq_ids=seq_ids,
                                  token_weights=token_weights, bias=bias, stats=stats, strategy=self._strategy(),
                                  budget=self.budget, sequence_group=self.sequence_group, **self.options)
-        logps = out.logps[groups]
-        nll_sums = nll(logps, out.stats["count"][groups])
-        logps, groups = logps[:, :2], groups[:, :2]
-        seq_stats = {k: v[groups] for k, v in out.stats.items()}
-        _, metrics = self._sequence_loss(logps[:, 0], logps[:, 1], ref[0], ref[1], seq_stats["count"],
-                                         self._wpo_weights(seq_stats), mean_length, nll=nll_sums)
-        metrics["num_tokens/chosen"] = seq_stats["count"][:, 0].sum()
-        metrics["num_tokens/rejected"] = seq_stats["count"][:, 1].sum()
+        count = out.stats["count"][groups]
+        metrics = spec.metrics(spec.batch(_pair_values(per_pair, out.logps[groups], count, **batch_values)))
+        metrics["num_tokens/chosen"] = count[:, 0].sum()
+        metrics["num_tokens/rejected"] = count[:, 1].sum()
         if self.token_metrics:
-            metrics.update(trl_token_metrics(seq_stats))
+            metrics.update(trl_token_metrics({name: out.stats[name][groups[:, :2]]
+                                              for name in ("count", *TOKEN_METRIC_STATS)}))
         return out.loss, metrics
 
     def _strategy(self):
@@ -186,6 +173,17 @@ class PreferenceLoss(torch.nn.Module):
             return None
         per_sequence = ((stats["logp"] - stats["log_sum_p2"]) / stats["count"]).exp()
         return per_sequence[:, 0] * per_sequence[:, 1]
+
+    def _lengths(self, targets, seq_ids, pairs, nll_targets):
+        """Counted tokens per pair [P, 2] (chosen, rejected) and, with nll_targets, the chosen sequences'
+        counted nll_targets [P] (else None); the group's totals under a sequence_group, in one collective."""
+        ignore_index = self.options["ignore_index"]
+        counts = _sequence_totals((targets != ignore_index).float(), seq_ids, 2 * pairs)
+        if nll_targets is not None:
+            nll_counts = _sequence_totals((nll_targets != ignore_index).float(), seq_ids, 2 * pairs)
+            counts = torch.cat([counts, nll_counts[:pairs]])
+        counts = sequence_all_reduce(counts, self.sequence_group)
+        return counts[:2 * pairs].view(2, pairs).t(), None if nll_targets is None else counts[2 * pairs:]
 
     def _nll_rows(self, targets, seq_ids, pairs, nll_targets, vocab):
         """Flat indices of the chosen sequences' counted nll_targets tokens (None without nll_targets)."""
@@ -245,32 +243,33 @@ class PreferenceLoss(torch.nn.Module):
         weights = 1 + sign * (self.tgdpo_alpha * self.beta) * token_rewards.float()
         return weights if token_weights is None else weights * token_weights
 
-    def _token_level_forward(self, hidden, weight, targets, bias, seq_ids, pairs, groups, mean_length, token_weights,
-                             ref_chosen, ref_rejected, ref_hidden, ref_weight, ref_bias):
+    def _token_level_forward(self, spec, per_pair, batch_values, hidden, weight, targets, bias, seq_ids, pairs,
+                             groups, token_weights, ref_chosen, ref_rejected, ref_hidden, ref_weight, ref_bias):
         """TDPO: per-token KL, policy and reference log-probs from one fused pass (lean: prefops.linear_token_kl;
-        budget: whole pairs' policy and reference logits materialised), then pairwise_loss."""
+        budget: whole pairs' policy and reference logits materialised), then the pairwise loss."""
         if ref_hidden is None or ref_weight is None:
             raise ValueError(f"loss_type {self.loss_type!r} needs ref_hidden and ref_weight: the per-token KL needs "
                              "the reference's whole next-token distribution, not only ref_chosen_logps")
         if ref_chosen is not None or ref_rejected is not None:
             raise ValueError("pass either ref_hidden/ref_weight or ref_chosen_logps/ref_rejected_logps, not both")
 
+        def values(logps, stats, group_index=None):
+            ref, kl = stats["ref_logp"], stats["kl"]
+            return _pair_values(per_pair, logps, stats["count"], group_index, ref_chosen_logps=ref[:, 0],
+                                ref_rejected_logps=ref[:, 1], chosen_seq_kl=kl[:, 0], rejected_seq_kl=kl[:, 1],
+                                **batch_values)
+
         def head(logps, group_index, stats):
-            losses, _ = self._sequence_loss(logps[:, 0], logps[:, 1], stats["ref_logp"][:, 0],
-                                            stats["ref_logp"][:, 1], stats["count"], None, mean_length,
-                                            seq_kl=stats["kl"], group_index=group_index)
-            return losses.sum() / pairs
+            return spec.losses(spec.batch(values(logps, stats, group_index))).sum() / pairs
 
         out = sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, head=head, groups=groups,
                                     seq_ids=seq_ids, token_weights=token_weights, bias=bias, ref_bias=ref_bias,
                                     direction=self.kl_direction, strategy=self._strategy(), budget=self.budget,
                                     sequence_group=self.sequence_group, **self.options)
-        logps, lengths = out.logps[groups], out.stats["count"][groups]
-        ref_logps, seq_kl = out.stats["ref_logp"][groups], out.stats["kl"][groups]
-        _, metrics = self._sequence_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], lengths, None,
-                                         mean_length, seq_kl=seq_kl)
-        metrics["num_tokens/chosen"] = lengths[:, 0].sum()
-        metrics["num_tokens/rejected"] = lengths[:, 1].sum()
+        stats = {name: out.stats[name][groups] for name in ("count", "ref_logp", "kl")}
+        metrics = spec.metrics(spec.batch(values(out.logps[groups], stats)))
+        metrics["num_tokens/chosen"] = stats["count"][:, 0].sum()
+        metrics["num_tokens/rejected"] = stats["count"][:, 1].sum()
         return out.loss, metrics
 
     @torch.no_grad()
@@ -290,8 +289,9 @@ class PreferenceLoss(torch.nn.Module):
             raise ValueError(f"loss_type {self.loss_type!r} needs the reference: pass ref_chosen_logps and "
                              "ref_rejected_logps, or ref_hidden and ref_weight")
         for name, value in (("ref_chosen_logps", ref_chosen), ("ref_rejected_logps", ref_rejected)):
-            if value is not None and tuple(value.shape) != (pairs,):
-                raise ValueError(f"{name} must have shape [P] = ({pairs},); got {tuple(value.shape)}")
+            if value is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != (pairs,)):
+                raise ValueError(f"{name} must have shape [P] = ({pairs},); got "
+                                 f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
         return ref_chosen, ref_rejected
 
 
@@ -339,7 +339,20 @@ def trl_token_metrics(stats):
 
 
 def _sequence_totals(values, seq_ids, num_sequences):
-    """Per-sequence sums of per-token values (already weighted and zero off the completions)."""
+    """Per-sequence sums of per-token values (already weighted and zero off the completions), read
+    nowhere on the host (seq_ids were checked where num_sequences came from)."""
     if seq_ids is None:
         return values.sum(-1)
-    return sequence_sum(values.reshape(-1), seq_ids=seq_ids.reshape(-1), num_sequences=num_sequences)
+    return _per_sequence(values.reshape(-1), seq_ids.reshape(-1), num_sequences)
+
+
+def _pair_values(per_pair, logps, count, group_index=None, **values):
+    """pairwise_loss's tensors for the pairs group_index (None: all of them) from the objective's sums
+    and counts [G', K] (columns chosen, rejected and, when K = 3, the chosen sequence's NLL tokens):
+    per_pair [P] tensors picked for those pairs, plus `values` as given."""
+    values.update({name: value if group_index is None else value[group_index] for name, value in per_pair.items()})
+    values.update(chosen_logps=logps[:, 0], rejected_logps=logps[:, 1], chosen_lengths=count[:, 0],
+                  rejected_lengths=count[:, 1])
+    if logps.shape[1] == 3:
+        values.update(chosen_nll_logps=logps[:, 2], chosen_nll_lengths=count[:, 2])
+    return values

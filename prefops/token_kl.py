@@ -516,7 +516,8 @@ class _KLRows(ChunkRows):
 
     def __init__(self, head, groups, weights, counted, count, reference, policy_first, temperature, softcap,
                  backend):
-        self.user_head, self.groups, self.count, self.reference = head, groups, count, reference
+        self.user_head, self.reference = head, reference
+        self.group_count = _gather(count, groups)  # once: each chunk picks its groups' rows
         self.policy_first, self.temperature, self.softcap, self.backend = policy_first, temperature, softcap, backend
         self.weights = {"logps": weights, "kl": counted, "ref_logps": weights}
 
@@ -531,7 +532,7 @@ class _KLRows(ChunkRows):
         return {"logps": logp, "kl": kl, "ref_logps": ref_logp}, (ref_logits, lse, ref_lse, kl)
 
     def head(self, sums, group_index):
-        stats = {"kl": sums["kl"], "ref_logp": sums["ref_logps"], "count": _gather(self.count, self.groups[group_index])}
+        stats = {"kl": sums["kl"], "ref_logp": sums["ref_logps"], "count": self.group_count[group_index]}
         return self.user_head(sums["logps"], group_index, stats)
 
     def logit_grads(self, logits, targets, saved, grads, out):

@@ -14,7 +14,10 @@ import warnings
 import torch
 
 from .config import get_settings
-from .losses import BCOLoss, kto_kl_estimate, kto_loss
+from .losses import BCOLoss, kto_kl_estimate
+from .losses.pairwise import compute_dtype
+from .losses.unpaired import (check_kto_options, check_labels, kto_losses, labels_present, reference_point,
+                              unpaired_metrics)
 from .objective import sequence_logps, sequence_objective
 from .sequence_group import check_sequence_group, max_over_group
 from .preference import check_token_weights
@@ -59,16 +62,27 @@ class UnpairedLoss(torch.nn.Module):
             raise ValueError("targets must be a padded batch [N, T] of completions, or pass seq_ids")
         count = targets.shape[0] if seq_ids is None else max_over_group(int(seq_ids.max()) + 1,
                                                                         self.sequence_group, targets.device)
-        labels = torch.as_tensor(labels, device=targets.device)
-        if tuple(labels.shape) != (count,):
-            raise ValueError(f"labels must have shape [N] = ({count},), one per completion; got {tuple(labels.shape)}")
+        labels = check_labels(labels, (count,), targets.device, f"shape [N] = ({count},), one per completion")
         token_weights = check_token_weights(token_weights, targets)
         ref = self._reference(targets, seq_ids, count, token_weights, ref_logps, ref_hidden, ref_weight, ref_bias)
         kl = self._kl(kl, kl_hidden, kl_targets, kl_seq_ids, kl_token_weights, ref_kl_logps, ref_kl_hidden, weight,
                       bias, ref_weight, ref_bias)
+        # The policy's sums come out of the fused pass in fp32; the losses run in the reference's dtype if wider.
+        ref = ref.to(compute_dtype(ref))
+        # Every check of the step, before the fused pass: the head that runs per chunk checks nothing.
+        if self.bco is None:
+            beta = check_kto_options(self.loss_type, self.beta, **self.weights)
+            kl, kl_finite = reference_point(kl, self.loss_type, ref)
+            present = labels_present(labels, kl, kl_finite)
+        else:
+            present = labels_present(labels)
 
         def head(logps, group_index, stats):
-            losses, _ = self._losses(logps[:, 0], ref[group_index], labels[group_index], kl)
+            policy, chunk_ref, chunk_labels = logps[:, 0].to(ref.dtype), ref[group_index], labels[group_index]
+            if self.bco is not None:
+                losses = self.bco.losses(policy, chunk_ref, chunk_labels)
+            else:
+                losses = kto_losses(policy, chunk_ref, chunk_labels, beta, kl, **self.weights)
             return losses.sum() / count
 
         strategy = self.strategy or get_settings().strategy
@@ -84,24 +98,15 @@ class UnpairedLoss(torch.nn.Module):
         out = sequence_objective(hidden, weight, targets, head=head, groups=groups, seq_ids=seq_ids, bias=bias,
                                  token_weights=token_weights, strategy=strategy, budget=self.budget,
                                  sequence_group=self.sequence_group, **self.options)
-        with torch.no_grad():
-            metrics = self._metrics(out.logps, ref, labels, kl)
-        metrics["num_tokens/chosen"] = out.stats["count"][labels].sum()
-        metrics["num_tokens/rejected"] = out.stats["count"][~labels].sum()
+        policy = out.logps.to(ref.dtype)
+        if self.bco is not None:
+            metrics = self.bco.metrics(policy, ref, labels, present)
+        else:
+            with torch.no_grad():
+                metrics = unpaired_metrics(policy, beta * (policy - ref), labels, {"kl": kl}, present)
+        metrics["num_tokens/chosen"] = torch.where(labels, out.stats["count"], 0.0).sum()
+        metrics["num_tokens/rejected"] = torch.where(labels, 0.0, out.stats["count"]).sum()
         return out.loss, metrics
-
-    def _losses(self, logps, ref, labels, kl):
-        if self.bco is not None:
-            return self.bco(logps, ref, labels)
-        return kto_loss(logps, ref, labels, beta=self.beta, kl=kl, loss_type=self.loss_type, **self.weights)
-
-    def _metrics(self, logps, ref, labels, kl):
-        if self.bco is not None:
-            # The running mean was updated by the head; report it without updating again.
-            _, metrics = self.bco.train(False)(logps, ref, labels)
-            self.bco.train(self.training)
-            return metrics
-        return self._losses(logps, ref, labels, kl)[1]
 
     @torch.no_grad()
     def _reference(self, targets, seq_ids, count, token_weights, ref_logps, ref_hidden, ref_weight, ref_bias):

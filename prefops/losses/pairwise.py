@@ -19,6 +19,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from ..checks import ValueCheck, run_value_checks
 from .token_level import tdpo_loss
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -28,7 +29,8 @@ F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "r
 # exp() of more than this overflows fp32 (TRL uses the same bound).
 _ALPHA_EXPONENT_MAX = 80.0
 
-PARAM_DEFAULTS = {
+# Scalar options of the losses: checked on the host, once per call of pairwise_loss (PairwiseSpec).
+OPTION_DEFAULTS = {
     "discopop_tau": 0.05,
     "f_divergence_type": "reverse_kl",
     "f_alpha_divergence_coef": 0.5,
@@ -39,23 +41,31 @@ PARAM_DEFAULTS = {
     "orpo_nll": True,
     "alpha": 0.0,
     "dpop_lambda": 50.0,
-    "preference_probs": None,
-    "pair_weights": None,
-    "chosen_margin_rewards": None,
-    "rejected_margin_rewards": None,
     "modpo_weights": None,
-    # Mean chosen length of the whole batch, for callers that evaluate the loss on
-    # parts of a batch (the budget strategy) and need the NLL term to stay additive.
-    "nll_mean_length": None,
-    # The NLL term on other targets than the preference log-probs (TRL's ORPO takes it over prompt and
-    # completion): per-pair sums of log p over the chosen sequence's NLL tokens, and their counts.
-    "chosen_nll_logps": None,
-    "chosen_nll_lengths": None,
-    # TDPO: per-pair Σ_t KL(π_ref || π_θ) over the completion (prefops.linear_token_kl), and α of TDPO2.
-    "chosen_seq_kl": None,
-    "rejected_seq_kl": None,
     "tdpo_alpha": 0.5,
 }
+# Tensor parameters, one value per pair (the MODPO margins [P] or [P, K]), default None.
+PAIR_TENSORS = (
+    "preference_probs",
+    "pair_weights",
+    "chosen_margin_rewards",
+    "rejected_margin_rewards",
+    # The NLL term on other targets than the preference log-probs (TRL's ORPO takes it over prompt and
+    # completion): per-pair sums of log p over the chosen sequence's NLL tokens, and their counts.
+    "chosen_nll_logps",
+    "chosen_nll_lengths",
+    # TDPO: per-pair Σ_t KL(π_ref || π_θ) over the completion (prefops.linear_token_kl).
+    "chosen_seq_kl",
+    "rejected_seq_kl",
+)
+# Mean chosen length of the whole batch (a number or a 0-dim tensor), for callers that evaluate the
+# loss on parts of a batch (the budget strategy) and need the NLL term to stay additive.
+BATCH_VALUES = ("nll_mean_length",)
+PARAM_DEFAULTS = {**OPTION_DEFAULTS, **dict.fromkeys(PAIR_TENSORS + BATCH_VALUES)}
+# The [P] tensors that share one shape and are computed in one dtype.
+SEQUENCE_VALUES = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths",
+                   "rejected_lengths", "preference_probs", "pair_weights", "chosen_seq_kl", "rejected_seq_kl",
+                   "chosen_nll_logps", "chosen_nll_lengths")
 
 
 class _MissingInput(Exception):
@@ -86,13 +96,11 @@ def check_in_range(value, name: str, low: float, high: float, *, high_open: bool
     return float(value)
 
 
-def check_sequence_values(tensors: dict, dtype: torch.dtype) -> dict:
-    """Check named 1-D tensors of one shape; return them cast to `dtype` (None stays None)."""
+def check_sequence_shapes(tensors: dict) -> None:
+    """Check named 1-D tensors (None: not given) of one shape."""
     shape = None
-    out = {}
     for name, value in tensors.items():
         if value is None:
-            out[name] = None
             continue
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
@@ -102,24 +110,33 @@ def check_sequence_values(tensors: dict, dtype: torch.dtype) -> dict:
             shape, first = tuple(value.shape), name
         elif tuple(value.shape) != shape:
             raise ValueError(f"{name} must have the shape of {first} {shape}; got {tuple(value.shape)}")
-        out[name] = value.to(dtype)
-    return out
 
 
-def check_lengths(lengths: torch.Tensor | None, name: str) -> None:
+def check_sequence_values(tensors: dict, dtype: torch.dtype) -> dict:
+    """Check named 1-D tensors of one shape; return them cast to `dtype` (None stays None)."""
+    check_sequence_shapes(tensors)
+    return {name: None if value is None else value.to(dtype) for name, value in tensors.items()}
+
+
+def lengths_check(lengths: torch.Tensor | None, name: str) -> ValueCheck | None:
+    """Every completion has a token (lengths > 0), for checks.run_value_checks."""
     if lengths is None:
-        return
+        return None
     empty = lengths <= 0
-    if bool(empty.any()):
+
+    def fail():
         index = int(empty.nonzero()[0])
         raise ValueError(
             f"{name}[{index}] = {lengths[index].item():g}: pair {index} has no completion tokens "
             "(every completion needs at least one token)"
         )
+    return ValueCheck(empty.any(), fail)
 
 
 def smoothed_logsigmoid_loss(logits: torch.Tensor, eps) -> torch.Tensor:
     """-(1 - ε) log σ(x) - ε log σ(-x): the cDPO loss on logits x with label-flip probability ε."""
+    if isinstance(eps, (int, float)) and eps == 0:
+        return -F.logsigmoid(logits)  # two kernels instead of six, on every step of plain DPO and SimPO
     return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
 
 
@@ -138,9 +155,10 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 class PairBatch:
     """One call's inputs in the compute dtype plus the derived values the losses share.
 
-    Derived values are cached properties, so a weighted combination of losses
-    computes each of them once. An optional input that a loss needs but did not
-    get raises _MissingInput naming the argument.
+    values: the tensors (SEQUENCE_VALUES, PAIR_TENSORS, BATCH_VALUES; None or absent when not
+    given); params: the scalar options (OPTION_DEFAULTS). Derived values are cached properties,
+    so a weighted combination of losses computes each of them once. An optional input that a
+    loss needs but did not get raises _MissingInput naming the argument.
     """
 
     def __init__(self, values: dict, beta: float, label_smoothing: float, params: dict):
@@ -152,7 +170,7 @@ class PairBatch:
         self.rejected = values["rejected_logps"]
 
     def get(self, name: str) -> torch.Tensor:
-        value = self.values.get(name, self.params.get(name))
+        value = self.values.get(name)
         if value is None:
             raise _MissingInput(name)
         return value
@@ -210,7 +228,7 @@ class PairBatch:
         logps, lengths = self.values.get("chosen_nll_logps"), "chosen_nll_lengths"
         if logps is None:
             logps, lengths = self.chosen, "chosen_lengths"
-        mean_length = self.params["nll_mean_length"]
+        mean_length = self.values.get("nll_mean_length")
         return -logps / (self.get(lengths).mean() if mean_length is None else mean_length)
 
     @cached_property
@@ -222,7 +240,7 @@ class PairBatch:
     @cached_property
     def label_eps(self):
         """Per-pair probability that the label is flipped: 1 - preference_probs, else label_smoothing."""
-        probs = self.params["preference_probs"]
+        probs = self.values.get("preference_probs")
         return self.label_smoothing if probs is None else 1 - probs
 
     def alphapo_rewards(self):
@@ -596,8 +614,6 @@ def _check_params(loss_types, beta, label_smoothing, params) -> None:
                 f"being trained) and K >= 1; got {params['modpo_weights']!r}"
             )
         params["modpo_weights"] = weights
-    if params["pair_weights"] is not None and any(t in ("aot", "aot_unpaired") for t in loss_types):
-        raise ValueError("pair_weights cannot be used with 'aot' / 'aot_unpaired': those losses sort the pairs")
 
 
 def has_nll_term(loss_types, params) -> bool:
@@ -606,24 +622,105 @@ def has_nll_term(loss_types, params) -> bool:
             or ("orpo" in loss_types and params["orpo_nll"]))
 
 
-def _check_nll_inputs(values, loss_types, params) -> None:
-    if values["chosen_nll_logps"] is None:
-        if values["chosen_nll_lengths"] is not None:
-            raise ValueError("chosen_nll_lengths is given without chosen_nll_logps")
-        return
-    if not has_nll_term(loss_types, params):
-        raise ValueError(f"chosen_nll_logps is given but no NLL term of loss_type {list(loss_types)} reads it; "
-                         "the NLL terms are 'sft', 'cpo' (cpo_alpha > 0) and 'orpo' (orpo_nll=True)")
-    check_lengths(values["chosen_nll_lengths"], "chosen_nll_lengths")
+def split_params(params: dict) -> tuple[dict, dict]:
+    """pairwise_loss's keyword parameters -> (scalar options, tensors); TypeError naming an unknown one."""
+    bad = sorted(set(params) - set(PARAM_DEFAULTS))
+    if bad:
+        raise TypeError(f"unknown parameter(s) {bad}; valid: {', '.join(sorted(PARAM_DEFAULTS))}")
+    return ({name: value for name, value in params.items() if name in OPTION_DEFAULTS},
+            {name: value for name, value in params.items() if name not in OPTION_DEFAULTS})
 
 
-def _check_probs(probs, label_smoothing) -> None:
-    if probs is None:
-        return
-    if label_smoothing:
-        raise ValueError("pass either preference_probs (per pair) or label_smoothing (global), not both")
-    if bool(((probs < 0) | (probs > 1) | probs.isnan()).any()):
-        raise ValueError("preference_probs must lie in [0, 1]")
+class PairwiseSpec:
+    """A pairwise loss with its scalar options checked: loss types, weights, β, ε and OPTION_DEFAULTS.
+
+    pairwise_loss checks everything and evaluates in one call. A caller that evaluates one batch's
+    loss part by part (prefops.PreferenceLoss: once per chunk of pairs, inside its forward) checks
+    the batch's tensors once with check(), then calls losses() per part and metrics() once: neither
+    checks anything or reads a value on the host, so the GPU never waits for them.
+    """
+
+    def __init__(self, loss_type="sigmoid", beta=0.1, label_smoothing=0.0, loss_weights=None, **options):
+        self.loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        self.losses_by_name = {**LOSSES, **TOKEN_LEVEL_LOSSES}
+        unknown = [name for name in self.loss_types if name not in self.losses_by_name]
+        if unknown or not self.loss_types:
+            raise ValueError(f"unknown loss_type {unknown or loss_type!r}; valid: "
+                             f"{', '.join(sorted(self.losses_by_name))}")
+        weights = [1.0] * len(self.loss_types) if loss_weights is None else [float(w) for w in loss_weights]
+        if len(weights) != len(self.loss_types) or not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"loss_weights must be {len(self.loss_types)} finite numbers, one per loss_type; "
+                             f"got {loss_weights!r}")
+        options, tensors = split_params(options)
+        if tensors:
+            raise TypeError(f"{sorted(tensors)} are tensors of a batch: pass them to check(), losses() and metrics()")
+        self.weights = weights
+        self.options = {**OPTION_DEFAULTS, **options}
+        _check_params(self.loss_types, beta, label_smoothing, self.options)
+        self.beta, self.label_smoothing = float(beta), float(label_smoothing)
+
+    def check(self, tensors: dict) -> list:
+        """Check a batch's tensors (names as pairwise_loss's tensor arguments, absent or None when not
+        given) without reading their values; return the checks of the values for
+        prefops.checks.run_value_checks (one host read for all of them)."""
+        check_sequence_shapes({name: tensors.get(name) for name in SEQUENCE_VALUES})
+        if (tensors.get("ref_chosen_logps") is None) != (tensors.get("ref_rejected_logps") is None):
+            missing = "ref_chosen_logps" if tensors.get("ref_chosen_logps") is None else "ref_rejected_logps"
+            raise ValueError(f"{missing} is None but its counterpart is given: pass both reference log-probs or "
+                             "neither")
+        if tensors.get("pair_weights") is not None and any(t in ("aot", "aot_unpaired") for t in self.loss_types):
+            raise ValueError("pair_weights cannot be used with 'aot' / 'aot_unpaired': those losses sort the pairs")
+        probs = tensors.get("preference_probs")
+        if probs is not None and self.label_smoothing:
+            raise ValueError("pass either preference_probs (per pair) or label_smoothing (global), not both")
+        if tensors.get("chosen_nll_logps") is None:
+            if tensors.get("chosen_nll_lengths") is not None:
+                raise ValueError("chosen_nll_lengths is given without chosen_nll_logps")
+        elif not has_nll_term(self.loss_types, self.options):
+            raise ValueError(f"chosen_nll_logps is given but no NLL term of loss_type {self.loss_types} reads it; "
+                             "the NLL terms are 'sft', 'cpo' (cpo_alpha > 0) and 'orpo' (orpo_nll=True)")
+        pairs = next((tensors[name].shape[0] for name in SEQUENCE_VALUES if tensors.get(name) is not None), None)
+        for name in ("chosen_margin_rewards", "rejected_margin_rewards"):
+            margin = tensors.get(name)
+            if margin is not None and (margin.dim() not in (1, 2) or margin.shape[0] != pairs):
+                raise ValueError(f"{name} must have shape [P] or [P, K] with P = {pairs}; got {tuple(margin.shape)}")
+        return [lengths_check(tensors.get("chosen_lengths"), "chosen_lengths"),
+                lengths_check(tensors.get("rejected_lengths"), "rejected_lengths"),
+                None if probs is None else ValueCheck(((probs < 0) | (probs > 1) | probs.isnan()).any(),
+                                                      _raise_probs_range),
+                lengths_check(tensors.get("chosen_nll_lengths"), "chosen_nll_lengths")]
+
+    def batch(self, tensors: dict) -> PairBatch:
+        """The checked tensors of a batch (or of some of its pairs) in the compute dtype, unchecked."""
+        dtype = compute_dtype(*(tensors.get(name) for name in ("chosen_logps", "rejected_logps", "ref_chosen_logps",
+                                                                "ref_rejected_logps")))
+        values = {name: value.to(dtype) if name in SEQUENCE_VALUES and value is not None else value
+                  for name, value in tensors.items()}
+        return PairBatch(values, self.beta, self.label_smoothing, self.options)
+
+    def losses(self, batch: PairBatch) -> torch.Tensor:
+        """Per-pair loss [P], Σ_i w_i · loss_i (times pair_weights, without gradient)."""
+        total = None
+        for name, weight in zip(self.loss_types, self.weights):
+            try:
+                part = self.losses_by_name[name](batch)
+            except _MissingInput as missing:
+                raise ValueError(f"loss_type {name!r} needs {missing.argument}, which was not given") from None
+            part = part if weight == 1 else weight * part
+            total = part if total is None else total + part
+        pair_weights = batch.values.get("pair_weights")
+        return total if pair_weights is None else total * pair_weights.detach()
+
+    def metrics(self, batch: PairBatch) -> dict:
+        """TRL-named metrics (detached scalars, means over pairs)."""
+        try:
+            return _metrics(batch, self.loss_types)
+        except _MissingInput as missing:  # only a reference-free reward can be missing an input here
+            raise ValueError(f"loss_type {self.loss_types[0]!r} needs {missing.argument}") from None
+
+
+def _raise_probs_range():
+    raise ValueError("preference_probs must lie in [0, 1]")
 
 
 def pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
@@ -643,62 +740,20 @@ def pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejec
     chosen_nll_logps / chosen_nll_lengths ([P]: the NLL term of sft, cpo and orpo on other
     targets than chosen_logps, e.g. prompt and completion as TRL's ORPO; nll_mean_length, when
     given, must then count those tokens). Reference-free losses (REFERENCE_FREE) take no ref_*_logps.
+    Every check runs here, with one host read of the values it checks (PairwiseSpec says how to
+    check once and evaluate many times).
 
     Returns (losses [P] in fp32, fp64 for fp64 inputs; metrics: dict of detached
     scalars, means over pairs). The batch loss is losses.mean().
     """
-    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    losses = {**LOSSES, **TOKEN_LEVEL_LOSSES}
-    unknown = [name for name in loss_types if name not in losses]
-    if unknown or not loss_types:
-        raise ValueError(f"unknown loss_type {unknown or loss_type!r}; valid: {', '.join(sorted(losses))}")
-    weights = [1.0] * len(loss_types) if loss_weights is None else [float(w) for w in loss_weights]
-    if len(weights) != len(loss_types) or not all(math.isfinite(w) for w in weights):
-        raise ValueError(
-            f"loss_weights must be {len(loss_types)} finite numbers, one per loss_type; got {loss_weights!r}")
-    bad = sorted(set(params) - set(PARAM_DEFAULTS))
-    if bad:
-        raise TypeError(f"unknown parameter(s) {bad}; valid: {', '.join(sorted(PARAM_DEFAULTS))}")
-    params = {**PARAM_DEFAULTS, **params}
-    _check_params(loss_types, beta, label_smoothing, params)
-
-    tensors = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "ref_chosen_logps": ref_chosen_logps,
-               "ref_rejected_logps": ref_rejected_logps, "chosen_lengths": chosen_lengths,
-               "rejected_lengths": rejected_lengths, "preference_probs": params["preference_probs"],
-               "pair_weights": params["pair_weights"], "chosen_seq_kl": params["chosen_seq_kl"],
-               "rejected_seq_kl": params["rejected_seq_kl"], "chosen_nll_logps": params["chosen_nll_logps"],
-               "chosen_nll_lengths": params["chosen_nll_lengths"]}
+    options, tensors = split_params(params)
+    spec = PairwiseSpec(loss_type, beta, label_smoothing, loss_weights, **options)
+    tensors.update(chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                   ref_rejected_logps=ref_rejected_logps, chosen_lengths=chosen_lengths,
+                   rejected_lengths=rejected_lengths)
     for name in ("chosen_logps", "rejected_logps"):
         if tensors[name] is None:
             raise ValueError(f"{name} is required")
-    dtype = compute_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    values = check_sequence_values(tensors, dtype)
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        missing = "ref_chosen_logps" if ref_chosen_logps is None else "ref_rejected_logps"
-        raise ValueError(f"{missing} is None but its counterpart is given: pass both reference log-probs or neither")
-    check_lengths(values["chosen_lengths"], "chosen_lengths")
-    check_lengths(values["rejected_lengths"], "rejected_lengths")
-    _check_probs(values["preference_probs"], label_smoothing)
-    _check_nll_inputs(values, loss_types, params)
-    params["preference_probs"] = values["preference_probs"]
-    for name in ("chosen_margin_rewards", "rejected_margin_rewards"):
-        margin = params[name]
-        if margin is not None and (margin.dim() not in (1, 2) or margin.shape[0] != values["chosen_logps"].shape[0]):
-            raise ValueError(f"{name} must have shape [P] or [P, K] with P = {values['chosen_logps'].shape[0]}; "
-                             f"got {tuple(margin.shape)}")
-
-    batch = PairBatch(values, float(beta), float(label_smoothing), params)
-    total = None
-    for name, weight in zip(loss_types, weights):
-        try:
-            part = losses[name](batch)
-        except _MissingInput as missing:
-            raise ValueError(f"loss_type {name!r} needs {missing.argument}, which was not given") from None
-        total = weight * part if total is None else total + weight * part
-    if values["pair_weights"] is not None:
-        total = total * values["pair_weights"].detach()
-    try:
-        metrics = _metrics(batch, loss_types)
-    except _MissingInput as missing:  # only a reference-free reward can be missing an input here
-        raise ValueError(f"loss_type {loss_types[0]!r} needs {missing.argument}") from None
-    return total, metrics
+    run_value_checks(spec.check(tensors))
+    batch = spec.batch(tensors)
+    return spec.losses(batch), spec.metrics(batch)

@@ -1,0 +1,157 @@
+"""What a loss head adds to the fused pass, counted without a GPU (issue 20 item 6).
+
+    python benchmarks/bench_head_overhead.py                    # bench_losses' loss types, every path
+    python benchmarks/bench_head_overhead.py --loss-types all --out heads.md
+
+bench_losses times each loss type against a logps-only row on the same fused pass; on a GPU
+the difference is the head's tiny kernels, plus, wherever an op needs a value on the host, the
+time the GPU idles while the CPU issues what follows it (see prefops.tools.opcount). This
+script counts both at a tiny fp32 shape on CPU, per loss type and path:
+  calls             head calls in one step (chunked: one per chunk; the others: one)
+  ops, syncs / call aten ops one head call launches (views excluded), and those that wait for the device
+  step ops, syncs   forward + backward of the loss module minus the logps-only row's on the same path
+                    (sequence_objective with the trivial head Σ logps, as bench_losses' logps-budget row)
+  µs / call         CPU time of one head call, replayed on its own arguments
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import timeit
+from pathlib import Path
+
+import torch
+
+import prefops
+import prefops.preference
+import prefops.unpaired
+from bench_losses import IGNORE_INDEX, KTO_KL, LOSS_TYPES, PARAMS, kto_labels
+from prefops.losses import LOSSES, REFERENCE_FREE
+from prefops.chunks import budget_bytes_per_logit
+from prefops.tools.bench import BETA, Shape, finish_report, make_problem, markdown_table
+from prefops.tools.opcount import OpCounter
+
+SHAPE = Shape(pairs=4, tokens=24, hidden=16, vocab=96)
+PATHS = ("lean", "sliced", "stored", "chunked")
+# What each pairwise loss needs beyond the reference to run (tests/test_head_overhead.py runs them all).
+EXTRA = {
+    **PARAMS,
+    "exo_pair": {"label_smoothing": 0.1},
+    "robust": {"label_smoothing": 0.1},
+    "sppo": {"preference_probs": torch.linspace(0.6, 0.9, SHAPE.pairs)},
+    "modpo": {"modpo_weights": [0.6, 0.4], "chosen_margin_rewards": torch.linspace(-1, 1, SHAPE.pairs),
+              "rejected_margin_rewards": torch.linspace(1, -1, SHAPE.pairs)},
+}
+ALL_TYPES = (*sorted(LOSSES), "kto")
+
+
+def strategy_of(path: str, p) -> dict:
+    """strategy and budget that run `path` at this problem: chunked gets one loss group's rows per chunk."""
+    if path in ("lean", "sliced"):
+        return dict(strategy=path)
+    if path == "stored":
+        return dict(strategy="budget", budget="1GB")
+    group_rows = int(p.mask[0].sum() + p.mask[p.pairs].sum())
+    return dict(strategy="budget", budget=group_rows * p.weight.shape[0] * budget_bytes_per_logit(p.weight.dtype))
+
+
+def loss_step(loss_type: str, p, options: dict):
+    """The loss module's step and the function its head goes through (patched to count the calls)."""
+    if loss_type == "kto":
+        module = prefops.UnpairedLoss("kto", beta=BETA, ignore_index=IGNORE_INDEX, **options)
+        labels = kto_labels(p)
+        return (lambda: module(p.hidden, p.weight, p.targets, labels=labels, ref_logps=p.ref, kl=KTO_KL)[0],
+                prefops.unpaired)
+    module = prefops.PreferenceLoss(loss_type, beta=BETA, ignore_index=IGNORE_INDEX, **options,
+                                    **EXTRA.get(loss_type, {}))
+    refs = {} if loss_type in REFERENCE_FREE else dict(ref_chosen_logps=p.ref[:p.pairs],
+                                                       ref_rejected_logps=p.ref[p.pairs:])
+    return lambda: module(p.hidden, p.weight, p.targets, **refs)[0], prefops.preference
+
+
+def logps_step(loss_type: str, p, options: dict):
+    """bench_losses' logps-only row on the same path: the loss row's groups, head Σ logps."""
+    sequences, tokens, width = p.hidden.shape
+    index = torch.arange(sequences)
+    groups = index[:, None] if loss_type == "kto" else torch.stack([index[:p.pairs], index[p.pairs:]], 1)
+    return lambda: prefops.sequence_objective(
+        p.hidden.view(-1, width), p.weight, p.targets.view(-1), groups=groups, seq_ids=index.repeat_interleave(tokens),
+        head=lambda logps, group_index, stats: logps.sum(), ignore_index=IGNORE_INDEX, **options).loss
+
+
+def counted_step(step) -> OpCounter:
+    step()  # once first: caches and lazy imports are not the step's
+    with OpCounter() as counter:
+        step().backward()
+    return counter
+
+
+@contextlib.contextmanager
+def captured_heads(module):
+    """Every head `module`'s sequence_objective gets, called under its own OpCounter: [(counter, head, args)]."""
+    calls, original = [], module.sequence_objective
+
+    def objective(*args, head, **kwargs):
+        def counted(*head_args):
+            with OpCounter() as counter:
+                result = head(*head_args)
+            calls.append((counter, head, head_args))
+            return result
+        return original(*args, head=counted, **kwargs)
+
+    module.sequence_objective = objective
+    try:
+        yield calls
+    finally:
+        module.sequence_objective = original
+
+
+def measure(loss_type: str, path: str, p, time_calls: bool = True) -> dict:
+    options = strategy_of(path, p)
+    step, module = loss_step(loss_type, p, options)
+    step()
+    with captured_heads(module) as calls:
+        step().backward()
+    ran = prefops.strategy.last_path()
+    total, baseline = counted_step(step), counted_step(logps_step(loss_type, p, options))
+    p.clear_gradients()
+    microseconds = None
+    if time_calls:
+        counter, head, args = calls[0]
+        runs, seconds = timeit.Timer(lambda: head(*args)).autorange()
+        microseconds = 1e6 * seconds / runs
+    return dict(path=ran, calls=len(calls), ops=max(len(c.ops) for c, _, _ in calls),
+                syncs=max(len(c.syncs) for c, _, _ in calls), sync_names=calls[0][0].summary(),
+                step_ops=len(total.ops) - len(baseline.ops), step_syncs=len(total.syncs) - len(baseline.syncs),
+                step_sync_names=f"{total.summary()} (logps-only: {baseline.summary()})", us=microseconds)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loss-types", default=",".join(LOSS_TYPES),
+                        help=f"comma-separated, or 'all' ({', '.join(ALL_TYPES)})")
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
+    parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    args = parser.parse_args(argv)
+    loss_types = ALL_TYPES if args.loss_types == "all" else args.loss_types.split(",")
+    p = make_problem(SHAPE, torch.device("cpu"), dtype=torch.float32)
+    table = []
+    for loss_type in loss_types:
+        for path in args.paths.split(","):
+            r = measure(loss_type, path, p)
+            table.append([loss_type, r["path"], r["calls"], r["ops"], r["syncs"], r["step_ops"], r["step_syncs"],
+                          f"{r['us']:.0f}", r["step_sync_names"]])
+            print(" | ".join(map(str, table[-1])), file=sys.stderr, flush=True)
+    report = "\n".join([
+        "# Loss-head overhead: ops and host syncs (CPU count)", "",
+        f"Shape: {SHAPE.pairs} pairs × {SHAPE.tokens} tokens, H {SHAPE.hidden}, V {SHAPE.vocab}, fp32; beta {BETA}. "
+        "Step columns: the loss module's forward + backward minus the logps-only row's on the same path.", "",
+        markdown_table(["loss type", "path", "calls", "ops / call", "syncs / call", "step ops over logps",
+                        "step syncs over logps", "µs / call (CPU)", "step syncs by op"], table),
+    ])
+    finish_report(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
