@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import timeit
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,6 +29,7 @@ import prefops
 import prefops.preference
 import prefops.unpaired
 from bench_losses import IGNORE_INDEX, KTO_KL, LOSS_TYPES, PARAMS, kto_labels
+from prefops.preference import BATCH_COUPLED_LOSSES
 from prefops.losses import LOSSES, REFERENCE_FREE
 from prefops.chunks import budget_bytes_per_logit
 from prefops.tools.bench import BETA, Shape, finish_report, make_problem, markdown_table
@@ -44,6 +47,11 @@ EXTRA = {
               "rejected_margin_rewards": torch.linspace(1, -1, SHAPE.pairs)},
 }
 ALL_TYPES = (*sorted(LOSSES), "kto")
+
+
+def paths_of(loss_type: str) -> tuple:
+    """The paths a loss type runs: one coupled across its batch has no chunked head."""
+    return ("lean", "sliced") if loss_type in BATCH_COUPLED_LOSSES else PATHS
 
 
 def strategy_of(path: str, p) -> dict:
@@ -107,7 +115,24 @@ def captured_heads(module):
         module.sequence_objective = original
 
 
-def measure(loss_type: str, path: str, p, time_calls: bool = True) -> dict:
+@dataclasses.dataclass
+class Counts:
+    path: str  # the path that ran (prefops.strategy.last_path)
+    heads: list  # an OpCounter per head call
+    step: OpCounter  # the loss module's forward + backward
+    baseline: OpCounter  # the logps-only row's on the same path
+    us: Optional[float]  # CPU microseconds per head call
+
+    @property
+    def step_ops(self) -> int:
+        return len(self.step.ops) - len(self.baseline.ops)
+
+    @property
+    def step_syncs(self) -> int:
+        return len(self.step.syncs) - len(self.baseline.syncs)
+
+
+def measure(loss_type: str, path: str, p, time_calls: bool = True) -> Counts:
     options = strategy_of(path, p)
     step, module = loss_step(loss_type, p, options)
     step()
@@ -118,13 +143,10 @@ def measure(loss_type: str, path: str, p, time_calls: bool = True) -> dict:
     p.clear_gradients()
     microseconds = None
     if time_calls:
-        counter, head, args = calls[0]
-        runs, seconds = timeit.Timer(lambda: head(*args)).autorange()
-        microseconds = 1e6 * seconds / runs
-    return dict(path=ran, calls=len(calls), ops=max(len(c.ops) for c, _, _ in calls),
-                syncs=max(len(c.syncs) for c, _, _ in calls), sync_names=calls[0][0].summary(),
-                step_ops=len(total.ops) - len(baseline.ops), step_syncs=len(total.syncs) - len(baseline.syncs),
-                step_sync_names=f"{total.summary()} (logps-only: {baseline.summary()})", us=microseconds)
+        _, head, args = calls[0]
+        # The least of several repeats: the CPU is shared, and noise only adds.
+        microseconds = 1e6 * min(timeit.repeat(lambda: head(*args), number=50, repeat=5)) / 50
+    return Counts(ran, [counter for counter, _, _ in calls], total, baseline, microseconds)
 
 
 def main(argv=None):
@@ -138,10 +160,11 @@ def main(argv=None):
     p = make_problem(SHAPE, torch.device("cpu"), dtype=torch.float32)
     table = []
     for loss_type in loss_types:
-        for path in args.paths.split(","):
-            r = measure(loss_type, path, p)
-            table.append([loss_type, r["path"], r["calls"], r["ops"], r["syncs"], r["step_ops"], r["step_syncs"],
-                          f"{r['us']:.0f}", r["step_sync_names"]])
+        for path in [path for path in args.paths.split(",") if path in paths_of(loss_type)]:
+            c = measure(loss_type, path, p)
+            table.append([loss_type, c.path, len(c.heads), max(len(h.ops) for h in c.heads),
+                          max(len(h.syncs) for h in c.heads), c.step_ops, c.step_syncs, f"{c.us:.0f}",
+                          f"{c.step.summary()} (logps-only: {c.baseline.summary()})"])
             print(" | ".join(map(str, table[-1])), file=sys.stderr, flush=True)
     report = "\n".join([
         "# Loss-head overhead: ops and host syncs (CPU count)", "",

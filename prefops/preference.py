@@ -15,7 +15,8 @@ import torch
 
 from .checks import check_targets_in_range, run_value_checks
 from .losses import PARAM_DEFAULTS, REFERENCE_FREE, ld_dpo_token_weights
-from .losses.pairwise import PAIR_TENSORS, TOKEN_LEVEL_LOSSES, PairwiseSpec, has_nll_term, lengths_check, split_params
+from .losses.pairwise import (BATCH_VALUES, PAIR_TENSORS, TOKEN_LEVEL_LOSSES, PairwiseSpec, has_nll_term,
+                              lengths_check, split_params)
 from .config import get_settings
 from .losses.token_level import tgdpo_token_rewards
 from .objective import sequence_objective
@@ -116,8 +117,9 @@ class PreferenceLoss(torch.nn.Module):
         nll_rows = self._nll_rows(targets, seq_ids, pairs, nll_targets, weight.shape[0])
         lengths, nll_lengths = self._lengths(targets, seq_ids, pairs, nll_targets)
         # A caller's nll_mean_length (a whole step's, across micro-batches and ranks) wins over this batch's.
-        batch_values = {"nll_mean_length": given["nll_mean_length"] if "nll_mean_length" in given else
-                        (lengths[:, 0] if nll_lengths is None else nll_lengths).sum() / pairs}
+        batch_values = {name: given[name] for name in BATCH_VALUES if name in given}
+        if "nll_mean_length" not in batch_values and has_nll_term(spec.loss_types, spec.options):
+            batch_values["nll_mean_length"] = (lengths[:, 0] if nll_lengths is None else nll_lengths).sum() / pairs
         per_pair = {name: given[name] for name in PAIR_TENSORS if given.get(name) is not None}
         if self.token_level:
             run_value_checks(spec.check({**per_pair, "chosen_lengths": lengths[:, 0],

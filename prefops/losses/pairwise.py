@@ -140,16 +140,29 @@ def smoothed_logsigmoid_loss(logits: torch.Tensor, eps) -> torch.Tensor:
     return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
 
 
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
+class _Log1mexp(torch.autograd.Function):
     """log(1 - exp(x)) for x < 0, switching branch at -log 2 to avoid cancellation.
 
-    x is capped at -eps² so a log-prob that rounded to 0 (probability 1) stays finite;
-    each branch sees only inputs in its own range, so the unused one has no inf gradient.
+    x is capped at -eps² so a log-prob that rounded to 0 (probability 1) stays finite. The
+    derivative, -1 / expm1(-x), is written out: autograd through the two branches and their
+    guards would take three times the kernels, on every chunk of every ORPO step.
     """
-    x = x.clamp(max=-torch.finfo(x.dtype).eps ** 2)
-    far = x < -math.log(2)
-    return torch.where(far, torch.log1p(-torch.exp(torch.where(far, x, -1.0))),
-                       torch.log(-torch.expm1(torch.where(far, -0.5, x))))
+
+    @staticmethod
+    def forward(ctx, x):
+        capped = x.clamp(max=-torch.finfo(x.dtype).eps ** 2)
+        ctx.save_for_backward(x, capped)
+        # Near 0 the far branch gives -inf: it is not selected there, and nothing differentiates it.
+        return torch.where(capped < -math.log(2), torch.log1p(-torch.exp(capped)), torch.log(-torch.expm1(capped)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, capped = ctx.saved_tensors
+        # Above the cap the value is constant, as through a clamp.
+        return torch.where(x > capped, 0.0, grad / -torch.expm1(-capped))
+
+
+log1mexp = _Log1mexp.apply
 
 
 class PairBatch:
@@ -235,7 +248,9 @@ class PairBatch:
     def log_odds(self):
         """log[odds(y_w) / odds(y_l)] with odds(y) = p / (1 - p) on mean token log-probs (ORPO)."""
         chosen, rejected = self.chosen_mean_logps, self.rejected_mean_logps
-        return (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        # One log1mexp over both columns: a dozen kernels per evaluation, forward and backward.
+        log1mexp_chosen, log1mexp_rejected = log1mexp(torch.stack([chosen, rejected])).unbind()
+        return (chosen - rejected) - (log1mexp_chosen - log1mexp_rejected)
 
     @cached_property
     def label_eps(self):
@@ -466,9 +481,13 @@ def modpo_loss(b: PairBatch):
     if weights is None:
         raise _MissingInput("modpo_weights")
     margin = (b.get("chosen_margin_rewards") - b.get("rejected_margin_rewards")).to(b.chosen.dtype)
-    margin = margin.reshape(margin.shape[0], -1) @ margin.new_tensor(weights[1:])
+    margin = margin.reshape(margin.shape[0], -1)
+    # Products with Python numbers: a tensor of the weights would be a copy to the device per call.
+    weighted = margin[:, 0] * weights[1]
+    for column, weight in enumerate(weights[2:], 1):
+        weighted = weighted + margin[:, column] * weight
     dpo_logratio = b.chosen_logratios - b.rejected_logratios
-    return -F.logsigmoid((b.beta * dpo_logratio - margin) / weights[0])
+    return -F.logsigmoid((b.beta * dpo_logratio - weighted) / weights[0])
 
 
 @_register("simpo")
@@ -680,10 +699,16 @@ class PairwiseSpec:
             raise ValueError(f"chosen_nll_logps is given but no NLL term of loss_type {self.loss_types} reads it; "
                              "the NLL terms are 'sft', 'cpo' (cpo_alpha > 0) and 'orpo' (orpo_nll=True)")
         pairs = next((tensors[name].shape[0] for name in SEQUENCE_VALUES if tensors.get(name) is not None), None)
+        weights = self.options["modpo_weights"]
         for name in ("chosen_margin_rewards", "rejected_margin_rewards"):
             margin = tensors.get(name)
-            if margin is not None and (margin.dim() not in (1, 2) or margin.shape[0] != pairs):
+            if margin is None:
+                continue
+            if margin.dim() not in (1, 2) or margin.shape[0] != pairs:
                 raise ValueError(f"{name} must have shape [P] or [P, K] with P = {pairs}; got {tuple(margin.shape)}")
+            if weights is not None and (1 if margin.dim() == 1 else margin.shape[1]) != len(weights) - 1:
+                raise ValueError(f"{name} must have one column per other objective, K = len(modpo_weights) - 1 = "
+                                 f"{len(weights) - 1}; got shape {tuple(margin.shape)}")
         return [lengths_check(tensors.get("chosen_lengths"), "chosen_lengths"),
                 lengths_check(tensors.get("rejected_lengths"), "rejected_lengths"),
                 None if probs is None else ValueCheck(((probs < 0) | (probs > 1) | probs.isnan()).any(),

@@ -89,7 +89,9 @@ def reference_point(kl, loss_type, like: torch.Tensor):
         return like.new_zeros(()), None
     if kl is None:
         raise ValueError("kto_loss needs kl (the reference point; see kto_kl_estimate)")
-    kl = torch.as_tensor(kl, dtype=like.dtype, device=like.device).detach()
+    # A number is filled in on the device: a tensor made from it would be a host-to-device copy.
+    kl = like.new_full((), kl) if isinstance(kl, (int, float)) else torch.as_tensor(kl, dtype=like.dtype,
+                                                                                   device=like.device).detach()
     if kl.numel() != 1:
         raise ValueError(f"kl must be a scalar; got shape {tuple(kl.shape)}")
     kl = kl.reshape(())

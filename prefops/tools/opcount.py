@@ -35,12 +35,16 @@ def _is_sync(func, args, kwargs) -> bool:
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
     if name == "aten.repeat_interleave" and isinstance(args[0], torch.Tensor) and args[0].dim() == 1:
         return kwargs.get("output_size") is None  # the output length is the sum of the repeats
-    if name in ("aten._to_copy", "aten.copy_", "aten.to"):
-        # A device-to-host copy (.cpu(), .tolist() on CUDA) waits for the device.
+    if name == "aten.lift_fresh":
+        # A tensor made from Python data (torch.tensor, as_tensor of a number, new_tensor): bound for
+        # a GPU, it is a copy from pageable host memory, which PyTorch follows by a stream sync.
+        return True
+    if name in ("aten._to_copy", "aten.copy_"):
+        # Across devices: .cpu() waits for the device; a blocking .to("cuda") syncs the stream after its copy.
         source = args[1] if name == "aten.copy_" else args[0]
-        target = args[0] if name == "aten.copy_" else kwargs.get("device")
-        return (isinstance(source, torch.Tensor) and source.device.type != "cpu"
-                and (target.device if isinstance(target, torch.Tensor) else target) == torch.device("cpu"))
+        target = args[0].device if name == "aten.copy_" else kwargs.get("device")
+        return (isinstance(source, torch.Tensor) and target is not None and torch.device(target) != source.device
+                and not kwargs.get("non_blocking", False) and "meta" not in (source.device.type, str(target)))
     return False
 
 
@@ -59,7 +63,7 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)
         # Views and metadata ops launch no kernel; they are free on every device.
-        if not (func.is_view or name in ("aten.detach", "aten.lift_fresh", "aten.alias")):
+        if not (func.is_view or name in ("aten.detach", "aten.alias")):
             self.ops.append(name)
         if _is_sync(func, args, kwargs):
             self.syncs.append(name)
