@@ -96,11 +96,11 @@ def counted_step(step) -> OpCounter:
 
 
 @contextlib.contextmanager
-def captured_heads(module):
-    """Every head `module`'s sequence_objective gets, called under its own OpCounter: [(counter, head, args)]."""
-    calls, original = [], module.sequence_objective
+def captured_heads(module, objective="sequence_objective"):
+    """Every head that `module`'s `objective` gets, called under its own OpCounter: [(counter, head, args)]."""
+    calls, original = [], getattr(module, objective)
 
-    def objective(*args, head, **kwargs):
+    def patched(*args, head, **kwargs):
         def counted(*head_args):
             with OpCounter() as counter:
                 result = head(*head_args)
@@ -108,11 +108,11 @@ def captured_heads(module):
             return result
         return original(*args, head=counted, **kwargs)
 
-    module.sequence_objective = objective
+    setattr(module, objective, patched)
     try:
         yield calls
     finally:
-        module.sequence_objective = original
+        setattr(module, objective, original)
 
 
 @dataclasses.dataclass

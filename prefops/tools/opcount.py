@@ -10,7 +10,6 @@ their bars and benchmarks/bench_head_overhead.py reports them.
 from __future__ import annotations
 
 import collections
-import contextlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -88,23 +87,3 @@ class OpCounter(TorchDispatchMode):
         """The syncs by name, for an assertion message."""
         return ", ".join(f"{name} x{n}" for name, n in collections.Counter(self.syncs).items()) or "none"
 
-
-@contextlib.contextmanager
-def counting_calls(owner, attribute: str, counters: list):
-    """Patch owner.attribute (a function taking a `head=` keyword) so that every head it is given runs
-    under a fresh OpCounter, appended to `counters`: the ops and syncs of each head call."""
-    original = getattr(owner, attribute)
-
-    def patched(*args, head, **kwargs):
-        def counted_head(*head_args):
-            with OpCounter() as counter:
-                result = head(*head_args)
-            counters.append(counter)
-            return result
-        return original(*args, head=counted_head, **kwargs)
-
-    setattr(owner, attribute, patched)
-    try:
-        yield counters
-    finally:
-        setattr(owner, attribute, original)
