@@ -32,7 +32,8 @@ from bench_losses import IGNORE_INDEX, KTO_KL, LOSS_TYPES, PARAMS, kto_labels
 from prefops.preference import BATCH_COUPLED_LOSSES
 from prefops.losses import LOSSES, REFERENCE_FREE
 from prefops.chunks import budget_bytes_per_logit
-from prefops.tools.bench import BETA, Shape, finish_report, make_problem, markdown_table
+from prefops.tools.bench import BETA, Shape, add_choices_option, finish_report, make_problem, markdown_table
+from prefops.tools.options import comma_choices
 from prefops.tools.opcount import OpCounter
 
 SHAPE = Shape(pairs=4, tokens=24, hidden=16, vocab=96)
@@ -152,15 +153,15 @@ def measure(loss_type: str, path: str, p, time_calls: bool = True) -> Counts:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loss-types", default=",".join(LOSS_TYPES),
-                        help=f"comma-separated, or 'all' ({', '.join(ALL_TYPES)})")
-    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
+                        type=lambda text: list(ALL_TYPES) if text == "all" else comma_choices(ALL_TYPES)(text),
+                        help=f"comma-separated subset of {','.join(ALL_TYPES)}, or all (default: bench_losses')")
+    add_choices_option(parser, "--paths", PATHS)
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
-    loss_types = ALL_TYPES if args.loss_types == "all" else args.loss_types.split(",")
     p = make_problem(SHAPE, torch.device("cpu"), dtype=torch.float32)
     table = []
-    for loss_type in loss_types:
-        for path in [path for path in args.paths.split(",") if path in paths_of(loss_type)]:
+    for loss_type in args.loss_types:
+        for path in [path for path in args.paths if path in paths_of(loss_type)]:
             c = measure(loss_type, path, p)
             table.append([loss_type, c.path, len(c.heads), max(len(h.ops) for h in c.heads),
                           max(len(h.syncs) for h in c.heads), c.step_ops, c.step_syncs, f"{c.us:.0f}",

@@ -121,20 +121,20 @@ class PreferenceLoss(torch.nn.Module):
         if "nll_mean_length" not in batch_values and has_nll_term(spec.loss_types, spec.options):
             batch_values["nll_mean_length"] = (lengths[:, 0] if nll_lengths is None else nll_lengths).sum() / pairs
         per_pair = {name: given[name] for name in PAIR_TENSORS if given.get(name) is not None}
-        if self.token_level:
-            run_value_checks(spec.check({**per_pair, "chosen_lengths": lengths[:, 0],
-                                         "rejected_lengths": lengths[:, 1]}))
-            return self._token_level_forward(spec, per_pair, batch_values, hidden, weight, targets, bias, seq_ids,
-                                             pairs, groups, token_weights, ref_chosen_logps, ref_rejected_logps,
-                                             ref_hidden, ref_weight, ref_bias)
-        ref_chosen, ref_rejected = self._reference(targets, seq_ids, token_weights, ref_chosen_logps,
-                                                   ref_rejected_logps, ref_hidden, ref_weight, ref_bias, pairs)
-        per_pair.update({name: value for name, value in (("ref_chosen_logps", ref_chosen),
-                                                         ("ref_rejected_logps", ref_rejected)) if value is not None})
+        if not self.token_level:  # the TDPO losses' reference comes out of their fused pass
+            ref_chosen, ref_rejected = self._reference(targets, seq_ids, token_weights, ref_chosen_logps,
+                                                       ref_rejected_logps, ref_hidden, ref_weight, ref_bias, pairs)
+            per_pair.update({name: value for name, value in (("ref_chosen_logps", ref_chosen),
+                                                             ("ref_rejected_logps", ref_rejected))
+                             if value is not None})
         # Every value check of the step, before the fused pass: the head that runs per chunk checks nothing.
         run_value_checks([*spec.check({**per_pair, "chosen_lengths": lengths[:, 0],
                                        "rejected_lengths": lengths[:, 1]}),
                           lengths_check(nll_lengths, "chosen_nll_lengths")])
+        if self.token_level:
+            return self._token_level_forward(spec, per_pair, batch_values, hidden, weight, targets, bias, seq_ids,
+                                             pairs, groups, token_weights, ref_chosen_logps, ref_rejected_logps,
+                                             ref_hidden, ref_weight, ref_bias)
         if nll_rows is not None:
             hidden, targets, seq_ids, token_weights, groups = _append_nll_sequences(
                 hidden, targets, seq_ids, token_weights, groups, nll_targets, nll_rows)
@@ -291,9 +291,8 @@ class PreferenceLoss(torch.nn.Module):
             raise ValueError(f"loss_type {self.loss_type!r} needs the reference: pass ref_chosen_logps and "
                              "ref_rejected_logps, or ref_hidden and ref_weight")
         for name, value in (("ref_chosen_logps", ref_chosen), ("ref_rejected_logps", ref_rejected)):
-            if value is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != (pairs,)):
-                raise ValueError(f"{name} must have shape [P] = ({pairs},); got "
-                                 f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+            if value is not None and tuple(value.shape) != (pairs,):
+                raise ValueError(f"{name} must have shape [P] = ({pairs},); got {tuple(value.shape)}")
         return ref_chosen, ref_rejected
 
 
@@ -341,8 +340,8 @@ def trl_token_metrics(stats):
 
 
 def _sequence_totals(values, seq_ids, num_sequences):
-    """Per-sequence sums of per-token values (already weighted and zero off the completions), read
-    nowhere on the host (seq_ids were checked where num_sequences came from)."""
+    """Per-sequence sums of per-token values (already weighted and zero off the completions), without
+    a host read (num_sequences comes from the largest of seq_ids)."""
     if seq_ids is None:
         return values.sum(-1)
     return _per_sequence(values.reshape(-1), seq_ids.reshape(-1), num_sequences)

@@ -16,8 +16,8 @@ import torch
 from .config import get_settings
 from .losses import BCOLoss, kto_kl_estimate
 from .losses.pairwise import compute_dtype
-from .losses.unpaired import (check_kto_options, check_labels, kto_losses, labels_present, reference_point,
-                              unpaired_metrics)
+from .losses.unpaired import (check_kto_options, check_labels, kto_losses, kto_metrics, labels_present,
+                              reference_point)
 from .objective import sequence_logps, sequence_objective
 from .sequence_group import check_sequence_group, max_over_group
 from .preference import check_token_weights
@@ -102,8 +102,7 @@ class UnpairedLoss(torch.nn.Module):
         if self.bco is not None:
             metrics = self.bco.metrics(policy, ref, labels, present)
         else:
-            with torch.no_grad():
-                metrics = unpaired_metrics(policy, beta * (policy - ref), labels, {"kl": kl}, present)
+            metrics = kto_metrics(policy, ref, labels, beta, kl, present)
         metrics["num_tokens/chosen"] = torch.where(labels, out.stats["count"], 0.0).sum()
         metrics["num_tokens/rejected"] = torch.where(labels, 0.0, out.stats["count"]).sum()
         return out.loss, metrics

@@ -151,3 +151,8 @@ def test_pairwise_loss_reads_the_device_once():
                       rejected_lengths=lengths[1], preference_probs=torch.full((5,), 0.8, dtype=torch.float64))
         kto_loss(logps[0], logps[1], torch.arange(5) < 2, kl=0.3)
     assert counter.syncs == ["Tensor.tolist"] * 2  # each checks its values and, KTO, finds its label groups
+
+
+def test_the_script_reports(capsys):
+    overhead.main(["--loss-types", "orpo", "--paths", "lean"])
+    assert "| orpo | lean | 1 | " in capsys.readouterr().out

@@ -31,7 +31,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from .pairwise import (PARAM_DEFAULTS, REFERENCE_FREE, PairBatch, _MissingInput, _rewards, check_beta,
+from .pairwise import (OPTION_DEFAULTS, REFERENCE_FREE, PairBatch, _MissingInput, _rewards, check_beta,
                        check_in_range, compute_dtype, pairwise_loss)
 
 LISTWISE_PARAM_DEFAULTS = {
@@ -372,7 +372,7 @@ def _implicit_rewards(b: ListBatch, loss_type):
         values = {"chosen_logps": flat(b.logps), "rejected_logps": flat(b.logps), "ref_chosen_logps": flat(b.ref),
                   "ref_rejected_logps": flat(b.ref), "chosen_lengths": flat(b.lengths),
                   "rejected_lengths": flat(b.lengths)}
-        params = {**PARAM_DEFAULTS, **{k: v for k, v in b.params.items() if k in PARAM_DEFAULTS}}
+        params = {**OPTION_DEFAULTS, **{k: v for k, v in b.params.items() if k in OPTION_DEFAULTS}}
         pairs = PairBatch(values, b.beta, b.params.get("label_smoothing", 0.0), params)
         return b.beta * _rewards(pairs, first)[0].reshape(b.logps.shape)
     return b.s

@@ -111,6 +111,12 @@ def kto_losses(policy, ref, labels, beta, kl, desirable_weight, undesirable_weig
     return torch.where(labels, desirable, undesirable)
 
 
+@torch.no_grad()
+def kto_metrics(policy, ref, labels, beta, kl, present):
+    """kto_loss's metrics from checked inputs (present from labels_present)."""
+    return unpaired_metrics(policy, beta * (policy - ref), labels, {"kl": kl}, present)
+
+
 def kto_loss(policy_logps, ref_logps, labels, *, beta=0.1, kl=None, desirable_weight=1.0, undesirable_weight=1.0,
              loss_type="kto"):
     """KTO: λ_D (1 - σ(β (Δ - z_0))) if desirable, λ_U (1 - σ(β (z_0 - Δ))) if not; Δ = log π - log π_ref.
@@ -129,9 +135,7 @@ def kto_loss(policy_logps, ref_logps, labels, *, beta=0.1, kl=None, desirable_we
     kl, finite = reference_point(kl, loss_type, policy)
     present = labels_present(labels, kl, finite)
     losses = kto_losses(policy, ref, labels, beta, kl, desirable_weight, undesirable_weight)
-    with torch.no_grad():
-        metrics = unpaired_metrics(policy, beta * (policy - ref), labels, {"kl": kl}, present)
-    return losses, metrics
+    return losses, kto_metrics(policy, ref, labels, beta, kl, present)
 
 
 class BCOLoss(torch.nn.Module):
