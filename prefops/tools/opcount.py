@@ -48,9 +48,9 @@ def _is_sync(func, args, kwargs) -> bool:
 
 
 class OpCounter(TorchDispatchMode):
-    """with OpCounter() as count: ... -> count.ops (every aten op, in order) and count.syncs (those of
-    them that wait for the device, plus every Tensor.tolist() call: on CPU it reads memory directly,
-    on CUDA it is a device-to-host copy)."""
+    """with OpCounter() as count: ... -> count.ops (every aten op but views, in order) and
+    count.syncs (those of them that wait for the device, plus every Tensor.tolist() call: on CPU
+    it reads memory directly, on CUDA it is a device-to-host copy)."""
 
     def __init__(self):
         super().__init__()
