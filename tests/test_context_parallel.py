@@ -191,8 +191,9 @@ def _trainer_worker(rank, port, tmp_path):
 
 
 def _records(out_dir):
-    """The logged records without timings."""
-    return [{key: value for key, value in json.loads(line).items() if not key.endswith("_per_s")}
+    """The logged records without timings and the path that ran (under a sequence group the chunk
+    plans must agree across ranks, so the stored path is not taken: prefops.chunks.plan_budget)."""
+    return [{key: value for key, value in json.loads(line).items() if not key.endswith("_per_s") and key != "path"}
             for line in open(out_dir / "log.jsonl")]
 
 

@@ -58,7 +58,7 @@ def test_labelled_rows_need_an_unpaired_loss_and_prompt_completion_rows_a_label(
     ({"loss_type": "kto", "reference": "none"}, "needs a reference"),
     ({"loss_type": "dpo"}, "loss_type .*dpo.* is unknown; valid: pairwise .*sigmoid.*unpaired kto"),
     ({"ld_alpha": 0.5, "packing": True}, "ld_alpha needs padded batches"),
-    ({"strategy": "fast"}, "strategy must be one of None, lean, budget"),
+    ({"strategy": "fast"}, "strategy must be one of None, auto, budget, sliced, lean"),
     ({"loss_type": "aot", "grad_accum_steps": 2}, "'aot' couples the pairs of a batch.*grad_accum_steps: 1"),
     ({"loss_type": ["sigmoid", "tdpo1"], "reference": "precomputed"}, "'tdpo1' needs the reference model's whole"),
 ])
