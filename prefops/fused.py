@@ -114,24 +114,8 @@ def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backe
     # About four fp32 temporaries of the tile are alive at once.
     row_chunk = max(1, min(n, 1024))
     v_chunk = max(1, min(vocab, workspace // (16 * row_chunk)))
-    parts = []
-    for r0 in range(0, n, row_chunk):
-        h_rows = hidden.index_select(0, rows[r0:r0 + row_chunk])
-        local = targets[r0:r0 + row_chunk]
-        stats = tiles.empty_stats(h_rows.shape[0], hidden.device)
-        top = tiles.empty_top_k(h_rows.shape[0], top_k, hidden.device)
-        for v0 in range(0, vocab, v_chunk):
-            z = tiles.transform(_linear_fp32(h_rows, weight, bias, v0, v0 + v_chunk), temperature, softcap)
-            stats = tiles.combine(stats, tiles.tile_stats(z, local - v0))
-            if top_k:
-                top = tiles.merge_top_k(top, z, v0)
-        parts.append((tiles.finalize(stats), *top))
-    if not parts:
-        token = tiles.finalize(tiles.empty_stats(0, hidden.device))
-        parts.append((token, *tiles.empty_top_k(0, top_k, hidden.device)))
-    tokens, values, ids = zip(*parts)
-    token = tiles.Token(*(torch.cat(column) for column in zip(*tokens)))
-    return (token, torch.cat(values), torch.cat(ids)) if top_k else token
+    return _materialised_stats(hidden, weight, bias, rows, targets, temperature, softcap, False, row_chunk, v_chunk,
+                               top_k)
 
 
 def _sliced_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k):
@@ -140,6 +124,15 @@ def _sliced_stats(hidden, weight, bias, rows, targets, temperature, softcap, bac
     # fp32 logits, plus on the PyTorch path about three fp32 temporaries, plus z for a top-k.
     bytes_per = (4 if rows_kernel else 16) + (4 if top_k else 0)
     row_chunk, v_chunk = plan_slices(n, vocab, hidden_size, bytes_per, workspace, hidden.element_size())
+    return _materialised_stats(hidden, weight, bias, rows, targets, temperature, softcap, rows_kernel, row_chunk,
+                               v_chunk, top_k)
+
+
+def _materialised_stats(hidden, weight, bias, rows, targets, temperature, softcap, rows_kernel, row_chunk, v_chunk,
+                        top_k):
+    """Statistics of the counted rows from fp32 logit slices [row_chunk, v_chunk] materialised by a GEMM,
+    folded by the row kernel (rows_kernel) or by the PyTorch tile math."""
+    n, vocab = rows.numel(), weight.shape[0]
     parts = []
     for r0 in range(0, n, row_chunk):
         h_rows = hidden.index_select(0, rows[r0:r0 + row_chunk])

@@ -34,10 +34,10 @@ def _scatter(rows, values, n):
 
 
 def _forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            targets: torch.Tensor, ignore_index: int, temperature: float,
-                            softcap: Optional[float], backend: str, workspace: int, sliced: bool,
-                            extras: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                       torch.Tensor]:
+                  targets: torch.Tensor, ignore_index: int, temperature: float,
+                  softcap: Optional[float], backend: str, workspace: int, sliced: bool,
+                  extras: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor]:
     """hidden [N, H], targets [N] -> (logp, lse, entropy, sum_p2, mean_logit) [N] fp32 and top1 [N] bool.
 
     extras: [entropy, sum_p2, mean_logit] to compute; an output left out is all zeros.

@@ -133,24 +133,8 @@ def _torch_stats(policy, reference, rows, targets, policy_first, temperature, so
     row_chunk = min(n, 1024)
     # Two sides, about four fp32 temporaries each.
     v_chunk = max(1, min(vocab, workspace // (32 * row_chunk)))
-    parts = []
-    for r0 in range(0, n, row_chunk):
-        chunk_rows = rows[r0:r0 + row_chunk]
-        h_rows = [side[0].index_select(0, chunk_rows) for side in (policy, reference)]
-        local = targets[r0:r0 + row_chunk]
-        running = None
-        for v0 in range(0, vocab, v_chunk):
-            z, y = (tiles.transform(fused._linear_fp32(h, side[1], side[2], v0, v0 + v_chunk), temperature, softcap)
-                    for h, side in zip(h_rows, (policy, reference)))
-            za, zb = _sides(z, y, policy_first)
-            del z, y
-            block = tile_kl_stats(za, zb, torch.where(local >= 0, local - v0, -1))
-            del za, zb
-            # Merged tile by tile: the statistics of every tile side by side would grow with V / v_chunk.
-            running = block if running is None else combine_kl_splits(
-                KLStats(*(torch.stack(pair, 1) for pair in zip(running, block))))
-        parts.append(running)
-    return KLStats(*(torch.cat(column) for column in zip(*parts)))
+    return _materialised_stats(policy, reference, rows, targets, policy_first, temperature, softcap, False, row_chunk,
+                               v_chunk)
 
 
 def _sliced_stats(policy, reference, rows, targets, policy_first, temperature, softcap, backend, workspace):
@@ -162,6 +146,16 @@ def _sliced_stats(policy, reference, rows, targets, policy_first, temperature, s
     per_element = 8 if rows_kernel else 32
     width = policy[0].shape[-1] + reference[0].shape[-1]
     row_chunk, v_chunk = fused.plan_slices(n, vocab, width, per_element, workspace, policy[0].element_size())
+    return _materialised_stats(policy, reference, rows, targets, policy_first, temperature, softcap, rows_kernel,
+                               row_chunk, v_chunk)
+
+
+def _materialised_stats(policy, reference, rows, targets, policy_first, temperature, softcap, rows_kernel, row_chunk,
+                        v_chunk):
+    """KLStats from both sides' fp32 slices [row_chunk, v_chunk] materialised by a GEMM each, folded by the
+    KL row kernel (rows_kernel) or by tile_kl_stats; merged slice by slice, so that the statistics of
+    every slice side by side never grow with V / v_chunk."""
+    n, vocab = rows.numel(), policy[1].shape[0]
     parts = []
     for r0 in range(0, n, row_chunk):
         chunk_rows = rows[r0:r0 + row_chunk]
@@ -169,7 +163,8 @@ def _sliced_stats(policy, reference, rows, targets, policy_first, temperature, s
         local = targets[r0:r0 + row_chunk]
         running = None
         for v0 in range(0, vocab, v_chunk):
-            z, y = (fused._linear_fp32(h, side[1], side[2], v0, v0 + v_chunk) for h, side in zip(h_rows, (policy, reference)))
+            z, y = (fused._linear_fp32(h, side[1], side[2], v0, v0 + v_chunk)
+                    for h, side in zip(h_rows, (policy, reference)))
             local_v = torch.where(local >= 0, local - v0, -1)
             if rows_kernel:
                 from .kernels.rows_kl import launch_rows_kl_stats
