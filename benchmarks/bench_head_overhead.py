@@ -2,6 +2,7 @@
 
     python benchmarks/bench_head_overhead.py                    # bench_losses' loss types, every path
     python benchmarks/bench_head_overhead.py --loss-types all --out heads.md
+    python benchmarks/bench_head_overhead.py --loss-types listwise      # every case of LISTWISE
 
 bench_losses times each loss type against a logps-only row on the same fused pass; on a GPU
 the difference is the head's tiny kernels, plus, wherever an op needs a value on the host, the
@@ -26,12 +27,14 @@ from typing import Optional
 import torch
 
 import prefops
+import prefops.listwise
 import prefops.preference
 import prefops.unpaired
 from bench_losses import IGNORE_INDEX, KTO_KL, LOSS_TYPES, PARAMS, kto_labels
 from prefops.preference import BATCH_COUPLED_LOSSES
 from prefops.losses import LOSSES, REFERENCE_FREE
 from prefops.chunks import budget_bytes_per_logit
+from prefops.losses.listwise import LISTWISE_LOSSES
 from prefops.tools.bench import BETA, Shape, add_choices_option, finish_report, make_problem, markdown_table
 from prefops.tools.options import comma_choices
 from prefops.tools.opcount import OpCounter
@@ -47,7 +50,20 @@ EXTRA = {
     "modpo": {"modpo_weights": [0.6, 0.4], "chosen_margin_rewards": torch.linspace(-1, 1, SHAPE.pairs),
               "rejected_margin_rewards": torch.linspace(1, -1, SHAPE.pairs)},
 }
-ALL_TYPES = (*sorted(LOSSES), "kto")
+# Listwise cases: SHAPE's sequences as lists of K = 4, list-major, with (loss type, its parameters,
+# labels). Scores are distinct; ranks tie two responses of every list, as graded samples do.
+LISTWISE = {
+    **{name: (name, {}, "scores") for name in sorted(LISTWISE_LOSSES)},
+    "plackett_luce_top2": ("plackett_luce", {"top_k": 2}, "scores"),
+    "plackett_luce_ties": ("plackett_luce", {}, "ranks"),
+    "pro_ties": ("pro", {}, "ranks"),
+    "adpo_soft_ties": ("adpo", {"target": "soft"}, "ranks"),
+    "all_pairs_ties": ("all_pairs", {}, "ranks"),
+    "all_pairs_orpo_ipo": ("all_pairs", {"pairwise_type": ["orpo", "ipo"], "loss_weights": [1.0, 0.5]}, "scores"),
+    "dcg_pairwise_simpo_ties": ("dcg_pairwise", {"pairwise_type": "simpo"}, "ranks"),
+}
+LIST_SIZE = 4
+ALL_TYPES = (*sorted(LOSSES), "kto", *LISTWISE)
 
 
 def paths_of(loss_type: str) -> tuple:
@@ -55,18 +71,32 @@ def paths_of(loss_type: str) -> tuple:
     return ("lean", "sliced") if loss_type in BATCH_COUPLED_LOSSES else PATHS
 
 
-def strategy_of(path: str, p) -> dict:
+def strategy_of(path: str, p, loss_type: str = "sigmoid") -> dict:
     """strategy and budget that run `path` at this problem: chunked gets one loss group's rows per chunk."""
     if path in ("lean", "sliced"):
         return dict(strategy=path)
     if path == "stored":
         return dict(strategy="budget", budget="1GB")
-    group_rows = int(p.mask[0].sum() + p.mask[p.pairs].sum())
+    first_group = list(range(LIST_SIZE)) if loss_type in LISTWISE else [0, p.pairs]
+    group_rows = int(p.mask[first_group].sum())
     return dict(strategy="budget", budget=group_rows * p.weight.shape[0] * budget_bytes_per_logit(p.weight.dtype))
+
+
+def list_labels(case: str, p) -> dict:
+    """scores or ranks [P, K] of a listwise case."""
+    lists = p.hidden.shape[0] // LIST_SIZE
+    if LISTWISE[case][2] == "scores":
+        return {"scores": torch.linspace(-1, 1, lists * LIST_SIZE).view(lists, LIST_SIZE)}
+    return {"ranks": torch.tensor([1, 2, 2, 4]).repeat(lists, 1)}
 
 
 def loss_step(loss_type: str, p, options: dict):
     """The loss module's step and the function its head goes through (patched to count the calls)."""
+    if loss_type in LISTWISE:
+        name, params, _ = LISTWISE[loss_type]
+        module = prefops.ListwiseLoss(name, beta=BETA, ignore_index=IGNORE_INDEX, **options, **params)
+        labels = list_labels(loss_type, p)
+        return lambda: module(p.hidden, p.weight, p.targets, ref_logps=p.ref, **labels)[0], prefops.listwise
     if loss_type == "kto":
         module = prefops.UnpairedLoss("kto", beta=BETA, ignore_index=IGNORE_INDEX, **options)
         labels = kto_labels(p)
@@ -83,7 +113,10 @@ def logps_step(loss_type: str, p, options: dict):
     """bench_losses' logps-only row on the same path: the loss row's groups, head Σ logps."""
     sequences, tokens, width = p.hidden.shape
     index = torch.arange(sequences)
-    groups = index[:, None] if loss_type == "kto" else torch.stack([index[:p.pairs], index[p.pairs:]], 1)
+    if loss_type in LISTWISE:
+        groups = index.view(-1, LIST_SIZE)
+    else:
+        groups = index[:, None] if loss_type == "kto" else torch.stack([index[:p.pairs], index[p.pairs:]], 1)
     return lambda: prefops.sequence_objective(
         p.hidden.view(-1, width), p.weight, p.targets.view(-1), groups=groups, seq_ids=index.repeat_interleave(tokens),
         head=lambda logps, group_index, stats: logps.sum(), ignore_index=IGNORE_INDEX, **options).loss
@@ -134,7 +167,7 @@ class Counts:
 
 
 def measure(loss_type: str, path: str, p, time_calls: bool = True) -> Counts:
-    options = strategy_of(path, p)
+    options = strategy_of(path, p, loss_type)
     step, module = loss_step(loss_type, p, options)
     step()
     with captured_heads(module) as calls:
@@ -152,9 +185,11 @@ def measure(loss_type: str, path: str, p, time_calls: bool = True) -> Counts:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sets = {"all": list(ALL_TYPES), "listwise": list(LISTWISE)}
     parser.add_argument("--loss-types", default=",".join(LOSS_TYPES),
-                        type=lambda text: list(ALL_TYPES) if text == "all" else comma_choices(ALL_TYPES)(text),
-                        help=f"comma-separated subset of {','.join(ALL_TYPES)}, or all (default: bench_losses')")
+                        type=lambda text: sets[text] if text in sets else comma_choices(ALL_TYPES)(text),
+                        help=f"comma-separated subset of {','.join(ALL_TYPES)}, or all, or listwise "
+                             "(default: bench_losses')")
     add_choices_option(parser, "--paths", PATHS)
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)

@@ -14,9 +14,12 @@ import pytest
 import torch
 
 import prefops
+import prefops.listwise
+import prefops.losses.listwise
 import prefops.losses.pairwise
 import prefops.preference
 from prefops.losses import kto_loss, pairwise_loss
+from prefops.losses.listwise import LISTWISE_LOSSES, listwise_loss
 from prefops.tools.bench import IGNORE_INDEX, make_problem
 from prefops.tools.opcount import OpCounter
 
@@ -26,15 +29,21 @@ from bench_losses import LOSS_TYPES  # noqa: E402
 
 # What a step may read on the host beyond the logps-only row: the value checks of its inputs
 # (every completion has a token, preference_probs in [0, 1]; KTO: kl finite and which labels
-# occur, for the metrics), together, once, before the fused pass starts.
+# occur, for the metrics; listwise: lists, labels, lengths and the reference), together, once,
+# before the fused pass starts.
 ENTRY_SYNCS = 1
 # Ops (views excluded) of one head call of bench_losses' loss types: today's counts plus a little
 # room. Forward only; backward takes about as many. Each is a kernel of a few microseconds on a GPU,
 # per chunk: checks or metrics back in the head would add ten or more.
-HEAD_OPS = {"sigmoid": 12, "ipo": 13, "simpo": 11, "orpo": 26, "kto": 13}
+HEAD_OPS = {"sigmoid": 12, "ipo": 13, "simpo": 11, "orpo": 26, "kto": 13,
+            # Listwise: [P, K] and [P, K, K] tensors; the pair-based types run the pairwise loss on every (i, j).
+            "plackett_luce": 23, "lipo_lambda": 40, "pro": 47, "adpo": 30, "list_ce": 22, "dcg_pairwise": 58,
+            "all_pairs": 35}
 
+# Every listwise loss type runs on every path, like bench_losses' types; variants (top_k, ties, other
+# pairwise types) and the other pairwise types on lean and chunked (one head call, and one per chunk).
 CASES = [(loss_type, path) for loss_type in overhead.ALL_TYPES for path in overhead.paths_of(loss_type)
-         if loss_type in LOSS_TYPES or path in ("lean", "chunked")]
+         if loss_type in LOSS_TYPES or loss_type in LISTWISE_LOSSES or path in ("lean", "chunked")]
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +123,60 @@ def test_a_planted_sync_in_the_metrics_fails_the_check(problem, monkeypatch):
         check_syncs(overhead.measure("simpo", "stored", problem, time_calls=False), "planted metrics sync")
 
 
+def test_a_planted_item_in_a_listwise_loss_fails_the_check(problem, monkeypatch):
+    plackett_luce = LISTWISE_LOSSES["plackett_luce"]
+
+    def planted(b):
+        if b.s.sum().item() > 1e30:
+            raise AssertionError("unreachable")
+        return plackett_luce(b)
+
+    monkeypatch.setitem(LISTWISE_LOSSES, "plackett_luce", planted)
+    for path in ("lean", "chunked"):
+        with pytest.raises(AssertionError, match=r"head call 0 waits for the device: aten._local_scalar_dense x1"):
+            check_syncs(overhead.measure("plackett_luce", path, problem, time_calls=False), "planted item")
+
+
+def test_ordered_pairs_picked_by_nonzero_fail_the_check(problem, monkeypatch):
+    # The pair-based types' former way: only the ordered pairs, whose number the host must read.
+    pairs_loss = prefops.losses.listwise._pairs_loss
+
+    def planted(b, weights):
+        b.better.nonzero(as_tuple=True)
+        return pairs_loss(b, weights)
+
+    monkeypatch.setattr(prefops.losses.listwise, "_pairs_loss", planted)
+    with pytest.raises(AssertionError, match="aten.nonzero x1"):
+        check_syncs(overhead.measure("all_pairs", "stored", problem, time_calls=False), "planted nonzero")
+
+
+def test_checks_run_again_in_the_listwise_head_fail_the_check(problem, monkeypatch):
+    # A head that checks its part's values again (as listwise_loss per chunk did): a read per call.
+    part = prefops.losses.listwise.ListBatch.part
+
+    def planted(self, group_index, logps):
+        prefops.losses.listwise._check_finite(logps, self.mask if group_index is None else self.mask[group_index],
+                                              "logps")
+        return part(self, group_index, logps)
+
+    monkeypatch.setattr(prefops.losses.listwise.ListBatch, "part", planted)
+    with pytest.raises(AssertionError, match="head call 0 waits for the device: Tensor.tolist x1"):
+        check_syncs(overhead.measure("lipo_lambda", "chunked", problem, time_calls=False), "planted check")
+
+
+def test_a_planted_sync_in_the_listwise_metrics_fails_the_check(problem, monkeypatch):
+    metrics = prefops.losses.listwise.listwise_metrics
+
+    def planted(b, loss_type):
+        if bool((b.logps > 0).any()):
+            raise AssertionError("unreachable")
+        return metrics(b, loss_type)
+
+    monkeypatch.setattr(prefops.losses.listwise, "listwise_metrics", planted)
+    with pytest.raises(AssertionError, match="waits for the device 2 times more"):
+        check_syncs(overhead.measure("adpo_soft_ties", "sliced", problem, time_calls=False), "planted metrics sync")
+
+
 # ---------------------------------------------------------------- bad input: named, once, before the fused pass
 
 @pytest.fixture
@@ -122,6 +185,7 @@ def no_fused_pass(monkeypatch):
         raise AssertionError("the fused pass started before the inputs were checked")
     monkeypatch.setattr(prefops.preference, "sequence_objective", fail)
     monkeypatch.setattr(prefops.unpaired, "sequence_objective", fail)
+    monkeypatch.setattr(prefops.listwise, "sequence_objective", fail)
 
 
 def test_bad_values_are_named_before_the_fused_pass(problem, no_fused_pass):
@@ -142,6 +206,41 @@ def test_bad_values_are_named_before_the_fused_pass(problem, no_fused_pass):
                                     ref_logps=problem.ref, kl=float("nan"))
 
 
+LISTWISE_BAD = [
+    (dict(lists=torch.tensor([[0, 1, 2, 3], [4, 5, 6, 9]])), r"lists entries must be sequence indices in \[0, 8\)"),
+    (dict(lists=torch.tensor([[0, 1, 2, 3], [4, 5, 6, 3]])), "a sequence appears in more than one list slot"),
+    (dict(lists=torch.tensor([[0, 1, 2, 3], [4, -1, -1, -1]])), "list 1 has 1 response"),
+    (dict(scores=torch.tensor([[0.0, 1.0, float("nan"), 2.0], [0.0, 1.0, 2.0, 3.0]])),
+     "scores of list 0 is nan at response 2"),
+    (dict(ranks=torch.tensor([[1, 2, 2, 4], [1, 2, 5, 3]])), r"ranks of list 1 are not a \(tied\) ordering"),
+    (dict(ranks=torch.tensor([[1, 2, 2.5, 4], [1, 2, 3, 4]])), "ranks of list 0 are not an ordering: 2.5"),
+    (dict(ref_logps=torch.tensor([0.0] * 5 + [float("inf")] + [0.0] * 2)), "ref_logps of list 1 is inf at response 1"),
+    (dict(empty=6), "lengths of list 1 is 0.0 at response 2; every response needs at least one completion token"),
+]
+
+
+@pytest.mark.parametrize("given,message", LISTWISE_BAD, ids=lambda x: str(x)[:40])
+def test_bad_listwise_values_are_named_before_the_fused_pass(problem, no_fused_pass, given, message):
+    targets = problem.targets.clone()
+    if "empty" in given:
+        targets[given.pop("empty")] = IGNORE_INDEX
+    kwargs = {"scores": torch.arange(8.0).view(2, 4), "ref_logps": problem.ref, **given}
+    if "ranks" in kwargs:
+        kwargs.pop("scores")
+    with pytest.raises(ValueError, match=message):
+        prefops.ListwiseLoss("plackett_luce")(problem.hidden, problem.weight, targets, **kwargs)
+
+
+@pytest.mark.parametrize("loss_type,params", [("plackett_luce", {}), ("dcg_pairwise", {"pairwise_type": "orpo"})])
+def test_listwise_loss_reads_the_device_once(loss_type, params):
+    g = torch.Generator().manual_seed(0)
+    logps = -torch.rand(2, 3, 4, generator=g, dtype=torch.float64) * 50
+    ranks, lengths = torch.tensor([[1, 2, 2, 4]] * 3), torch.randint(1, 30, (3, 4), generator=g).double()
+    with OpCounter() as counter:
+        listwise_loss(logps[0], logps[1], ranks=ranks, loss_type=loss_type, lengths=lengths, **params)
+    assert counter.syncs == ["Tensor.tolist"]  # every check of its values, together
+
+
 def test_pairwise_loss_reads_the_device_once():
     g = torch.Generator().manual_seed(0)
     logps = -torch.rand(4, 5, generator=g, dtype=torch.float64) * 50
@@ -154,5 +253,6 @@ def test_pairwise_loss_reads_the_device_once():
 
 
 def test_the_script_reports(capsys):
-    overhead.main(["--loss-types", "orpo", "--paths", "lean"])
-    assert "| orpo | lean | 1 | " in capsys.readouterr().out
+    overhead.main(["--loss-types", "orpo,plackett_luce_ties", "--paths", "lean"])
+    out = capsys.readouterr().out
+    assert "| orpo | lean | 1 | " in out and "| plackett_luce_ties | lean | 1 | " in out

@@ -31,8 +31,9 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from .pairwise import (OPTION_DEFAULTS, REFERENCE_FREE, PairBatch, _MissingInput, _rewards, check_beta,
-                       check_in_range, compute_dtype, pairwise_loss)
+from ..checks import ValueCheck, run_value_checks
+from .pairwise import (REFERENCE_FREE, PairBatch, PairwiseSpec, _MissingInput, _rewards, check_beta, check_in_range,
+                       compute_dtype, has_nll_term)
 
 LISTWISE_PARAM_DEFAULTS = {
     "top_k": None,              # plackett_luce: only the first top_k ranking positions
@@ -96,12 +97,49 @@ def _first_bad(bad: torch.Tensor):
     return list_index, slot
 
 
-def _check_finite(values, mask, name):
+def _finite_check(values, mask, name) -> ValueCheck:
     bad = mask & ~torch.isfinite(values)
-    if bool(bad.any()):
+
+    def fail():
         p, k = _first_bad(bad)
         raise ValueError(f"{name} of list {p} is {values[p, k].item()} at response {k}: every present response "
                          "needs a finite value (for padded lists pass mask, True = present)")
+    return ValueCheck(bad.any(), fail)
+
+
+def _check_finite(values, mask, name):
+    run_value_checks([_finite_check(values, mask, name)])
+
+
+def _ranks_labels(ranks: torch.Tensor, mask: torch.Tensor):
+    """(ψ, the checks that ranks form a tied ordering): ψ is only meaningful once the checks pass."""
+    if ranks.dtype == torch.bool or ranks.dtype.is_complex:
+        raise TypeError(f"ranks must be integers or integer-valued floats; got {ranks.dtype}")
+    r = ranks.double()
+    not_integer = mask & (r != r.round())
+
+    def fail_integer():
+        p, k = _first_bad(not_integer)
+        raise ValueError(f"ranks of list {p} are not an ordering: {r[p, k].item()} at response {k} is not an "
+                         "integer (for arbitrary ordinal values pass scores = -ranks)")
+
+    big = torch.finfo(torch.float64).max
+    low = torch.where(mask, r, big).amin(1)
+    high = torch.where(mask, r, -big).amax(1)
+    start_ok = (low == 0) | (low == 1)
+    bad_list = ~start_ok | (high > low + mask.sum(1) - 1)
+
+    def fail_ordering():
+        p = int(bad_list.nonzero()[0])
+        present = r[p][mask[p]].tolist()
+        raise ValueError(f"ranks of list {p} are not a (tied) ordering: {present}; ranks start at 0 or 1 and "
+                         "stay below start + (number of responses), e.g. [1, 2, 2, 4] or [0, 1, 1, 2] "
+                         "(for arbitrary ordinal values pass scores = -ranks)")
+
+    worse = mask[:, :, None] & mask[:, None, :] & (r[:, :, None] < r[:, None, :])
+    checks = [_finite_check(r, mask, "ranks"), ValueCheck(not_integer.any(), fail_integer),
+              ValueCheck(bad_list.any(), fail_ordering)]
+    return worse.sum(-1).to(torch.float64), checks
 
 
 def ranks_to_labels(ranks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -109,28 +147,9 @@ def ranks_to_labels(ranks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     Ranks must form a (tied) ordering of each list: integers starting at 0 or 1, no
     value beyond start + n - 1 for a list of n (dense "1 1 2" or competition "1 1 3")."""
-    if ranks.dtype == torch.bool or ranks.dtype.is_complex:
-        raise TypeError(f"ranks must be integers or integer-valued floats; got {ranks.dtype}")
-    _check_finite(ranks.double(), mask, "ranks")
-    r = ranks.double()
-    bad = mask & (r != r.round())
-    if bool(bad.any()):
-        p, k = _first_bad(bad)
-        raise ValueError(f"ranks of list {p} are not an ordering: {r[p, k].item()} at response {k} is not an "
-                         "integer (for arbitrary ordinal values pass scores = -ranks)")
-    big = torch.finfo(torch.float64).max
-    low = torch.where(mask, r, big).amin(1)
-    high = torch.where(mask, r, -big).amax(1)
-    start_ok = (low == 0) | (low == 1)
-    bad_list = ~start_ok | (high > low + mask.sum(1) - 1)
-    if bool(bad_list.any()):
-        p = int(bad_list.nonzero()[0])
-        present = r[p][mask[p]].tolist()
-        raise ValueError(f"ranks of list {p} are not a (tied) ordering: {present}; ranks start at 0 or 1 and "
-                         "stay below start + (number of responses), e.g. [1, 2, 2, 4] or [0, 1, 1, 2] "
-                         "(for arbitrary ordinal values pass scores = -ranks)")
-    worse = mask[:, :, None] & mask[:, None, :] & (r[:, :, None] < r[:, None, :])
-    return worse.sum(-1).to(torch.float64)
+    labels, checks = _ranks_labels(ranks, mask)
+    run_value_checks(checks)
+    return labels
 
 
 def preference_matrix(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,11 +163,22 @@ def _masked_logsumexp(values, keep):
 
 
 class ListBatch:
-    """One call's inputs [P, K] in the compute dtype, and the values the losses share (cached)."""
+    """Inputs [P, K] in the compute dtype (0 in empty slots), and the values the losses share (cached).
 
-    def __init__(self, logps, ref, labels, mask, lengths, beta, from_scores, params):
+    nll_mean_length: the pair-based types' NLL term's mean chosen length over every ordered pair
+    of the whole batch (None where no NLL term reads it), so that the loss stays additive over lists.
+    """
+
+    def __init__(self, spec, logps, ref, labels, mask, lengths, from_scores, nll_mean_length=None):
         self.logps, self.ref, self.labels, self.mask, self.lengths = logps, ref, labels, mask, lengths
-        self.beta, self.from_scores, self.params = beta, from_scores, params
+        self.spec, self.beta, self.params = spec, spec.beta, spec.params
+        self.from_scores, self.nll_mean_length = from_scores, nll_mean_length
+
+    def part(self, group_index, logps):
+        """The lists group_index (None: all of them) with these policy sums [G', K] (0 in empty slots)."""
+        pick = lambda values: values if group_index is None or values is None else values[group_index]  # noqa: E731
+        return ListBatch(self.spec, logps.to(self.labels.dtype), pick(self.ref), pick(self.labels), pick(self.mask),
+                         pick(self.lengths), self.from_scores, self.nll_mean_length)
 
     @cached_property
     def better(self):
@@ -316,23 +346,30 @@ def list_ce_loss(b: ListBatch):
 
 
 def _pairs_loss(b: ListBatch, weights):
-    """Per-list weighted mean over the ordered pairs i ≻ j of prefops.losses.pairwise_loss (0 without pairs)."""
-    lists, first, second = b.better.nonzero(as_tuple=True)
+    """Per-list weighted mean over the ordered pairs i ≻ j of the pairwise loss (0 without pairs).
 
-    def pick(values):
-        return (None, None) if values is None else (values[lists, first], values[lists, second])
+    Every (i, j) of a list is evaluated, (i, i) where i ≻ j does not hold, and weighted 0: picking
+    only the ordered pairs would need their number on the host, a sync per chunk of lists. (i, i)
+    is a pair of finite, present-like values (δ = 0), so it adds exactly 0 to value and gradient."""
+    ordered = b.better
 
-    chosen, rejected = pick(b.logps)
-    ref_chosen, ref_rejected = pick(b.ref)
-    chosen_lengths, rejected_lengths = pick(b.lengths)
-    options = {name: b.params[name] for name in PAIRWISE_OPTIONS if name in b.params}
-    losses, _ = pairwise_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type=b.params["pairwise_type"],
-                              beta=b.beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-                              **options)
-    pair_weights = weights[lists, first, second].to(losses.dtype)
-    total = losses.new_zeros(b.logps.shape[0]).index_add(0, lists, losses * pair_weights)
-    norm = losses.new_zeros(b.logps.shape[0]).index_add(0, lists, pair_weights)
-    return total / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+    def pairs(values):
+        if values is None:
+            return None, None
+        chosen = values[:, :, None].expand(ordered.shape)
+        return chosen.reshape(-1), torch.where(ordered, values[:, None, :], chosen).reshape(-1)
+
+    chosen, rejected = pairs(b.logps)
+    ref_chosen, ref_rejected = pairs(b.ref)
+    # An empty slot's length is 0; its (i, i) pair is length-normalised too.
+    chosen_lengths, rejected_lengths = pairs(None if b.lengths is None else torch.where(b.mask, b.lengths, 1.0))
+    spec = b.spec.pairwise
+    losses = spec.losses(spec.batch({
+        "chosen_logps": chosen, "rejected_logps": rejected, "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected, "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths,
+        "nll_mean_length": b.nll_mean_length})).view(ordered.shape)
+    weights = weights.to(losses.dtype)
+    return (losses * weights).sum((-1, -2)) / weights.sum((-1, -2)).clamp_min(torch.finfo(losses.dtype).tiny)
 
 
 @_register("all_pairs")
@@ -366,15 +403,13 @@ def _implicit_rewards(b: ListBatch, loss_type):
     if loss_type == "pro":
         return b.mean_logps
     if loss_type in PAIR_BASED:
-        first = b.params["pairwise_type"]
-        first = first if isinstance(first, str) else first[0]
+        spec = b.spec.pairwise
         flat = lambda values: None if values is None else values.reshape(-1)  # noqa: E731
         values = {"chosen_logps": flat(b.logps), "rejected_logps": flat(b.logps), "ref_chosen_logps": flat(b.ref),
                   "ref_rejected_logps": flat(b.ref), "chosen_lengths": flat(b.lengths),
                   "rejected_lengths": flat(b.lengths)}
-        params = {**OPTION_DEFAULTS, **{k: v for k, v in b.params.items() if k in OPTION_DEFAULTS}}
-        pairs = PairBatch(values, b.beta, b.params.get("label_smoothing", 0.0), params)
-        return b.beta * _rewards(pairs, first)[0].reshape(b.logps.shape)
+        pairs = PairBatch(values, b.beta, spec.label_smoothing, spec.options)
+        return b.beta * _rewards(pairs, spec.loss_types[0])[0].reshape(b.logps.shape)
     return b.s
 
 
@@ -445,6 +480,114 @@ def _needs_reference(loss_type, params):
     return True
 
 
+def _raise_small_list(sizes):
+    p = int((sizes < 2).nonzero()[0])
+    raise ValueError(f"list {p} has {int(sizes[p])} response(s); every list needs at least 2")
+
+
+def _lengths_check(lengths, mask) -> ValueCheck:
+    bad = mask & ~(lengths > 0)
+
+    def fail():
+        p, k = _first_bad(bad)
+        raise ValueError(f"lengths of list {p} is {lengths[p, k].item()} at response {k}; every response needs at "
+                         "least one completion token")
+    return ValueCheck(bad.any(), fail)
+
+
+class ListwiseSpec:
+    """A listwise loss with its options checked: loss type, β, LISTWISE_PARAM_DEFAULTS and, for the
+    pair-based types, the pairwise loss of prefops.losses.pairwise (a PairwiseSpec).
+
+    listwise_loss checks everything and evaluates in one call. A caller that evaluates one batch's
+    loss part by part (prefops.ListwiseLoss: once per chunk of lists, inside its forward) gets the
+    whole batch's ListBatch and the checks of its values from prepare(), runs the checks once, then
+    calls losses() per part (ListBatch.part) and metrics() once: neither checks anything or reads a
+    value on the host, so the GPU never waits for them.
+    """
+
+    def __init__(self, loss_type="plackett_luce", beta=0.1, **params):
+        if loss_type not in LISTWISE_LOSSES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(sorted(LISTWISE_LOSSES))}")
+        self.loss_type, self.beta = loss_type, check_beta(beta)
+        unknown = sorted(set(params) - set(LISTWISE_PARAM_DEFAULTS) - set(PAIRWISE_OPTIONS))
+        if unknown:
+            valid = sorted(set(LISTWISE_PARAM_DEFAULTS) | set(PAIRWISE_OPTIONS))
+            raise TypeError(f"unknown parameter(s) {unknown}; valid: {', '.join(valid)}")
+        pairwise_given = sorted(set(params) & (set(PAIRWISE_OPTIONS) | {"pairwise_type"}))
+        if pairwise_given and loss_type not in PAIR_BASED:
+            raise ValueError(f"{pairwise_given} apply to the pair-based loss types {list(PAIR_BASED)} only; "
+                             f"loss_type {loss_type!r} does not use them")
+        self.params = {**LISTWISE_PARAM_DEFAULTS, **params}
+        _check_params(loss_type, self.params)
+        self.pairwise = None
+        if loss_type in PAIR_BASED:
+            options = {name: self.params[name] for name in PAIRWISE_OPTIONS if name in self.params}
+            options.pop("nll_mean_length", None)  # a value of the batch, not an option
+            self.pairwise = PairwiseSpec(self.params["pairwise_type"], self.beta, **options)
+
+    def prepare(self, mask, *, scores=None, ranks=None, ref_logps=None, lengths=None, logps=None):
+        """(ListBatch of the whole batch, the checks of its values for prefops.checks.run_value_checks).
+
+        Tensors [P, K] on mask's device (mask: bool, True = present); exactly one of scores and
+        ranks. Everything that needs no value is checked here. logps may be None: the fused path's
+        come per part, ListBatch.part."""
+        if (scores is None) == (ranks is None):
+            raise ValueError("pass exactly one of scores (larger = better) and ranks (smaller = better)")
+        dtype = compute_dtype(logps, ref_logps)
+        sizes = mask.sum(1)
+        checks = [ValueCheck((sizes < 2).any(), lambda: _raise_small_list(sizes))]
+        if logps is not None:
+            checks.append(_finite_check(logps.detach(), mask, "logps"))
+        if scores is not None:
+            if scores.dtype == torch.bool:
+                raise TypeError("scores must be numbers, not bool")
+            checks.append(_finite_check(scores.double(), mask, "scores"))
+            labels = torch.where(mask, scores.to(dtype), 0.0)
+        else:
+            labels, rank_checks = _ranks_labels(ranks, mask)
+            checks += rank_checks
+            labels = labels.to(dtype)
+        if _needs_reference(self.loss_type, self.params) and ref_logps is None:
+            what = (f"pairwise_type {self.params['pairwise_type']!r}" if self.loss_type in PAIR_BASED
+                    else f"loss_type {self.loss_type!r}")
+            raise ValueError(f"{what} needs ref_logps (the reference's sequence log-probs)")
+        if lengths is not None:
+            checks.append(_lengths_check(lengths, mask))
+        if ref_logps is not None:
+            checks.append(_finite_check(ref_logps.double(), mask, "ref_logps"))
+        clean = lambda x: None if x is None else torch.where(mask, x.to(dtype), 0.0)  # noqa: E731
+        lengths = clean(lengths)
+        batch = ListBatch(self, clean(logps), clean(ref_logps), labels, mask, lengths, scores is not None,
+                          self._nll_mean_length(labels, mask, lengths))
+        return batch, checks
+
+    def _nll_mean_length(self, labels, mask, lengths):
+        """The caller's nll_mean_length (a whole step's, across micro-batches and ranks), else this
+        batch's mean chosen length over its ordered pairs, on the device; None without an NLL term."""
+        if "nll_mean_length" in self.params:
+            return self.params["nll_mean_length"]
+        if self.pairwise is None or lengths is None or not has_nll_term(self.pairwise.loss_types,
+                                                                         self.pairwise.options):
+            return None
+        better = preference_matrix(labels, mask)
+        return (better.sum(-1) * lengths).sum() / better.sum().clamp_min(1)
+
+    def losses(self, batch: ListBatch) -> torch.Tensor:
+        """Per-list loss [P]."""
+        try:
+            return LISTWISE_LOSSES[self.loss_type](batch)
+        except _MissingInput as missing:
+            raise ValueError(f"loss_type {self.loss_type!r} needs {missing.argument}, which was not given") from None
+
+    def metrics(self, batch: ListBatch) -> dict:
+        """Detached scalars over the batch's lists (see the module docstring)."""
+        try:
+            return listwise_metrics(batch, self.loss_type)
+        except _MissingInput as missing:
+            raise ValueError(f"loss_type {self.loss_type!r} needs {missing.argument}, which was not given") from None
+
+
 def listwise_loss(logps, ref_logps=None, *, scores=None, ranks=None, loss_type="plackett_luce", beta=0.1,
                   lengths=None, mask=None, list_ids=None, **params):
     """Per-list listwise loss [P] and metrics from sequence log-prob sums.
@@ -460,23 +603,13 @@ def listwise_loss(logps, ref_logps=None, *, scores=None, ranks=None, loss_type="
         params: LISTWISE_PARAM_DEFAULTS (top_k, target, target_temperature, pairwise_type,
             pro_sft_weight) and, for the pair-based types, PAIRWISE_OPTIONS of pairwise_loss.
 
+    Every check runs here, with one host read of the values it checks (ListwiseSpec says how to
+    check once and evaluate many times).
+
     Returns (losses [P] in fp32, fp64 for fp64 inputs; metrics: dict of detached scalars).
     The batch loss is losses.mean().
     """
-    if loss_type not in LISTWISE_LOSSES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(sorted(LISTWISE_LOSSES))}")
-    beta = check_beta(beta)
-    unknown = sorted(set(params) - set(LISTWISE_PARAM_DEFAULTS) - set(PAIRWISE_OPTIONS))
-    if unknown:
-        valid = sorted(set(LISTWISE_PARAM_DEFAULTS) | set(PAIRWISE_OPTIONS))
-        raise TypeError(f"unknown parameter(s) {unknown}; valid: {', '.join(valid)}")
-    pairwise_given = sorted(set(params) & (set(PAIRWISE_OPTIONS) | {"pairwise_type"}))
-    if pairwise_given and loss_type not in PAIR_BASED:
-        raise ValueError(f"{pairwise_given} apply to the pair-based loss types {list(PAIR_BASED)} only; "
-                         f"loss_type {loss_type!r} does not use them")
-    params = {**LISTWISE_PARAM_DEFAULTS, **params}
-    _check_params(loss_type, params)
-
+    spec = ListwiseSpec(loss_type, beta, **params)
     if not isinstance(logps, torch.Tensor) or not logps.dtype.is_floating_point:
         raise TypeError("logps must be a floating-point torch.Tensor")
     index = None
@@ -499,45 +632,12 @@ def listwise_loss(logps, ref_logps=None, *, scores=None, ranks=None, loss_type="
     elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
         raise ValueError(f"mask must be a bool tensor of shape {shape} (True = present)")
     mask = mask.to(logps.device)
-    sizes = mask.sum(1)
-    if bool((sizes < 2).any()):
-        p = int((sizes < 2).nonzero()[0])
-        raise ValueError(f"list {p} has {int(sizes[p])} response(s); every list needs at least 2")
-
     flat_size = logps.shape[0]
     if index is not None:
         logps = _padded(logps, "logps", shape, logps.device, index, flat_size)
     values = {name: _padded(value, name, shape, logps.device, index, flat_size)
               for name, value in (("ref_logps", ref_logps), ("scores", scores), ("ranks", ranks),
                                   ("lengths", lengths))}
-    dtype = compute_dtype(logps, values["ref_logps"])
-    _check_finite(logps.detach(), mask, "logps")
-    if (values["scores"] is None) == (values["ranks"] is None):
-        raise ValueError("pass exactly one of scores (larger = better) and ranks (smaller = better)")
-    if values["scores"] is not None:
-        if values["scores"].dtype == torch.bool:
-            raise TypeError("scores must be numbers, not bool")
-        _check_finite(values["scores"].double(), mask, "scores")
-        labels = torch.where(mask, values["scores"].to(dtype), 0.0)
-    else:
-        labels = ranks_to_labels(values["ranks"], mask).to(dtype)
-    if _needs_reference(loss_type, params) and values["ref_logps"] is None:
-        what = f"pairwise_type {params['pairwise_type']!r}" if loss_type in PAIR_BASED else f"loss_type {loss_type!r}"
-        raise ValueError(f"{what} needs ref_logps (the reference's sequence log-probs)")
-    if values["lengths"] is not None:
-        bad = mask & ~(values["lengths"] > 0)
-        if bool(bad.any()):
-            p, k = _first_bad(bad)
-            raise ValueError(f"lengths of list {p} is {values['lengths'][p, k].item()} at response {k}; every "
-                             "response needs at least one completion token")
-    clean = lambda x: None if x is None else torch.where(mask, x.to(dtype), 0.0)  # noqa: E731
-    if values["ref_logps"] is not None:
-        _check_finite(values["ref_logps"].double(), mask, "ref_logps")
-    batch = ListBatch(clean(logps), clean(values["ref_logps"]), labels, mask, clean(values["lengths"]), beta,
-                      values["scores"] is not None, params)
-    try:
-        losses = LISTWISE_LOSSES[loss_type](batch)
-        metrics = listwise_metrics(batch, loss_type)
-    except _MissingInput as missing:
-        raise ValueError(f"loss_type {loss_type!r} needs {missing.argument}, which was not given") from None
-    return losses, metrics
+    batch, checks = spec.prepare(mask, logps=logps, **values)
+    run_value_checks(checks)
+    return spec.losses(batch), spec.metrics(batch)
