@@ -184,3 +184,30 @@ def test_peak_within_the_workspace(path, planted, monkeypatch):
     over = [(what, peak, bound) for what, peak, bound in zip(("forward", "backward"), (forward, backward), bounds)
             if peak > bound]
     assert bool(over) == planted, over or (forward, backward, bounds)
+
+
+@pytest.mark.parametrize("path", ["stored", "chunked"])
+def test_a_step_syncs_the_host_no_more_with_more_chunks(path):
+    """A host sync inside the chunk loop stalls the GPU once per chunk: the H200 profile of
+    2026-12-04 found the stored path's GPU work at the floor and its wall time 7 ms a step above
+    it, from a boolean-mask scatter of the head's gradient in the loop. The syncs of a step,
+    forward and backward, must be the same with one chunk as with three. On the Triton backend (the
+    GPU's; the PyTorch tile math of the CPU backend has syncs of its own)."""
+    from prefops.tools.opcount import OpCounter
+
+    hidden, weight, targets, _, groups = problem(torch.float32, 4.0, bias=False)
+    counted = (targets != -100).sum(1)
+    vocab, rows, largest = weight.shape[0], int(counted.sum()), int(counted[groups].sum(1).max())
+    # stored keeps every fp32 logit gradient beside the chunk; chunked writes the gradient over the logits.
+    one_chunk, three_chunks = {"stored": (2 * rows * vocab * 4, rows * vocab * 4 + largest * vocab * 4),
+                               "chunked": (rows * vocab * 4, largest * vocab * 4)}[path]
+
+    def syncs(workspace):
+        leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight)]
+        with prefops.settings(workspace=workspace, backend="triton"), OpCounter() as count:
+            prefops.sequence_objective(leaves[0], leaves[1], targets, head=head, groups=groups).loss.backward()
+        assert strategy.last_path() == path
+        return count
+
+    single, several = syncs(one_chunk), syncs(three_chunks)
+    assert len(several.syncs) == len(single.syncs), (single.summary(), several.summary())
