@@ -9,6 +9,8 @@ once. Stored: every chunk's gradient is kept, and backward runs one dh and one d
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from . import fused
@@ -36,20 +38,25 @@ def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1
     whose ranks must agree on the chunks.
 
     Returns (stored, [(group indices, this rank's counted row indices sorted by group), ...])."""
-    group_of_sequence = torch.full((num_sequences,), -1, dtype=torch.long, device=groups.device)
-    slots = groups >= 0
-    group_of_sequence[groups[slots]] = torch.arange(groups.shape[0], device=groups.device)[:, None].expand_as(
-        groups)[slots]
-    rows = counted.nonzero().squeeze(1)
-    row_group = group_of_sequence[seq_ids[rows]]
-    rows, row_group = rows[row_group >= 0], row_group[row_group >= 0]
+    device, n_groups = groups.device, groups.shape[0]
+    # Everything on the device and one read of the counts at the end: the plan is the only host
+    # sync of the 3-GEMM paths (a boolean mask, nonzero or bincount would each be one more).
+    # Group n_groups stands for "none": sequences in no group, uncounted tokens; it sorts last.
+    group_of_sequence = torch.full((num_sequences + 1,), n_groups, dtype=torch.long, device=device)
+    slot_group = torch.arange(n_groups, device=device)[:, None].expand_as(groups)
+    # Empty slots (-1) write to the spare last entry, which is cut off.
+    group_of_sequence.scatter_(0, torch.where(groups >= 0, groups, num_sequences).flatten(), slot_group.flatten())
+    row_group = torch.where(counted, group_of_sequence[:num_sequences][seq_ids.clamp_min(0)], n_groups)
     order = torch.argsort(row_group, stable=True)
-    rows, row_group = rows[order], row_group[order]
-    tokens_per_group = torch.bincount(row_group, minlength=groups.shape[0])
-    first_row = [0] + tokens_per_group.cumsum(0).tolist()
+    tokens_per_group = torch.zeros(n_groups + 1, dtype=torch.long, device=device).index_add_(
+        0, row_group, torch.ones_like(row_group))[:n_groups]
+    reduced = tokens_per_group
     if sequence_group is not None:
-        torch.distributed.all_reduce(tokens_per_group, op=torch.distributed.ReduceOp.MAX, group=sequence_group)
-    sizes = tokens_per_group.tolist()
+        reduced = tokens_per_group.clone()
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX, group=sequence_group)
+    local_sizes, sizes = torch.stack([tokens_per_group, reduced]).tolist()
+    first_row = [0, *itertools.accumulate(local_sizes)]
+    rows = order[:first_row[-1]]
     largest, vocab = max(sizes, default=0), weight.shape[0]
     stored_bytes = rows.numel() * vocab * weight.element_size()
     stored = may_store and sequence_group is None and largest * vocab * 4 * sides <= budget - stored_bytes

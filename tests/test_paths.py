@@ -211,3 +211,5 @@ def test_a_step_syncs_the_host_no_more_with_more_chunks(path):
 
     single, several = syncs(one_chunk), syncs(three_chunks)
     assert len(several.syncs) == len(single.syncs), (single.summary(), several.summary())
+    # And few: one read of the layout's bounds, one of the targets' range, one of the chunk plan.
+    assert len(single.syncs) <= 3, single.summary()
