@@ -3,7 +3,7 @@
 # H100/H200. A fresh lease runs benchmarks/first_light.sh first (at most 9 minutes: environment,
 # smoke, the core rows at A, Q, L and the peers at A, with every bar); these come after it:
 #
-#   bash benchmarks/gpu_session.sh check        # GPU tests, sm_90 compile profile, prefops compare on CUDA
+#   bash benchmarks/gpu_session.sh check        # GPU tests, compute-sanitizer, sm_90 compile profile, prefops compare on CUDA
 #   bash benchmarks/gpu_session.sh core         # bench_core at A, L, Q, every row, full autotune (issue 2)
 #   bash benchmarks/gpu_session.sh families     # bench_losses, bench_listwise, bench_tdpo, bench_diagnostics (3, 4, 5)
 #   bash benchmarks/gpu_session.sh training     # bench_training throughput, then the longest pair per row (6, 15; <= 8 min)
@@ -41,6 +41,7 @@ install
 case "${1:-check}" in
     check)
         run gpu-tests python3 -m pytest -q -m gpu tests
+        run sanitize bash benchmarks/sanitize.sh
         # The box's own triton (3.6) may allocate registers differently from CI's: log its compile report.
         run hopper-profile python3 tests/compile_for_hopper.py --profile
         run compare-bf16 python3 -m prefops.tools.cli compare --device cuda --dtype bfloat16
