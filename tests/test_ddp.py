@@ -27,8 +27,8 @@ from conftest import assert_fp32_close
 from test_hf_integration import LENGTH, padded_batch, tiny
 from test_training_distributed import _free_port
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is unavailable")
+pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="torch.distributed with gloo is unavailable"), pytest.mark.slow]
 
 RANKS, PAIRS = 2, 4  # each rank scores 2 of the 4 pairs
 # Each gradient element sums one term per token of the batch, in another order across the ranks
