@@ -281,7 +281,7 @@ def _mean_and_std(runs: torch.Tensor):
 
 def _mean_and_standard_error(runs: torch.Tensor):
     mean, std, count = _mean_and_std(runs)
-    return mean, std / count.sqrt()
+    return mean, std / count.double().sqrt()  # an integer tensor's sqrt would be float32
 
 
 def _check_repeats(repeats) -> None:
