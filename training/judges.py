@@ -189,8 +189,8 @@ class RewardModelJudge(Judge):
 
 
 class Pairwise:
-    """What pairwise judges share (put before Judge in the bases): they judge preferences, and a completion's
-    score is its mean win probability against the prompt's other completions (see mean_win_probability)."""
+    """What pairwise judges share (first in the bases, so its scores replace Judge's): they judge preferences;
+    a completion's score is its mean win probability against the prompt's other completions."""
     pairwise = True
 
     def preferences_with_spread(self, prompts: list[str], completions: list[list[str]]):

@@ -9,18 +9,18 @@ A pair of identical texts carries no preference and is dropped. With soft_labels
 gets preference_prob: the pairwise judge's P(i beats j) when `preferences` are given,
 else sigmoid((s_i - s_j) / soft_label_scale).
 
-With `spread`, the judge's uncertainty, each pair has an evidence d > 0 for i over j and an
-uncertainty u of it:
-  scalar judge    spread [P, K], the sd of each score:        d = s_i - s_j,      u = sqrt(sd_i^2 + sd_j^2)
-  pairwise judge  spread [P, K, K], the standard error of     d = P(i beats j) - 1/2,  u = se_ij
-                  each mean P(i beats j) (repeats, ensemble)
+With `spread`, the judge's uncertainty, a pair i > j has an evidence d >= 0 and its uncertainty u:
+  scalar judge    spread [P, K], the sd of each score             d = s_i - s_j            u = sqrt(sd_i^2 + sd_j^2)
+  pairwise judge  spread [P, K, K], the standard error of each    d = P(i beats j) - 1/2   u = se_ij
+                  mean P(i beats j) (judge_repeats, an ensemble)
 uncertainty_z drops a pair within noise, d <= z u (for a pairwise judge: its win probability
 lies within z standard errors of 1/2; UPO's pairwise uncertainty, Wang et al. 2024). With
 uncertainty_weighting each kept pair's loss is weighted by its certainty
     w = erf(d / (sqrt(2) u)) = 2 Phi(d / u) - 1        (1 where u = 0 < d, 0 where d = 0),
 the probability that its orientation is right minus that it is wrong under a normal
-posterior N(d, u^2): a coin-flip pair weighs 0, a sure one 1. UPO reweights and samples
-pairs by an MC-dropout estimator's certainty; this weight is our interpretation of it.
+posterior N(d, u^2): a coin-flip pair weighs 0, a sure one 1. UPO selects reliable pairs
+by an MC-dropout estimator's pairwise uncertainty (repeated judgements here); weighting the
+loss by certainty, and this weight, are our interpretation of its uncertainty-enhanced training.
 """
 from __future__ import annotations
 
