@@ -10,8 +10,8 @@ import transformers
 
 from conftest import decoder_tolerance, relative_error
 from helpers import save_tiny_reward_model
-from prefops.training.judges import (Ensemble, JudgeError, make_judge, repeat_preferences, repeat_scores,
-                                     scalar_preferences)
+from prefops.training.judges import (Ensemble, JudgeError, PairwiseJudge, make_judge, repeat_preferences,
+                                     repeat_scores, scalar_preferences)
 from prefops.training.pairing import build_records
 from prefops.training.sampling import sample
 from prefops.training.synthetic import TASKS
@@ -358,8 +358,7 @@ def test_pairwise_repeats_and_ensemble_give_mean_and_standard_error():
     assert mean[0, 0, 1] == pytest.approx(0.3, rel=1e-12) and error[0, 0, 1] == pytest.approx(0.1 / math.sqrt(3))
     assert mean[0, 0, 2] == pytest.approx(0.5, rel=1e-12) and error[0, 0, 2] == pytest.approx(0.1, rel=1e-12)
 
-    judge = make_judge(f"pairwise:{__name__}:length_difference")
-    judge.function = Repeated()
+    judge = PairwiseJudge("repeated", Repeated())
     got = repeat_preferences(judge, ["p"], [UPO_COMPLETIONS], repeats=3)
     ensemble = make_judge([f"pairwise:{__name__}:member{n}" for n in range(3)])
     assert ensemble.pairwise
@@ -378,9 +377,6 @@ def test_pairwise_repeats_and_ensemble_give_mean_and_standard_error():
     with pytest.raises(JudgeError, match="all scalar or all pairwise"):
         make_judge([f"{__name__}:length_score", f"pairwise:{__name__}:member0"])
 
-
-def length_difference(prompts, completions_a, completions_b):
-    return [0.5 + (len(a) - len(b)) / 10 for a, b in zip(completions_a, completions_b)]
 
 
 # ----------------------------------------------------------------------------- pairing
