@@ -378,7 +378,6 @@ def test_pairwise_repeats_and_ensemble_give_mean_and_standard_error():
         make_judge([f"{__name__}:length_score", f"pairwise:{__name__}:member0"])
 
 
-
 # ----------------------------------------------------------------------------- pairing
 
 PAIR_PROMPTS = ["p0", "p1", "p2"]
