@@ -3,10 +3,13 @@
 A 1-layer Llama of width 32 on the bundled sort task, a few prompts a round; the
 default online job's ordering against offline DPO is asserted in test_online_job.py.
 """
+import itertools
 import json
 import math
+import statistics
 import sys
 import types
+import zlib
 
 import pytest
 import torch
@@ -233,10 +236,27 @@ def test_bad_judge_outputs_drop_samples_with_a_count(tmp_path, monkeypatch, caps
     ({"uncertainty_z": 1.0}, "judge_repeats >= 2 or make judge a list"),
     ({"judge": ["task"]}, "online.judge must be task, .* or a list of >= 2 of them"),
     ({"rounds": 2, "judges": "task"}, "online.judges is not an online key"),
+    # One judgement per pair has no spread: a pairwise judge needs repeats or an ensemble too.
+    ({"judge": "pairwise:online_judges:prefer", "uncertainty_z": 1.0}, "online.uncertainty_z needs the judge's "
+                                                                       "spread: set judge_repeats >= 2"),
+    ({"uncertainty_weighting": True}, "online.uncertainty_weighting needs the judge's spread"),
+    ({"uncertainty_weighting": "yes"}, "online.uncertainty_weighting must be true or false; got 'yes'"),
 ])
 def test_online_config_errors_name_the_key(tmp_path, online, message):
     with pytest.raises(C.ConfigError, match=message):
         make_config(tmp_path, online=online)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(loss_type="kto"), "which an unpaired loss has none"),
+    (dict(wpo=True), "which wpo sets its own"),
+    (dict(loss_type="aot"), "which a loss that sorts a batch's pairs takes none"),
+    (dict(loss_type="plackett_luce", online={"pairs": "ranked"}), "online.uncertainty_weighting acts on pairs"),
+])
+def test_uncertainty_weighting_refuses_losses_without_pair_weights(tmp_path, overrides, message):
+    online = {"judge_repeats": 2, "uncertainty_weighting": True, **overrides.pop("online", {})}
+    with pytest.raises(C.ConfigError, match=message):
+        make_config(tmp_path, online=online, **overrides)
 
 
 def test_reference_update_needs_rounds_or_stages(tmp_path):
@@ -306,6 +326,80 @@ def test_uncertainty_filter(tmp_path, monkeypatch, judging):
     assert sum(r["dropped_uncertain"] for r in kept[3.0]) > 0 == sum(r["dropped_uncertain"] for r in kept[None])
     assert all(r["pairs"] + r["dropped_uncertain"] + r["dropped_identical"] == r["candidate_pairs"]
                for r in kept[3.0])
+
+
+def upo_quality(prompt, completion):
+    """The sort score, with ties between different texts broken by less than 0.01: equal scores would give
+    equal mean win probabilities up to rounding, which would decide whether such a pair is a candidate."""
+    return sort_quality(prompt, completion) + 0.01 * zlib.crc32(completion.encode()) / 2 ** 32
+
+
+def upo_judge_module():
+    """Pairwise judges with known noise: the n-th judgement of a pair is P(a > b) = b + o_n b (1 - b), b =
+    sigmoid(q_a - q_b) the Bradley-Terry probability on upo_quality q, o_n = -1, 0, 1 (staying in [0, 1]).
+    `repeated` takes o_n from its call count: the judge_repeats = 3 consecutive calls that judge a sampling
+    batch take -1, 0 and 1 in some order; `member0..2` are an ensemble's three members."""
+    module = types.ModuleType("upo_judges")
+    calls = itertools.count()
+
+    def judged(offset, prompts, completions_a, completions_b):
+        return [b + offset * b * (1 - b) for b in (1 / (1 + math.exp(upo_quality(p, y) - upo_quality(p, x)))
+                                                     for p, x, y in zip(prompts, completions_a, completions_b))]
+    module.repeated = lambda *columns: judged(next(calls) % 3 - 1, *columns)
+    for n in range(3):
+        setattr(module, f"member{n}", lambda *columns, offset=n - 1: judged(offset, *columns))
+    return module
+
+
+@pytest.mark.parametrize("judging", [
+    {"judge": "pairwise:upo_judges:repeated", "judge_repeats": 3},
+    {"judge": [f"pairwise:upo_judges:member{n}" for n in range(3)]},
+], ids=["repeated", "ensemble"])
+def test_pairwise_uncertainty_filter_and_weights(tmp_path, monkeypatch, judging):
+    """UPO's pairwise uncertainty: each pair's three judgements have mean b and standard error b (1 - b) / sqrt(3)
+    (upo_judge_module), so with pairs: all_pairs every two different samples are a candidate, the one of higher
+    quality chosen; exactly those with b - 1/2 <= z se are dropped, and the others weigh
+    2 Phi((b - 1/2) / se) - 1 in the loss."""
+    monkeypatch.setitem(sys.modules, "upo_judges", upo_judge_module())
+    z = 3.0
+    config = make_config(tmp_path, online={**judging, "rounds": 2, "pairs": "all_pairs", "uncertainty_z": z,
+                                           "uncertainty_weighting": True})
+    trainer = OnlineTrainer(config)
+    judged, captured = [], []
+    judgements, new_round = trainer.judgements, trainer.new_round
+    trainer.judgements = lambda prompts, completions: judged.append((prompts, completions)) or judgements(
+        prompts, completions)
+    trainer.new_round = lambda index, ref: captured.append(new_round(index, ref)) or captured[-1]
+    trainer.train()
+
+    rounds = [r for r in records(config.out_dir, "eval") if "round" in r]
+    assert [r["judge_calls"] for r in rounds] == [3 * 8 * 6, 2 * 3 * 8 * 6]  # 3 judgements of each pair of 4
+    sampled = [(p, group) for prompts, completions in judged for p, group in zip(prompts, completions)
+               if len(group) > 1]  # not the evaluation's single samples
+    assert len(sampled) == 2 * 8
+    for index, current in enumerate(captured):
+        kept, dropped = [], 0
+        for prompt, group in sampled[8 * index:8 * (index + 1)]:
+            for x, y in itertools.combinations(group, 2):
+                if x == y:  # no preference: not a candidate, or one dropped as identical
+                    continue
+                gap = upo_quality(prompt, x) - upo_quality(prompt, y)
+                b = 1 / (1 + math.exp(-abs(gap)))
+                d, se = b - 0.5, b * (1 - b) / math.sqrt(3)
+                if d <= z * se:
+                    dropped += 1
+                else:
+                    kept.append((prompt, *((x, y) if gap > 0 else (y, x)), 2 * statistics.NormalDist().cdf(-d / se)))
+        assert current.stats["dropped_uncertain"] == dropped > 0
+        got = sorted((r.prompt, *r.completions, r.weight) for r in current.records)
+        kept.sort()
+        assert [row[:3] for row in got] == [row[:3] for row in kept]
+        # Kept pairs are sure (d > 3 se): their weights 2 Phi(d / se) - 1 lie within 1e-2 of 1, compared by
+        # 1 - w = 2 Phi(-d / se), which erf's rounding (1e-16) leaves a few parts per million off.
+        assert [1 - row[3] for row in got] == pytest.approx([row[3] for row in kept], rel=1e-5, abs=1e-15)
+        # The weights reach the loss as the batch's pair_weights.
+        batch = D.collate(trainer.round_dataset(current), list(range(len(current.records))), packing=False)
+        assert batch.pair_weights.tolist() == pytest.approx([r.weight for r in current.records], rel=1e-6)
 
 
 def test_prompts_from_a_file(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 judges, and turning judged samples into training records."""
 import copy
 import math
+import statistics
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ import transformers
 
 from conftest import decoder_tolerance, relative_error
 from helpers import save_tiny_reward_model
-from prefops.training.judges import Ensemble, JudgeError, make_judge, repeat_scores, scalar_preferences
+from prefops.training.judges import (Ensemble, JudgeError, PairwiseJudge, make_judge, repeat_preferences,
+                                     repeat_scores, scalar_preferences)
 from prefops.training.pairing import build_records
 from prefops.training.sampling import sample
 from prefops.training.synthetic import TASKS
@@ -296,6 +298,86 @@ def test_ensemble_and_repeat_scores():
         repeat_scores(judge, ["p"], [["ab"]], repeats=1)
 
 
+# Pairwise uncertainty (UPO): a pairwise judge whose n-th judgement of a pair (a repeat, or an ensemble's n-th
+# member) is P(a beats b) = 1/2 + (len(a) - len(b)) / 10 + OFFSETS[n]; a pair holding a text of FAILS[n]
+# comes back NaN on that judgement.
+OFFSETS = (-0.1, 0.0, 0.1)
+FAILS = ({"y"}, {"x", "y"}, set())
+UPO_COMPLETIONS = ["a", "abc", "x", "y"]
+
+
+def judged_with_offset(n, prompts, completions_a, completions_b):
+    return [math.nan if FAILS[n] & {a, b} else 0.5 + (len(a) - len(b)) / 10 + OFFSETS[n]
+            for a, b in zip(completions_a, completions_b)]
+
+
+def member0(*columns):
+    return judged_with_offset(0, *columns)
+
+
+def member1(*columns):
+    return judged_with_offset(1, *columns)
+
+
+def member2(*columns):
+    return judged_with_offset(2, *columns)
+
+
+class Repeated:
+    """The same judge asked again: its n-th call is judgement n."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, *columns):
+        self.n += 1
+        return judged_with_offset(self.n - 1, *columns)
+
+
+def expected_mean_and_standard_error(completions):
+    """Each pair's mean and standard error over the judgements that did not fail, by the statistics module."""
+    k = len(completions)
+    mean, error = torch.full((1, k, k), 0.5, dtype=torch.float64), torch.zeros((1, k, k), dtype=torch.float64)
+    for i in range(k):
+        for j in range(i + 1, k):
+            a, b = completions[i], completions[j]
+            values = [0.5 + (len(a) - len(b)) / 10 + OFFSETS[n] for n in range(3) if not FAILS[n] & {a, b}]
+            if len(values) < 2:
+                mean[0, i, j] = mean[0, j, i] = error[0, i, j] = error[0, j, i] = math.nan
+                continue
+            mean[0, i, j], mean[0, j, i] = statistics.fmean(values), 1 - statistics.fmean(values)
+            error[0, i, j] = error[0, j, i] = statistics.stdev(values) / math.sqrt(len(values))
+    return mean, error
+
+
+def test_pairwise_repeats_and_ensemble_give_mean_and_standard_error():
+    """Three judgements per pair, by one judge asked three times or by three judges: the mean and standard error
+    of those that did not fail; NaN where fewer than two did (a pair with "y")."""
+    mean, error = expected_mean_and_standard_error(UPO_COMPLETIONS)
+    # a vs abc: 0.2, 0.3, 0.4 -> mean 0.3, se 0.1 / sqrt(3); a vs x: 0.4 and 0.6 (x fails once) -> 0.5, se 0.1.
+    assert mean[0, 0, 1] == pytest.approx(0.3, rel=1e-12) and error[0, 0, 1] == pytest.approx(0.1 / math.sqrt(3))
+    assert mean[0, 0, 2] == pytest.approx(0.5, rel=1e-12) and error[0, 0, 2] == pytest.approx(0.1, rel=1e-12)
+
+    judge = PairwiseJudge("repeated", Repeated())
+    got = repeat_preferences(judge, ["p"], [UPO_COMPLETIONS], repeats=3)
+    ensemble = make_judge([f"pairwise:{__name__}:member{n}" for n in range(3)])
+    assert ensemble.pairwise
+    for preferences, standard_error in (got, ensemble.preferences_with_spread(["p"], [UPO_COMPLETIONS])):
+        assert_scores(preferences, mean.tolist())
+        assert_scores(standard_error, error.tolist())
+    # Every unordered pair asked 3 times; NaN: the 3 pairs holding y on judgements 0 and 1, those holding x on 1.
+    assert (judge.calls, judge.failed) == (3 * 6, 3 + 3 + 2)
+    assert (ensemble.calls, ensemble.failed) == (3 * 6, 3 + 3 + 2)
+    # A completion's score: its mean win probability over the pairs that did not fail.
+    assert_scores(ensemble.scores(["p"], [UPO_COMPLETIONS]), [[statistics.fmean([0.3, 0.5]),
+                                                               statistics.fmean([0.7, 0.7]),
+                                                               statistics.fmean([0.5, 0.3]), math.nan]])
+    with pytest.raises(ValueError, match="repeats must be an integer >= 2"):
+        repeat_preferences(judge, ["p"], [UPO_COMPLETIONS], repeats=1)
+    with pytest.raises(JudgeError, match="all scalar or all pairwise"):
+        make_judge([f"{__name__}:length_score", f"pairwise:{__name__}:member0"])
+
+
 # ----------------------------------------------------------------------------- pairing
 
 PAIR_PROMPTS = ["p0", "p1", "p2"]
@@ -369,6 +451,61 @@ def test_uncertainty_filter_and_identical_texts():
     assert [r.where for r in records] == ["online#p0[0>2]", "online#p0[2>1]"] and stats["dropped_identical"] == 1
 
 
+def two_sided_certainty(d, u):
+    """2 Phi(d / u) - 1, by the statistics module: the weight the docstring of pairing defines."""
+    return 2 * statistics.NormalDist().cdf(d / u) - 1 if u else float(d > 0)
+
+
+def test_pairwise_uncertainty_filter_and_weights():
+    """A pairwise judge's pairs: dropped when P(i beats j) lies within z standard errors of 1/2 (the boundary
+    included), weighted by 2 Phi(d / se) - 1, d = P - 1/2, once oriented by the comparison."""
+    nan = math.nan
+    upper = {(0, 1): (0.875, 0.125),   # d 0.375 > 2 * 0.125: kept
+             (0, 2): (0.75, 0.125),    # d 0.25 = 2 * 0.125: dropped
+             (0, 3): (0.25, 0.0625),   # 3 beats 0: d 0.25 > 0.125, kept as 3 > 0
+             (1, 2): (0.5, 0.0),       # a sure tie: d 0 <= 0, dropped
+             (1, 3): (nan, nan),       # the judge failed
+             (2, 3): (0.625, 0.0)}     # sure: kept, weight 1
+    preferences = torch.full((1, 4, 4), 0.5, dtype=torch.float64)
+    spread = torch.zeros((1, 4, 4), dtype=torch.float64)
+    for (i, j), (p, se) in upper.items():
+        preferences[0, i, j], preferences[0, j, i], spread[0, i, j], spread[0, j, i] = p, 1 - p, se, se
+    scores = [[4.0, 3.0, 2.0, 1.0]]  # all six pairs are candidates
+    options = dict(mode="all_pairs", preferences=preferences, spread=spread)
+
+    records, stats = build_records(["p"], [["a", "b", "c", "d"]], scores, uncertainty_z=2.0, **options)
+    assert [(r.where, r.weight) for r in records] == [("online#p0[0>1]", None), ("online#p0[3>0]", None),
+                                                      ("online#p0[2>3]", None)]
+    assert (stats["candidate_pairs"], stats["dropped_uncertain"], stats["dropped_nan_pairs"], stats["pairs"]) == (
+        6, 2, 1, 3)
+
+    records, stats = build_records(["p"], [["a", "b", "c", "d"]], scores, uncertainty_z=2.0,
+                                   uncertainty_weighting=True, **options)
+    assert [r.where for r in records] == ["online#p0[0>1]", "online#p0[3>0]", "online#p0[2>3]"]
+    assert [r.weight for r in records] == pytest.approx(
+        [two_sided_certainty(0.375, 0.125), two_sided_certainty(0.25, 0.0625), 1.0], rel=1e-12)
+    # Weights alone (no filter): every judged pair is kept, a sure tie weighs 0.
+    records, stats = build_records(["p"], [["a", "b", "c", "d"]], scores, uncertainty_z=None,
+                                   uncertainty_weighting=True, **options)
+    assert [r.where for r in records] == ["online#p0[0>1]", "online#p0[0>2]", "online#p0[3>0]", "online#p0[1>2]",
+                                          "online#p0[2>3]"]
+    assert [r.weight for r in records] == pytest.approx([
+        two_sided_certainty(0.375, 0.125), two_sided_certainty(0.25, 0.125), two_sided_certainty(0.25, 0.0625),
+        0.0, 1.0], rel=1e-12)
+    assert (stats["dropped_uncertain"], stats["dropped_nan_pairs"]) == (0, 1)
+
+
+def test_scalar_uncertainty_weights():
+    """A scalar judge's pairs weigh 2 Phi(gap / sqrt(sd_i^2 + sd_j^2)) - 1."""
+    scores, spread = [[10.0, 5.0, 0.8]], [[3.0, 4.0, 0.5]]
+    records, _ = build_records(["p"], [["a", "b", "c"]], scores, mode="all_pairs", spread=spread,
+                               uncertainty_z=None, uncertainty_weighting=True)
+    assert [r.where for r in records] == ["online#p0[0>1]", "online#p0[0>2]", "online#p0[1>2]"]
+    assert [r.weight for r in records] == pytest.approx([two_sided_certainty(5.0, 5.0),
+                                                         two_sided_certainty(9.2, math.sqrt(9.25)),
+                                                         two_sided_certainty(4.2, math.sqrt(16.25))], rel=1e-12)
+
+
 def test_pairing_rejects_bad_input():
     with pytest.raises(ValueError, match="mode must be one of best_worst, all_pairs, margin, ranked"):
         build_records(PAIR_PROMPTS, PAIR_COMPLETIONS, PAIR_SCORES, mode="best")
@@ -376,3 +513,9 @@ def test_pairing_rejects_bad_input():
         build_records(PAIR_PROMPTS, PAIR_COMPLETIONS, PAIR_SCORES, mode="ranked", spread=torch.zeros(3, 4))
     with pytest.raises(ValueError, match=r"scores must have shape \[3, 4\]"):
         build_records(PAIR_PROMPTS, PAIR_COMPLETIONS, [[1.0, 2.0]])
+    with pytest.raises(ValueError, match="uncertainty_weighting .* pass its spread"):
+        build_records(PAIR_PROMPTS, PAIR_COMPLETIONS, PAIR_SCORES, uncertainty_weighting=True)
+    # A pairwise judge's spread is per pair.
+    with pytest.raises(ValueError, match=r"spread must have shape \[3, 4, 4\] \(prompts x completions x completions\)"):
+        build_records(PAIR_PROMPTS, PAIR_COMPLETIONS, PAIR_SCORES, preferences=torch.zeros(3, 4, 4),
+                      spread=torch.zeros(3, 4))

@@ -128,13 +128,17 @@ ONLINE_KEYS = {
     "sample_batch_size": (64, "prompts per sampling batch (one seed, one rank); generate() runs as many sequences"),
     "mixture_alpha": (0.0, "sample from the geometric mixture (1-a) z_policy + a z_ref (IPO-MD / Nash-MD)"),
     "judge": ("task", "task | module:function | reward_model:PATH | pairwise:module:function, or a list of "
-                      "scalar ones (an ensemble: their mean; their spread feeds uncertainty_z)"),
-    "judge_repeats": (1, "judge each sample this many times; the spread feeds the uncertainty filter"),
+                      "all scalar or all pairwise ones (an ensemble: their mean; their spread feeds uncertainty_z)"),
+    "judge_repeats": (1, "judge each sample (pairwise: each pair) this many times; the spread feeds the "
+                         "uncertainty filter"),
     "pairs": ("best_worst", "best_worst | all_pairs | margin | ranked (lists, for listwise losses)"),
     "min_margin": (0.0, "pairs=margin: the least score gap of a pair"),
     "soft_labels": (False, "preference_prob from the judge (pairwise) or sigmoid(gap / soft_label_scale)"),
     "soft_label_scale": (1.0, "the score gap that makes a soft label sigmoid(1)"),
-    "uncertainty_z": (None, "drop pairs whose gap is within z spreads of the judge's uncertainty (null: keep)"),
+    "uncertainty_z": (None, "drop pairs whose gap is within z spreads of the judge's uncertainty (null: keep); "
+                            "pairwise: P(a > b) within z standard errors of 1/2"),
+    "uncertainty_weighting": (False, "weight each pair's loss by the judge's certainty erf(d / (sqrt(2) u)), "
+                                     "d its gap (pairwise: P(a > b) - 1/2), u its uncertainty (UPO)"),
     "apo_alpha": (0.0, "APO: reference log pi_t + a (log pi_t - log pi_t-1) (needs reference_update: round)"),
     "prompts": (None, "prompts to sample for: a .jsonl of rows with a prompt (null: the synthetic task's)"),
     "eval_prompts": (128, "prompts of the win rates against the start and the previous round"),
@@ -309,7 +313,8 @@ def _validate_online(config: Config) -> None:
     require("min_margin", lambda v: number(v) and v >= 0, "a number >= 0")
     require("soft_label_scale", lambda v: number(v) and v > 0, "a number > 0")
     require("uncertainty_z", lambda v: v is None or number(v) and v >= 0, "a number >= 0 or null")
-    require("soft_labels", lambda v: isinstance(v, bool), "true or false")
+    for key in ("soft_labels", "uncertainty_weighting"):
+        require(key, lambda v: isinstance(v, bool), "true or false")
     require("pairs", lambda v: v in PAIR_MODES, "one of " + ", ".join(PAIR_MODES))
     spec = lambda v: isinstance(v, str) and v  # noqa: E731
     require("judge", lambda v: spec(v) or isinstance(v, list) and len(v) >= 2 and all(map(spec, v)),
@@ -329,9 +334,23 @@ def _validate_online(config: Config) -> None:
     if options["apo_alpha"] and config.reference_update != "round":
         raise ConfigError("online.apo_alpha extrapolates from the last two rounds' references: set "
                           "reference_update: round", "online")
-    if options["uncertainty_z"] is not None and options["judge_repeats"] < 2 and not ensemble:
-        raise ConfigError("online.uncertainty_z needs the judge's spread: set judge_repeats >= 2 or make judge a "
-                          "list (an ensemble)", "online")
+    uncertain = [key for key, on in (("uncertainty_z", options["uncertainty_z"] is not None),
+                                      ("uncertainty_weighting", options["uncertainty_weighting"])) if on]
+    for key in uncertain:
+        if options["judge_repeats"] < 2 and not ensemble:
+            # One judgement per sample, or per pair for a pairwise judge, has no spread to filter or weight by.
+            raise ConfigError(f"online.{key} needs the judge's spread: set judge_repeats >= 2 or make judge a "
+                              "list (an ensemble)", "online")
+        if is_listwise(config):
+            raise ConfigError(f"online.{key} acts on pairs; loss_type {config.loss_type!r} trains on ranked lists: "
+                              f"unset online.{key}", "online")
+    if options["uncertainty_weighting"]:
+        coupled = set(loss_types(config)) & set(BATCH_COUPLED_LOSSES)
+        for refuses, reason in ((config.wpo, "wpo sets its own"), (is_unpaired(config), "an unpaired loss has none"),
+                                (coupled, "a loss that sorts a batch's pairs takes none")):
+            if refuses:
+                raise ConfigError(f"online.uncertainty_weighting gives each pair a loss weight, which {reason} "
+                                  f"(loss_type {config.loss_type!r}, wpo {config.wpo}): set it to false", "online")
     if config.curriculum != "none" or config.reference == "precomputed":
         raise ConfigError("online rounds sample new pairs each round: set curriculum: none and reference to "
                           "model, none or auto", "online")

@@ -7,7 +7,8 @@ make_judge(spec) builds one from a string:
                               prompt + completion
   "pairwise:module:function"  function(prompts, completions_a, completions_b) -> P(a beats b) per pair
   [spec, spec, ...]           an Ensemble of scalar judges: their mean, and their spread for the
-                              uncertainty filter
+                              uncertainty filter; of pairwise judges, a PairwiseEnsemble: each pair's
+                              mean P(a beats b) over the members and its standard error
 
 Scores are [P, K] float64, preferences [P, K, K] with P(i beats j); NaN marks what the
 judge failed on. A judge that raises on a batch is asked again one sample at a time; a
@@ -187,9 +188,23 @@ class RewardModelJudge(Judge):
         return values
 
 
-class PairwiseJudge(FunctionJudge):
-    """function(prompts, completions_a, completions_b) -> P(a beats b); each unordered pair is asked once."""
+class Pairwise:
+    """What pairwise judges share (first in the bases, so its scores replace Judge's): they judge preferences;
+    a completion's score is its mean win probability against the prompt's other completions."""
     pairwise = True
+
+    def preferences_with_spread(self, prompts: list[str], completions: list[list[str]]):
+        """(preferences [P, K, K], the standard error of each or None when the judge has no measure of it)."""
+        return self.preferences(prompts, completions), None
+
+    def scores(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
+        if _rectangular(prompts, completions) < 2:
+            raise JudgeError(f"judge {self.name!r} compares completions: it needs at least 2 per prompt")
+        return mean_win_probability(self.preferences(prompts, completions))
+
+
+class PairwiseJudge(Pairwise, FunctionJudge):
+    """function(prompts, completions_a, completions_b) -> P(a beats b); each unordered pair is asked once."""
 
     def preferences(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
         k = _rectangular(prompts, completions)
@@ -201,12 +216,6 @@ class PairwiseJudge(FunctionJudge):
             p, i, j = (torch.tensor(index) for index in zip(*pairs))
             result[p, i, j], result[p, j, i] = won, 1 - won
         return result
-
-    def scores(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
-        """Mean win probability against the prompt's other completions (see mean_win_probability)."""
-        if _rectangular(prompts, completions) < 2:
-            raise JudgeError(f"judge {self.name!r} compares completions: it needs at least 2 per prompt")
-        return mean_win_probability(self.preferences(prompts, completions))
 
 
 class Ensemble(Judge):
@@ -247,19 +256,53 @@ class Ensemble(Judge):
         return self.scores_with_spread(prompts, completions)[0]
 
 
-def repeat_scores(judge: Judge, prompts: list[str], completions: list[list[str]], repeats: int):
-    """(mean [P, K], std [P, K]) of `repeats` scorings by a stochastic judge: the uncertainty of one scoring
-    (the mean's is std / sqrt(repeats)). Failed repeats are left out (they are draws of the same judge);
-    NaN where fewer than 2 succeeded."""
-    if not isinstance(repeats, int) or repeats < 2:
-        raise ValueError(f"repeats must be an integer >= 2 (a spread needs two scorings); got {repeats!r}")
-    runs = torch.stack([judge.scores(prompts, completions) for _ in range(repeats)])
+class PairwiseEnsemble(Pairwise, Ensemble):
+    """Each pair's mean P(a beats b) over the members that did not fail on it, with its standard error
+    std / sqrt(n): unlike scores, probabilities share one scale, so the members that answered still give
+    one. NaN where fewer than 2 answered (no standard error)."""
+
+    def preferences_with_spread(self, prompts: list[str], completions: list[list[str]]):
+        return _mean_and_standard_error(torch.stack([judge.preferences(prompts, completions) for judge in self.judges]))
+
+    def preferences(self, prompts: list[str], completions: list[list[str]]) -> torch.Tensor:
+        return self.preferences_with_spread(prompts, completions)[0]
+
+
+def _mean_and_std(runs: torch.Tensor):
+    """(mean, sample std, count) over dim 0 of the values that are not NaN; mean and std NaN where fewer than
+    2 are (a spread needs two)."""
     valid = ~runs.isnan()
     count = valid.sum(dim=0)
     mean = runs.nan_to_num().sum(dim=0) / count
     var = ((runs - mean).nan_to_num() ** 2).sum(dim=0) / (count - 1)
     too_few = count < 2
-    return mean.masked_fill(too_few, math.nan), var.sqrt().masked_fill(too_few, math.nan)
+    return mean.masked_fill(too_few, math.nan), var.sqrt().masked_fill(too_few, math.nan), count
+
+
+def _mean_and_standard_error(runs: torch.Tensor):
+    mean, std, count = _mean_and_std(runs)
+    return mean, std / count.double().sqrt()  # an integer tensor's sqrt would be float32
+
+
+def _check_repeats(repeats) -> None:
+    if not isinstance(repeats, int) or repeats < 2:
+        raise ValueError(f"repeats must be an integer >= 2 (a spread needs two judgements); got {repeats!r}")
+
+
+def repeat_scores(judge: Judge, prompts: list[str], completions: list[list[str]], repeats: int):
+    """(mean [P, K], std [P, K]) of `repeats` scorings by a stochastic judge: the uncertainty of one scoring
+    (the mean's is std / sqrt(repeats)). Failed repeats are left out (they are draws of the same judge);
+    NaN where fewer than 2 succeeded."""
+    _check_repeats(repeats)
+    return _mean_and_std(torch.stack([judge.scores(prompts, completions) for _ in range(repeats)]))[:2]
+
+
+def repeat_preferences(judge: Pairwise, prompts: list[str], completions: list[list[str]], repeats: int):
+    """(mean [P, K, K], standard error [P, K, K]) of `repeats` judgements of every pair by a stochastic pairwise
+    judge (each unordered pair is asked `repeats` times), e.g. an estimator with MC dropout as in UPO. Failed
+    repeats are left out; NaN where fewer than 2 succeeded."""
+    _check_repeats(repeats)
+    return _mean_and_standard_error(torch.stack([judge.preferences(prompts, completions) for _ in range(repeats)]))
 
 
 def _function(spec: str, reference: str):
@@ -280,9 +323,11 @@ def make_judge(spec: str | list, *, task=None, device="cpu", batch_size: int = 1
     """A judge from its spec (see the module docstring); `task` is the synthetic task for "task"."""
     if isinstance(spec, list):
         members = [make_judge(each, task=task, device=device, batch_size=batch_size) for each in spec]
-        if any(member.pairwise for member in members):
-            raise JudgeError(f"judge {spec!r}: an ensemble averages scores; a pairwise judge gives none")
-        return Ensemble(members)
+        pairwise = {member.pairwise for member in members}
+        if len(pairwise) > 1:
+            raise JudgeError(f"judge {spec!r}: an ensemble averages scores or, of pairwise judges, preferences; "
+                             "its members must be all scalar or all pairwise")
+        return PairwiseEnsemble(members) if pairwise.pop() else Ensemble(members)
     if spec == "task":
         if task is None:
             raise JudgeError("judge 'task' scores with the synthetic task's scorer: pass task=")

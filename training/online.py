@@ -7,8 +7,9 @@ A run with an `online:` section (ONLINE_KEYS) trains on its own samples. Each ro
   2. judge them (judges.make_judge: the task's scorer, a module:function, a local reward
      model, a pairwise judge returning P(a > b)); a sample the judge fails on is dropped
      and counted, never trained on;
-  3. build pairs or ranked lists (pairing.build_records), optionally soft labels and an
-     uncertainty filter over repeated judging;
+  3. build pairs or ranked lists (pairing.build_records), optionally soft labels, an
+     uncertainty filter over repeated judging or an ensemble, and weights from the
+     judge's certainty (UPO);
   4. train steps_per_round optimizer steps on them with the configured loss, exactly as
      offline (the same objectives, fused ops, FSDP2 path);
   5. refresh the reference: reference_update never (the SFT policy throughout) or round
@@ -150,12 +151,17 @@ class OnlineTrainer(Trainer):
     def judgements(self, prompts, completions):
         """(scores [P, K], their spread or None, preferences [P, K, K] or None); NaN where the judge failed.
 
-        A pairwise judge is asked once per pair; a completion's score is its mean win probability over the
-        comparisons that did not fail."""
+        A pairwise judge is asked judge_repeats times per unordered pair; its spread is then the standard error
+        of each mean P(i beats j), [P, K, K] (or that of a pairwise ensemble's members), and a completion's
+        score its mean win probability over the comparisons that did not fail. A scalar judge's spread is
+        the sd of each score, [P, K]."""
         repeats = self.online["judge_repeats"]
         if self.judge.pairwise:
-            preferences = self.judge.preferences(prompts, completions)
-            return judges.mean_win_probability(preferences), None, preferences
+            if repeats > 1:
+                preferences, spread = judges.repeat_preferences(self.judge, prompts, completions, repeats)
+            else:
+                preferences, spread = self.judge.preferences_with_spread(prompts, completions)
+            return judges.mean_win_probability(preferences), spread, preferences
         if repeats > 1:
             scores, spread = judges.repeat_scores(self.judge, prompts, completions, repeats)
         else:
@@ -197,7 +203,8 @@ class OnlineTrainer(Trainer):
             prompts, judged["completions"], judged["scores"], mode=online["pairs"], min_margin=online["min_margin"],
             soft_labels=online["soft_labels"], soft_label_scale=online["soft_label_scale"],
             preferences=judged["preferences"], uncertainty_z=online["uncertainty_z"],
-            spread=judged["spread"] if online["uncertainty_z"] is not None else None,
+            uncertainty_weighting=online["uncertainty_weighting"],
+            spread=judged["spread"] if online["uncertainty_z"] is not None or online["uncertainty_weighting"] else None,
             where=f"round{index}", completion_ids=judged["completion_ids"])
         scores = judged["scores"][torch.isfinite(judged["scores"])]
         if self.judge.failed:
