@@ -36,7 +36,8 @@ def main(argv=None):
     ref_hidden, ref_weight = tensor(n, ref_hidden_size), tensor(vocab, ref_hidden_size, scale=0.3)
     targets = torch.randint(0, vocab, (n,), generator=generator).to(device)
     targets[::5] = -100
-    leaves = [x.requires_grad_() for x in (hidden, weight, bias)]
+    for leaf in (hidden, weight, bias):
+        leaf.requires_grad_()
     options = dict(bias=bias, softcap=20.0, temperature=0.9, backend="triton")
     # A workspace small enough for several row chunks and vocabulary slices at this shape.
     with prefops.settings(workspace=64 << 10):

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from prefops.tools import cli
 from prefops.training import config as C, data as D

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from prefops.training import config as C, data as D, loop as L, model as M, references
 from prefops.training.tokenizer import CharTokenizer
