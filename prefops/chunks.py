@@ -139,8 +139,11 @@ class _BudgetObjective(torch.autograd.Function):
         stored = run.stored and any(needs)
         chunked = not run.stored
         grad_h = torch.zeros_like(hidden) if needs[0] and chunked else None
-        grad_w = fused.WeightGrad(weight, fp32_weight_grad or weight.dtype == torch.float32) \
+        # Every chunk's dW GEMM spans the whole vocabulary: the first with rows writes all of it.
+        grad_w = fused.WeightGrad(weight, fp32_weight_grad or weight.dtype == torch.float32,
+                                  written_whole=any(rows.numel() for _, rows in run.plan)) \
             if needs[1] and chunked else None
+        dw_written = False
         grad_b = torch.zeros(vocab, device=hidden.device) if needs[2] and chunked else None
         all_rows = torch.cat([rows for _, rows in run.plan]) if stored else None
         logit_grads = hidden.new_empty(all_rows.numel(), vocab, dtype=weight.dtype) if stored else None
@@ -197,7 +200,8 @@ class _BudgetObjective(torch.autograd.Function):
                 # One GEMM over the whole vocabulary: fp32 accumulation, one rounding to h's dtype.
                 grad_h.index_copy_(0, rows, tile @ weight)
             if grad_w is not None:
-                grad_w.add(0, vocab, tile, h_rows)
+                grad_w.add(0, vocab, tile, h_rows, first=not dw_written)
+                dw_written = True
             if grad_b is not None:
                 grad_b += tile.sum(0, dtype=torch.float32)
             del tile

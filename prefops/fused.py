@@ -13,6 +13,7 @@ beyond the gradients is bounded by `workspace`, whatever N is:
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -265,11 +266,18 @@ def token_grads(hidden, weight, bias, rows, targets, lse, entropy, grad_logp, gr
         tile_bytes = 4 + weight.element_size()  # the fp32 recomputed slice and its gradient
     else:
         tile_bytes = weight.element_size() if backend == "triton" and not sliced else 16
-    plan = plan_chunks
-    if sliced:
-        row_bytes = hidden.element_size() + 4 + (0 if hidden.is_cuda else 4)  # h, dh, and on CPU dh's GEMM result
-        plan = lambda *args: plan_slices(*args, row_bytes_per_element=row_bytes)  # noqa: E731
+    plan = sliced_backward_plan(hidden) if sliced else plan_chunks
     return linear_grads(hidden, weight, bias, rows, tile, tile_bytes, workspace, fp32_weight_grad, needs, plan=plan)
+
+
+def sliced_backward_plan(hidden, gathered_width=None):
+    """plan_slices for linear_grads on the sliced path. Per hidden element a row holds its gathered
+    rows (h, and for the token KL the reference's: gathered_width elements in all, default H), its
+    fp32 dh accumulator and, on CPU, the fp32 result of each dh GEMM."""
+    width = hidden.shape[-1]
+    row_bytes = math.ceil(hidden.element_size() * (gathered_width or width) / width) + 4 + (
+        0 if hidden.is_cuda else 4)
+    return lambda *args: plan_slices(*args, row_bytes_per_element=row_bytes)
 
 
 def linear_grads(hidden, weight, bias, rows, logit_grad_tile, tile_bytes, workspace, fp32_weight_grad, needs,

@@ -88,22 +88,22 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
     counted = (flat_targets != ignore_index) & (flat_seq >= 0)
     weights = counted.float() if token_weights is None else torch.where(counted, token_weights.reshape(-1).float(), 0.0)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    token_path = plan_groups(choice, flat_seq, counted, groups, num_sequences, weight, sequence_group)
-    if not isinstance(token_path, str):
+    plan = plan_groups(choice, flat_seq, counted, groups, num_sequences, weight, sequence_group)
+    if not isinstance(plan, str):
         check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
         row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
                                             hidden.device)
         count = sequence_all_reduce(_per_sequence(counted.float(), flat_seq, num_sequences), sequence_group)
         math = _LogpRows(head, groups, weights, counted.float(), count, set(stats), float(temperature), softcap,
                          row_backend)
-        loss, sums = budget_objective(flat_hidden, weight, bias, flat_targets, math, token_path, groups, flat_seq,
+        loss, sums = budget_objective(flat_hidden, weight, bias, flat_targets, math, plan, groups, flat_seq,
                                       num_sequences, sequence_group)
         return Objective(loss, sums["logps"], {"count": count, **{name: sums[name] for name in stats}})
     token_logp, _, *extras = token_outputs(flat_hidden, weight, torch.where(counted, flat_targets, ignore_index),
                                            bias=bias, ignore_index=ignore_index, temperature=temperature,
                                            softcap=softcap, extras=[STAT_EXTRAS[name] for name in stats
                                                                     if name in STAT_EXTRAS], backend=backend,
-                                           strategy=token_path)
+                                           strategy=plan)
     logps = _per_sequence(token_logp * weights, flat_seq, num_sequences)
     seq_stats = _sequence_stats(_stat_values(stats, token_logp, *extras), counted, flat_seq, num_sequences)
     if sequence_group is not None:

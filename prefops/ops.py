@@ -94,8 +94,8 @@ def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_lse, grad_ent
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, workspace, sliced, extras = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, output[1], output[2])
-    ctx.options = (ignore_index, temperature, softcap, backend, workspace, sliced, get_settings().fp32_weight_grad)
-    ctx.sliced = sliced  # which path ran, for prefops.tools.compare's reading of the graph
+    ctx.options = (ignore_index, temperature, softcap, backend, workspace, get_settings().fp32_weight_grad)
+    ctx.sliced = sliced  # an attribute: prefops.tools.compare reads the path that ran off the graph
     ctx.entropy = extras[0]
     # An entropy that was not computed (zeros) must not pass a gradient on.
     ctx.mark_non_differentiable(*output[3:], *([] if extras[0] else [output[2]]))
@@ -103,7 +103,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_logp, grad_lse, grad_entropy, *_not_differentiable):
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-    ignore_index, temperature, softcap, backend, workspace, sliced, fp32_weight_grad = ctx.options
+    ignore_index, temperature, softcap, backend, workspace, fp32_weight_grad = ctx.options
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     zeros = lambda: torch.zeros_like(lse)  # noqa: E731
     grad_h, grad_w, grad_b = linear_logprobs_backward(
@@ -111,7 +111,7 @@ def _backward(ctx, grad_logp, grad_lse, grad_entropy, *_not_differentiable):
         grad_logp if grad_logp is not None else zeros(), grad_lse if grad_lse is not None else zeros(),
         # Autograd hands an output that took no gradient a zero gradient: an entropy that was not
         # computed gets None, so that the backward keeps its fast path (no entropy term).
-        grad_entropy if ctx.entropy else None, ignore_index, temperature, softcap, backend, workspace, sliced,
+        grad_entropy if ctx.entropy else None, ignore_index, temperature, softcap, backend, workspace, ctx.sliced,
         fp32_weight_grad, needs,
     )
     keep = lambda grad, needed: grad if needed else None  # noqa: E731

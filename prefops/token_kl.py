@@ -274,12 +274,7 @@ def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         tile_bytes = 2 * 4 + weight.element_size()  # both sides' fp32 slices and the gradient
     else:
         tile_bytes = weight.element_size() if backend == "triton" and not sliced else 9 * 4 + weight.element_size()
-    plan = None
-    if sliced:
-        # A row holds its h, its reference h and its fp32 dh (and on CPU dh's GEMM result), per policy element.
-        row_bytes = hidden.element_size() * (1 + ref_hidden.shape[-1] / hidden.shape[-1]) + 4 + (
-            0 if hidden.is_cuda else 4)
-        plan = lambda *args: fused.plan_slices(*args, row_bytes_per_element=int(row_bytes) + 1)  # noqa: E731
+    plan = fused.sliced_backward_plan(hidden, hidden.shape[-1] + ref_hidden.shape[-1]) if sliced else None
     grads = fused.linear_grads(hidden, weight, bias, rows, tile, tile_bytes, workspace, fp32_weight_grad,
                                tuple(needs), plan=plan)
     return tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
@@ -314,19 +309,20 @@ def _setup_context(ctx, inputs, output):
      backend, workspace, sliced) = inputs
     kl, _, _, lse, ref_lse = output
     ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, lse, ref_lse, kl)
-    ctx.options = (policy_first, temperature, softcap, backend, workspace, sliced, get_settings().fp32_weight_grad)
-    ctx.sliced = sliced  # which path ran, for prefops.tools.compare's reading of the graph
+    ctx.options = (policy_first, temperature, softcap, backend, workspace, get_settings().fp32_weight_grad)
+    ctx.sliced = sliced  # an attribute: prefops.tools.compare reads the path that ran off the graph
     ctx.mark_non_differentiable(*output[2:])
 
 
 def _backward(ctx, grad_kl, grad_logp, _grad_ref_logp, _grad_lse, _grad_ref_lse):
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, lse, ref_lse, kl = ctx.saved_tensors
-    policy_first, temperature, softcap, backend, workspace, sliced, fp32_weight_grad = ctx.options
+    policy_first, temperature, softcap, backend, workspace, fp32_weight_grad = ctx.options
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     zeros = lambda grad: torch.zeros_like(lse) if grad is None else grad  # noqa: E731
     grad_h, grad_w, grad_b = linear_token_kl_backward(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, lse, ref_lse, kl, zeros(grad_kl),
-        zeros(grad_logp), policy_first, temperature, softcap, backend, workspace, sliced, fp32_weight_grad, needs)
+        zeros(grad_logp), policy_first, temperature, softcap, backend, workspace, ctx.sliced, fp32_weight_grad,
+        needs)
     keep = lambda grad, needed: grad if needed else None  # noqa: E731
     return (keep(grad_h, needs[0]), keep(grad_w, needs[1]), keep(grad_b, needs[2])) + (None,) * 11
 
