@@ -27,10 +27,13 @@ def reference_stats(hidden, weight, targets, bias=None, **transform):
     return entropy, mean_logit, top1, torch.where(targets != -100, scale, 0.0)
 
 
-def top1_in_fp32(hidden, weight, targets, bias=None, **transform):
-    z = reference_logits(hidden.float(), weight.float(), bias=bias.float(), **transform)
-    picked = z.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
-    return (targets != -100) & (picked >= z.max(-1).values)
+def within_fp32_error_of_the_max(hidden, weight, targets, bias, tolerance, **transform):
+    """Tokens whose target logit lies within the logits' fp32 error of its row's maximum (float64):
+    there fp32 arithmetic may tie them or not, and top-1 may go either way."""
+    up = lambda x: None if x is None else x.double()  # noqa: E731
+    z = reference_logits(up(hidden), up(weight), bias=up(bias), **transform)
+    gap = z.max(-1).values - z.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
+    return (targets != -100) & (gap <= tolerance * z.abs().amax(-1))
 
 
 def targets_on_argmax(hidden, weight, targets, bias=None, **transform):
@@ -57,9 +60,12 @@ def test_token_outputs_match_float64(backend, transform, dtype, scale):
     # At |z| ~ 300 the entropy is ~0: it carries the logits' absolute error.
     assert relative_error(entropy, want_entropy, scale=size if scale > 100 else None) <= tolerance
     assert 0 < int(want_top1.sum()) < int((targets != -100).sum())
-    # A saturated softcap gives exact fp32 ties at the cap (tanh rounds to 1), which count as top-1;
-    # float64 still tells them apart, so there only the fp32 logits are the reference.
-    assert torch.equal(top1, top1_in_fp32(hidden, weight, targets, bias, **transform))
+    # A saturated softcap gives fp32 ties at the cap (tanh rounds to 1), which count as top-1, where
+    # float64 still tells the logits apart. Whether a logit reaches the cap exactly depends on the
+    # order of its fp32 sums (the GEMM's blocking, the kernel's tanh): 1 run in 17 disagreed with one
+    # fixed fp32 order. Away from such near-ties top-1 must be float64's.
+    near_tie = within_fp32_error_of_the_max(hidden, weight, targets, bias, tolerance, **transform)
+    assert torch.equal(top1[~near_tie], want_top1[~near_tie])
     if not ("softcap" in transform and scale > 100):
         assert torch.equal(top1, want_top1)
     assert not (mean_logit.requires_grad or top1.requires_grad)
