@@ -160,6 +160,7 @@ class _LogpRows(ChunkRows):
     head, and the requested statistics (STAT_NAMES), passed to it as is."""
 
     differentiable = ("logps",)
+    row_scaled = True
 
     def __init__(self, head, groups, weights, counted, count, wanted, temperature, softcap, backend):
         self.user_head, self.wanted = head, wanted
