@@ -33,8 +33,12 @@ def budget_bytes_per_logit(dtype: torch.dtype, sides: int = 1) -> int:
     return 4 * sides + (0 if dtype == torch.float32 else torch.empty((), dtype=dtype).element_size())
 
 
+# Fewest rows a chunk of the stored path's row-split plan may have: smaller GEMMs lose speed.
+MIN_SPLIT_ROWS = 256
+
+
 def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1, sequence_group=None,
-                may_store=False):
+                may_store=False, split_groups=False):
     """Chunks of whole groups whose logits (`sides` [rows, V] tensors) fit the budget, or None if
     some group does not.
 
@@ -44,6 +48,9 @@ def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1
     may_store: plan the stored path when it fits (the logit gradient of every row kept in the
     input dtype, and the chunks' fp32 logits in what is left); never under a sequence_group,
     whose ranks must agree on the chunks.
+    split_groups: the stored path may cut groups across chunks (row-scaled math runs the head once
+    after the loop), so it needs room for MIN_SPLIT_ROWS rows' logits at most, not a whole group's; its
+    chunks then carry no group indices (None).
 
     Returns (stored, [(group indices, this rank's counted row indices sorted by group), ...])."""
     device, n_groups = groups.device, groups.shape[0]
@@ -67,9 +74,12 @@ def plan_budget(seq_ids, counted, groups, num_sequences, weight, budget, sides=1
     rows = order[:first_row[-1]]
     largest, vocab = max(sizes, default=0), weight.shape[0]
     stored_bytes = rows.numel() * vocab * weight.element_size()
-    stored = may_store and sequence_group is None and largest * vocab * 4 * sides <= budget - stored_bytes
+    needed = min(MIN_SPLIT_ROWS, largest) if split_groups else largest
+    stored = may_store and sequence_group is None and needed * vocab * 4 * sides <= budget - stored_bytes
     if stored:
         limit = (budget - stored_bytes) // (vocab * 4 * sides)
+        if split_groups:
+            return stored, [(None, part) for part in rows.split(max(1, limit))]
     else:
         limit = max(1, budget // (vocab * budget_bytes_per_logit(weight.dtype, sides)))
         if largest > limit:
@@ -158,12 +168,12 @@ class _BudgetObjective(torch.autograd.Function):
         grad_b = torch.zeros(vocab, device=hidden.device) if needs[2] and chunked else None
         all_rows = torch.cat([rows for _, rows in run.plan]) if stored else None
         logit_grads = hidden.new_empty(all_rows.numel(), vocab, dtype=weight.dtype) if stored else None
-        head_once = stored and math.row_scaled
+        # A row-scaled plan's chunks may cut groups (plan_budget's split_groups): the head runs once.
+        head_once = run.stored and math.row_scaled
         offset = 0
         sums = {name: hidden.new_zeros(run.num_sequences, dtype=torch.float32) for name in math.weights}
         loss = hidden.new_zeros((), dtype=torch.float32)
         for group_index, rows in run.plan:
-            slots = run.groups[group_index]
             # Under a sequence group a rank may hold no token of a chunk; it still joins its reduction and head.
             has_rows = rows.numel() > 0
             if has_rows:
@@ -176,11 +186,14 @@ class _BudgetObjective(torch.autograd.Function):
                 for name, value in values.items():
                     sums[name].index_add_(0, seq, value * weights[name])
             if head_once:
-                unit = {math.differentiable[0]: torch.ones_like(local_targets, dtype=torch.float32)}
-                math.logit_grads(logits, local_targets, saved, unit, logit_grads[offset:offset + rows.numel()])
-                offset += rows.numel()
-                del logits, saved
+                if has_rows and stored:
+                    unit = {math.differentiable[0]: torch.ones_like(local_targets, dtype=torch.float32)}
+                    math.logit_grads(logits, local_targets, saved, unit, logit_grads[offset:offset + rows.numel()])
+                    offset += rows.numel()
+                if has_rows:
+                    del logits, saved  # before the next chunk's GEMM allocates its own
                 continue
+            slots = run.groups[group_index]
             if run.sequence_group is not None:
                 # The chunk's sequences are summed in this chunk only (a sequence is in one group).
                 totals = _sum_over(run.sequence_group, {name: _gather(total, slots) for name, total in sums.items()})
@@ -220,10 +233,13 @@ class _BudgetObjective(torch.autograd.Function):
         ctx.stored, ctx.needs = stored, needs
         if head_once:
             slots = run.groups
-            chunk_sums = {name: _gather(total, slots) for name, total in sums.items()}
-            inputs = [chunk_sums[name].requires_grad_() for name in math.differentiable]
+            group_sums = {name: _gather(total, slots) for name, total in sums.items()}
+            everything = torch.arange(slots.shape[0], device=slots.device)
+            if not stored:
+                return math.head(group_sums, everything).detach().float()
+            inputs = [group_sums[name].requires_grad_() for name in math.differentiable]
             with torch.enable_grad():
-                head_loss = math.head(chunk_sums, torch.arange(slots.shape[0], device=slots.device))
+                head_loss = math.head(group_sums, everything)
                 grads = torch.autograd.grad(head_loss, inputs, allow_unused=True)
             loss = head_loss.detach().float()
             seq = run.seq_ids.index_select(0, all_rows)

@@ -65,18 +65,22 @@ def test_sliced_logprobs_match_float64(backend, transform, dtype, scale, monkeyp
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,scale", [(torch.float32, 4.0), (torch.bfloat16, 4.0)])
-@pytest.mark.parametrize("path", ["stored", "chunked", "sliced"])
-def test_group_paths_match_float64(path, backend, dtype, scale):
+@pytest.mark.parametrize("path", ["stored", "stored-split", "chunked", "sliced"])
+def test_group_paths_match_float64(path, backend, dtype, scale, monkeypatch):
     """The DPO head through each of auto's paths, times an upstream gradient of 0.37."""
     hidden, weight, targets, bias, groups = problem(dtype, scale, bias=True)
-    # stored: all logit gradients plus a pair's fp32 logits; chunked: a pair's logits and gradient
-    # tile (one pair a chunk); sliced: less than a pair's logits (chunks of 6 rows, 2 slices).
-    workspace = {"stored": 1 << 30, "chunked": 2 * targets.shape[1] * weight.shape[0] * budget_bytes_per_logit(dtype),
-                 "sliced": 12000}[path]
+    vocab, rows = weight.shape[0], int((targets != -100).sum())
+    # stored: all logit gradients plus a pair's fp32 logits; stored-split: all logit gradients and
+    # 5 rows' fp32 logits, so that chunks cut pairs (the head runs once after them); chunked: a pair's
+    # logits and gradient tile (one pair a chunk); sliced: less than a pair's logits (chunks of 6 rows, 2 slices).
+    if path == "stored-split":
+        monkeypatch.setattr(prefops.chunks, "MIN_SPLIT_ROWS", 1)
+    workspace = {"stored": 1 << 30, "stored-split": rows * vocab * weight.element_size() + 5 * vocab * 4,
+                 "chunked": 2 * targets.shape[1] * vocab * budget_bytes_per_logit(dtype), "sliced": 12000}[path]
     leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight, bias)]
     with prefops.settings(workspace=workspace, backend=backend):
         out = prefops.sequence_objective(leaves[0], leaves[1], targets, head=head, groups=groups, bias=leaves[2])
-        assert strategy.last_path() == path
+        assert strategy.last_path() == path.removesuffix("-split")
         grads = torch.autograd.grad(out.loss * 0.37, leaves)
     expected, expected_grads, logit_grad = float64_pipeline(hidden, weight, bias, targets, groups)
     assert relative_error(out.loss, expected) <= 1e-5
@@ -88,7 +92,7 @@ def test_group_paths_match_float64(path, backend, dtype, scale):
     # bf16: the gradient tile, then the GEMM's output (and for stored, h * 0.37 rounded once); the
     # chunked path's dW adds one rounding of the bf16 accumulator per chunk.
     unit = bf16_store_error(backend)
-    roundings_w = {"stored": 3, "chunked": 1 + groups.shape[0], "sliced": 2}[path]
+    roundings_w = {"stored": 3, "stored-split": 3, "chunked": 1 + groups.shape[0], "sliced": 2}[path]
     bound_h, bound_w = rounding_bound(logit_grad * 0.37, hidden, weight, unit, 2, roundings_w)
     assert (grads[0].double() - expected_grads[0]).norm() <= bound_h
     assert (grads[1].double() - expected_grads[1]).norm() <= bound_w
