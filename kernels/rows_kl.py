@@ -30,8 +30,7 @@ import triton.language as tl
 
 from .config import forced_block, interpreting, row_block, row_configs
 from .logits_tile import row_columns, transform, transform_with_slope
-
-EMPTY = tl.constexpr(-1.0e38)
+from .online_softmax import EMPTY, kl_fold
 
 
 # The block and warps that keep enough loads in flight are the device's call (see rows_stats.py).
@@ -49,37 +48,25 @@ def rows_kl_stats_kernel(logits_a_ptr, logits_b_ptr, targets_ptr, out_ptr, n_row
                                      HAS_SOFTCAP), 0.0)
     t_b = tl.where(in_row, transform(tl.load(base_b + target, mask=in_row, other=0.0), inv_temperature, softcap,
                                      HAS_SOFTCAP), 0.0)
-    # Six scalars, rescaled once a block after a block-wide max (rows_stats.py says why not per lane).
-    m_a = tl.full((), EMPTY, dtype=tl.float32)
-    m_b = tl.full((), EMPTY, dtype=tl.float32)
-    s_a = tl.zeros((), dtype=tl.float32)
-    s_b = tl.zeros((), dtype=tl.float32)
-    c = tl.zeros((), dtype=tl.float32)
+    # [1]-row state: the fold is the GEMM-fused kernels' (rows_stats.py says why not per lane).
+    m_a = tl.full((1,), EMPTY, dtype=tl.float32)
+    m_b = tl.full((1,), EMPTY, dtype=tl.float32)
+    s_a = tl.zeros((1,), dtype=tl.float32)
+    s_b = tl.zeros((1,), dtype=tl.float32)
+    c = tl.zeros((1,), dtype=tl.float32)
     for v0 in range(0, vocab_size, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         inside = offs < vocab_size
         za = transform(tl.load(base_a + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
         zb = transform(tl.load(base_b + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
-        za = tl.where(inside, za, EMPTY)
-        zb = tl.where(inside, zb, EMPTY)
-        ma_new = tl.maximum(m_a, tl.max(za, axis=0))
-        mb_new = tl.maximum(m_b, tl.max(zb, axis=0))
-        scale_a = tl.exp(m_a - ma_new)
-        shift_a = za - ma_new
-        shift_b = zb - mb_new
-        ea = tl.where(inside, tl.exp(shift_a), 0.0)
-        eb = tl.where(inside, tl.exp(shift_b), 0.0)
-        c = scale_a * (c + ((m_a - ma_new) - (m_b - mb_new)) * s_a) + tl.sum(ea * (shift_a - shift_b), axis=0)
-        s_a = scale_a * s_a + tl.sum(ea, axis=0)
-        s_b = tl.exp(m_b - mb_new) * s_b + tl.sum(eb, axis=0)
-        m_a = ma_new
-        m_b = mb_new
+        m_a, m_b, s_a, s_b, c = kl_fold(za[None, :], zb[None, :], inside[None, :], m_a, m_b, s_a, s_b, c)
+    at = row + tl.arange(0, 1)
     plane = n_rows
-    tl.store(out_ptr + row, m_a)
-    tl.store(out_ptr + plane + row, s_a)
-    tl.store(out_ptr + 2 * plane + row, m_b)
-    tl.store(out_ptr + 3 * plane + row, s_b)
-    tl.store(out_ptr + 4 * plane + row, c)
+    tl.store(out_ptr + at, m_a)
+    tl.store(out_ptr + plane + at, s_a)
+    tl.store(out_ptr + 2 * plane + at, m_b)
+    tl.store(out_ptr + 3 * plane + at, s_b)
+    tl.store(out_ptr + 4 * plane + at, c)
     tl.store(out_ptr + 5 * plane + row, t_a)
     tl.store(out_ptr + 6 * plane + row, t_b)
 

@@ -22,8 +22,7 @@ import triton.language as tl
 
 from .config import forced_block, interpreting, row_block, row_configs
 from .logits_tile import transform
-
-EMPTY = tl.constexpr(-1.0e38)
+from .online_softmax import EMPTY, softmax_fold
 
 
 # The block and warps that keep enough loads in flight are the device's call.
@@ -38,32 +37,26 @@ def rows_stats_kernel(logits_ptr, targets_ptr, out_ptr, n_rows, vocab_size, stri
     in_row = (target >= 0) & (target < vocab_size)
     t = tl.where(in_row, transform(tl.load(base + target, mask=in_row, other=0.0), inv_temperature, softcap,
                                    HAS_SOFTCAP), 0.0)
-    m = tl.full((), EMPTY, dtype=tl.float32)
-    s = tl.zeros((), dtype=tl.float32)
-    a = tl.zeros((), dtype=tl.float32)
-    q = tl.zeros((), dtype=tl.float32)
-    u = tl.zeros((), dtype=tl.float32)
+    # [1]-row state: the fold is the GEMM-fused kernels' (a scalar state rescaled once a block).
+    m = tl.full((1,), EMPTY, dtype=tl.float32)
+    s = tl.zeros((1,), dtype=tl.float32)
+    a = tl.zeros((1,), dtype=tl.float32)
+    q = tl.zeros((1,), dtype=tl.float32)
+    u = tl.zeros((1,), dtype=tl.float32)
     for v0 in range(0, vocab_size, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         inside = offs < vocab_size
-        z = transform(tl.load(base + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
-        u += tl.sum(tl.where(inside, z, 0.0), axis=0)
-        z = tl.where(inside, z, EMPTY)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        rescale = tl.exp(m - m_new)
-        shifted = z - m_new
-        e = tl.where(inside, tl.exp(shifted), 0.0)
-        a = rescale * (a + (m - m_new) * s) + tl.sum(e * shifted, axis=0)
-        s = rescale * s + tl.sum(e, axis=0)
-        q = rescale * rescale * q + tl.sum(e * e, axis=0)
-        m = m_new
+        z = transform(tl.load(base + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)[None, :]
+        u += tl.sum(tl.where(inside[None, :], z, 0.0), axis=1)
+        m, s, a, q = softmax_fold(z, inside[None, :], m, s, a, q, True, True)
+    at = row + tl.arange(0, 1)
     plane = n_rows
-    tl.store(out_ptr + row, m)
-    tl.store(out_ptr + plane + row, s)
-    tl.store(out_ptr + 2 * plane + row, a)
-    tl.store(out_ptr + 3 * plane + row, q)
+    tl.store(out_ptr + at, m)
+    tl.store(out_ptr + plane + at, s)
+    tl.store(out_ptr + 2 * plane + at, a)
+    tl.store(out_ptr + 3 * plane + at, q)
     tl.store(out_ptr + 4 * plane + row, t)
-    tl.store(out_ptr + 5 * plane + row, u)
+    tl.store(out_ptr + 5 * plane + at, u)
 
 
 def launch_rows_stats(logits, targets, temperature, softcap):
