@@ -91,6 +91,9 @@ LISTWISE_CASES = {
     "list_ce": {"loss_params": {"target_temperature": 0.5}},
     "dcg_pairwise": {"loss_params": {"pairwise_type": "ipo"}},
     "all_pairs": {"loss_params": {"pairwise_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}},
+    "sppo_response": {},
+    "gpo": {},
+    "spo": {"reference": "none"},
 }
 
 

@@ -131,7 +131,8 @@ ONLINE_KEYS = {
                       "all scalar or all pairwise ones (an ensemble: their mean; their spread feeds uncertainty_z)"),
     "judge_repeats": (1, "judge each sample (pairwise: each pair) this many times; the spread feeds the "
                          "uncertainty filter"),
-    "pairs": ("best_worst", "best_worst | all_pairs | margin | ranked (lists, for listwise losses)"),
+    "pairs": ("best_worst", "best_worst | all_pairs | margin | ranked (lists, for listwise losses) | responses "
+                            "(lists with per-response targets, for sppo_response, gpo, spo)"),
     "min_margin": (0.0, "pairs=margin: the least score gap of a pair"),
     "soft_labels": (False, "preference_prob from the judge (pairwise) or sigmoid(gap / soft_label_scale)"),
     "soft_label_scale": (1.0, "the score gap that makes a soft label sigmoid(1)"),
@@ -143,7 +144,7 @@ ONLINE_KEYS = {
     "prompts": (None, "prompts to sample for: a .jsonl of rows with a prompt (null: the synthetic task's)"),
     "eval_prompts": (128, "prompts of the win rates against the start and the previous round"),
 }
-PAIR_MODES = ("best_worst", "all_pairs", "margin", "ranked")
+PAIR_MODES = ("best_worst", "all_pairs", "margin", "ranked", "responses")
 
 # The ofs_dpo section's keys: (default, meaning). The fast adapter trains at the stage's lr and schedule.
 OFS_KEYS = {
@@ -325,9 +326,16 @@ def _validate_online(config: Config) -> None:
         if not config.data.startswith("synthetic:"):
             raise ConfigError("online: judge task and prompts null need a synthetic task as data (synthetic:sort); "
                               "otherwise name online.prompts and online.judge", "online")
-    if (options["pairs"] == "ranked") != is_listwise(config):
-        raise ConfigError(f"online.pairs {options['pairs']!r} with loss_type {config.loss_type!r}: listwise losses "
-                          "train on ranked lists (pairs: ranked), the others on pairs", "online")
+    wanted = "responses" if is_self_play(config) else "ranked" if is_listwise(config) else None
+    if wanted != (options["pairs"] if options["pairs"] in ("ranked", "responses") else None):
+        raise ConfigError(f"online.pairs {options['pairs']!r} with loss_type {config.loss_type!r}: the self-play "
+                          "losses (sppo_response, gpo, spo) train on lists with per-response targets (pairs: "
+                          "responses), the other listwise losses on ranked lists (pairs: ranked), the others on "
+                          "pairs", "online")
+    if config.loss_type == "gpo" and not all(spec.startswith("pairwise:")
+                                             for spec in (options["judge"] if ensemble else [options["judge"]])):
+        raise ConfigError(f"loss_type gpo regresses onto mean logits of P(a > b): online.judge must be pairwise "
+                          f"(pairwise:module:function, or a list of them); got {options['judge']!r}", "online")
     if options["soft_labels"] and (is_unpaired(config) or is_listwise(config)):
         raise ConfigError(f"online.soft_labels gives pairs a preference_prob; loss_type {config.loss_type!r} is "
                           f"{'unpaired' if is_unpaired(config) else 'listwise'}", "online")
@@ -400,6 +408,12 @@ def is_unpaired(config: Config) -> bool:
 def is_listwise(config: Config) -> bool:
     from prefops.losses.listwise import LISTWISE_LOSSES
     return any(name in LISTWISE_LOSSES for name in loss_types(config))
+
+
+def is_self_play(config: Config) -> bool:
+    """The listwise losses with a per-response target (prefops.losses.self_play)."""
+    from prefops.losses import SELF_PLAY_LOSSES
+    return any(name in SELF_PLAY_LOSSES for name in loss_types(config))
 
 
 def uses_ranked_rows(config: Config) -> bool:

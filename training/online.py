@@ -9,7 +9,9 @@ A run with an `online:` section (ONLINE_KEYS) trains on its own samples. Each ro
      and counted, never trained on;
   3. build pairs or ranked lists (pairing.build_records), optionally soft labels, an
      uncertainty filter over repeated judging or an ensemble, and weights from the
-     judge's certainty (UPO);
+     judge's certainty (UPO); for the self-play losses (sppo_response, gpo, spo) one list
+     per prompt whose per-response targets are each sample's win rate or preference score
+     against the round's K samples (pairs: responses, prefops.losses.self_play);
   4. train steps_per_round optimizer steps on them with the configured loss, exactly as
      offline (the same objectives, fused ops, FSDP2 path);
   5. refresh the reference: reference_update never (the SFT policy throughout) or round
@@ -40,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 import prefops
+from prefops.losses.self_play import TARGETS
 
 from . import config as C
 from . import data as D
@@ -193,7 +196,7 @@ class OnlineTrainer(Trainer):
 
     def new_round(self, index: int, reference_lm) -> Round:
         """Sample, judge and pair the prompts of round `index`."""
-        online = self.online
+        config, online = self.config, self.online
         prompts = self.prompts(online["prompts_per_round"], f"round{index}")
         mixture = self.local_copy(reference_lm.model) if online["mixture_alpha"] else None
         calls = self.judge.calls
@@ -205,7 +208,8 @@ class OnlineTrainer(Trainer):
             preferences=judged["preferences"], uncertainty_z=online["uncertainty_z"],
             uncertainty_weighting=online["uncertainty_weighting"],
             spread=judged["spread"] if online["uncertainty_z"] is not None or online["uncertainty_weighting"] else None,
-            where=f"round{index}", completion_ids=judged["completion_ids"])
+            where=f"round{index}", completion_ids=judged["completion_ids"],
+            targets=TARGETS[config.loss_type] if C.is_self_play(config) else None)
         scores = judged["scores"][torch.isfinite(judged["scores"])]
         if self.judge.failed:
             say(f"[round {index + 1}] the judge failed on {self.judge.failed} sample(s) so far, dropped "
@@ -291,8 +295,10 @@ class OnlineTrainer(Trainer):
         config, online = self.config, self.online
         rounds, per_round = online["rounds"], online["steps_per_round"]
         total = rounds * per_round
-        # The task's held-out pairs carry no preference_prob or margin, which sppo and modpo need.
-        task_pairs = self.task is not None and not set(C.loss_types(config)) & {"sppo", "modpo"}
+        # The task's held-out pairs carry no preference_prob or margin, which sppo and modpo need, and its ranked
+        # rows' scores are not the win rates or preference scores the self-play losses read.
+        task_pairs = (self.task is not None and not set(C.loss_types(config)) & {"sppo", "modpo"}
+                      and not C.is_self_play(config))
         eval_set = self.datasets("dpo")[1] if config.eval_data or task_pairs else None
         objective, eval_objective = self.objective(None), eval_set and self.objective(None)
         self.stages["dpo"] = Stage(total, config.lr, None, objective, eval_set, eval_objective)
