@@ -127,8 +127,12 @@ ONLINE_KEYS = {
     "top_p": (1.0, "nucleus sampling threshold"),
     "sample_batch_size": (64, "prompts per sampling batch (one seed, one rank); generate() runs as many sequences"),
     "mixture_alpha": (0.0, "sample from the geometric mixture (1-a) z_policy + a z_ref (IPO-MD / Nash-MD)"),
-    "judge": ("task", "task | module:function | reward_model:PATH | pairwise:module:function, or a list of "
-                      "all scalar or all pairwise ones (an ensemble: their mean; their spread feeds uncertainty_z)"),
+    "judge": ("task", "task | self (the policy judges its own samples, OSP) | module:function | reward_model:PATH | "
+                      "pairwise:module:function, or a list of all scalar or all pairwise ones (an ensemble: their "
+                      "mean; their spread feeds uncertainty_z)"),
+    "self_judge_template": ("{prompt}\nA: {a}\nB: {b}\nBetter: ", "judge self: the comparison prompt, with "
+                                                                   "{prompt}, {a} and {b}"),
+    "self_judge_answers": (["A", "B"], "judge self: the one-token answers naming the first and the second response"),
     "judge_repeats": (1, "judge each sample (pairwise: each pair) this many times; the spread feeds the "
                          "uncertainty filter"),
     "pairs": ("best_worst", "best_worst | all_pairs | margin | ranked (lists, for listwise losses) | responses "
@@ -321,7 +325,13 @@ def _validate_online(config: Config) -> None:
     require("judge", lambda v: spec(v) or isinstance(v, list) and len(v) >= 2 and all(map(spec, v)),
             "task, module:function, reward_model:PATH, pairwise:module:function or a list of >= 2 of them")
     require("prompts", lambda v: v is None or isinstance(v, str), "a .jsonl path or null")
+    require("self_judge_template", lambda v: isinstance(v, str) and all(f in v for f in ("{prompt}", "{a}", "{b}")),
+            "a string holding {prompt}, {a} and {b}")
+    require("self_judge_answers", lambda v: isinstance(v, list) and len(v) == 2 and len(set(v)) == 2
+            and all(isinstance(a, str) and a for a in v), "two different non-empty strings (one token each)")
     ensemble = isinstance(options["judge"], list)
+    if ensemble and "self" in options["judge"]:
+        raise ConfigError("online.judge self judges alone: an ensemble averages independent judges", "online")
     if "task" in (options["judge"] if ensemble else [options["judge"]]) or options["prompts"] is None:
         if not config.data.startswith("synthetic:"):
             raise ConfigError("online: judge task and prompts null need a synthetic task as data (synthetic:sort); "
@@ -332,7 +342,7 @@ def _validate_online(config: Config) -> None:
                           "losses (sppo_response, gpo, spo) train on lists with per-response targets (pairs: "
                           "responses), the other listwise losses on ranked lists (pairs: ranked), the others on "
                           "pairs", "online")
-    if config.loss_type == "gpo" and not all(spec.startswith("pairwise:")
+    if config.loss_type == "gpo" and not all(spec.startswith("pairwise:") or spec == "self"
                                              for spec in (options["judge"] if ensemble else [options["judge"]])):
         raise ConfigError(f"loss_type gpo regresses onto mean logits of P(a > b): online.judge must be pairwise "
                           f"(pairwise:module:function, or a list of them); got {options['judge']!r}", "online")

@@ -5,7 +5,8 @@ A run with an `online:` section (ONLINE_KEYS) trains on its own samples. Each ro
      (sampling.sample: transformers' generate with its KV cache), or from the geometric
      mixture of policy and reference, logits (1-a) z_theta + a z_ref (IPO-MD / Nash-MD);
   2. judge them (judges.make_judge: the task's scorer, a module:function, a local reward
-     model, a pairwise judge returning P(a > b)); a sample the judge fails on is dropped
+     model, a pairwise judge returning P(a > b), or the policy itself comparing its own
+     samples, OSP's self-preferring judge); a sample the judge fails on is dropped
      and counted, never trained on;
   3. build pairs or ranked lists (pairing.build_records), optionally soft labels, an
      uncertainty filter over repeated judging or an ensemble, and weights from the
@@ -72,7 +73,9 @@ class OnlineTrainer(Trainer):
         super().__init__(config)
         self.online = C.online_options(config)
         if judge is None:
-            judge = judges.make_judge(self.online["judge"], task=self.task, device=self.device)
+            judge = judges.make_judge(self.online["judge"], task=self.task, device=self.device, self_judge=dict(
+                tokenizer=self.tokenizer, template=self.online["self_judge_template"],
+                answers=self.online["self_judge_answers"]))
         elif not isinstance(judge, judges.Judge):
             judge = judges.FunctionJudge(getattr(judge, "__name__", "judge"), judge)
         self.judge = judge
@@ -115,6 +118,8 @@ class OnlineTrainer(Trainer):
         batches = [(b, prompts[start:start + size]) for b, start in enumerate(range(0, len(prompts), size))]
         mine = batches[distributed.rank()::distributed.world_size()]
         parts, model = {}, self.local_copy(self.model)
+        if isinstance(judge, judges.SelfPreferringJudge):  # OSP: the policy judges its own samples
+            judge.model = model
         calls, failed = judge.calls, judge.failed
         for b, chunk in tqdm(mine, desc=f"sampling {purpose}", unit="batch", leave=False, dynamic_ncols=True,
                              disable=not distributed.is_main() or purpose == "eval"):
