@@ -144,6 +144,10 @@ ONLINE_KEYS = {
                             "pairwise: P(a > b) within z standard errors of 1/2"),
     "uncertainty_weighting": (False, "weight each pair's loss by the judge's certainty erf(d / (sqrt(2) u)), "
                                      "d its gap (pairwise: P(a > b) - 1/2), u its uncertainty (UPO)"),
+    "teacher": (None, "DNO: a local causal-LM directory (the policy's vocabulary) whose samples join each prompt's"),
+    "teacher_samples": (1, "DNO: teacher completions added per prompt"),
+    "gold": (None, "DNO: reference completions joining each prompt's samples: a .jsonl of prompt/completion rows, "
+                   "or task (the synthetic task's answer)"),
     "apo_alpha": (0.0, "APO: reference log pi_t + a (log pi_t - log pi_t-1) (needs reference_update: round)"),
     "prompts": (None, "prompts to sample for: a .jsonl of rows with a prompt (null: the synthetic task's)"),
     "eval_prompts": (128, "prompts of the win rates against the start and the previous round"),
@@ -325,6 +329,9 @@ def _validate_online(config: Config) -> None:
     require("judge", lambda v: spec(v) or isinstance(v, list) and len(v) >= 2 and all(map(spec, v)),
             "task, module:function, reward_model:PATH, pairwise:module:function or a list of >= 2 of them")
     require("prompts", lambda v: v is None or isinstance(v, str), "a .jsonl path or null")
+    require("teacher", lambda v: v is None or isinstance(v, str) and v, "a model directory or null")
+    require("teacher_samples", whole(1), "a positive integer")
+    require("gold", lambda v: v is None or isinstance(v, str) and v, "task, a .jsonl path or null")
     require("self_judge_template", lambda v: isinstance(v, str) and all(f in v for f in ("{prompt}", "{a}", "{b}")),
             "a string holding {prompt}, {a} and {b}")
     require("self_judge_answers", lambda v: isinstance(v, list) and len(v) == 2 and len(set(v)) == 2

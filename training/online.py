@@ -4,6 +4,7 @@ A run with an `online:` section (ONLINE_KEYS) trains on its own samples. Each ro
   1. sample K completions for each of the round's prompts from the current policy
      (sampling.sample: transformers' generate with its KV cache), or from the geometric
      mixture of policy and reference, logits (1-a) z_theta + a z_ref (IPO-MD / Nash-MD);
+     with teacher or gold (DNO, candidates.py) their completions join each prompt's;
   2. judge them (judges.make_judge: the task's scorer, a module:function, a local reward
      model, a pairwise judge returning P(a > b), or the policy itself comparing its own
      samples, OSP's self-preferring judge); a sample the judge fails on is dropped
@@ -48,6 +49,7 @@ from prefops.losses.self_play import TARGETS
 from . import config as C
 from . import data as D
 from . import distributed, judges, pairing, references, sampling
+from .candidates import Candidates
 from . import model as M
 from .loop import Stage, Trainer, format_record, say
 
@@ -79,6 +81,8 @@ class OnlineTrainer(Trainer):
         elif not isinstance(judge, judges.Judge):
             judge = judges.FunctionJudge(getattr(judge, "__name__", "judge"), judge)
         self.judge = judge
+        self.candidates = Candidates(self.online, self.tokenizer, task=self.task, device=self.device,
+                                     vocab_size=self.model.config.vocab_size)
         source = self.online["prompts"]
         rows = [] if source is None else D.read_rows(source, kind="sft", size=0, seed=config.seed)
         self.prompt_pool = [D._require(where, row, "prompt") for where, row in rows] if rows else None
@@ -108,8 +112,9 @@ class OnlineTrainer(Trainer):
         copy.load_state_dict(distributed.full_model_state(model))
         return copy.eval().requires_grad_(False)
 
-    def sample_and_judge(self, prompts: list[str], k: int, purpose, reference=None) -> dict:
-        """Every rank's samples and judgements of `prompts` (k each), sampled in fixed seeded batches.
+    def sample_and_judge(self, prompts: list[str], k: int, purpose, reference=None, candidates=None) -> dict:
+        """Every rank's samples and judgements of `prompts` (k each, and `candidates`' teacher or gold ones
+        after them, DNO), sampled in fixed seeded batches.
 
         Under torchrun the judge's calls and failures become those of every rank, and the times those of
         the slowest rank (they sample at once)."""
@@ -130,6 +135,10 @@ class OnlineTrainer(Trainer):
                 device=self.device, batch_size=size, reference=reference,
                 mixture_alpha=online["mixture_alpha"] if reference is not None else 0.0,  # evaluation: the policy
                 progress=False)
+            if candidates is not None:
+                samples = candidates.add(samples, seed=_seed(self.config.seed, purpose, b, "teacher"),
+                                         max_new_tokens=self.max_new_tokens, temperature=online["temperature"],
+                                         top_p=online["top_p"], batch_size=size)
             sampled = time.perf_counter()
             scores, spread, preferences = self.judgements(chunk, samples.completions)
             parts[b] = dict(completions=samples.completions, completion_ids=samples.completion_ids, scores=scores,
@@ -205,7 +214,8 @@ class OnlineTrainer(Trainer):
         prompts = self.prompts(online["prompts_per_round"], f"round{index}")
         mixture = self.local_copy(reference_lm.model) if online["mixture_alpha"] else None
         calls = self.judge.calls
-        judged = self.sample_and_judge(prompts, online["samples_per_prompt"], f"round{index}", reference=mixture)
+        judged = self.sample_and_judge(prompts, online["samples_per_prompt"], f"round{index}", reference=mixture,
+                                       candidates=self.candidates if self.candidates.active else None)
         self.train_judge_calls += self.judge.calls - calls
         records, stats = pairing.build_records(
             prompts, judged["completions"], judged["scores"], mode=online["pairs"], min_margin=online["min_margin"],
