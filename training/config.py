@@ -148,6 +148,10 @@ ONLINE_KEYS = {
     "teacher_samples": (1, "DNO: teacher completions added per prompt"),
     "gold": (None, "DNO: reference completions joining each prompt's samples: a .jsonl of prompt/completion rows, "
                    "or task (the synthetic task's answer)"),
+    "tree_depth": (0, "MCTS-DPO step-level pairs: steps per path of each prompt's tree (0: off, whole samples)"),
+    "tree_branching": (2, "MCTS-DPO: next steps sampled at each node"),
+    "step_boundary": ("\n", "MCTS-DPO: the one-token text that ends a step (null: steps of step_max_tokens tokens)"),
+    "step_max_tokens": (32, "MCTS-DPO: the most tokens of one step"),
     "apo_alpha": (0.0, "APO: reference log pi_t + a (log pi_t - log pi_t-1) (needs reference_update: round)"),
     "prompts": (None, "prompts to sample for: a .jsonl of rows with a prompt (null: the synthetic task's)"),
     "eval_prompts": (128, "prompts of the win rates against the start and the previous round"),
@@ -329,6 +333,21 @@ def _validate_online(config: Config) -> None:
     require("judge", lambda v: spec(v) or isinstance(v, list) and len(v) >= 2 and all(map(spec, v)),
             "task, module:function, reward_model:PATH, pairwise:module:function or a list of >= 2 of them")
     require("prompts", lambda v: v is None or isinstance(v, str), "a .jsonl path or null")
+    require("tree_depth", whole(0), "an integer >= 0 (0: no step tree)")
+    require("tree_branching", whole(2), "an integer >= 2 (siblings to pair)")
+    require("step_boundary", lambda v: v is None or isinstance(v, str) and v, "a non-empty string or null")
+    require("step_max_tokens", whole(1), "a positive integer")
+    if options["tree_depth"]:
+        tree_refuses = [(is_unpaired(config) or is_listwise(config), f"loss_type {config.loss_type!r}: step pairs "
+                         "train a pairwise loss"), (options["pairs"] != "best_worst", "pairs: step pairs are each "
+                         "node's best against its worst child (pairs: best_worst)"),
+                        (options["soft_labels"] or options["uncertainty_z"] is not None
+                         or options["uncertainty_weighting"], "soft_labels and the uncertainty keys: they act on "
+                         "judged pairs of whole samples"), (options["mixture_alpha"], "mixture_alpha"),
+                        (options["teacher"] is not None or options["gold"] is not None, "teacher and gold")]
+        for refused, what in tree_refuses:
+            if refused:
+                raise ConfigError(f"online.tree_depth (MCTS-DPO step pairs) cannot take {what}", "online")
     require("teacher", lambda v: v is None or isinstance(v, str) and v, "a model directory or null")
     require("teacher_samples", whole(1), "a positive integer")
     require("gold", lambda v: v is None or isinstance(v, str) and v, "task, a .jsonl path or null")

@@ -4,7 +4,9 @@ A run with an `online:` section (ONLINE_KEYS) trains on its own samples. Each ro
   1. sample K completions for each of the round's prompts from the current policy
      (sampling.sample: transformers' generate with its KV cache), or from the geometric
      mixture of policy and reference, logits (1-a) z_theta + a z_ref (IPO-MD / Nash-MD);
-     with teacher or gold (DNO, candidates.py) their completions join each prompt's;
+     with teacher or gold (DNO, candidates.py) their completions join each prompt's; with
+     tree_depth a tree of steps per prompt instead, whose sibling steps are paired (MCTS-DPO,
+     step_tree.py);
   2. judge them (judges.make_judge: the task's scorer, a module:function, a local reward
      model, a pairwise judge returning P(a > b), or the policy itself comparing its own
      samples, OSP's self-preferring judge); a sample the judge fails on is dropped
@@ -48,7 +50,7 @@ from prefops.losses.self_play import TARGETS
 
 from . import config as C
 from . import data as D
-from . import distributed, judges, pairing, references, sampling
+from . import distributed, judges, pairing, references, sampling, step_tree
 from .candidates import Candidates
 from . import model as M
 from .loop import Stage, Trainer, format_record, say
@@ -81,6 +83,9 @@ class OnlineTrainer(Trainer):
         elif not isinstance(judge, judges.Judge):
             judge = judges.FunctionJudge(getattr(judge, "__name__", "judge"), judge)
         self.judge = judge
+        if self.online["tree_depth"] and distributed.active():
+            raise ValueError("online.tree_depth (MCTS-DPO step pairs) grows its trees in one process: run it "
+                             "without torchrun")
         self.candidates = Candidates(self.online, self.tokenizer, task=self.task, device=self.device,
                                      vocab_size=self.model.config.vocab_size)
         source = self.online["prompts"]
@@ -214,17 +219,21 @@ class OnlineTrainer(Trainer):
         prompts = self.prompts(online["prompts_per_round"], f"round{index}")
         mixture = self.local_copy(reference_lm.model) if online["mixture_alpha"] else None
         calls = self.judge.calls
-        judged = self.sample_and_judge(prompts, online["samples_per_prompt"], f"round{index}", reference=mixture,
-                                       candidates=self.candidates if self.candidates.active else None)
+        if online["tree_depth"]:
+            records, judged = self.step_tree_pairs(prompts, index)
+            stats = judged["stats"]
+        else:
+            judged = self.sample_and_judge(prompts, online["samples_per_prompt"], f"round{index}", reference=mixture,
+                                           candidates=self.candidates if self.candidates.active else None)
+            uncertain = online["uncertainty_z"] is not None or online["uncertainty_weighting"]
+            records, stats = pairing.build_records(
+                prompts, judged["completions"], judged["scores"], mode=online["pairs"], min_margin=online["min_margin"],
+                soft_labels=online["soft_labels"], soft_label_scale=online["soft_label_scale"],
+                preferences=judged["preferences"], uncertainty_z=online["uncertainty_z"],
+                uncertainty_weighting=online["uncertainty_weighting"], spread=judged["spread"] if uncertain else None,
+                where=f"round{index}", completion_ids=judged["completion_ids"],
+                targets=TARGETS[config.loss_type] if C.is_self_play(config) else None)
         self.train_judge_calls += self.judge.calls - calls
-        records, stats = pairing.build_records(
-            prompts, judged["completions"], judged["scores"], mode=online["pairs"], min_margin=online["min_margin"],
-            soft_labels=online["soft_labels"], soft_label_scale=online["soft_label_scale"],
-            preferences=judged["preferences"], uncertainty_z=online["uncertainty_z"],
-            uncertainty_weighting=online["uncertainty_weighting"],
-            spread=judged["spread"] if online["uncertainty_z"] is not None or online["uncertainty_weighting"] else None,
-            where=f"round{index}", completion_ids=judged["completion_ids"],
-            targets=TARGETS[config.loss_type] if C.is_self_play(config) else None)
         scores = judged["scores"][torch.isfinite(judged["scores"])]
         if self.judge.failed:
             say(f"[round {index + 1}] the judge failed on {self.judge.failed} sample(s) so far, dropped "
@@ -239,6 +248,26 @@ class OnlineTrainer(Trainer):
             raise RuntimeError(f"round {index}: no pair to train on ({stats}); the samples all tie or the judge "
                                "failed on them: raise samples_per_prompt or temperature, or check the judge")
         return Round(index, records, stats)
+
+    def step_tree_pairs(self, prompts: list[str], index: int):
+        """MCTS-DPO's step-level pairs of the round's prompts (step_tree.py), sampled by the policy now."""
+        online, tokenizer = self.online, self.tokenizer
+        boundary = None
+        if online["step_boundary"] is not None:
+            ids = tokenizer.encode(online["step_boundary"], add_special_tokens=False)
+            if len(ids) != 1 or ids[0] == getattr(tokenizer, "unk_token_id", None):
+                raise C.ConfigError(f"online.step_boundary {online['step_boundary']!r} must be one token of the "
+                                    f"policy's vocabulary; it encodes to {ids} (null: steps of step_max_tokens)",
+                                    "online")
+            boundary = ids[0]
+        if isinstance(self.judge, judges.SelfPreferringJudge):
+            self.judge.model = self.model
+        return step_tree.step_pairs(
+            self.model, tokenizer, self.judge, prompts, where=f"round{index}", depth=online["tree_depth"],
+            branching=online["tree_branching"], boundary=boundary, step_max_tokens=online["step_max_tokens"],
+            rollout_tokens=self.max_new_tokens, temperature=online["temperature"], top_p=online["top_p"],
+            seed=_seed(self.config.seed, f"round{index}", "tree"), device=self.device,
+            batch_size=online["sample_batch_size"])
 
     def round_dataset(self, current: Round) -> D.Dataset:
         config = self.config
