@@ -166,6 +166,9 @@ OFS_KEYS = {
     "lr_ratio": (2.0, "the fast adapter's learning rate over the slow one's (> 1)"),
     "reg_weight": (1.0, "weight of the regulariser -log sigmoid(beta (margin_fast - margin_slow)) in the fast loss"),
     "swap": (True, "after a step whose loss of the slow adapter is below the fast one's, the two swap weights"),
+    "domains": (None, "COFS-DPO: data sources trained one after another (>= 2); the policy's fast adapter is then "
+                      "the linear combination of each domain's fast module"),
+    "combine_weights": (None, "COFS-DPO: the combination's weight of each domain (>= 0, summing to 1; null: equal)"),
 }
 
 UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
@@ -426,6 +429,24 @@ def _validate_ofs(config: Config) -> None:
                           f"set reference_update: never; got {config.reference_update!r}", "ofs_dpo")
     if config.online and online_options(config)["mixture_alpha"]:
         raise ConfigError("ofs_dpo samples from the fast adapter alone: set online.mixture_alpha: 0", "ofs_dpo")
+    options = ofs_options(config)
+    domains, weights = options["domains"], options["combine_weights"]
+    require("domains", lambda v: v is None or isinstance(v, list) and len(v) >= 2
+            and all(isinstance(source, str) and source for source in v), "a list of >= 2 data sources or null")
+    require("combine_weights", lambda v: v is None or isinstance(v, list) and all(number(w) and w >= 0 for w in v)
+            and abs(sum(v) - 1) <= 1e-6, "a list of numbers >= 0 summing to 1, or null")
+    if domains is None and weights is not None:
+        raise ConfigError("ofs_dpo.combine_weights weighs the modules of ofs_dpo.domains: set domains", "ofs_dpo")
+    if domains is not None:
+        if weights is not None and len(weights) != len(domains):
+            raise ConfigError(f"ofs_dpo.combine_weights needs one weight per domain ({len(domains)}); got "
+                              f"{len(weights)}", "ofs_dpo")
+        if config.online or config.resume:
+            raise ConfigError("ofs_dpo.domains (COFS-DPO) trains offline domain after domain in one run: unset "
+                              f"{'online' if config.online else 'resume'}", "ofs_dpo")
+        if config.eval_data:
+            raise ConfigError("ofs_dpo.domains holds out each domain's own eval split (eval_fraction): unset "
+                              "eval_data", "ofs_dpo")
 
 
 def loss_types(config: Config) -> list[str]:

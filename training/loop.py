@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import prefops
 
-from . import adapters, checkpoint, distributed, ofs, references
+from . import adapters, checkpoint, cofs, distributed, ofs, references
 from . import config as C
 from . import data as D
 from . import model as M
@@ -412,6 +412,9 @@ class Trainer:
         return summary
 
     def preference_stage(self, log: RunLog, resume: dict | None) -> None:
+        if self.config.ofs_dpo and C.ofs_options(self.config)["domains"]:
+            cofs.run_domains(self, log)  # COFS-DPO: one stage per domain (config validation refuses resume)
+            return
         self.prepare("dpo")
         self.run_stage("dpo", log, resume)
 
