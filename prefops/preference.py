@@ -278,7 +278,8 @@ class PreferenceLoss(torch.nn.Module):
                    ref_bias, pairs):
         given = ref_chosen is not None or ref_rejected is not None
         sums = reference_logps(ref_hidden, ref_weight, targets,
-                               precomputed=given and "ref_chosen_logps/ref_rejected_logps", seq_ids=seq_ids, num_sequences=2 * pairs, token_weights=token_weights, bias=ref_bias,
+                               precomputed=given and "ref_chosen_logps/ref_rejected_logps", seq_ids=seq_ids,
+                               num_sequences=2 * pairs, token_weights=token_weights, bias=ref_bias,
                                sequence_group=self.sequence_group, **self.options)
         if sums is not None:
             return sums[:pairs], sums[pairs:]
