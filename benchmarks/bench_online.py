@@ -42,7 +42,8 @@ import torch
 
 from prefops.tools.bench import (add_timing_options, environment_line, finish_report, fmt_gb, markdown_table,
                                  peak_during, require_device, timing_defaults)
-from prefops.training import config as C, data as D, judges, loop as L, model as M, pairing, references, sampling
+from prefops.training import config as C, data as D, judges, loop as L, model as M, objectives as O, pairing, references
+from prefops.training import sampling
 
 from bench_training import LLAMA_1B, TINY
 
@@ -170,7 +171,7 @@ class Bench:
                              packing=False).to(self.device) for step in range(steps)]
         logps = references.frozen_model(self.lm, self.config.loss_impl, self.autocast)
         reference = self.timed("reference", lambda: {id(batch): logps(batch) for batch in batches}, record)
-        objective = L.PreferenceObjective(self.config, lambda batch: reference[id(batch)])
+        objective = O.PreferenceObjective(self.config, lambda batch: reference[id(batch)])
 
         def train():
             losses = []

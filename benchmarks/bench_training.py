@@ -73,7 +73,7 @@ from prefops.memory import AllocationRecorder
 from prefops.tools.bench import (Skipped, add_choices_option, add_timing_options, attempt, dpo_loss, environment_line,
                                  finish_report, fmt_gb, free_memory, markdown_table, median_ms, require_device,
                                  timing_defaults, trl_token_logps)
-from prefops.training import config as C, data as D, loop as L, model as M
+from prefops.training import config as C, data as D, loop as L, model as M, objectives as O
 
 ROWS = {"prefops": "fused", "naive": "reference", "trl": "fused"}  # trl's step replaces the loss (Bench.step)
 ATTENTION = {"sdpa": "sdpa", "prefops": prefops.attention.NAME, "flash": "flash_attention_2"}
@@ -268,7 +268,7 @@ class Bench:
             if self.row == "trl":
                 record = self.trl_loss(batch, reference)
             else:
-                objective = L.PreferenceObjective(self.config, lambda _: reference)
+                objective = O.PreferenceObjective(self.config, lambda _: reference)
                 record = L.run_batches(self.lm, objective, [batch], self.autocast, backward=True)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()

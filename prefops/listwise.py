@@ -16,13 +16,9 @@ import torch
 
 from .checks import ValueCheck, run_value_checks
 from .losses.listwise import ListwiseSpec
-from .objective import sequence_objective
+from .objective import reference_logps, sequence_objective
 from .preference import _sequence_totals
 from .sequence_group import check_sequence_group, max_over_group, sequence_all_reduce
-
-
-def _sum_of_logps(logps, group_index, stats):
-    return logps.sum()
 
 
 class ListwiseLoss(torch.nn.Module):
@@ -108,22 +104,14 @@ class ListwiseLoss(torch.nn.Module):
                        ValueCheck(repeated.any(), lambda: _raise(
                            "a sequence appears in more than one list slot; every slot needs its own sequence"))]
 
-    @torch.no_grad()
     def _reference(self, hidden, targets, seq_ids, num_sequences, gather, ref_logps, ref_hidden, ref_weight,
                    ref_bias):
         """The reference's sums [P, K] (gather: [S] -> [P, K]), or None."""
-        if ref_hidden is not None:
-            if ref_logps is not None:
-                raise ValueError("pass either ref_hidden/ref_weight or ref_logps, not both")
-            if ref_weight is None:
-                raise ValueError("ref_hidden needs ref_weight")
-            # Without grad the sliced path saves nothing for backward: the forward-only fused op. One
-            # sequence a group: the sums do not depend on the lists, which are not checked yet.
-            singles = torch.arange(num_sequences, device=targets.device)[:, None]
-            out = sequence_objective(ref_hidden, ref_weight, targets, head=_sum_of_logps, groups=singles,
-                                     seq_ids=seq_ids, bias=ref_bias, strategy="sliced",
-                                     sequence_group=self.sequence_group, **self.options)
-            return gather(out.logps)
+        sums = reference_logps(ref_hidden, ref_weight, targets, precomputed=ref_logps is not None and "ref_logps",
+                               seq_ids=seq_ids, num_sequences=num_sequences, bias=ref_bias,
+                               sequence_group=self.sequence_group, **self.options)
+        if sums is not None:
+            return gather(sums)
         if ref_logps is None:
             return None  # the spec says whether the loss type needs it
         if tuple(ref_logps.shape) != (num_sequences,):

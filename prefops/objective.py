@@ -137,6 +137,24 @@ def sequence_logps(hidden, weight, targets, *, seq_ids=None, num_sequences=None,
     return sequence_all_reduce(sums, check_sequence_group(sequence_group))
 
 
+@torch.no_grad()
+def reference_logps(ref_hidden, ref_weight, targets, *, precomputed=None, name="ref_hidden", **options):
+    """The reference model's per-sequence log-prob sums from its hidden states (sequence_logps, forward-only),
+    or None without ref_hidden: the reference side of PreferenceLoss, ListwiseLoss and UnpairedLoss.
+
+    precomputed: the name of the precomputed reference log-probs the caller was also given (None if none);
+    both at once is an error, as is ref_hidden without ref_weight. name: what ref_hidden is called there.
+    options: sequence_logps's (seq_ids, num_sequences, token_weights, bias, sequence_group, ...).
+    """
+    if ref_hidden is None:
+        return None
+    if precomputed:
+        raise ValueError(f"pass either {name}/ref_weight or {precomputed}, not both")
+    if ref_weight is None:
+        raise ValueError(f"{name} needs ref_weight")
+    return sequence_logps(ref_hidden, ref_weight, targets, **options)
+
+
 def plan_groups(choice, seq_ids, counted, groups, num_sequences, weight, sequence_group=None, sides=1,
                 row_scaled=False):
     """The path a sequence-level objective runs, in prefops.strategy's order: a plan_budget plan

@@ -14,12 +14,12 @@ import warnings
 import torch
 
 from .checks import check_targets_in_range, run_value_checks
-from .losses import PARAM_DEFAULTS, REFERENCE_FREE, ld_dpo_token_weights
+from .losses import PARAM_DEFAULTS, REFERENCE_FREE, ld_dpo_token_weights, wpo_weights
 from .losses.pairwise import (BATCH_VALUES, PAIR_TENSORS, TOKEN_LEVEL_LOSSES, PairwiseSpec, has_nll_term,
                               lengths_check, split_params)
 from .config import get_settings
 from .losses.token_level import tgdpo_token_rewards
-from .objective import sequence_objective
+from .objective import reference_logps, sequence_objective
 from .per_sequence import _per_sequence
 from .sequence_group import check_sequence_group, max_over_group, sequence_all_reduce
 from .ops import linear_logprobs
@@ -169,11 +169,11 @@ class PreferenceLoss(torch.nn.Module):
         return strategy
 
     def _wpo_weights(self, stats):
-        """WPO's exp(mean_t[log p_t - log sum_v p_v^2]) per sequence, over every completion token
-        (unweighted, as TRL's use_weighting even with ld_alpha)."""
+        """WPO's pair weight w_chosen * w_rejected (prefops.losses.wpo_weights) over every completion token."""
         if not self.wpo:
             return None
-        per_sequence = ((stats["logp"] - stats["log_sum_p2"]) / stats["count"]).exp()
+        # The lengths were checked before the fused pass: no device read per chunk.
+        per_sequence = wpo_weights(stats["logp"], stats["log_sum_p2"], stats["count"], check=False)
         return per_sequence[:, 0] * per_sequence[:, 1]
 
     def _lengths(self, targets, seq_ids, pairs, nll_targets):
@@ -274,18 +274,14 @@ class PreferenceLoss(torch.nn.Module):
         metrics["num_tokens/rejected"] = stats["count"][:, 1].sum()
         return out.loss, metrics
 
-    @torch.no_grad()
     def _reference(self, targets, seq_ids, token_weights, ref_chosen, ref_rejected, ref_hidden, ref_weight,
                    ref_bias, pairs):
-        if ref_hidden is not None:
-            if ref_chosen is not None or ref_rejected is not None:
-                raise ValueError("pass either ref_hidden/ref_weight or ref_chosen_logps/ref_rejected_logps, not both")
-            if ref_weight is None:
-                raise ValueError("ref_hidden needs ref_weight")
-            token = linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, **self.options)
-            counted = (targets != self.options["ignore_index"]).float()
-            sums = sequence_all_reduce(_sequence_totals(token * (counted if token_weights is None else token_weights),
-                                                        seq_ids, 2 * pairs), self.sequence_group)
+        given = ref_chosen is not None or ref_rejected is not None
+        sums = reference_logps(ref_hidden, ref_weight, targets,
+                               precomputed=given and "ref_chosen_logps/ref_rejected_logps", seq_ids=seq_ids,
+                               num_sequences=2 * pairs, token_weights=token_weights, bias=ref_bias,
+                               sequence_group=self.sequence_group, **self.options)
+        if sums is not None:
             return sums[:pairs], sums[pairs:]
         if self.needs_reference and (ref_chosen is None or ref_rejected is None):
             raise ValueError(f"loss_type {self.loss_type!r} needs the reference: pass ref_chosen_logps and "

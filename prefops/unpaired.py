@@ -18,7 +18,7 @@ from .losses import BCOLoss, kto_kl_estimate
 from .losses.pairwise import compute_dtype
 from .losses.unpaired import (check_kto_options, check_labels, kto_losses, kto_metrics, labels_present,
                               reference_point)
-from .objective import sequence_logps, sequence_objective
+from .objective import reference_logps, sequence_logps, sequence_objective
 from .sequence_group import check_sequence_group, max_over_group
 from .preference import check_token_weights
 
@@ -107,16 +107,12 @@ class UnpairedLoss(torch.nn.Module):
         metrics["num_tokens/rejected"] = torch.where(labels, 0.0, out.stats["count"]).sum()
         return out.loss, metrics
 
-    @torch.no_grad()
     def _reference(self, targets, seq_ids, count, token_weights, ref_logps, ref_hidden, ref_weight, ref_bias):
-        if ref_hidden is not None:
-            if ref_logps is not None:
-                raise ValueError("pass either ref_hidden/ref_weight or ref_logps, not both")
-            if ref_weight is None:
-                raise ValueError("ref_hidden needs ref_weight")
-            return sequence_logps(ref_hidden, ref_weight, targets, seq_ids=seq_ids, num_sequences=count,
-                                  token_weights=token_weights, bias=ref_bias, sequence_group=self.sequence_group,
-                                  **self.options)
+        sums = reference_logps(ref_hidden, ref_weight, targets, precomputed=ref_logps is not None and "ref_logps",
+                               seq_ids=seq_ids, num_sequences=count, token_weights=token_weights, bias=ref_bias,
+                               sequence_group=self.sequence_group, **self.options)
+        if sums is not None:
+            return sums
         if ref_logps is None:
             raise ValueError(f"loss_type {self.loss_type!r} needs the reference: pass ref_logps, or ref_hidden "
                              "and ref_weight")
@@ -147,11 +143,8 @@ class UnpairedLoss(torch.nn.Module):
                     sequence_group=self.sequence_group, **self.options)
         policy = sequence_logps(kl_hidden, weight, kl_targets, bias=bias, **sums)
         if ref_kl_hidden is not None:
-            if ref_kl_logps is not None:
-                raise ValueError("pass either ref_kl_hidden or ref_kl_logps, not both")
-            if ref_weight is None:
-                raise ValueError("ref_kl_hidden needs ref_weight")
-            ref_kl_logps = sequence_logps(ref_kl_hidden, ref_weight, kl_targets, bias=ref_bias, **sums)
+            ref_kl_logps = reference_logps(ref_kl_hidden, ref_weight, kl_targets, name="ref_kl_hidden", bias=ref_bias,
+                                           precomputed=ref_kl_logps is not None and "ref_kl_logps", **sums)
         if ref_kl_logps is None:
             raise ValueError("kl_hidden needs the reference side: pass ref_kl_logps or ref_kl_hidden")
         return kto_kl_estimate(policy, ref_kl_logps)

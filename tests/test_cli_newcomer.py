@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from prefops.tools.cli import COMMANDS, main
-from prefops.training import config as C, logs, loop as L
+from prefops.training import config as C, logs, loop as L, run as R
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model_config.hidden_size", "32", "--model_config.intermediate_size", "64", "--model_config.num_hidden_layers",
@@ -152,7 +152,7 @@ def test_threads_apply_to_the_run_and_are_restored(tmp_path, monkeypatch):
     before = torch.get_num_threads()
     seen = []
     monkeypatch.setattr(L.Trainer, "_train", lambda self: seen.append(torch.get_num_threads()) or {})
-    L.train(C.load(None, {"threads": 1, "out_dir": str(tmp_path)}))
+    R.train(C.load(None, {"threads": 1, "out_dir": str(tmp_path)}))
     assert seen == [1] and torch.get_num_threads() == before
 
 

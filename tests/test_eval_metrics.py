@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_fp32_close
 from helpers import nudge
-from prefops.training import data as D, loop as L, model as M
+from prefops.training import data as D, loop as L, model as M, run as R
 from test_training import make_config
 from test_training_row_fields import LAYOUTS, PROBS, write_jsonl
 
@@ -135,7 +135,7 @@ def test_eval_metrics_without_soft_labels(tmp_path, overrides, idealised):
 
 def test_eval_records_carry_them(tmp_path):
     config = make_config(tmp_path, sft_steps=0, steps=2, eval_every=1, eval_batches=1, win_rate_samples=4)
-    L.train(config)
+    R.train(config)
     records = [json.loads(line) for line in open(f"{config.out_dir}/log.jsonl")]
     evals = [r for r in records if r["kind"] == "eval"]
     assert len(evals) == 3 and all(EVAL_KEYS <= set(r) for r in evals)

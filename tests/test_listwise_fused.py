@@ -50,6 +50,8 @@ CASES = [
     dict(loss_type="list_ce"),
     dict(loss_type="all_pairs", pairwise_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
     dict(loss_type="dcg_pairwise", pairwise_type="ipo"),
+    dict(loss_type="sppo_response", beta=0.5),
+    dict(loss_type="spo"),
 ]
 
 

@@ -102,6 +102,12 @@ def expected_list(loss_type, l, r, psi, n, from_scores, params):
         if loss_type == "list_ce":
             return ce
         return ce + sum(float(qi) * math.log(float(qi)) for qi in q if qi > 0)
+    if loss_type == "sppo_response":  # SPPO (arXiv:2405.00675) Eq. 4.6, η = 1/β: (log π/π_t - η (P̂ - ½))²
+        return sum((l[k] - r[k] - (psi[k] - 0.5) / BETA) ** 2 for k in range(m))
+    if loss_type == "gpo":  # GPO (arXiv:2410.02197): (log π/π_t - η s(y ≻ π_t))²
+        return sum((l[k] - r[k] - psi[k] / BETA) ** 2 for k in range(m))
+    if loss_type == "spo":  # SPO (arXiv:2401.04056): win rate as reward, REINFORCE with the list-mean baseline
+        return -sum((psi[k] - sum(psi) / m) * l[k] for k in range(m))
     if loss_type == "all_pairs":
         pairs = [(i, j) for i in range(m) for j in worse[i]]
         kind = params["pairwise_type"]
@@ -145,6 +151,9 @@ CASES = [
     ("all_pairs", {"pairwise_type": "sigmoid"}),
     ("all_pairs", {"pairwise_type": "ipo"}),
     ("dcg_pairwise", {"pairwise_type": "sigmoid"}),
+    ("sppo_response", {}),
+    ("gpo", {}),
+    ("spo", {}),
 ]
 
 

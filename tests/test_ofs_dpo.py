@@ -14,7 +14,8 @@ import torch
 
 from conftest import lm_tolerances, relative_error
 from helpers import interrupted_then_resumed
-from prefops.training import config as C, data as D, loop as L, model as M, ofs, references
+from prefops.training import adapters, config as C, data as D, loop as L, model as M, objectives as O, ofs, references
+from prefops.training import run as R
 from prefops.training.synthetic import TASKS
 from test_training import NO_AUTOCAST, dataclass_replace, make_config, train_records
 
@@ -28,8 +29,8 @@ def adapters_away_from_zero(model, scale=0.3, seed=1):
     """Both adapters at random weights, apart from each other and from the reference (B = 0 makes them the model)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name in ofs.ADAPTERS:
-            for parameter in ofs.adapter_parameters(model, name):
+        for name in adapters.ADAPTERS:
+            for parameter in adapters.adapter_parameters(model, name):
                 parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
 
 
@@ -71,12 +72,12 @@ def expected64(model, batch, beta, reg_weight):
     values, grads = {}, {}
     slow, logit_rms = sequence_logps64(model64, batch, "slow")
     values["slow_loss"] = softplus(-beta * margin(slow)).mean()
-    grads["slow"] = torch.autograd.grad(values["slow_loss"], ofs.adapter_parameters(model64, "slow"))
+    grads["slow"] = torch.autograd.grad(values["slow_loss"], adapters.adapter_parameters(model64, "slow"))
     fast, _ = sequence_logps64(model64, batch, "fast")
     values["fast_loss"] = softplus(-beta * margin(fast)).mean()
     values["regulariser"] = softplus(-beta * (margin(fast) - margin(slow.detach()))).mean()
     grads["fast"] = torch.autograd.grad(values["fast_loss"] + reg_weight * values["regulariser"],
-                                        ofs.adapter_parameters(model64, "fast"))
+                                        adapters.adapter_parameters(model64, "fast"))
     lengths = (batch.targets != D.IGNORE_INDEX).sum(1).double()
     return {k: v.detach() for k, v in values.items()}, grads, lengths, logit_rms
 
@@ -84,7 +85,7 @@ def expected64(model, batch, beta, reg_weight):
 def test_losses_regulariser_and_gradients_match_float64(model_and_batch):
     config, model, batch = model_and_batch
     reference = references.frozen_model(ofs.BaseLM(model), config.loss_impl, NO_AUTOCAST)
-    objective = ofs.FastSlowObjective(L.PreferenceObjective(config, reference), config, model)
+    objective = ofs.FastSlowObjective(O.PreferenceObjective(config, reference), config, model)
     record = L.run_batches(M.FusedLM(model), objective, [batch], NO_AUTOCAST, backward=True)
     reg_weight = OFS["reg_weight"]
     want, want_grads, lengths, logit_rms = expected64(model, batch, config.beta, reg_weight)
@@ -98,10 +99,10 @@ def test_losses_regulariser_and_gradients_match_float64(model_and_batch):
     assert relative_error(torch.tensor(record["loss"]), total, scale=scale) <= values
     # The regulariser is not a copy of either loss: the adapters are apart.
     assert abs(want["regulariser"] - want["fast_loss"]) > 1e3 * values * scale
-    for name in ofs.ADAPTERS:
-        actual = torch.cat([p.grad.reshape(-1) for p in ofs.adapter_parameters(model, name)])
+    for name in adapters.ADAPTERS:
+        actual = torch.cat([p.grad.reshape(-1) for p in adapters.adapter_parameters(model, name)])
         assert relative_error(actual, torch.cat([g.reshape(-1) for g in want_grads[name]])) <= gradients, name
-    adapter_ids = {id(p) for name in ofs.ADAPTERS for p in ofs.adapter_parameters(model, name)}
+    adapter_ids = {id(p) for name in adapters.ADAPTERS for p in adapters.adapter_parameters(model, name)}
     assert all(p.grad is None for p in model.parameters() if id(p) not in adapter_ids)
     assert model.active_adapter == "fast"  # the policy between steps
 
@@ -115,11 +116,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_and_batch):
         built = M.build(dataclass_replace(config, gradient_checkpointing=checkpointing), CPU, "0123456789+=")[0]
         built.load_state_dict(model.state_dict())
         reference = references.frozen_model(ofs.BaseLM(built), config.loss_impl, NO_AUTOCAST)
-        objective = ofs.FastSlowObjective(L.PreferenceObjective(config, reference), config, built)
+        objective = ofs.FastSlowObjective(O.PreferenceObjective(config, reference), config, built)
         L.run_batches(M.FusedLM(built.train()), objective, [batch], NO_AUTOCAST, backward=True)
-        grads[checkpointing] = {name: torch.cat([p.grad.reshape(-1) for p in ofs.adapter_parameters(built, name)])
-                                for name in ofs.ADAPTERS}
-    for name in ofs.ADAPTERS:
+        grads[checkpointing] = {name: torch.cat([p.grad.reshape(-1) for p in adapters.adapter_parameters(built, name)])
+                                for name in adapters.ADAPTERS}
+    for name in adapters.ADAPTERS:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-6, atol=1e-9, msg=name)
 
 
@@ -135,7 +136,7 @@ def test_only_the_adapters_train_each_at_its_rate(tmp_path):
     trainer, config = trainer_at_constant_lr(tmp_path, swap=False)
     stage = trainer.stages["dpo"]
     optimizer, scheduler = trainer.optimizer(config.lr, config.steps)
-    fast, slow = (ofs.adapter_parameters(trainer.model, name) for name in ofs.ADAPTERS)
+    fast, slow = (adapters.adapter_parameters(trainer.model, name) for name in adapters.ADAPTERS)
     assert [group["lr"] for group in optimizer.param_groups[:2]] == [config.lr, config.lr / OFS["lr_ratio"]]
     assert optimizer.param_groups[0]["params"] == fast and optimizer.param_groups[1]["params"] == slow
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
@@ -151,7 +152,8 @@ def test_only_the_adapters_train_each_at_its_rate(tmp_path):
 
 
 def adapter_state(model, optimizer, name):
-    return [(p.detach().clone(), optimizer.state[p]["exp_avg"].clone()) for p in ofs.adapter_parameters(model, name)]
+    return [(p.detach().clone(), optimizer.state[p]["exp_avg"].clone())
+            for p in adapters.adapter_parameters(model, name)]
 
 
 def test_the_adapter_ahead_becomes_the_fast_one_after_the_step(tmp_path):
@@ -161,7 +163,7 @@ def test_the_adapter_ahead_becomes_the_fast_one_after_the_step(tmp_path):
     for step in range(3):
         record = trainer.train_step("dpo", step, stage.train_set, stage.objective, optimizer, scheduler)
     # The faster adapter is ahead; exchanged, the slow one is, and the next step's losses call for a swap.
-    ofs.swap_adapters(trainer.model, optimizer)
+    adapters.swap_adapters(trainer.model, optimizer)
     model_state, optimizer_state = copy.deepcopy(trainer.model.state_dict()), copy.deepcopy(optimizer.state_dict())
     kept = {}
     for swap in (False, True):
@@ -169,7 +171,7 @@ def test_the_adapter_ahead_becomes_the_fast_one_after_the_step(tmp_path):
         optimizer.load_state_dict(copy.deepcopy(optimizer_state))
         stage.objective.swap = swap
         record = trainer.train_step("dpo", 3, stage.train_set, stage.objective, optimizer, scheduler)
-        kept[swap] = {name: adapter_state(trainer.model, optimizer, name) for name in ofs.ADAPTERS}
+        kept[swap] = {name: adapter_state(trainer.model, optimizer, name) for name in adapters.ADAPTERS}
     assert record["ofs/slow_loss"] < record["ofs/fast_loss"] and record["ofs/swaps"] == 1
     # The same step was taken (each adapter at its rate), then the adapters exchanged weights and moments.
     for name, other in (("fast", "slow"), ("slow", "fast")):
@@ -181,7 +183,7 @@ def test_the_adapter_ahead_becomes_the_fast_one_after_the_step(tmp_path):
 def test_run_from_config_with_sft_logs_the_metrics(tmp_path):
     """SFT trains the model's own weights (the adapters stay zero), then only the adapters train."""
     config = make_config(tmp_path, ofs_dpo=OFS, steps=4)
-    L.train(config)
+    R.train(config)
     records = [r for r in train_records(config.out_dir) if r["stage"] == "dpo"]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for record in records:
@@ -229,7 +231,7 @@ def test_online_rounds_sample_from_the_fast_adapter(tmp_path, monkeypatch):
         sampled.append(model.active_adapter)
         return sample(model, *args, **kwargs)
     monkeypatch.setattr(sampling, "sample", recording)
-    L.train(config)
+    R.train(config)
     assert sampled and set(sampled) == {"fast"}
     rounds = [r for r in records(config.out_dir, "eval") if "round" in r]
     assert len(rounds) == 2 and all(math.isfinite(r["ofs/regulariser"]) for r in rounds)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import interrupted_then_resumed, save_tiny_reward_model
-from prefops.training import config as C, data as D, loop as L, model as M
+from prefops.training import config as C, data as D, model as M, run as R
 from prefops.training.online import OnlineTrainer
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -42,7 +42,7 @@ def without_timings(record):
 
 def test_online_run_logs_rounds(tmp_path):
     config = make_config(tmp_path)
-    L.train(config)
+    R.train(config)
     rounds = [r for r in records(config.out_dir, "eval") if "round" in r]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert [r["step"] for r in rounds] == [2, 4, 6]
@@ -68,7 +68,7 @@ def test_online_run_logs_rounds(tmp_path):
 ], ids=["unpaired", "listwise", "token_level", "soft_labels", "all_pairs_mixture"])
 def test_every_loss_family_trains_online(tmp_path, overrides):
     config = make_config(tmp_path, **{**overrides, "online": {"rounds": 2, **overrides.get("online", {})}})
-    L.train(config)
+    R.train(config)
     rounds = [r for r in records(config.out_dir, "eval") if "round" in r]
     assert len(rounds) == 2 and all(math.isfinite(r["loss"]) for r in records(config.out_dir, "train"))
 
@@ -218,7 +218,7 @@ def flaky_judge_module():
 def test_bad_judge_outputs_drop_samples_with_a_count(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "flaky_judge", flaky_judge_module())
     config = make_config(tmp_path, online={"judge": "flaky_judge:score"})
-    L.train(config)
+    R.train(config)
     rounds = [r for r in records(config.out_dir, "eval") if "round" in r]
     assert rounds[-1]["judge_failed"] > 0
     assert sum(r["dropped_nan"] for r in rounds) > 0
@@ -319,7 +319,7 @@ def test_uncertainty_filter(tmp_path, monkeypatch, judging):
         monkeypatch.setitem(sys.modules, "online_judges", judge_module())
         config = make_config(tmp_path, out_dir=str(tmp_path / f"z{z}"), online={
             **judging, "uncertainty_z": z, "pairs": "all_pairs"})
-        L.train(config)
+        R.train(config)
         rounds = [r for r in records(config.out_dir, "eval") if "round" in r]
         assert all(r["judge_calls"] == 3 * 8 * 4 * (i + 1) for i, r in enumerate(rounds))
         kept[z] = rounds
@@ -422,6 +422,6 @@ def test_reward_model_judge_from_a_local_directory(tmp_path):
     torch.manual_seed(0)
     save_tiny_reward_model(tmp_path / "rm", "0123456789=")
     config = make_config(tmp_path, online={"judge": f"reward_model:{tmp_path / 'rm'}", "rounds": 1})
-    L.train(config)
+    R.train(config)
     (round_,) = [r for r in records(config.out_dir, "eval") if "round" in r]
     assert round_["judge_calls"] == 32 and round_["judge_failed"] == 0 and round_["pairs"] >= 1

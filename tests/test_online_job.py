@@ -10,7 +10,7 @@ that drift.
 """
 import pytest
 
-from prefops.training import config as C, loop as L
+from prefops.training import config as C, run as R
 
 OFFLINE = {"rounds": 1, "prompts_per_round": 2048, "steps_per_round": 200}
 
@@ -18,7 +18,7 @@ OFFLINE = {"rounds": 1, "prompts_per_round": 2048, "steps_per_round": 200}
 def run(tmp_path, name, **online):
     config = C.load(C.default_path().with_name("online.yaml"), {
         "out_dir": str(tmp_path / name), "plot": False, "tensorboard": False, "online": online})
-    return L.train(config)
+    return R.train(config)
 
 
 @pytest.mark.slow

@@ -398,7 +398,8 @@ def test_wpo_weights_from_logits():
     mask = targets != -100
     logps = linear_logprobs(hidden, weight, targets)
     log_p2 = torch.log(token_sum_p2(hidden, weight, targets))
-    w = wpo_weights(logps, log_p2, mask)
+    on_mask = lambda values: torch.where(mask, values, 0.0).sum(1)  # noqa: E731 - log 0 = -inf off the mask
+    w = wpo_weights(on_mask(logps), on_mask(log_p2), mask.sum(1))
     probs = torch.softmax(hidden.double() @ weight.double().T, -1)
     want = []
     for i in range(3):
@@ -407,8 +408,10 @@ def test_wpo_weights_from_logits():
         want.append(math.exp(sum(rows) / len(rows)))
     assert rel_err(w, torch.tensor(want)) <= 1e-5
     assert not w.requires_grad
-    with pytest.raises(ValueError, match="sequence 1"):
-        wpo_weights(logps, log_p2, mask & torch.tensor([[True], [False], [True]]))
+    with pytest.raises(ValueError, match=r"lengths\[1\] = 0"):
+        wpo_weights(w, w, torch.tensor([4, 0, 3]))
+    with pytest.raises(ValueError, match="one shape"):
+        wpo_weights(w, w, torch.tensor([4, 3]))
 
 
 def test_diffusion_dpo_and_mapo():

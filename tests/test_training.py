@@ -12,7 +12,8 @@ import torch
 import prefops
 from conftest import assert_fp32_close
 from helpers import interrupted_then_resumed, nudge
-from prefops.training import checkpoint, config as C, data as D, loop as L, model as M, references
+from prefops.training import checkpoint, config as C, data as D, loop as L, model as M, objectives as O, references
+from prefops.training import run as R
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
         "num_key_value_heads": 2}
@@ -40,7 +41,7 @@ def test_default_job_small(tmp_path):
     config = make_config(tmp_path, model_config={}, synthetic_size=1000, sft_steps=30, steps=120, micro_batch_size=32,
                          eval_every=60, eval_batches=4, win_rate_samples=128, log_every=10, checkpoint_every=1000,
                          plot=True)
-    summary = L.train(config)
+    summary = R.train(config)
     records = [r for r in train_records(config.out_dir) if r["stage"] == "dpo"]
     assert sum(r["loss"] for r in records[-3:]) / 3 < 0.5 * records[0]["loss"]
     assert summary["eval_after"]["rewards/accuracies"] > 0.8
@@ -64,7 +65,7 @@ def _first_step_gradients(model, config, batch, reference_lm=None):
     reference_lm = reference_lm or M.FusedLM(M.frozen_copy(model))
     reference = (references.frozen_distributions(reference_lm, NO_AUTOCAST) if C.is_token_level(config)
                  else references.frozen_model(reference_lm, "reference", NO_AUTOCAST, config.ld_alpha))
-    objective = L.PreferenceObjective(config, reference)
+    objective = O.PreferenceObjective(config, reference)
     model.zero_grad()
     record = L.run_batches(M.FusedLM(model), objective, [batch], NO_AUTOCAST, backward=True)
     return torch.tensor(record["loss"]), {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -216,20 +217,20 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 def test_checkpoint_from_another_model_or_config_is_refused(tmp_path):
     config = make_config(tmp_path, sft_steps=0, steps=1)
-    L.train(config)
+    R.train(config)
     other_model = dataclass_replace(config, resume=True, model_config={**TINY, "hidden_size": 64})
     with pytest.raises(checkpoint.CheckpointMismatch, match="is from another model: parameter"):
-        L.train(other_model)
+        R.train(other_model)
     other_loss = dataclass_replace(config, resume=True, loss_type="ipo")
     with pytest.raises(checkpoint.CheckpointMismatch, match="loss_type: 'sigmoid' -> 'ipo'"):
-        L.train(other_loss)
+        R.train(other_loss)
     # Observation-only keys may change on resume.
-    L.train(dataclass_replace(config, resume=True, log_every=5, eval_every=3))
+    R.train(dataclass_replace(config, resume=True, log_every=5, eval_every=3))
     # So may the number of processes for evaluation, but not to resume (the global batch would change).
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     torch.save({**state, "world_size": 2}, tmp_path / "run" / "last.pt")
     with pytest.raises(checkpoint.CheckpointMismatch, match="written by 2 process.*this run has 1"):
-        L.train(dataclass_replace(config, resume=True))
+        R.train(dataclass_replace(config, resume=True))
     L.evaluate(config)
 
 
@@ -238,7 +239,7 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(L, "run_batches", out_of_memory)
     with pytest.raises(L.OutOfMemory, match="lower micro_batch_size.*max_length.*gradient_checkpointing"):
-        L.train(make_config(tmp_path))
+        R.train(make_config(tmp_path))
 
 
 def test_precomputed_reference_matches_frozen_model_and_is_cached(tmp_path, tiny_model_and_batch):

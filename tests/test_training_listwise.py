@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prefops.losses.listwise import LISTWISE_LOSSES
-from prefops.training import config as C, data as D, loop as L, model as M, references
+from prefops.training import config as C, data as D, loop as L, model as M, objectives as O, references, run as R
 from prefops.training.synthetic import TASKS
 from prefops.training.tokenizer import CharTokenizer
 
@@ -77,7 +77,7 @@ def ranked_setup(tmp_path):
 def _gradients(model, config, batch, reference_lm):
     reference = (references.frozen_model(reference_lm, "reference", NO_AUTOCAST) if C.needs_reference(config)
                  else references.no_reference)
-    objective = (L.ListwiseObjective if C.is_listwise(config) else L.PreferenceObjective)(config, reference)
+    objective = (O.ListwiseObjective if C.is_listwise(config) else O.PreferenceObjective)(config, reference)
     model.zero_grad()
     record = L.run_batches(M.FusedLM(model), objective, [batch], NO_AUTOCAST, backward=True)
     return record, {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -91,6 +91,9 @@ LISTWISE_CASES = {
     "list_ce": {"loss_params": {"target_temperature": 0.5}},
     "dcg_pairwise": {"loss_params": {"pairwise_type": "ipo"}},
     "all_pairs": {"loss_params": {"pairwise_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}},
+    "sppo_response": {},
+    "gpo": {},
+    "spo": {"reference": "none"},
 }
 
 
@@ -216,7 +219,7 @@ def test_listwise_training_on_the_synthetic_task_learns(tmp_path):
     config = make_config(tmp_path, model_config={}, loss_type="plackett_luce", synthetic_size=1000, sft_steps=30,
                          steps=80, micro_batch_size=16, eval_every=80, eval_batches=4, win_rate_samples=256,
                          log_every=10, checkpoint_every=1000)
-    summary = L.train(config)
+    summary = R.train(config)
     before, after = summary["eval_before"], summary["eval_after"]
     assert after["loss"] < before["loss"] - 1 and after["rewards/kendall_tau"] > 0.5
     assert summary["win_rate_before"] < 0.25

@@ -11,7 +11,7 @@ from conftest import assert_fp32_close
 from helpers import nudge
 from prefops.losses import LOSSES, pairwise_loss
 from prefops.losses.pairwise import TOKEN_LEVEL_LOSSES
-from prefops.training import data as D, loop as L, model as M, references
+from prefops.training import data as D, loop as L, model as M, objectives as O, references, run as R
 from prefops.training.tokenizer import CharTokenizer
 from test_training import make_config
 
@@ -111,7 +111,7 @@ def test_soft_label_losses_are_those_that_read_preference_probs():
         return not torch.allclose(low, high)
 
     readers = {name for name in {**LOSSES, **TOKEN_LEVEL_LOSSES} if reads(name)}
-    assert readers == set(L.PreferenceObjective.SOFT_LABEL_LOSSES)
+    assert readers == set(O.PreferenceObjective.SOFT_LABEL_LOSSES)
 
 
 @pytest.mark.parametrize("fields, overrides, message", [
@@ -129,7 +129,7 @@ def test_a_field_the_loss_does_not_read_or_needs_is_refused(tmp_path, fields, ov
     records = [D.Record(f"row{i}", pair["prompt"], [pair["chosen"], pair["rejected"]],
                         **{name: values[i] for name, values in fields.items()}) for i, pair in enumerate(PAIRS)]
     batch = D.collate(D.build_dataset(records, CharTokenizer(), 16, []), [0, 1], packing=False)
-    objective = L.PreferenceObjective(make_config(tmp_path, **overrides), references.no_reference)
+    objective = O.PreferenceObjective(make_config(tmp_path, **overrides), references.no_reference)
     with pytest.raises(ValueError, match=message):
         objective.prepare(None, [batch])
 
@@ -221,7 +221,7 @@ def test_a_training_run_reads_the_rows_soft_labels(tmp_path):
     path = write_jsonl(tmp_path / "soft.jsonl", rows)
     config = make_config(tmp_path, data=path, eval_fraction=0.0, sft_steps=0, steps=1, loss_type="sppo", beta=0.5,
                          micro_batch_size=2, grad_accum_steps=2, packing=True)
-    L.train(config)
+    R.train(config)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     first = next(record for record in log if record["kind"] == "train")
     assert first["step"] == 1

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from prefops.training import config as C, data as D, loop as L, model as M, references
+from prefops.training import config as C, data as D, loop as L, model as M, objectives as O, references, run as R
 from prefops.training.tokenizer import CharTokenizer
 
 from conftest import assert_fp32_close, assert_records_close
@@ -83,7 +83,7 @@ def test_unpaired_fused_and_reference_give_same_gradients(kto_setup, loss_type, 
     results = {}
     for impl in ("fused", "reference"):
         step_config = C.from_dict({**C.to_dict(config), "loss_type": loss_type, "loss_impl": impl})
-        objective = L.UnpairedObjective(step_config, references.frozen_model(reference_lm, "reference", NO_AUTOCAST))
+        objective = O.UnpairedObjective(step_config, references.frozen_model(reference_lm, "reference", NO_AUTOCAST))
         model.zero_grad()
         record = L.run_batches(M.FusedLM(model), objective, [batch], NO_AUTOCAST, backward=True)
         results[impl] = record, {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -102,7 +102,7 @@ def test_kto_training_on_the_synthetic_task_learns(tmp_path):
     config = make_config(tmp_path, model_config={}, loss_type="kto", synthetic_size=1000, sft_steps=30, steps=120,
                          micro_batch_size=32, eval_every=120, eval_batches=4, win_rate_samples=256, log_every=10,
                          checkpoint_every=1000)
-    summary = L.train(config)
+    summary = R.train(config)
     before, after = summary["eval_before"], summary["eval_after"]
     assert after["loss"] < before["loss"] - 0.08
     assert after["rewards/margins"] > 1.0 and after["rewards/chosen"] > after["rewards/rejected"]

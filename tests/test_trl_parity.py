@@ -156,7 +156,8 @@ def test_wpo_weighting_matches_trl():
     g = torch.Generator().manual_seed(9)
     log_sum_p2 = torch.where(completion[:, 1:], -torch.rand(2 * PAIRS, LENGTH - 1, generator=g) * 2, 0.0)
     trl_out = run_trl_dpo(dpo_trainer("sigmoid", use_weighting=True), token_logps, completion, ref, log_sum_p2)
-    w = wpo_weights(token_logps, log_sum_p2, completion[:, 1:])
+    mask = completion[:, 1:]
+    w = wpo_weights(torch.where(mask, token_logps, 0.0).sum(1), torch.where(mask, log_sum_p2, 0.0).sum(1), mask.sum(1))
     ours = ours_dpo("sigmoid", token_logps, completion, ref, pair_weights=w[:PAIRS] * w[PAIRS:])
     assert_parity(trl_out, ours, token_logps, completion)
 

@@ -80,11 +80,11 @@ def test_trl_drop_ins_name_their_trl_floor(monkeypatch, seen):
 
 
 def test_ofs_dpo_names_its_peft_floor(monkeypatch):
-    from prefops.training import ofs
+    from prefops.training import adapters
 
     installed_as(monkeypatch, "peft", "0.17.1")  # imports transformers' HybridCache, gone in transformers 5
     with pytest.raises(ImportError, match=floor_message("ofs_dpo", "peft", "0.18", "0.17.1")):
-        ofs.add_adapters(None, None)
+        adapters.add_adapters(None, None)
 
 
 def test_this_environment_passes_the_floors():

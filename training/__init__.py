@@ -37,7 +37,7 @@ if __name__ != "prefops.training":
 _EXPORTS = {
     "Config": ("config", "Config"), "load_config": ("config", "load"), "ConfigError": ("config", "ConfigError"),
     "DataError": ("data", "DataError"), "CheckpointMismatch": ("checkpoint", "CheckpointMismatch"),
-    **{name: ("loop", name) for name in ("OutOfMemory", "Trainer", "evaluate", "train")},
+    **{name: ("loop", name) for name in ("OutOfMemory", "Trainer", "evaluate")}, "train": ("run", "train"),
     "OnlineTrainer": ("online", "OnlineTrainer"),
 }
 

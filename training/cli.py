@@ -59,7 +59,7 @@ def config_from(rest: list[str]):
 
 def run_train(args: argparse.Namespace, rest: list[str]) -> None:
     config = config_from(rest)
-    from .loop import train
+    from .run import train
     train(config)
 
 

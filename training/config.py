@@ -127,11 +127,16 @@ ONLINE_KEYS = {
     "top_p": (1.0, "nucleus sampling threshold"),
     "sample_batch_size": (64, "prompts per sampling batch (one seed, one rank); generate() runs as many sequences"),
     "mixture_alpha": (0.0, "sample from the geometric mixture (1-a) z_policy + a z_ref (IPO-MD / Nash-MD)"),
-    "judge": ("task", "task | module:function | reward_model:PATH | pairwise:module:function, or a list of "
-                      "all scalar or all pairwise ones (an ensemble: their mean; their spread feeds uncertainty_z)"),
+    "judge": ("task", "task | self (the policy judges its own samples, OSP) | module:function | reward_model:PATH | "
+                      "pairwise:module:function, or a list of all scalar or all pairwise ones (an ensemble: their "
+                      "mean; their spread feeds uncertainty_z)"),
+    "self_judge_template": ("{prompt}\nA: {a}\nB: {b}\nBetter: ", "judge self: the comparison prompt, with "
+                                                                   "{prompt}, {a} and {b}"),
+    "self_judge_answers": (["A", "B"], "judge self: the one-token answers naming the first and the second response"),
     "judge_repeats": (1, "judge each sample (pairwise: each pair) this many times; the spread feeds the "
                          "uncertainty filter"),
-    "pairs": ("best_worst", "best_worst | all_pairs | margin | ranked (lists, for listwise losses)"),
+    "pairs": ("best_worst", "best_worst | all_pairs | margin | ranked (lists, for listwise losses) | responses "
+                            "(lists with per-response targets, for sppo_response, gpo, spo)"),
     "min_margin": (0.0, "pairs=margin: the least score gap of a pair"),
     "soft_labels": (False, "preference_prob from the judge (pairwise) or sigmoid(gap / soft_label_scale)"),
     "soft_label_scale": (1.0, "the score gap that makes a soft label sigmoid(1)"),
@@ -139,11 +144,19 @@ ONLINE_KEYS = {
                             "pairwise: P(a > b) within z standard errors of 1/2"),
     "uncertainty_weighting": (False, "weight each pair's loss by the judge's certainty erf(d / (sqrt(2) u)), "
                                      "d its gap (pairwise: P(a > b) - 1/2), u its uncertainty (UPO)"),
+    "teacher": (None, "DNO: a local causal-LM directory (the policy's vocabulary) whose samples join each prompt's"),
+    "teacher_samples": (1, "DNO: teacher completions added per prompt"),
+    "gold": (None, "DNO: reference completions joining each prompt's samples: a .jsonl of prompt/completion rows, "
+                   "or task (the synthetic task's answer)"),
+    "tree_depth": (0, "MCTS-DPO step-level pairs: steps per path of each prompt's tree (0: off, whole samples)"),
+    "tree_branching": (2, "MCTS-DPO: next steps sampled at each node"),
+    "step_boundary": ("\n", "MCTS-DPO: the one-token text that ends a step (null: steps of step_max_tokens tokens)"),
+    "step_max_tokens": (32, "MCTS-DPO: the most tokens of one step"),
     "apo_alpha": (0.0, "APO: reference log pi_t + a (log pi_t - log pi_t-1) (needs reference_update: round)"),
     "prompts": (None, "prompts to sample for: a .jsonl of rows with a prompt (null: the synthetic task's)"),
     "eval_prompts": (128, "prompts of the win rates against the start and the previous round"),
 }
-PAIR_MODES = ("best_worst", "all_pairs", "margin", "ranked")
+PAIR_MODES = ("best_worst", "all_pairs", "margin", "ranked", "responses")
 
 # The ofs_dpo section's keys: (default, meaning). The fast adapter trains at the stage's lr and schedule.
 OFS_KEYS = {
@@ -153,6 +166,9 @@ OFS_KEYS = {
     "lr_ratio": (2.0, "the fast adapter's learning rate over the slow one's (> 1)"),
     "reg_weight": (1.0, "weight of the regulariser -log sigmoid(beta (margin_fast - margin_slow)) in the fast loss"),
     "swap": (True, "after a step whose loss of the slow adapter is below the fast one's, the two swap weights"),
+    "domains": (None, "COFS-DPO: data sources trained one after another (>= 2); the policy's fast adapter is then "
+                      "the linear combination of each domain's fast module"),
+    "combine_weights": (None, "COFS-DPO: the combination's weight of each domain (>= 0, summing to 1; null: equal)"),
 }
 
 UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
@@ -320,14 +336,45 @@ def _validate_online(config: Config) -> None:
     require("judge", lambda v: spec(v) or isinstance(v, list) and len(v) >= 2 and all(map(spec, v)),
             "task, module:function, reward_model:PATH, pairwise:module:function or a list of >= 2 of them")
     require("prompts", lambda v: v is None or isinstance(v, str), "a .jsonl path or null")
+    require("tree_depth", whole(0), "an integer >= 0 (0: no step tree)")
+    require("tree_branching", whole(2), "an integer >= 2 (siblings to pair)")
+    require("step_boundary", lambda v: v is None or isinstance(v, str) and v, "a non-empty string or null")
+    require("step_max_tokens", whole(1), "a positive integer")
+    if options["tree_depth"]:
+        tree_refuses = [(is_unpaired(config) or is_listwise(config), f"loss_type {config.loss_type!r}: step pairs "
+                         "train a pairwise loss"), (options["pairs"] != "best_worst", "pairs: step pairs are each "
+                         "node's best against its worst child (pairs: best_worst)"),
+                        (options["soft_labels"] or options["uncertainty_z"] is not None
+                         or options["uncertainty_weighting"], "soft_labels and the uncertainty keys: they act on "
+                         "judged pairs of whole samples"), (options["mixture_alpha"], "mixture_alpha"),
+                        (options["teacher"] is not None or options["gold"] is not None, "teacher and gold")]
+        for refused, what in tree_refuses:
+            if refused:
+                raise ConfigError(f"online.tree_depth (MCTS-DPO step pairs) cannot take {what}", "online")
+    require("teacher", lambda v: v is None or isinstance(v, str) and v, "a model directory or null")
+    require("teacher_samples", whole(1), "a positive integer")
+    require("gold", lambda v: v is None or isinstance(v, str) and v, "task, a .jsonl path or null")
+    require("self_judge_template", lambda v: isinstance(v, str) and all(f in v for f in ("{prompt}", "{a}", "{b}")),
+            "a string holding {prompt}, {a} and {b}")
+    require("self_judge_answers", lambda v: isinstance(v, list) and len(v) == 2 and len(set(v)) == 2
+            and all(isinstance(a, str) and a for a in v), "two different non-empty strings (one token each)")
     ensemble = isinstance(options["judge"], list)
+    if ensemble and "self" in options["judge"]:
+        raise ConfigError("online.judge self judges alone: an ensemble averages independent judges", "online")
     if "task" in (options["judge"] if ensemble else [options["judge"]]) or options["prompts"] is None:
         if not config.data.startswith("synthetic:"):
             raise ConfigError("online: judge task and prompts null need a synthetic task as data (synthetic:sort); "
                               "otherwise name online.prompts and online.judge", "online")
-    if (options["pairs"] == "ranked") != is_listwise(config):
-        raise ConfigError(f"online.pairs {options['pairs']!r} with loss_type {config.loss_type!r}: listwise losses "
-                          "train on ranked lists (pairs: ranked), the others on pairs", "online")
+    wanted = "responses" if is_self_play(config) else "ranked" if is_listwise(config) else None
+    if wanted != (options["pairs"] if options["pairs"] in ("ranked", "responses") else None):
+        raise ConfigError(f"online.pairs {options['pairs']!r} with loss_type {config.loss_type!r}: the self-play "
+                          "losses (sppo_response, gpo, spo) train on lists with per-response targets (pairs: "
+                          "responses), the other listwise losses on ranked lists (pairs: ranked), the others on "
+                          "pairs", "online")
+    if config.loss_type == "gpo" and not all(spec.startswith("pairwise:") or spec == "self"
+                                             for spec in (options["judge"] if ensemble else [options["judge"]])):
+        raise ConfigError(f"loss_type gpo regresses onto mean logits of P(a > b): online.judge must be pairwise "
+                          f"(pairwise:module:function, or a list of them); got {options['judge']!r}", "online")
     if options["soft_labels"] and (is_unpaired(config) or is_listwise(config)):
         raise ConfigError(f"online.soft_labels gives pairs a preference_prob; loss_type {config.loss_type!r} is "
                           f"{'unpaired' if is_unpaired(config) else 'listwise'}", "online")
@@ -382,6 +429,24 @@ def _validate_ofs(config: Config) -> None:
                           f"set reference_update: never; got {config.reference_update!r}", "ofs_dpo")
     if config.online and online_options(config)["mixture_alpha"]:
         raise ConfigError("ofs_dpo samples from the fast adapter alone: set online.mixture_alpha: 0", "ofs_dpo")
+    options = ofs_options(config)
+    domains, weights = options["domains"], options["combine_weights"]
+    require("domains", lambda v: v is None or isinstance(v, list) and len(v) >= 2
+            and all(isinstance(source, str) and source for source in v), "a list of >= 2 data sources or null")
+    require("combine_weights", lambda v: v is None or isinstance(v, list) and all(number(w) and w >= 0 for w in v)
+            and abs(sum(v) - 1) <= 1e-6, "a list of numbers >= 0 summing to 1, or null")
+    if domains is None and weights is not None:
+        raise ConfigError("ofs_dpo.combine_weights weighs the modules of ofs_dpo.domains: set domains", "ofs_dpo")
+    if domains is not None:
+        if weights is not None and len(weights) != len(domains):
+            raise ConfigError(f"ofs_dpo.combine_weights needs one weight per domain ({len(domains)}); got "
+                              f"{len(weights)}", "ofs_dpo")
+        if config.online or config.resume:
+            raise ConfigError("ofs_dpo.domains (COFS-DPO) trains offline domain after domain in one run: unset "
+                              f"{'online' if config.online else 'resume'}", "ofs_dpo")
+        if config.eval_data:
+            raise ConfigError("ofs_dpo.domains holds out each domain's own eval split (eval_fraction): unset "
+                              "eval_data", "ofs_dpo")
 
 
 def loss_types(config: Config) -> list[str]:
@@ -400,6 +465,12 @@ def is_unpaired(config: Config) -> bool:
 def is_listwise(config: Config) -> bool:
     from prefops.losses.listwise import LISTWISE_LOSSES
     return any(name in LISTWISE_LOSSES for name in loss_types(config))
+
+
+def is_self_play(config: Config) -> bool:
+    """The listwise losses with a per-response target (prefops.losses.self_play)."""
+    from prefops.losses import SELF_PLAY_LOSSES
+    return any(name in SELF_PLAY_LOSSES for name in loss_types(config))
 
 
 def uses_ranked_rows(config: Config) -> bool:

@@ -6,6 +6,7 @@ make_judge(spec) builds one from a string:
   "reward_model:PATH"         a local AutoModelForSequenceClassification with one label: the logit of
                               prompt + completion
   "pairwise:module:function"  function(prompts, completions_a, completions_b) -> P(a beats b) per pair
+  "self"                      the policy being trained judges its own samples (SelfPreferringJudge, OSP)
   [spec, spec, ...]           an Ensemble of scalar judges: their mean, and their spread for the
                               uncertainty filter; of pairwise judges, a PairwiseEnsemble: each pair's
                               mean P(a beats b) over the members and its standard error
@@ -24,6 +25,8 @@ import numbers
 from pathlib import Path
 
 import torch
+
+from .sampling import left_padded
 
 
 class JudgeError(ValueError):
@@ -218,6 +221,66 @@ class PairwiseJudge(Pairwise, FunctionJudge):
         return result
 
 
+class SelfPreferringJudge(Pairwise, Judge):
+    """OSP's self-judgement: the current policy compares two of its own completions.
+
+    Online Self-Preferring Language Models (Zhai et al. 2024, arXiv:2405.14103): the model judges its own
+    samples, and the strength of its preference is trained on with a soft-preference cross-entropy (here
+    online.soft_labels with a soft-label loss, e.g. sigmoid: -p log σ(βh) - (1 - p) log σ(-βh)). For a pair
+    (a, b) the comparison prompt is `template` with {prompt}, {a}, {b} filled in, and the model's next-token
+    logits z of the two answer tokens (answers[0] names the first response, answers[1] the second) give
+        P(a beats b) = ½ [σ(z_first - z_second | a first) + σ(z_second - z_first | b first)],
+    both orders averaged (our choice: it cancels the position bias of one order, and P(a ≻ b) + P(b ≻ a) = 1
+    exactly). `model` is set by the online loop before each judgement (the policy now, a local copy under
+    torchrun); the tokenizer is the policy's. Each answer must be one token of its vocabulary."""
+
+    def __init__(self, tokenizer, *, template: str, answers, device="cpu", batch_size: int = 16):
+        super().__init__("self")
+        for field in ("{prompt}", "{a}", "{b}"):
+            if field not in template:
+                raise JudgeError(f"judge 'self': the comparison template must hold {{prompt}}, {{a}} and {{b}}; "
+                                 f"{field} is missing from {template!r}")
+        self.tokenizer, self.template, self.device, self.batch_size = tokenizer, template, device, batch_size
+        self.answer_ids = [self._one_token(answer) for answer in answers]
+        self.model = None
+
+    def _one_token(self, answer: str) -> int:
+        ids = self.tokenizer.encode(answer, add_special_tokens=False)
+        unknown = getattr(self.tokenizer, "unk_token_id", None)
+        if len(ids) != 1 or ids[0] == unknown:
+            raise JudgeError(f"judge 'self': answer {answer!r} must be one token of the policy's vocabulary; it "
+                             f"encodes to {ids}")
+        return ids[0]
+
+    @torch.no_grad()
+    def first_preferred(self, texts: list[str]) -> torch.Tensor:
+        """σ(z_first - z_second) at the end of each comparison text, float64."""
+        if self.model is None:
+            raise JudgeError("judge 'self' judges with the policy: the online loop sets its model")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        training, out = self.model.training, []
+        self.model.eval()
+        try:
+            for first in range(0, len(texts), self.batch_size):
+                input_ids, mask = left_padded(self.tokenizer, texts[first:first + self.batch_size], pad, self.device)
+                positions = (mask.cumsum(-1) - 1).clamp_min(0)
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+                chosen = logits[:, self.answer_ids].double()
+                out.append(torch.sigmoid(chosen[:, 0] - chosen[:, 1]).cpu())
+        finally:
+            self.model.train(training)
+        return torch.cat(out)
+
+    def _call(self, prompts, completions_a, completions_b) -> list:
+        fill = lambda p, a, b: self.template.format(prompt=p, a=a, b=b)  # noqa: E731
+        rows = list(zip(prompts, completions_a, completions_b))
+        a_first = self.first_preferred([fill(p, a, b) for p, a, b in rows])
+        b_first = self.first_preferred([fill(p, b, a) for p, a, b in rows])
+        return (0.5 * (a_first + (1 - b_first))).tolist()
+
+    preferences = PairwiseJudge.preferences
+
+
 class Ensemble(Judge):
     """The mean of its members' scores, with their spread (std over members) as the uncertainty.
 
@@ -319,9 +382,12 @@ def _function(spec: str, reference: str):
     return function
 
 
-def make_judge(spec: str | list, *, task=None, device="cpu", batch_size: int = 16) -> Judge:
-    """A judge from its spec (see the module docstring); `task` is the synthetic task for "task"."""
+def make_judge(spec: str | list, *, task=None, device="cpu", batch_size: int = 16, self_judge=None) -> Judge:
+    """A judge from its spec (see the module docstring); `task` is the synthetic task for "task"; self_judge
+    SelfPreferringJudge's arguments for "self" (tokenizer, template, answers)."""
     if isinstance(spec, list):
+        if "self" in spec:
+            raise JudgeError("judge 'self' judges alone: an ensemble averages independent judges")
         members = [make_judge(each, task=task, device=device, batch_size=batch_size) for each in spec]
         pairwise = {member.pairwise for member in members}
         if len(pairwise) > 1:
@@ -332,11 +398,15 @@ def make_judge(spec: str | list, *, task=None, device="cpu", batch_size: int = 1
         if task is None:
             raise JudgeError("judge 'task' scores with the synthetic task's scorer: pass task=")
         return TaskJudge(task)
+    if spec == "self":
+        if self_judge is None:
+            raise JudgeError("judge 'self' judges with the policy: pass self_judge= (its tokenizer, template, answers)")
+        return SelfPreferringJudge(device=device, batch_size=batch_size, **self_judge)
     if spec.startswith("reward_model:"):
         return RewardModelJudge(spec.split(":", 1)[1], device=device, batch_size=batch_size)
     if spec.startswith("pairwise:"):
         return PairwiseJudge(spec, _function(spec, spec.split(":", 1)[1]))
     if ":" in spec:
         return FunctionJudge(spec, _function(spec, spec))
-    raise JudgeError(f"judge {spec!r}: expected one of task, module:function, reward_model:PATH, "
+    raise JudgeError(f"judge {spec!r}: expected one of task, self, module:function, reward_model:PATH, "
                      "pairwise:module:function")

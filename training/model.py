@@ -24,6 +24,7 @@ from prefops.integrations.hf import LMHead, final_hidden_states
 from prefops.sequence_group import sequence_all_reduce
 from prefops.shared_prompt import shared_prompt_hidden_states
 
+from .adapters import add_adapters
 from .config import ConfigError, as_yaml, attention_implementation
 from .data import IGNORE_INDEX, Batch
 from .tokenizer import CharTokenizer
@@ -69,7 +70,6 @@ def build(config, device: torch.device, chars: str | None = None):
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     if config.ofs_dpo:  # every model of the run (references, resumed runs) carries the same adapters
-        from .ofs import add_adapters  # ofs builds on this module
         model = add_adapters(model, config)
     return model.to(device), tokenizer
 

@@ -4,12 +4,18 @@ A run with an `online:` section (ONLINE_KEYS) trains on its own samples. Each ro
   1. sample K completions for each of the round's prompts from the current policy
      (sampling.sample: transformers' generate with its KV cache), or from the geometric
      mixture of policy and reference, logits (1-a) z_theta + a z_ref (IPO-MD / Nash-MD);
+     with teacher or gold (DNO, candidates.py) their completions join each prompt's; with
+     tree_depth a tree of steps per prompt instead, whose sibling steps are paired (MCTS-DPO,
+     step_tree.py);
   2. judge them (judges.make_judge: the task's scorer, a module:function, a local reward
-     model, a pairwise judge returning P(a > b)); a sample the judge fails on is dropped
+     model, a pairwise judge returning P(a > b), or the policy itself comparing its own
+     samples, OSP's self-preferring judge); a sample the judge fails on is dropped
      and counted, never trained on;
   3. build pairs or ranked lists (pairing.build_records), optionally soft labels, an
      uncertainty filter over repeated judging or an ensemble, and weights from the
-     judge's certainty (UPO);
+     judge's certainty (UPO); for the self-play losses (sppo_response, gpo, spo) one list
+     per prompt whose per-response targets are each sample's win rate or preference score
+     against the round's K samples (pairs: responses, prefops.losses.self_play);
   4. train steps_per_round optimizer steps on them with the configured loss, exactly as
      offline (the same objectives, fused ops, FSDP2 path);
   5. refresh the reference: reference_update never (the SFT policy throughout) or round
@@ -40,10 +46,12 @@ import torch
 from tqdm import tqdm
 
 import prefops
+from prefops.losses.self_play import TARGETS
 
 from . import config as C
 from . import data as D
-from . import distributed, judges, pairing, references, sampling
+from . import distributed, judges, pairing, references, sampling, step_tree
+from .candidates import Candidates
 from . import model as M
 from .loop import Stage, Trainer, format_record, say
 
@@ -69,10 +77,17 @@ class OnlineTrainer(Trainer):
         super().__init__(config)
         self.online = C.online_options(config)
         if judge is None:
-            judge = judges.make_judge(self.online["judge"], task=self.task, device=self.device)
+            judge = judges.make_judge(self.online["judge"], task=self.task, device=self.device, self_judge=dict(
+                tokenizer=self.tokenizer, template=self.online["self_judge_template"],
+                answers=self.online["self_judge_answers"]))
         elif not isinstance(judge, judges.Judge):
             judge = judges.FunctionJudge(getattr(judge, "__name__", "judge"), judge)
         self.judge = judge
+        if self.online["tree_depth"] and distributed.active():
+            raise ValueError("online.tree_depth (MCTS-DPO step pairs) grows its trees in one process: run it "
+                             "without torchrun")
+        self.candidates = Candidates(self.online, self.tokenizer, task=self.task, device=self.device,
+                                     vocab_size=self.model.config.vocab_size)
         source = self.online["prompts"]
         rows = [] if source is None else D.read_rows(source, kind="sft", size=0, seed=config.seed)
         self.prompt_pool = [D._require(where, row, "prompt") for where, row in rows] if rows else None
@@ -102,8 +117,9 @@ class OnlineTrainer(Trainer):
         copy.load_state_dict(distributed.full_model_state(model))
         return copy.eval().requires_grad_(False)
 
-    def sample_and_judge(self, prompts: list[str], k: int, purpose, reference=None) -> dict:
-        """Every rank's samples and judgements of `prompts` (k each), sampled in fixed seeded batches.
+    def sample_and_judge(self, prompts: list[str], k: int, purpose, reference=None, candidates=None) -> dict:
+        """Every rank's samples and judgements of `prompts` (k each, and `candidates`' teacher or gold ones
+        after them, DNO), sampled in fixed seeded batches.
 
         Under torchrun the judge's calls and failures become those of every rank, and the times those of
         the slowest rank (they sample at once)."""
@@ -112,6 +128,8 @@ class OnlineTrainer(Trainer):
         batches = [(b, prompts[start:start + size]) for b, start in enumerate(range(0, len(prompts), size))]
         mine = batches[distributed.rank()::distributed.world_size()]
         parts, model = {}, self.local_copy(self.model)
+        if isinstance(judge, judges.SelfPreferringJudge):  # OSP: the policy judges its own samples
+            judge.model = model
         calls, failed = judge.calls, judge.failed
         for b, chunk in tqdm(mine, desc=f"sampling {purpose}", unit="batch", leave=False, dynamic_ncols=True,
                              disable=not distributed.is_main() or purpose == "eval"):
@@ -122,6 +140,10 @@ class OnlineTrainer(Trainer):
                 device=self.device, batch_size=size, reference=reference,
                 mixture_alpha=online["mixture_alpha"] if reference is not None else 0.0,  # evaluation: the policy
                 progress=False)
+            if candidates is not None:
+                samples = candidates.add(samples, seed=_seed(self.config.seed, purpose, b, "teacher"),
+                                         max_new_tokens=self.max_new_tokens, temperature=online["temperature"],
+                                         top_p=online["top_p"], batch_size=size)
             sampled = time.perf_counter()
             scores, spread, preferences = self.judgements(chunk, samples.completions)
             parts[b] = dict(completions=samples.completions, completion_ids=samples.completion_ids, scores=scores,
@@ -193,19 +215,25 @@ class OnlineTrainer(Trainer):
 
     def new_round(self, index: int, reference_lm) -> Round:
         """Sample, judge and pair the prompts of round `index`."""
-        online = self.online
+        config, online = self.config, self.online
         prompts = self.prompts(online["prompts_per_round"], f"round{index}")
         mixture = self.local_copy(reference_lm.model) if online["mixture_alpha"] else None
         calls = self.judge.calls
-        judged = self.sample_and_judge(prompts, online["samples_per_prompt"], f"round{index}", reference=mixture)
+        if online["tree_depth"]:
+            records, judged = self.step_tree_pairs(prompts, index)
+            stats = judged["stats"]
+        else:
+            judged = self.sample_and_judge(prompts, online["samples_per_prompt"], f"round{index}", reference=mixture,
+                                           candidates=self.candidates if self.candidates.active else None)
+            uncertain = online["uncertainty_z"] is not None or online["uncertainty_weighting"]
+            records, stats = pairing.build_records(
+                prompts, judged["completions"], judged["scores"], mode=online["pairs"], min_margin=online["min_margin"],
+                soft_labels=online["soft_labels"], soft_label_scale=online["soft_label_scale"],
+                preferences=judged["preferences"], uncertainty_z=online["uncertainty_z"],
+                uncertainty_weighting=online["uncertainty_weighting"], spread=judged["spread"] if uncertain else None,
+                where=f"round{index}", completion_ids=judged["completion_ids"],
+                targets=TARGETS[config.loss_type] if C.is_self_play(config) else None)
         self.train_judge_calls += self.judge.calls - calls
-        records, stats = pairing.build_records(
-            prompts, judged["completions"], judged["scores"], mode=online["pairs"], min_margin=online["min_margin"],
-            soft_labels=online["soft_labels"], soft_label_scale=online["soft_label_scale"],
-            preferences=judged["preferences"], uncertainty_z=online["uncertainty_z"],
-            uncertainty_weighting=online["uncertainty_weighting"],
-            spread=judged["spread"] if online["uncertainty_z"] is not None or online["uncertainty_weighting"] else None,
-            where=f"round{index}", completion_ids=judged["completion_ids"])
         scores = judged["scores"][torch.isfinite(judged["scores"])]
         if self.judge.failed:
             say(f"[round {index + 1}] the judge failed on {self.judge.failed} sample(s) so far, dropped "
@@ -220,6 +248,26 @@ class OnlineTrainer(Trainer):
             raise RuntimeError(f"round {index}: no pair to train on ({stats}); the samples all tie or the judge "
                                "failed on them: raise samples_per_prompt or temperature, or check the judge")
         return Round(index, records, stats)
+
+    def step_tree_pairs(self, prompts: list[str], index: int):
+        """MCTS-DPO's step-level pairs of the round's prompts (step_tree.py), sampled by the policy now."""
+        online, tokenizer = self.online, self.tokenizer
+        boundary = None
+        if online["step_boundary"] is not None:
+            ids = tokenizer.encode(online["step_boundary"], add_special_tokens=False)
+            if len(ids) != 1 or ids[0] == getattr(tokenizer, "unk_token_id", None):
+                raise C.ConfigError(f"online.step_boundary {online['step_boundary']!r} must be one token of the "
+                                    f"policy's vocabulary; it encodes to {ids} (null: steps of step_max_tokens)",
+                                    "online")
+            boundary = ids[0]
+        if isinstance(self.judge, judges.SelfPreferringJudge):
+            self.judge.model = self.model
+        return step_tree.step_pairs(
+            self.model, tokenizer, self.judge, prompts, where=f"round{index}", depth=online["tree_depth"],
+            branching=online["tree_branching"], boundary=boundary, step_max_tokens=online["step_max_tokens"],
+            rollout_tokens=self.max_new_tokens, temperature=online["temperature"], top_p=online["top_p"],
+            seed=_seed(self.config.seed, f"round{index}", "tree"), device=self.device,
+            batch_size=online["sample_batch_size"])
 
     def round_dataset(self, current: Round) -> D.Dataset:
         config = self.config
@@ -291,8 +339,10 @@ class OnlineTrainer(Trainer):
         config, online = self.config, self.online
         rounds, per_round = online["rounds"], online["steps_per_round"]
         total = rounds * per_round
-        # The task's held-out pairs carry no preference_prob or margin, which sppo and modpo need.
-        task_pairs = self.task is not None and not set(C.loss_types(config)) & {"sppo", "modpo"}
+        # The task's held-out pairs carry no preference_prob or margin, which sppo and modpo need, and its ranked
+        # rows' scores are not the win rates or preference scores the self-play losses read.
+        task_pairs = (self.task is not None and not set(C.loss_types(config)) & {"sppo", "modpo"}
+                      and not C.is_self_play(config))
         eval_set = self.datasets("dpo")[1] if config.eval_data or task_pairs else None
         objective, eval_objective = self.objective(None), eval_set and self.objective(None)
         self.stages["dpo"] = Stage(total, config.lr, None, objective, eval_set, eval_objective)

@@ -5,6 +5,10 @@ Modes, per prompt (completions the judge failed on, NaN, are dropped first):
   all_pairs   every (i, j) with s_i > s_j
   margin      every (i, j) with s_i - s_j >= min_margin (and s_i > s_j)
   ranked      one list of the completions with their scores (needs >= 2 distinct scores)
+  responses   one list of the completions with a per-response target each, ties kept, for the self-play
+              losses (prefops.losses.self_play): `targets` win_rate, (1/K) sum_j P(i beats j), or
+              preference_score, (1/K) sum_j logit P(i beats j), from the judge's preferences
+              (prefops.losses.response_targets); a scalar judge's preferences are 1[s_i > s_j] + 1/2 1[s_i = s_j]
 A pair of identical texts carries no preference and is dropped. With soft_labels a pair
 gets preference_prob: the pairwise judge's P(i beats j) when `preferences` are given,
 else sigmoid((s_i - s_j) / soft_label_scale).
@@ -28,9 +32,12 @@ import math
 
 import torch
 
-from .data import Record
+from prefops.losses import response_targets
 
-MODES = ("best_worst", "all_pairs", "margin", "ranked")
+from .data import Record
+from .judges import scalar_preferences
+
+MODES = ("best_worst", "all_pairs", "margin", "ranked", "responses")
 
 
 def _as_matrix(name: str, value, shape: tuple) -> torch.Tensor:
@@ -58,20 +65,25 @@ def certainty(evidence: float, uncertainty: float) -> float:
 def build_records(prompts, completions, scores, *, mode: str = "best_worst", min_margin: float = 0.0,
                   soft_labels: bool = False, soft_label_scale: float = 1.0, preferences=None, spread=None,
                   uncertainty_z: float | None = 1.0, uncertainty_weighting: bool = False, where: str = "online",
-                  completion_ids=None) -> tuple[list[Record], dict]:
+                  completion_ids=None, targets: str | None = None) -> tuple[list[Record], dict]:
     """Records from judged completions ([P][K] texts, scores [P, K]) and statistics of what was kept:
     prompts, completions, dropped_nan (completions), candidate_pairs, dropped_identical, dropped_uncertain,
     dropped_nan_pairs (pairs whose pairwise judgement failed: their soft label or, with spread, their
     uncertainty), pairs, records, pair_yield (pairs per prompt). uncertainty_z None filters nothing (the
     spread may then only weight).
-    In ranked mode candidate_pairs and pairs count the ordered pairs the lists hold. completion_ids ([P][K]
-    token id lists, as sampled) go into the records, which then train on those ids (data.Record)."""
+    In ranked mode candidate_pairs and pairs count the ordered pairs the lists hold; in responses mode
+    `targets` (win_rate or preference_score) names the lists' per-response values, and pairs counts
+    responses. completion_ids ([P][K] token id lists, as sampled) go into the records, which then train on
+    those ids (data.Record)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if not soft_label_scale > 0:
         raise ValueError(f"soft_label_scale must be > 0; got {soft_label_scale}")
-    if mode == "ranked" and (soft_labels or spread is not None):
-        raise ValueError("soft_labels and the uncertainty filter (spread) act on pairs; mode 'ranked' keeps lists")
+    if mode in ("ranked", "responses") and (soft_labels or spread is not None):
+        raise ValueError(f"soft_labels and the uncertainty filter (spread) act on pairs; mode {mode!r} keeps lists")
+    if (mode == "responses") != (targets is not None):
+        raise ValueError(f"targets (win_rate or preference_score) go with mode 'responses' only; got mode {mode!r} "
+                         f"and targets {targets!r}")
     if uncertainty_weighting and spread is None:
         raise ValueError("uncertainty_weighting weights pairs by the judge's uncertainty: pass its spread")
     if len(completions) != len(prompts):
@@ -86,6 +98,12 @@ def build_records(prompts, completions, scores, *, mode: str = "best_worst", min
     per_pair = preferences is not None
     if spread is not None:
         spread = _as_matrix("spread", spread, (len(prompts), k, k) if per_pair else (len(prompts), k))
+    if mode == "responses":
+        if targets == "preference_score" and preferences is None:
+            raise ValueError("targets preference_score are mean logits of P(i beats j): they need a pairwise "
+                             "judge's preferences")
+        judged = preferences if preferences is not None else scalar_preferences(scores)
+        scores = response_targets(judged, targets)
 
     def evidence(p, i, j) -> tuple[float, float]:  # (d, u) of the pair i > j (module docstring)
         if per_pair:
@@ -104,6 +122,13 @@ def build_records(prompts, completions, scores, *, mode: str = "best_worst", min
         valid = usable.nonzero().flatten().tolist()
         stats["dropped_nan"] += k - len(valid)
         if not valid:
+            continue
+        if mode == "responses":
+            if len(valid) >= 2:  # a per-response target trains even where all tie
+                records.append(Record(f"{where}#p{p}", prompt, [completions[p][i] for i in valid],
+                                      completion_ids=ids(p, valid), scores=[s[i].item() for i in valid]))
+                stats["candidate_pairs"] += len(valid)
+                stats["pairs"] += len(valid)
             continue
         if mode == "ranked":
             if len({s[i].item() for i in valid}) >= 2:

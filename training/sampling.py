@@ -72,7 +72,7 @@ class GeometricMixture(transformers.LogitsProcessor):
         return (1 - self.alpha) * scores + self.alpha * reference
 
 
-def _left_padded(tokenizer, prompts: list[str], pad: int, device):
+def left_padded(tokenizer, prompts: list[str], pad: int, device):
     encoded = [tokenizer.encode(prompt) for prompt in prompts]
     width = max(map(len, encoded))
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
@@ -123,7 +123,7 @@ def sample(model, tokenizer, prompts: list[str], *, k: int, max_new_tokens: int,
             torch.manual_seed(seed)
             for first in tqdm(range(0, len(rows), batch_size), desc="sampling", unit="batch", leave=False,
                               dynamic_ncols=True, disable=not progress):
-                input_ids, attention_mask = _left_padded(tokenizer, rows[first:first + batch_size], pad, device)
+                input_ids, attention_mask = left_padded(tokenizer, rows[first:first + batch_size], pad, device)
                 processors = transformers.LogitsProcessorList()
                 if mixture:
                     processors.append(GeometricMixture(reference, mixture_alpha, attention_mask))

@@ -18,6 +18,7 @@ right answer, and sampled completions degrade.
 """
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -185,3 +186,13 @@ def sampled_accuracy(task, model, tokenizer, *, samples: int, temperature: float
 
 
 TASKS = {task.name: task for task in (Addition(), Sorting())}
+
+
+def sort_preference(prompts, completions_a, completions_b) -> list[float]:
+    """A pairwise judge of the sort task, Bradley-Terry on its score: P(a beats b) = sigmoid(score(a) - score(b)).
+
+    As `online.judge: pairwise:prefops.training.synthetic:sort_preference` it stands in for a preference
+    model in the bundled DNO recipe (training/configs/dno.yaml), which needs no download."""
+    task = TASKS["sort"]
+    return [1 / (1 + math.exp(task.score(p, b) - task.score(p, a))) for p, a, b in zip(prompts, completions_a,
+                                                                                      completions_b)]

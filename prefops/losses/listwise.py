@@ -395,13 +395,15 @@ def dcg_pairwise_loss(b: ListBatch):
 
 
 PAIR_BASED = ("all_pairs", "dcg_pairwise")
-LISTWISE_REFERENCE_FREE = ("pro",)
+LISTWISE_REFERENCE_FREE = ["pro"]  # self_play.py adds spo
+# Loss types whose implicit reward is not β Δ: their rewards [P, K] from the batch.
+IMPLICIT_REWARDS = {"pro": lambda b: b.mean_logps}
 
 
 def _implicit_rewards(b: ListBatch, loss_type):
     """[P, K] rewards the loss optimises (detached), as the pairwise family defines them for pair-based types."""
-    if loss_type == "pro":
-        return b.mean_logps
+    if loss_type in IMPLICIT_REWARDS:
+        return IMPLICIT_REWARDS[loss_type](b)
     if loss_type in PAIR_BASED:
         spec = b.spec.pairwise
         flat = lambda values: None if values is None else values.reshape(-1)  # noqa: E731

@@ -1,14 +1,14 @@
 """Token and sequence weighting helpers that feed the pairwise losses.
 
 LD-DPO reweights tokens before they are summed into sequence log-probs;
-WPO reweights whole pairs after. Both work on padded [B, T] layouts.
+WPO reweights whole pairs after, from per-sequence sums.
 """
 from __future__ import annotations
 
 import torch
 
-from ..sequences import sequence_mean
-from .pairwise import check_in_range
+from ..checks import run_value_checks
+from .pairwise import check_in_range, lengths_check
 
 
 def _check_mask(mask, name):
@@ -46,22 +46,26 @@ def ld_dpo_token_weights(chosen_mask, rejected_mask, alpha):
     return weigh(chosen_mask), weigh(rejected_mask)
 
 
-def wpo_weights(policy_token_logps, token_log_sum_p2, mask):
-    """WPO sequence weight w = exp(mean_t[log p_t - log Σ_v p_v²]), without gradient.
+def wpo_weights(policy_logps, log_sum_p2, lengths, *, check=True):
+    """WPO sequence weight w = exp((Σ_t log p_t - Σ_t log Σ_v p_v²) / n), without gradient.
 
     WPO: Enhancing RLHF with Weighted Preference Optimization (arXiv:2406.11827), Eq. 2
     with TRL's alignment: log Σ_v p_v² is the log-probability of sampling the same token
     twice, so w ≤ 1 measures how on-policy the completion is. Pass
-    `pair_weights=w_chosen * w_rejected` to pairwise_loss.
+    `pair_weights=w_chosen * w_rejected` to pairwise_loss. The one WPO formula of prefops:
+    PreferenceLoss (wpo=True) and the trainer's reference path call it.
 
-    policy_token_logps, token_log_sum_p2, mask: [B, T] (mask True on completion tokens).
-    A sequence with no completion token raises, naming it. Returns [B] fp32.
+    policy_logps, log_sum_p2, lengths: per-sequence sums over the completion tokens (unweighted,
+    as TRL's use_weighting even with ld_alpha) and their counts n, any one shape, e.g. [B]
+    (from [B, T] tokens: `prefops.sequence_sum(token_logps, mask)`). A sequence without
+    completion tokens raises, naming it; check=False skips that device read (PreferenceLoss's
+    fused head, whose lengths were checked before the pass). Returns fp32.
     """
-    if tuple(token_log_sum_p2.shape) != tuple(policy_token_logps.shape):
-        raise ValueError(f"token_log_sum_p2 must have the shape of policy_token_logps "
-                         f"{tuple(policy_token_logps.shape)}; got {tuple(token_log_sum_p2.shape)}")
-    mask = mask.bool()
+    shapes = {tuple(value.shape) for value in (policy_logps, log_sum_p2, lengths)}
+    if len(shapes) != 1:
+        raise ValueError(f"policy_logps, log_sum_p2 and lengths must have one shape; got "
+                         f"{tuple(policy_logps.shape)}, {tuple(log_sum_p2.shape)}, {tuple(lengths.shape)}")
+    if check:
+        run_value_checks([lengths_check(lengths.reshape(-1), "lengths")])
     with torch.no_grad():
-        # Off-mask positions may hold log 0 = -inf; zero them rather than multiply inf by 0.
-        aligned = torch.where(mask, policy_token_logps.float() - token_log_sum_p2.float(), 0.0)
-        return sequence_mean(aligned, mask).exp()
+        return ((policy_logps.float() - log_sum_p2.float()) / lengths.float()).exp()
