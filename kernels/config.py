@@ -57,6 +57,25 @@ def pair_configs():
     return _configs([(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (64, 128, 64, 8, 4)])
 
 
+def tuned(kernel):
+    """An autotuned kernel to launch as kernel[grid](...): itself, or in deterministic mode
+    (prefops.determinism) its first configuration, untimed, so that every process runs the same tiles."""
+    from ..determinism import enabled
+
+    if not enabled():
+        return kernel
+    fixed = kernel.configs[0].all_kwargs()
+    return _Fixed(kernel.fn, fixed)
+
+
+class _Fixed(NamedTuple):
+    fn: object
+    options: dict
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.fn[grid](*args, **kwargs, **self.options)
+
+
 class Forced(NamedTuple):
     splits: Optional[int] = None
     v_per_split: Optional[int] = None

@@ -15,6 +15,7 @@ import torch
 
 from . import fused
 from .config import get_settings
+from .determinism import index_add
 from .per_sequence import _gather
 from .sequence_group import _sum_over
 
@@ -162,7 +163,7 @@ class _BudgetObjective(torch.autograd.Function):
                 weights = {name: w.index_select(0, rows) for name, w in math.weights.items()}
                 values, saved = math.token_values(logits, rows, local_targets)
                 for name, value in values.items():
-                    sums[name].index_add_(0, seq, value * weights[name])
+                    sums[name] = index_add(sums[name], seq, value * weights[name])
             if run.sequence_group is not None:
                 # The chunk's sequences are summed in this chunk only (a sequence is in one group).
                 totals = _sum_over(run.sequence_group, {name: _gather(total, slots) for name, total in sums.items()})
@@ -184,8 +185,8 @@ class _BudgetObjective(torch.autograd.Function):
                     grad_sequence = loss.new_zeros(run.num_sequences)
                     if grad is not None:
                         # Empty slots add 0 to sequence 0: a boolean mask here would sync the host every chunk.
-                        grad_sequence.index_add_(0, slots.clamp_min(0).flatten(),
-                                                 torch.where(slots >= 0, grad, 0.0).flatten())
+                        grad_sequence = index_add(grad_sequence, slots.clamp_min(0).flatten(),
+                                                  torch.where(slots >= 0, grad, 0.0).flatten())
                     token_grads[name] = grad_sequence.index_select(0, seq) * weights[name]
                 if stored:
                     tile = logit_grads[offset:offset + rows.numel()]
