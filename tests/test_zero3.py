@@ -2,12 +2,15 @@
 (prefops.integrations.hf.head_call), where ZeRO-3 has it gathered, and its gradient reaches ZeRO-3's
 reduce-scatter through that call's backward.
 
-Two tests. A stand-in that partitions the lm_head weight as ZeRO-3 does (an empty tensor outside its
-module's forward and backward; the full one gathered by hooks for them) always runs: preference_loss
-(policy with grad, reference forward-only), the DPO trainer's and the online trainer's fused paths must
-give the gradients of the plain model, and reading the weight outside the call (the planted bug) must
-fail. DeepSpeed itself (not a dependency of prefops; `pip install deepspeed`, which runs ZeRO-3 on CPU
-with gloo) runs the same loss on 2 processes, skipped when it is not installed.
+A stand-in that partitions the lm_head weight as ZeRO-3 does (an empty tensor outside its module's
+forward and backward; the full one gathered by hooks for them) always runs: preference_loss (policy with
+grad, reference forward-only) and the online trainer's fused _forward must give the gradients of the plain
+model, and reading the weight outside the call (the planted bug) must fail. DeepSpeed itself (not a
+dependency of prefops; `pip install deepspeed` runs ZeRO-3 on CPU with gloo, compiling a small
+communication op on first use) runs preference_loss on a ZeRO-3 engine, and PrefopsDPOTrainer and
+PrefopsOnlineDPOTrainer as accelerate launches them with a ZeRO-3 config, each on 2 processes against one
+plain process; those tests are skipped when deepspeed is not installed. With head_call bypassed they fail
+on the empty weight.
 """
 import os
 import types
@@ -112,6 +115,10 @@ def test_a_zero3_partitioned_head_gives_the_plain_gradients(planted, monkeypatch
 # ----------------------------------------------------------------------------- DeepSpeed itself
 
 RANKS = 2
+# Persistence threshold 0: even this tiny model's parameters are partitioned, none kept whole.
+ZERO3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+         "zero_allow_untested_optimizer": True,
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
 
 def _deepspeed_worker(rank, port, out):
@@ -121,9 +128,7 @@ def _deepspeed_worker(rank, port, out):
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     try:
-        # Persistence threshold 0: even this tiny model's parameters are partitioned, none kept whole.
-        config = {"train_micro_batch_size_per_gpu": PAIRS // RANKS, "zero_allow_untested_optimizer": True,
-                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        config = {**ZERO3, "train_micro_batch_size_per_gpu": PAIRS // RANKS, "gradient_accumulation_steps": 1,
                   "optimizer": {"type": "SGD", "params": {"lr": 0.0}}}
         model = _model()
         engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
@@ -142,6 +147,7 @@ def _deepspeed_worker(rank, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_on_two_processes_equals_one(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "grads.pt"
@@ -153,3 +159,55 @@ def test_deepspeed_zero3_on_two_processes_equals_one(tmp_path):
         assert param.grad.abs().max() > 0, name
         # ZeRO averages the ranks' gradients of their mean losses: the mean over all pairs.
         assert_fp32_close(zero3[name], param.grad, TOKENS, name)
+
+
+# The trainers as `accelerate launch` with a ZeRO-3 DeepSpeed config starts them: accelerate runs DEEPSPEED
+# on gloo and TRL's loop hands the fused paths the DeepSpeedEngine.
+
+
+def _full_gradients(grads):
+    """A callback that gathers every parameter's whole gradient (ZeRO-3 holds 1/world of it per rank)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    class FullGradients(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({name: safe_get_full_grad(p).clone() for name, p in model.named_parameters()})
+    return FullGradients()
+
+
+def _trainer_worker(rank, port, tmp_path, build_name):
+    import functools
+
+    import test_ddp
+    import test_trl_integration
+    import trl.experimental.online_dpo as online_dpo
+    os.environ.update(DS_ACCELERATOR="cpu", ACCELERATE_USE_DEEPSPEED="true")
+    test_ddp._torchrun_environment(rank, port)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(test_trl_integration, "config", functools.partial(test_trl_integration.config, deepspeed=ZERO3))
+        patch.setattr(online_dpo, "OnlineDPOConfig", functools.partial(online_dpo.OnlineDPOConfig, deepspeed=ZERO3))
+        patch.setattr(test_ddp, "_keep_gradients", _full_gradients)
+        try:
+            grads = {}
+            trainer = getattr(test_ddp, build_name)(tmp_path / "zero3", PAIRS // RANKS, grads)
+            assert trainer.accelerator.distributed_type == "DEEPSPEED"
+            trainer.train()
+            assert hasattr(trainer.model.lm_head.weight, "ds_id") and trainer.model.lm_head.weight.numel() == 0
+            torch.save(grads, tmp_path / f"rank{rank}.pt")
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build_name,tokens", [("_dpo_trainer", "DPO_TOKENS"), ("_online_trainer", "ONLINE_TOKENS")],
+                         ids=["PrefopsDPOTrainer", "PrefopsOnlineDPOTrainer"])
+def test_trl_trainers_under_deepspeed_zero3_equal_one_process(tmp_path, build_name, tokens):
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("trl")
+    import test_ddp
+    torch.multiprocessing.spawn(_trainer_worker, args=(_free_port(), tmp_path, build_name), nprocs=RANKS, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(RANKS)]
+    single = {}
+    getattr(test_ddp, build_name)(tmp_path / "single", PAIRS, single).train()
+    test_ddp._assert_ranks_match_one_process(ranks, single, getattr(test_ddp, tokens))
