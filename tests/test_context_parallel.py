@@ -148,6 +148,9 @@ def _pairs(tmp_path):
 JOBS = {
     "sigmoid_sft": lambda tmp_path: dict(data=_pairs(tmp_path), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
                                          packing=True, sft_steps=1),
+    # DDP instead of FSDP2 over the ranks: each rank's gradient is its share of the micro-batch's, summed by DDP.
+    "sigmoid_sft_ddp": lambda tmp_path: dict(data=_pairs(tmp_path), loss_type=["sigmoid", "sft"],
+                                             loss_weights=[1.0, 0.5], packing=True, data_parallel="ddp"),
     "kto": lambda tmp_path: dict(data=_pairs(tmp_path), loss_type="kto", packing=True, loss_impl="reference",
                                  reference="precomputed"),
     "listwise_shared_prompt": lambda tmp_path: dict(
