@@ -116,6 +116,20 @@ def row_block(vocab, largest):
     return min(largest, triton.next_power_of_2(vocab))
 
 
+def forced_block():
+    """The row kernels' vocabulary block forced by `forced` (tests), or None."""
+    return None if _forced is None else _forced.block
+
+
+def row_configs():
+    """(BLOCK_V, warps) of the memory-bound row kernels: small blocks of few warps keep the
+    registers low and many programs an SM, so that loads stay in flight. Quick mode keeps two."""
+    shapes = [(2048, 4), (1024, 4), (4096, 8), (1024, 2)]
+    if autotune_mode() == "quick":
+        shapes = shapes[:2]
+    return [triton.Config({"BLOCK_V": v}, num_warps=w) for v, w in shapes]
+
+
 def vocabulary_splits(n_rows, vocab, device):
     """(splits, columns per split) of a streaming pass over the vocabulary: enough
     (row block of 128, split) programs to fill the GPU twice when few rows count."""

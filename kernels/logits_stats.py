@@ -28,9 +28,8 @@ import triton.language as tl
 
 from .config import interpreting, stats_configs, tuned, vocabulary_splits
 from .logits_tile import counted_row_block, logits_tile
+from .online_softmax import EMPTY, softmax_fold
 from .topk_stats import topk_init, topk_update
-
-EMPTY = tl.constexpr(-1.0e38)
 
 
 @triton.autotune(configs=stats_configs(), key=["hidden_size", "vocab_size", "IEEE", "TOP_K", "ENTROPY", "SUM_P2",
@@ -61,19 +60,10 @@ def logits_stats_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, out_ptr, top
         v_mask = offs_v < v_end
         z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, hidden_size, stride_h, stride_w,
                         inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
-        m_new = tl.maximum(m, tl.max(tl.where(v_mask[None, :], z, EMPTY), axis=1))
-        rescale = tl.exp(m - m_new)
-        shifted = z - m_new[:, None]
-        e = tl.where(v_mask[None, :], tl.exp(shifted), 0.0)
-        if ENTROPY:
-            a = rescale * (a + (m - m_new) * s) + tl.sum(e * shifted, axis=1)
-        s = rescale * s + tl.sum(e, axis=1)
-        if SUM_P2:
-            q = rescale * rescale * q + tl.sum(e * e, axis=1)
+        m, s, a, q = softmax_fold(z, v_mask[None, :], m, s, a, q, ENTROPY, SUM_P2)
         t += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
         if LOGIT_SUM:
             u += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
-        m = m_new
         if TOP_K > 0:
             top, top_ids = topk_update(top, top_ids, z, offs_v, row_mask[:, None] & v_mask[None, :], TOP_K, TOP_KP)
 

@@ -28,63 +28,47 @@ GEMMs that produced the rows.
 import triton
 import triton.language as tl
 
-from .config import row_block
+from .config import forced_block, interpreting, row_block, row_configs, tuned
 from .logits_tile import row_columns, transform, transform_with_slope
+from .online_softmax import EMPTY, kl_fold
 
-EMPTY = tl.constexpr(-1.0e38)
 
-
+# The block and warps that keep enough loads in flight are the device's call (see rows_stats.py).
+@triton.autotune(configs=row_configs(), key=["vocab_size", "HAS_SOFTCAP"])
 @triton.jit
 def rows_kl_stats_kernel(logits_a_ptr, logits_b_ptr, targets_ptr, out_ptr, n_rows, vocab_size, stride_a, stride_b,
                          inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
-    target = tl.load(targets_ptr + row)
     base_a = logits_a_ptr + row.to(tl.int64) * stride_a
     base_b = logits_b_ptr + row.to(tl.int64) * stride_b
-    m_a = tl.full((BLOCK_V,), EMPTY, dtype=tl.float32)
-    m_b = tl.full((BLOCK_V,), EMPTY, dtype=tl.float32)
-    s_a = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    s_b = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    c = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    t_a = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    t_b = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    target = tl.load(targets_ptr + row)
+    # A target beyond the row (a later vocabulary slice's) contributes no logit here.
+    in_row = (target >= 0) & (target < vocab_size)
+    t_a = tl.where(in_row, transform(tl.load(base_a + target, mask=in_row, other=0.0), inv_temperature, softcap,
+                                     HAS_SOFTCAP), 0.0)
+    t_b = tl.where(in_row, transform(tl.load(base_b + target, mask=in_row, other=0.0), inv_temperature, softcap,
+                                     HAS_SOFTCAP), 0.0)
+    # [1]-row state: the fold is the GEMM-fused kernels' (rows_stats.py says why not per lane).
+    m_a = tl.full((1,), EMPTY, dtype=tl.float32)
+    m_b = tl.full((1,), EMPTY, dtype=tl.float32)
+    s_a = tl.zeros((1,), dtype=tl.float32)
+    s_b = tl.zeros((1,), dtype=tl.float32)
+    c = tl.zeros((1,), dtype=tl.float32)
     for v0 in range(0, vocab_size, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         inside = offs < vocab_size
         za = transform(tl.load(base_a + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
         zb = transform(tl.load(base_b + offs, mask=inside, other=0.0), inv_temperature, softcap, HAS_SOFTCAP)
-        za = tl.where(inside, za, EMPTY)
-        zb = tl.where(inside, zb, EMPTY)
-        ma_new = tl.maximum(m_a, za)
-        mb_new = tl.maximum(m_b, zb)
-        scale_a = tl.exp(m_a - ma_new)
-        shift_a = za - ma_new
-        shift_b = zb - mb_new
-        ea = tl.where(inside, tl.exp(shift_a), 0.0)
-        eb = tl.where(inside, tl.exp(shift_b), 0.0)
-        c = scale_a * (c + ((m_a - ma_new) - (m_b - mb_new)) * s_a) + ea * (shift_a - shift_b)
-        s_a = scale_a * s_a + ea
-        s_b = tl.exp(m_b - mb_new) * s_b + eb
-        # A target beyond the row (a later vocabulary slice's) may equal a masked lane's offset.
-        hit = (offs == target) & inside
-        t_a += tl.where(hit, za, 0.0)
-        t_b += tl.where(hit, zb, 0.0)
-        m_a = ma_new
-        m_b = mb_new
-    # Merge the lanes as prefops.token_kl.combine_kl_splits merges vocabulary splits.
-    row_a = tl.max(m_a, axis=0)
-    row_b = tl.max(m_b, axis=0)
-    delta_a = m_a - row_a
-    delta_b = m_b - row_b
-    scale_a = tl.exp(delta_a)
+        m_a, m_b, s_a, s_b, c = kl_fold(za[None, :], zb[None, :], inside[None, :], m_a, m_b, s_a, s_b, c)
+    at = row + tl.arange(0, 1)
     plane = n_rows
-    tl.store(out_ptr + row, row_a)
-    tl.store(out_ptr + plane + row, tl.sum(s_a * scale_a, axis=0))
-    tl.store(out_ptr + 2 * plane + row, row_b)
-    tl.store(out_ptr + 3 * plane + row, tl.sum(s_b * tl.exp(delta_b), axis=0))
-    tl.store(out_ptr + 4 * plane + row, tl.sum(scale_a * (c + (delta_a - delta_b) * s_a), axis=0))
-    tl.store(out_ptr + 5 * plane + row, tl.sum(t_a, axis=0))
-    tl.store(out_ptr + 6 * plane + row, tl.sum(t_b, axis=0))
+    tl.store(out_ptr + at, m_a)
+    tl.store(out_ptr + plane + at, s_a)
+    tl.store(out_ptr + 2 * plane + at, m_b)
+    tl.store(out_ptr + 3 * plane + at, s_b)
+    tl.store(out_ptr + 4 * plane + at, c)
+    tl.store(out_ptr + 5 * plane + row, t_a)
+    tl.store(out_ptr + 6 * plane + row, t_b)
 
 
 @triton.jit
@@ -123,9 +107,14 @@ def launch_rows_kl_stats(logits, ref_logits, targets, policy_first, temperature,
     first, second = (logits, ref_logits) if policy_first else (ref_logits, logits)
     out = torch.empty((7, n), device=logits.device, dtype=torch.float32)
     if n:
-        rows_kl_stats_kernel[(n,)](first, second, targets, out, n, vocab, first.stride(0), second.stride(0),
-                                   1.0 / temperature, softcap or 1.0, HAS_SOFTCAP=softcap is not None,
-                                   BLOCK_V=row_block(vocab, 4096), num_warps=8)
+        args = (first, second, targets, out, n, vocab, first.stride(0), second.stride(0), 1.0 / temperature,
+                softcap or 1.0)
+        block = forced_block()
+        if interpreting() or block:
+            rows_kl_stats_kernel.fn[(n,)](*args, HAS_SOFTCAP=softcap is not None,
+                                          BLOCK_V=block or row_block(vocab, 1024), num_warps=4)
+        else:
+            tuned(rows_kl_stats_kernel)[(n,)](*args, HAS_SOFTCAP=softcap is not None)
     return KLStats(*out.unbind(0))
 
 

@@ -22,8 +22,7 @@ import triton.language as tl
 
 from .config import interpreting, pair_configs, tuned, vocabulary_splits
 from .logits_tile import counted_row_block, logits_tile
-
-EMPTY = tl.constexpr(-1.0e38)
+from .online_softmax import EMPTY, kl_fold
 
 
 @triton.autotune(configs=pair_configs(), key=["hidden_a", "hidden_b", "vocab_size", "IEEE"])
@@ -53,21 +52,10 @@ def token_kl_stats_kernel(ha_ptr, wa_ptr, ba_ptr, hb_ptr, wb_ptr, bb_ptr, rows_p
                          inv_temperature, softcap, HAS_BIAS_A, HAS_SOFTCAP, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
         zb = logits_tile(hb_ptr, wb_ptr, bb_ptr, rows, row_mask, offs_v, v_mask, hidden_b, stride_hb, stride_wb,
                          inv_temperature, softcap, HAS_BIAS_B, HAS_SOFTCAP, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
-        ma_new = tl.maximum(m_a, tl.max(tl.where(v_mask[None, :], za, EMPTY), axis=1))
-        mb_new = tl.maximum(m_b, tl.max(tl.where(v_mask[None, :], zb, EMPTY), axis=1))
-        scale_a = tl.exp(m_a - ma_new)
-        shift_a = za - ma_new[:, None]
-        shift_b = zb - mb_new[:, None]
-        ea = tl.where(v_mask[None, :], tl.exp(shift_a), 0.0)
-        eb = tl.where(v_mask[None, :], tl.exp(shift_b), 0.0)
-        c = scale_a * (c + ((m_a - ma_new) - (m_b - mb_new)) * s_a) + tl.sum(ea * (shift_a - shift_b), axis=1)
-        s_a = scale_a * s_a + tl.sum(ea, axis=1)
-        s_b = tl.exp(m_b - mb_new) * s_b + tl.sum(eb, axis=1)
+        m_a, m_b, s_a, s_b, c = kl_fold(za, zb, v_mask[None, :], m_a, m_b, s_a, s_b, c)
         hit = offs_v[None, :] == targets[:, None]
         t_a += tl.sum(tl.where(hit, za, 0.0), axis=1)
         t_b += tl.sum(tl.where(hit, zb, 0.0), axis=1)
-        m_a = ma_new
-        m_b = mb_new
 
     out = out_ptr + offs_n * splits + pid_s
     plane = n_rows * splits

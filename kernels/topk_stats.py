@@ -27,7 +27,8 @@ BLOCK_V per round; no extra memory traffic, no extra GEMM.
 import triton
 import triton.language as tl
 
-EMPTY = tl.constexpr(-1.0e38)
+from .online_softmax import EMPTY
+
 # Padding slots (index >= K) hold NEVER so they are never the minimum, hence never evicted.
 # Globals read inside @triton.jit must be tl.constexpr (the GPU compiler rejects plain floats).
 NEVER = tl.constexpr(3.0e38)

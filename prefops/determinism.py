@@ -8,9 +8,10 @@ fixed on a GPU:
   `index_add` runs on CUDA atomics, which add in arrival order. Here it becomes `index_put_` with
   accumulate=True, which CUDA runs by sorting the indices (a stable radix sort) and adding each
   index's values in that order: one sort of the N token indices more per sum.
-- the Triton kernels' launch configuration: the autotuner keeps the fastest of several tile shapes,
-  timed in each process, so two processes may pick different K blocks and round the GEMMs
-  differently. Here each kernel launches with the first configuration of its list, untimed.
+- the Triton kernels' launch configuration: the autotuner keeps the fastest of several tile shapes
+  (vocabulary blocks, for the row kernels), timed in each process, so two processes may pick
+  different blocks and round the GEMMs and row sums differently. Here each kernel launches with
+  the first configuration of its list, untimed.
 
 The rest is deterministic already on one GPU and software stack: no kernel of prefops uses atomics,
 vocabulary splits are combined in a fixed order, cuBLAS GEMMs and torch's reductions are

@@ -88,7 +88,8 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
     counted = (flat_targets != ignore_index) & (flat_seq >= 0)
     weights = counted.float() if token_weights is None else torch.where(counted, token_weights.reshape(-1).float(), 0.0)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    plan = plan_groups(choice, flat_seq, counted, groups, num_sequences, weight, sequence_group)
+    plan = plan_groups(choice, flat_seq, counted, groups, num_sequences, weight, sequence_group,
+                       row_scaled=_LogpRows.row_scaled)
     if not isinstance(plan, str):
         check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
         row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
@@ -136,13 +137,15 @@ def sequence_logps(hidden, weight, targets, *, seq_ids=None, num_sequences=None,
     return sequence_all_reduce(sums, check_sequence_group(sequence_group))
 
 
-def plan_groups(choice, seq_ids, counted, groups, num_sequences, weight, sequence_group=None, sides=1):
+def plan_groups(choice, seq_ids, counted, groups, num_sequences, weight, sequence_group=None, sides=1,
+                row_scaled=False):
     """The path a sequence-level objective runs, in prefops.strategy's order: a plan_budget plan
-    for a 3-GEMM path (stored or chunked), else 'sliced' or 'lean' for the per-token op. Records it."""
+    for a 3-GEMM path (stored or chunked), else 'sliced' or 'lean' for the per-token op. Records it.
+    row_scaled: the objective's math is (ChunkRows.row_scaled), so stored chunks may cut groups."""
     paths = strategy_module.group_paths(choice)
     if "chunked" in paths:
         plan = plan_budget(seq_ids, counted, groups, num_sequences, weight, choice.memory, sides=sides,
-                           sequence_group=sequence_group, may_store="stored" in paths)
+                           sequence_group=sequence_group, may_store="stored" in paths, split_groups=row_scaled)
         if plan is not None:
             strategy_module.record("stored" if plan[0] else "chunked")
             return plan
@@ -160,6 +163,7 @@ class _LogpRows(ChunkRows):
     head, and the requested statistics (STAT_NAMES), passed to it as is."""
 
     differentiable = ("logps",)
+    row_scaled = True
 
     def __init__(self, head, groups, weights, counted, count, wanted, temperature, softcap, backend):
         self.user_head, self.wanted = head, wanted

@@ -1,7 +1,7 @@
 """The one place that picks the path a fused call runs, and the record of which one ran.
 
 Paths, fastest first (prefops.config explains each):
-  stored   3 GEMMs; every chunk's logit gradient kept, dh and dW one GEMM each in backward
+  stored   3 GEMMs; every row's logit gradient kept, the head once, dh and dW one GEMM each in backward
   chunked  3 GEMMs; each chunk's dh and dW GEMMs in forward
   sliced   4 GEMMs on cuBLAS over vocabulary slices
   lean     fused Triton kernels (4 GEMM-sized passes), the least memory

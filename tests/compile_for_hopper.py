@@ -45,9 +45,7 @@ FLOAT_SCALARS = {"inv_temperature", "softcap"}
 DEFAULTS = {"IEEE": False, "UPCAST": False, "TOP_K": 0, "TOP_KP": 1}
 VARIANTS = {"TOP_K": [(("TOP_K", 10), ("TOP_KP", 16))], "IEEE": [(("IEEE", True),)]}
 # Kernels launched without an autotuner: the block and warps their launchers pass at a large vocabulary.
-UNTUNED = {"rows_stats_kernel": triton.Config({"BLOCK_V": 4096}, num_warps=8),
-           "rows_grad_kernel": triton.Config({"BLOCK_V": 2048}, num_warps=4),
-           "rows_kl_stats_kernel": triton.Config({"BLOCK_V": 4096}, num_warps=8),
+UNTUNED = {"rows_grad_kernel": triton.Config({"BLOCK_V": 2048}, num_warps=4),
            "rows_kl_grad_kernel": triton.Config({"BLOCK_V": 2048}, num_warps=4)}
 
 
