@@ -184,7 +184,8 @@ def smoke(args, log):
     import torch
     device = torch.device(args.device)
     for name, check in (("triton kernel", smoke_triton), ("out_dtype GEMM", smoke_gemm),
-                        ("linear_logprobs", smoke_linear_logprobs), ("DPO default, lean and budget", smoke_dpo)):
+                        ("linear_logprobs", smoke_linear_logprobs), ("DPO default, lean and budget", smoke_dpo),
+                        ("bitwise repeat", smoke_repeat)):
         begin = time.perf_counter()
         try:
             check(args, device, log)
@@ -316,6 +317,31 @@ def smoke_dpo(args, device, log):
             detail=", ".join(f"{name} {e:.1e} (limit {limit:.1e})"
                              for name, e, limit in zip(("loss", "dh", "dW"), errors, limits))
             + f"; path {last_path()}; {shape}" + "".join(f"; {note}" for note in notes))
+
+
+def smoke_repeat(args, device, log):
+    """Issue 22's first-light determinism check: two steps of the default, lean and budget rows on the same inputs
+    give bitwise-equal loss and gradients in deterministic mode (prefops.determinism); the detail also says
+    whether they did without it (CUDA's atomic per-sequence sums may add in another order)."""
+    import torch
+    from prefops import settings
+    from prefops.tools.bench import BENCH_ROWS, Shape, make_problem, row_step
+
+    shape = (Shape(pairs=2, tokens=32, hidden=64, vocab=512) if args.tiny
+             else Shape(pairs=2, tokens=512, hidden=1024, vocab=16384))
+    p = make_problem(shape, device)
+    for deterministic in (True, False):
+        found = []
+        for key in ("default", "lean", "budget"):
+            runs = []
+            for _ in range(2):
+                p.clear_gradients()
+                with settings(deterministic=deterministic):
+                    runs.append((row_step(BENCH_ROWS[key], p)(), p.hidden.grad.clone(), p.weight.grad.clone()))
+            found.append((key, all(torch.equal(a, b) for a, b in zip(*runs))))
+        detail = ", ".join(f"{key} {'equal' if equal else 'DIFFERS'}" for key, equal in found) + f"; {shape}"
+        log(check=f"repeat {'deterministic' if deterministic else 'default'}",
+            ok=all(equal for _, equal in found) or not deterministic, detail=detail)
 
 
 @contextlib.contextmanager

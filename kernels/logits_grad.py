@@ -12,7 +12,7 @@ reads h rows and the W block, writes n * v elements in the input dtype.
 import triton
 import triton.language as tl
 
-from .config import interpreting, grad_configs
+from .config import grad_configs, interpreting, tuned
 from .logits_tile import counted_row_block, linear_tile, transform_with_slope, vocab_block
 
 
@@ -55,7 +55,7 @@ def launch_logits_grad(hidden, weight, bias, rows, targets, lse, entropy, grad_l
     n, v_count = out.shape
     has_entropy = grad_entropy is not None
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v_count, meta["BLOCK_V"]))  # noqa: E731
-    logits_grad_kernel[grid](
+    tuned(logits_grad_kernel)[grid](
         hidden, weight, bias if bias is not None else weight, rows, targets, lse,
         entropy if has_entropy else lse, grad_logp, grad_lse, grad_entropy if has_entropy else grad_lse, out,
         n, v_begin, v_count, weight.shape[1], hidden.stride(0), weight.stride(0), out.stride(0),

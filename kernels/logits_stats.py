@@ -26,7 +26,7 @@ once per row block (L2 absorbs most re-reads); writes 6 * N * splits floats
 import triton
 import triton.language as tl
 
-from .config import interpreting, stats_configs, vocabulary_splits
+from .config import interpreting, stats_configs, tuned, vocabulary_splits
 from .logits_tile import counted_row_block, logits_tile
 from .online_softmax import EMPTY, softmax_fold
 from .topk_stats import topk_init, topk_update
@@ -102,7 +102,7 @@ def launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softca
     top = torch.empty((n, splits, top_k), device=hidden.device, dtype=torch.float32) if top_k else out
     top_ids = torch.empty((n, splits, top_k), device=hidden.device, dtype=torch.int32) if top_k else out
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-    logits_stats_kernel[grid](
+    tuned(logits_stats_kernel)[grid](
         hidden, weight, bias if bias is not None else weight, rows, targets, out, top, top_ids,
         n, vocab, hidden_size, hidden.stride(0), weight.stride(0), v_per_split, splits,
         1.0 / temperature, softcap or 1.0,

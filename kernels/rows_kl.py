@@ -28,7 +28,7 @@ GEMMs that produced the rows.
 import triton
 import triton.language as tl
 
-from .config import forced_block, interpreting, row_block, row_configs
+from .config import forced_block, interpreting, row_block, row_configs, tuned
 from .logits_tile import row_columns, transform, transform_with_slope
 from .online_softmax import EMPTY, kl_fold
 
@@ -114,7 +114,7 @@ def launch_rows_kl_stats(logits, ref_logits, targets, policy_first, temperature,
             rows_kl_stats_kernel.fn[(n,)](*args, HAS_SOFTCAP=softcap is not None,
                                           BLOCK_V=block or row_block(vocab, 1024), num_warps=4)
         else:
-            rows_kl_stats_kernel[(n,)](*args, HAS_SOFTCAP=softcap is not None)
+            tuned(rows_kl_stats_kernel)[(n,)](*args, HAS_SOFTCAP=softcap is not None)
     return KLStats(*out.unbind(0))
 
 

@@ -20,7 +20,7 @@ registers a thread, one program an SM) and ran at 1.7 TB/s (H200, 2026-12-04).
 import triton
 import triton.language as tl
 
-from .config import forced_block, interpreting, row_block, row_configs
+from .config import forced_block, interpreting, row_block, row_configs, tuned
 from .logits_tile import transform
 from .online_softmax import EMPTY, softmax_fold
 
@@ -74,5 +74,5 @@ def launch_rows_stats(logits, targets, temperature, softcap):
             rows_stats_kernel.fn[(n,)](*args, HAS_SOFTCAP=softcap is not None,
                                        BLOCK_V=block or row_block(vocab, 1024), num_warps=4)
         else:
-            rows_stats_kernel[(n,)](*args, HAS_SOFTCAP=softcap is not None)
+            tuned(rows_stats_kernel)[(n,)](*args, HAS_SOFTCAP=softcap is not None)
     return Stats(*out.unbind(0))

@@ -16,7 +16,7 @@ reads both sides' h rows and W blocks, writes n v elements in the policy dtype.
 import triton
 import triton.language as tl
 
-from .config import interpreting, pair_configs
+from .config import interpreting, pair_configs, tuned
 from .logits_tile import counted_row_block, linear_tile, logits_tile, transform_with_slope, vocab_block
 
 
@@ -64,7 +64,7 @@ def launch_token_kl_grad(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
 
     n, v_count = out.shape
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v_count, meta["BLOCK_V"]))  # noqa: E731
-    token_kl_grad_kernel[grid](
+    tuned(token_kl_grad_kernel)[grid](
         hidden, weight, bias if bias is not None else weight, ref_hidden, ref_weight,
         ref_bias if ref_bias is not None else ref_weight, rows, targets, lse, ref_lse, kl, grad_kl, grad_logp, out,
         n, v_begin, v_count, weight.shape[1], ref_weight.shape[1], hidden.stride(0), weight.stride(0),

@@ -20,7 +20,7 @@ writes 7 N splits floats.
 import triton
 import triton.language as tl
 
-from .config import interpreting, pair_configs, vocabulary_splits
+from .config import interpreting, pair_configs, tuned, vocabulary_splits
 from .logits_tile import counted_row_block, logits_tile
 from .online_softmax import EMPTY, kl_fold
 
@@ -80,7 +80,7 @@ def launch_token_kl_stats(hidden_a, weight_a, bias_a, hidden_b, weight_b, bias_b
     splits, v_per_split = vocabulary_splits(n, vocab, hidden_a.device)
     out = torch.empty((7, n, splits), device=hidden_a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-    token_kl_stats_kernel[grid](
+    tuned(token_kl_stats_kernel)[grid](
         hidden_a, weight_a, bias_a if bias_a is not None else weight_a,
         hidden_b, weight_b, bias_b if bias_b is not None else weight_b, rows, targets, out,
         n, vocab, weight_a.shape[1], weight_b.shape[1], hidden_a.stride(0), weight_a.stride(0),

@@ -23,6 +23,7 @@ import torch
 
 from . import fused
 from .config import get_settings
+from .determinism import index_add
 from .per_sequence import _gather
 from .sequence_group import _sum_over
 
@@ -184,7 +185,7 @@ class _BudgetObjective(torch.autograd.Function):
                 weights = {name: w.index_select(0, rows) for name, w in math.weights.items()}
                 values, saved = math.token_values(logits, rows, local_targets)
                 for name, value in values.items():
-                    sums[name].index_add_(0, seq, value * weights[name])
+                    sums[name] = index_add(sums[name], seq, value * weights[name])
             if head_once:
                 if has_rows and stored:
                     unit = {math.differentiable[0]: torch.ones_like(local_targets, dtype=torch.float32)}
@@ -275,7 +276,8 @@ def _token_grads(math, grads, slots, seq, weights, num_sequences):
         grad_sequence = slots.new_zeros(num_sequences, dtype=torch.float32)
         if grad is not None:
             # Empty slots add 0 to sequence 0: a boolean mask here would sync the host every chunk.
-            grad_sequence.index_add_(0, slots.clamp_min(0).flatten(), torch.where(slots >= 0, grad, 0.0).flatten())
+            grad_sequence = index_add(grad_sequence, slots.clamp_min(0).flatten(),
+                                      torch.where(slots >= 0, grad, 0.0).flatten())
         token_grads[name] = grad_sequence.index_select(0, seq) * weights[name]
     return token_grads
 

@@ -46,6 +46,8 @@ class Settings:
     # (exact, but costs V*H*4 bytes). Off: each row chunk's dW comes from one
     # GEMM with fp32 accumulation and is added to W.grad with fp32 arithmetic.
     fp32_weight_grad: bool = False
+    # Bitwise-equal results run after run on a GPU (prefops.determinism says what changes and what it costs).
+    deterministic: bool = False
 
 
 _settings = Settings()
@@ -80,7 +82,7 @@ def get_settings() -> Settings:
 
 
 def configure(*, strategy=None, budget=None, backend=None, workspace=None, lean_workspace=None,
-              fp32_weight_grad=None) -> Settings:
+              fp32_weight_grad=None, deterministic=None) -> Settings:
     """Change the global defaults; returns the previous settings."""
     global _settings
     previous = dataclasses.replace(_settings)
@@ -97,6 +99,10 @@ def configure(*, strategy=None, budget=None, backend=None, workspace=None, lean_
         new.lean_workspace = parse_bytes(lean_workspace, name="lean_workspace")
     if fp32_weight_grad is not None:
         new.fp32_weight_grad = bool(fp32_weight_grad)
+    if deterministic is not None:
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic must be True or False; got {deterministic!r}")
+        new.deterministic = deterministic
     _settings = new
     return previous
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .determinism import index_add
 from .sequence_group import max_over_group
 
 
@@ -40,7 +41,7 @@ def _check_layout(targets, seq_ids, groups, token_weights, sequence_group=None):
 
 def _per_sequence(values, seq_ids, num_sequences):
     keep = seq_ids >= 0
-    return values.new_zeros(num_sequences).index_add(0, seq_ids.clamp_min(0), torch.where(keep, values, 0.0))
+    return index_add(values.new_zeros(num_sequences), seq_ids.clamp_min(0), torch.where(keep, values, 0.0))
 
 
 def _gather(per_sequence, groups):

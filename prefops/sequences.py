@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from .determinism import index_add
+
 
 class SequenceStats(NamedTuple):
     sum: torch.Tensor
@@ -75,8 +77,8 @@ def sequence_stats(values, mask=None, *, cu_seqlens=None, seq_ids=None, num_sequ
     The mean of a sequence with no counted token raises, naming the sequence.
     """
     flat, weights, ids, count = _segments(values, mask, cu_seqlens, seq_ids, num_sequences)
-    sums = flat.new_zeros(count).index_add(0, ids, flat * weights)
-    counts = flat.new_zeros(count).index_add(0, ids, weights)
+    sums = index_add(flat.new_zeros(count), ids, flat * weights)
+    counts = index_add(flat.new_zeros(count), ids, weights)
     empty = counts == 0
     if bool(empty.any()):
         raise ValueError(f"sequence {int(empty.nonzero()[0])} has no counted token, so its mean is undefined")
@@ -85,12 +87,12 @@ def sequence_stats(values, mask=None, *, cu_seqlens=None, seq_ids=None, num_sequ
 
 def sequence_sum(values, mask=None, *, cu_seqlens=None, seq_ids=None, num_sequences=None) -> torch.Tensor:
     flat, weights, ids, count = _segments(values, mask, cu_seqlens, seq_ids, num_sequences)
-    return flat.new_zeros(count).index_add(0, ids, flat * weights)
+    return index_add(flat.new_zeros(count), ids, flat * weights)
 
 
 def sequence_count(values, mask=None, *, cu_seqlens=None, seq_ids=None, num_sequences=None) -> torch.Tensor:
     _, weights, ids, count = _segments(values, mask, cu_seqlens, seq_ids, num_sequences)
-    return weights.new_zeros(count).index_add(0, ids, weights)
+    return index_add(weights.new_zeros(count), ids, weights)
 
 
 def sequence_mean(values, mask=None, *, cu_seqlens=None, seq_ids=None, num_sequences=None) -> torch.Tensor:

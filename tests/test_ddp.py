@@ -11,8 +11,9 @@ accelerate reads the environment, runs MULTI_CPU on gloo and wraps the policy in
 trainer's sampling is replaced by completions that depend on the prompt alone, so that both layouts
 score the same pairs; its loss path (TRL's training_step into the fused _forward) is TRL's.
 
-The prefops trainer (training/) is not tested here: under torchrun it always shards with FSDP2
-(training/distributed.shard), which tests/test_training_distributed.py covers; it has no plain DDP mode.
+The prefops trainer (training/) with data_parallel: ddp wraps its FusedLM in DDP (training/distributed.replicate);
+its default, FSDP2, is tested in tests/test_training_distributed.py. Its planted bug runs the step on the
+unwrapped FusedLM.
 """
 import os
 
@@ -23,7 +24,7 @@ import transformers
 from torch.nn.parallel import DistributedDataParallel
 
 import prefops.integrations.hf as hf
-from conftest import assert_fp32_close
+from conftest import assert_fp32_close, assert_records_close
 from test_hf_integration import LENGTH, padded_batch, tiny
 from test_training_distributed import _free_port
 
@@ -93,23 +94,23 @@ def _assert_ranks_match_one_process(ranks, single, terms):
         assert_fp32_close(ranks[0][name], single[name], terms, name)
 
 
-def _assert_planted_is_caught(ranks, single, terms):
+def _assert_planted_is_caught(ranks, single, terms, divisor):
     """Each rank kept the gradient of its own half: the ranks disagree, and neither is one process's."""
     for name in ("lm_head.weight", "model.embed_tokens.weight"):
         assert not torch.equal(ranks[0][name], ranks[1][name]), name
         for grads in ranks:
             with pytest.raises(AssertionError):
                 assert_fp32_close(grads[name], single[name], terms, name)
-    # DDP's average of the two local gradients would have been right: only the all-reduce was missing.
-    assert_fp32_close((ranks[0]["lm_head.weight"] + ranks[1]["lm_head.weight"]) / 2, single["lm_head.weight"],
+    # The all-reduce (DDP's mean, or the prefops trainer's sum: divisor) would have been right: only it was missing.
+    assert_fp32_close((ranks[0]["lm_head.weight"] + ranks[1]["lm_head.weight"]) / divisor, single["lm_head.weight"],
                       terms, "lm_head.weight")
 
 
-def _assert_cases(ranks, single, case, planted, terms):
+def _assert_cases(ranks, single, case, planted, terms, divisor=RANKS):
     per_rank = [grads[case] for grads in ranks]
     assert all(set(grads) == set(single) for grads in per_rank), case
     if planted:
-        _assert_planted_is_caught(per_rank, single, terms)
+        _assert_planted_is_caught(per_rank, single, terms, divisor)
     else:
         _assert_ranks_match_one_process(per_rank, single, terms)
 
@@ -247,3 +248,54 @@ def test_trl_trainer_under_ddp_equals_one_process(tmp_path, build, method, terms
     assert "lm_head.weight" in single
     for case, planted in TRL_CASES.items():
         _assert_cases(ranks, single, case, planted, terms)
+
+
+# ----------------------------------------------------------------------------- the prefops trainer
+
+TRAINER_CASES = {"ddp": False, "planted_unwrapped": True}
+
+
+def _prefops_trainer_worker(rank, port, tmp_path):
+    from prefops.training import loop as L
+    from test_training_distributed import ACCUM, MICRO, _config, _step_zero
+
+    _torchrun_environment(rank, port)
+    try:
+        results = {}
+        for case, planted in TRAINER_CASES.items():
+            trainer = L.Trainer(_config(tmp_path, "lm_head", micro_batch_size=MICRO, grad_accum_steps=ACCUM,
+                                        data_parallel="ddp", out_dir=str(tmp_path / case)))
+            assert isinstance(trainer.lm, DistributedDataParallel)
+            if planted:
+                trainer.lm = trainer.lm.module
+            results[case] = _step_zero(trainer)
+        torch.save(results, tmp_path / f"rank{rank}.pt")
+        # The whole job runs too: SFT, the frozen reference (whole on each rank), eval, checkpoints, resume.
+        job = dict(micro_batch_size=MICRO, grad_accum_steps=ACCUM, sft_steps=1, steps=2, data_parallel="ddp",
+                   out_dir=str(tmp_path / "job"), reference="model", checkpoint_every=1)
+        assert (L.Trainer(_config(tmp_path, "lm_head", **job)).train() != {}) == (rank == 0)
+        L.Trainer(_config(tmp_path, "lm_head", **job, resume=True)).train()  # loads the finished run's state
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_prefops_trainer_under_ddp_equals_one_process(tmp_path):
+    import json
+
+    from prefops.training import loop as L
+    from test_training_distributed import ACCUM, MICRO, TOKENS_PER_STEP, _config, _step_zero
+
+    torch.multiprocessing.spawn(_prefops_trainer_worker, args=(_free_port(), tmp_path), nprocs=RANKS, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(RANKS)]
+    record, single = _step_zero(L.Trainer(_config(tmp_path, "lm_head", micro_batch_size=MICRO * ACCUM * RANKS,
+                                                  out_dir=str(tmp_path / "single"))))
+    assert "lm_head.weight" in single
+    grads = [{case: result[1] for case, result in each.items()} for each in ranks]
+    for case, planted in TRAINER_CASES.items():
+        # Loss records are all-reduced sums in both cases: only the gradients tell the planted bug apart.
+        for each in ranks:
+            assert_records_close(each[case][0], record, TOKENS_PER_STEP)
+        _assert_cases(grads, single, case, planted, TOKENS_PER_STEP, divisor=1)
+    log = [json.loads(line) for line in open(tmp_path / "job" / "log.jsonl")]
+    assert [r["step"] for r in log if r["stage"] == "dpo" and r["kind"] == "train"] == [1, 2]

@@ -61,7 +61,7 @@ def test_cpu_dry_run_writes_every_log_and_the_summary(tmp_path):
     assert str(ROOT / "kernels") in checks["prefops"]["detail"]
     assert "strategy=" in checks["prefops settings"]["detail"]
     for name in ("triton kernel", "fused.matmul_fp32", "linear_logprobs aligned", "linear_logprobs odd",
-                 "DPO default", "DPO lean", "DPO budget"):
+                 "DPO default", "DPO lean", "DPO budget", "repeat deterministic"):
         assert checks[name]["ok"], checks[name]
     rows = {(r["shape"], r["row"]): r for r in records if r.get("kind") == "row"}
     for shape, key in [(s, k) for k, where in first_light.CORE_ROWS.items() for s in where]:

@@ -101,16 +101,20 @@ def test_group_paths_match_float64(path, dtype):
     assert (grad_w.double() - want_w).norm() <= roundings_w * unit * (g.t() @ h64).norm()
 
 
+@pytest.mark.parametrize("mode", ["prefops", "torch"])
 @pytest.mark.parametrize("path", ["stored", "chunked", "sliced", "lean"])
-def test_group_paths_repeat_bitwise(path):
-    """Per-sequence sums scatter with index_add_, whose CUDA kernel adds atomically unless torch's
-    deterministic mode is on (warn_only: cuBLAS's own mode needs CUBLAS_WORKSPACE_CONFIG set before
-    the first GEMM of the process)."""
+def test_group_paths_repeat_bitwise(path, mode):
+    """Per-sequence sums scatter with index_add, whose CUDA kernel adds atomically: deterministic mode,
+    prefops.settings(deterministic=True) or torch's (warn_only: cuBLAS's own mode needs
+    CUBLAS_WORKSPACE_CONFIG set before the first GEMM of the process), sums in sorted order instead and
+    launches the kernels with one fixed configuration. stored is the default's path at this shape."""
     problem = group_problem(torch.bfloat16)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if mode == "torch":
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        first, second = (run_group_path(path, *problem) for _ in range(2))
+        with prefops.settings(deterministic=mode == "prefops"):
+            first, second = (run_group_path(path, *problem) for _ in range(2))
     finally:
         torch.use_deterministic_algorithms(deterministic)
     for name, a, b in zip(("loss", "h.grad", "W.grad"), first, second):

@@ -1,4 +1,5 @@
-"""The online loop under torchrun's environment: 2 CPU processes (gloo, FSDP2) equal one process.
+"""The online loop under torchrun's environment: 2 CPU processes (gloo; FSDP2, and DDP with data_parallel: ddp)
+equal one process.
 
 Each round's prompts are sampled in fixed seeded batches of sample_batch_size, shared
 out over the ranks and gathered, so the samples, judgements and pairs do not depend
@@ -54,9 +55,10 @@ def judge(prompts, completions):
 
 def _config(tmp_path, name, case, **overrides):
     # 4 held-out pairs of the task's 64: evaluation drops a remainder that the ranks cannot share evenly.
-    online = {**ONLINE, "mixture_alpha": 0.5} if case == "straight" else ONLINE  # samples the reference's copy too
+    online = {**ONLINE, "mixture_alpha": 0.5} if case != "resumed_mid_round" else ONLINE  # samples the reference too
     return make_config(tmp_path, online=online, sft_steps=0, eval_fraction=4 / 64, lr=LR, warmup_steps=0,
-                       reference_update="round", out_dir=str(tmp_path / name), **overrides)
+                       reference_update="round", out_dir=str(tmp_path / name),
+                       data_parallel="ddp" if case == "straight_ddp" else "fsdp", **overrides)
 
 
 class Interrupted(Exception):
@@ -82,7 +84,8 @@ def _worker(rank, port, tmp_path, case):
                     OnlineTrainer(config, judge=judge).train()
             config = C.from_dict({**C.to_dict(config), "resume": True})
         trainer = OnlineTrainer(config, judge=judge)
-        assert hasattr(trainer.lm, "set_requires_gradient_sync")  # sharded with FSDP2
+        ddp = case == "straight_ddp"  # wrapped in DDP, or sharded with FSDP2
+        assert hasattr(trainer.lm, "require_backward_grad_sync" if ddp else "set_requires_gradient_sync")
         trainer.train()
     finally:
         if dist.is_initialized():
@@ -106,9 +109,10 @@ def _assert_record_matches(actual, expected):
                          TOKENS_PER_STEP * (1 + expected["step"]))
 
 
-@pytest.mark.parametrize("case", ["straight", "resumed_mid_round"])
+@pytest.mark.parametrize("case", ["straight", "resumed_mid_round", "straight_ddp"])
 def test_two_gloo_ranks_run_the_online_loop_of_one_process(tmp_path, case):
-    """straight: mixture sampling with the reference; resumed_mid_round: stopped after step 3 and resumed."""
+    """straight: mixture sampling with the reference; resumed_mid_round: stopped after step 3 and resumed;
+    straight_ddp: straight with data_parallel: ddp."""
     torch.multiprocessing.spawn(_worker, args=(_free_port(), tmp_path, case), nprocs=RANKS, join=True)
     single = OnlineTrainer(_config(tmp_path, "single", case, micro_batch_size=MICRO * ACCUM * RANKS), judge=judge)
     single.train()

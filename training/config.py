@@ -96,6 +96,8 @@ class Config:
     gradient_checkpointing: bool = knob(False, "recompute each layer in backward to save memory")
     activation_offload: bool = knob(False, "keep the activations saved for backward in CPU memory (pinned on CUDA)")
     context_parallel: int = knob(1, "ranks that share each packed micro-batch's tokens (under torchrun; 1: off)")
+    data_parallel: str = knob("fsdp", "under torchrun: fsdp (FSDP2 shards parameters, gradients and optimizer "
+                              "state) | ddp (DistributedDataParallel: a whole copy per rank, gradients all-reduced)")
 
     # Evaluation, logging and checkpoints.
     eval_every: int = knob(50, "steps between evaluations on the held-out split")
@@ -176,6 +178,7 @@ UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
 BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired")
 
 CHOICES = {
+    "data_parallel": ("fsdp", "ddp"),
     "reference": ("auto", "model", "precomputed", "none"),
     "reference_update": ("never", "round", "stage"),
     "loss_impl": ("fused", "reference"),
@@ -198,6 +201,8 @@ RESUME_FREE_KEYS = frozenset({
     # How a micro-batch's tokens are shared by ranks changes no value (tests/test_context_parallel.py), and
     # the data order depends on the data-parallel ranks only: a run evaluates or resumes with another split.
     "context_parallel",
+    # Both sum the same gradients over the ranks and checkpoint full (unsharded) state dicts.
+    "data_parallel",
 })
 
 

@@ -5,13 +5,16 @@
         -m prefops.tools.cli train CONFIG.yaml
 
 micro_batch_size is per rank: a step holds micro_batch_size * grad_accum_steps *
-world_size examples, and rank r trains on the r-th contiguous slice of them. The
-decoder layers and then the whole model (body + head, see model.FusedLM) are
-FSDP2 units, so the lm_head weight is all-gathered for the fused loss and its
-gradient reduce-scattered like any other. Loss normalisers (pairs, tokens, KTO's
-KL sums) are all-reduced before the backward pass and gradients are summed, not
-averaged, over ranks: the step's gradient equals that of one process on the
-whole global batch. Without torchrun (WORLD_SIZE unset or 1) everything here is
+world_size examples, and rank r trains on the r-th contiguous slice of them. With
+data_parallel: fsdp (the default) the decoder layers and then the whole model (body +
+head, see model.FusedLM) are FSDP2 units, so the lm_head weight is all-gathered for
+the fused loss and its gradient reduce-scattered like any other. With data_parallel:
+ddp the FusedLM is wrapped in DistributedDataParallel: every rank holds the whole
+model, and since the head is read inside FusedLM's forward, the call through the
+wrapper arms DDP's reducer for the lm_head weight too. Loss normalisers (pairs,
+tokens, KTO's KL sums) are all-reduced before the backward pass and gradients are
+summed, not averaged, over ranks: the step's gradient equals that of one process on
+the whole global batch. Without torchrun (WORLD_SIZE unset or 1) everything here is
 a no-op.
 
 Context parallelism (config context_parallel: N > 1): consecutive groups of N
@@ -26,6 +29,7 @@ gradient is a partial sum, and their sum over the world is the step's gradient.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import torch
@@ -47,6 +51,20 @@ def active() -> bool:
 # set_context_parallel's groups: the size of a context-parallel group, this rank's group (None without
 # context parallelism) and the group of the ranks holding the same share in every context-parallel group.
 _CONTEXT = {"size": 1, "group": None, "data": None}
+DATA_PARALLEL = ("fsdp", "ddp")
+_DATA_PARALLEL = {"mode": "fsdp"}
+
+
+def set_data_parallel(mode: str) -> None:
+    """How `parallel` spreads the model over the ranks: fsdp (FSDP2 shards) or ddp (a copy per rank)."""
+    if mode not in DATA_PARALLEL:
+        raise ValueError(f"data_parallel must be one of {', '.join(DATA_PARALLEL)}; got {mode!r}")
+    _DATA_PARALLEL["mode"] = mode
+
+
+def sharding() -> bool:
+    """Whether models are FSDP2-sharded over the ranks (collectives gather them), rather than whole on each."""
+    return active() and _DATA_PARALLEL["mode"] == "fsdp"
 
 
 def set_context_parallel(size: int) -> None:
@@ -101,6 +119,35 @@ def shard_of(indices: list[int]) -> list[int]:
     return indices[rank() * size:(rank() + 1) * size]
 
 
+def parallel(lm: torch.nn.Module) -> torch.nn.Module:
+    """The trained FusedLM under torchrun: sharded in place (fsdp) or wrapped in DDP (ddp); itself otherwise."""
+    if sharding():
+        shard(lm)
+        return lm
+    return replicate(lm) if active() else lm
+
+
+def _summed(state, bucket):
+    """DDP's gradient all-reduce as a plain sum: the loss is already divided by the global normaliser."""
+    reduced = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return reduced.then(lambda future: future.value()[0])
+
+
+def replicate(lm: torch.nn.Module) -> torch.nn.Module:
+    """DistributedDataParallel over every rank, summing gradients. Buffers are not synced in each forward:
+    the only ones (rotary frequencies) are computed alike on every rank, and the evaluation's forwards
+    under no_grad need not be matched by collectives on every rank."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = local_device()
+    # torch 2.13 renamed the switch (the old name warns); both still sync the buffers once, at wrapping.
+    named = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    wrapped = DistributedDataParallel(lm, device_ids=[device] if device.type == "cuda" else None,
+                                      **{"forward_sync_buffers" if named else "broadcast_buffers": False})
+    wrapped.register_comm_hook(None, _summed)
+    return wrapped
+
+
 def shard(lm: torch.nn.Module) -> None:
     """FSDP2 over every decoder layer, then over the whole FusedLM (embeddings, final norm, lm_head)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -121,9 +168,11 @@ def sharded(lm: torch.nn.Module) -> bool:
 
 
 def set_gradient_sync(lm: torch.nn.Module, sync: bool) -> None:
-    """Reduce-scatter gradients only in a step's last backward (accumulate unsharded before it)."""
+    """Reduce gradients over the ranks only in a step's last backward (accumulate locally before it)."""
     if sharded(lm):
         lm.set_requires_gradient_sync(sync)
+    elif hasattr(lm, "require_backward_grad_sync"):  # DDP: what its no_sync() context sets
+        lm.require_backward_grad_sync = sync
 
 
 def all_reduce_sums(values: dict) -> dict:

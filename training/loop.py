@@ -113,18 +113,18 @@ class Trainer:
         self.config = config
         distributed.initialise()
         distributed.set_context_parallel(config.context_parallel)
+        distributed.set_data_parallel(config.data_parallel)
         self.device = distributed.local_device() if distributed.active() else M.resolve_device(config.device)
         self.seed_everything(config.seed)
         task_name = config.data.split(":", 1)[1] if config.data.startswith("synthetic:") else None
         self.task = TASKS.get(task_name)
         self.model, self.tokenizer = M.build(config, self.device, self.task and self.task.alphabet)
-        self.lm = M.FusedLM(self.model)
         if distributed.active():
             coupled = set(C.loss_types(config)) & set(C.BATCH_COUPLED_LOSSES)
             if coupled:
                 raise ValueError(f"loss_type {sorted(coupled)[0]!r} couples the pairs of a batch, so it cannot be "
                                  "split over processes: run it in one process")
-            distributed.shard(self.lm)
+        self.lm = distributed.parallel(M.FusedLM(self.model))
         self.out_dir = Path(config.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.autocast = lambda: M.autocast(self.device, config.bf16, config.activation_offload)
@@ -176,19 +176,20 @@ class Trainer:
         return "model" if C.needs_reference(self.config) else "none"
 
     def frozen_reference(self) -> M.FusedLM:
-        """A frozen copy of the current model, sharded like it under torchrun (OFS-DPO: the model with its
-        adapters off)."""
+        """A frozen copy of the current model, sharded like it under torchrun with FSDP2 (OFS-DPO: the model with
+        its adapters off)."""
         if self.config.ofs_dpo:
             return ofs.BaseLM(self.model)
-        if not distributed.active():
+        if not distributed.sharding():
             return M.FusedLM(M.frozen_copy(self.model))
         return self.frozen(distributed.model_state(self.model))
 
     def frozen(self, state: dict) -> M.FusedLM:
-        """A frozen model holding the weights `state`, sharded like the policy under torchrun."""
+        """A frozen model holding the weights `state`, sharded like the policy under torchrun with FSDP2 (whole
+        under DDP: a frozen model has no gradients to all-reduce)."""
         model, _ = M.build(self.config, self.device, self.task and self.task.alphabet)
         lm = M.FusedLM(model)
-        if distributed.active():
+        if distributed.sharding():
             distributed.shard(lm)
         distributed.load_model_state(model, state)
         return lm.eval().requires_grad_(False)

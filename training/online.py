@@ -107,9 +107,9 @@ class OnlineTrainer(Trainer):
         return [self.prompt_pool[i] for i in torch.randint(len(self.prompt_pool), (n,), generator=generator).tolist()]
 
     def local_copy(self, model):
-        """What generate() runs on: `model`, or under torchrun a full local copy of it (FSDP's layers
+        """What generate() runs on: `model`, or under FSDP2 a full local copy of it (FSDP's layers
         gather their shards collectively, and ranks generate different numbers of tokens)."""
-        if not distributed.active():
+        if not distributed.sharding():
             return model
         # M.build seeds torch's RNG: the run's RNG must not depend on the number of ranks.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):

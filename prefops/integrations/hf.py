@@ -31,7 +31,7 @@ from ..sequences import sequence_sum
 from ..versions import TRANSFORMERS_PACKED, require
 
 __all__ = ["LMHead", "PreferenceInputs", "check_head", "completion_logps", "final_hidden_states", "fused_loss",
-           "preference_loss", "unwrap_model"]
+           "head_call", "preference_loss", "unwrap_model"]
 
 
 def unwrap_model(model):
@@ -100,6 +100,26 @@ class LMHead:
                                 softcap=self.softcap, bias=None if self.bias is None else self.bias.to(hidden.dtype))
 
 
+def head_call(model, hidden: torch.Tensor, fn, head: LMHead | None = None):
+    """fn(hidden, head), head defaulting to LMHead.of(model): where the fused op meets the lm_head weight.
+
+    Under DeepSpeed ZeRO-3 the weight is partitioned (an empty tensor) outside its module's own call,
+    so fn runs as the output embedding's forward: ZeRO-3's hooks gather the weight for that call, gather
+    it again when backward reaches the call's outputs, and hand the weight's gradient to its
+    reduce-scatter, as for any layer. Other models call fn directly.
+    """
+    output = unwrap_model(model).get_output_embeddings()
+    weight = getattr(output, "weight", None)
+    if not hasattr(weight, "ds_id"):  # the attributes ZeRO-3 gives each parameter it partitions
+        return fn(hidden, LMHead.of(model) if head is None else head)
+
+    output.forward = lambda states: fn(states, LMHead.of(model) if head is None else head)
+    try:
+        return output(hidden)
+    finally:
+        del output.forward
+
+
 def _logit_scale(config) -> float:
     scale = 1.0
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
@@ -133,17 +153,18 @@ def check_head(model, head: LMHead | None = None) -> LMHead:
     base = unwrap_model(model)
     head = LMHead.of(model) if head is None else head
     caught = []
+    vocab = getattr(head.weight, "ds_shape", head.weight.shape)[0]  # ZeRO-3 keeps a partitioned weight's shape there
     handle = base.get_output_embeddings().register_forward_pre_hook(lambda module, args: caught.append(args[0]))
     try:
-        ids = torch.arange(3, device=head.weight.device)[None] % head.weight.shape[0]
+        ids = torch.arange(3, device=head.weight.device)[None] % vocab
         logits = model(input_ids=ids, use_cache=False).logits
     finally:
         handle.remove()
-    if len(caught) != 1 or logits is None or logits.shape[-1] != head.weight.shape[0]:
+    if len(caught) != 1 or logits is None or logits.shape[-1] != vocab:
         raise ValueError(f"could not observe {type(base).__name__}'s lm_head: it was called {len(caught)} times "
                          "in one forward; the fused head cannot be checked for this model")
     expected = logits.float()
-    got = head.logits(caught[0].float())
+    got = head_call(model, caught[0].float(), lambda hidden, head: head.logits(hidden), head)
     scale = float(expected.abs().max().clamp_min(1.0))
     tolerance = 1e-4 if logits.dtype == torch.float32 else 3e-2
     error = float((got - expected).abs().max()) / scale
@@ -394,10 +415,7 @@ def completion_logps(model, inputs: PreferenceInputs, *, ld_alpha=None, ignore_i
     nothing (the reference-model path).
     """
     hidden = final_hidden_states(model, inputs.input_ids, inputs.attention_mask, inputs.position_ids)
-    head = LMHead.of(model) if head is None else head
-    hidden, weight, bias = head.cast(hidden)
-    token = linear_logprobs(hidden, weight, inputs.targets, bias=bias, ignore_index=ignore_index,
-                            temperature=head.temperature, softcap=head.softcap)
+    token = head_call(model, hidden, lambda hidden, head: _logprobs(hidden, head, inputs.targets, ignore_index), head)
     weights = inputs.token_weights(ld_alpha, ignore_index)
     counted = inputs.targets != ignore_index
     weights = counted if weights is None else weights
@@ -405,6 +423,13 @@ def completion_logps(model, inputs: PreferenceInputs, *, ld_alpha=None, ignore_i
         return sequence_sum(token.reshape(-1), weights.reshape(-1), seq_ids=inputs.seq_ids.reshape(-1),
                             num_sequences=2 * inputs.pairs)
     return sequence_sum(token, weights)
+
+
+def _logprobs(hidden, head: LMHead, targets, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token log p(target) through `head`, in the dtype it casts to (the fused op of every integration)."""
+    hidden, weight, bias = head.cast(hidden)
+    return linear_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                           temperature=head.temperature, softcap=head.softcap)
 
 
 def _peft_reference(model):
@@ -539,9 +564,11 @@ def fused_loss(model, inputs: PreferenceInputs, loss: PreferenceLoss, head: LMHe
     model_kwargs go to the model's forward (e.g. output_router_logits=True for the MoE aux loss).
     """
     hidden, output = _forward(model, inputs.input_ids, inputs.attention_mask, inputs.position_ids, **model_kwargs)
-    head = LMHead.of(model) if head is None else head
-    hidden, weight, bias = head.cast(hidden)
-    value, metrics = _loss_for_head(loss, head)(
-        hidden, weight, inputs.targets, bias=bias, seq_ids=inputs.seq_ids,
-        ref_chosen_logps=inputs.ref_chosen_logps, ref_rejected_logps=inputs.ref_rejected_logps)
+
+    def fused(hidden, head):
+        hidden, weight, bias = head.cast(hidden)
+        return _loss_for_head(loss, head)(hidden, weight, inputs.targets, bias=bias, seq_ids=inputs.seq_ids,
+                                          ref_chosen_logps=inputs.ref_chosen_logps,
+                                          ref_rejected_logps=inputs.ref_rejected_logps)
+    value, metrics = head_call(model, hidden, fused, head)
     return value, metrics, output

@@ -33,11 +33,10 @@ import dataclasses
 
 import torch
 
-from ..ops import linear_logprobs
 from ..preference import PreferenceLoss
 from ..versions import TRL_DROP_INS, require
-from .hf import (LMHead, PreferenceInputs, _peft_reference, check_head, completion_logps, final_hidden_states,
-                 fused_loss)
+from .hf import (PreferenceInputs, _logprobs, _peft_reference, check_head, completion_logps, final_hidden_states,
+                 fused_loss, head_call)
 
 # Before trl's own imports: an older TRL fails inside them, or imports and then runs other internals.
 require("trl", TRL_DROP_INS, "prefops.integrations.trl (PrefopsDPOTrainer, PrefopsOnlineDPOTrainer)")
@@ -185,10 +184,7 @@ class _FusedOnlineLogprobs:
         # With the prompt cut away TRL scores position t on completion token t (nothing predicts the
         # first one); kept, so the two trainers agree.
         hidden = hidden[:, prompt_len - 1:-1] if prompt_len > 0 else hidden
-        head = LMHead.of(model)
-        hidden, weight, bias = head.cast(hidden)
-        return linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=head.temperature,
-                               softcap=head.softcap)
+        return head_call(model, hidden, lambda hidden, head: _logprobs(hidden, head, completion_ids))
 
 
 def __getattr__(name):
