@@ -117,6 +117,14 @@ def shard_of(weight, bias=None, vocab_group=None, *, name="weight") -> Optional[
     return VocabShard(weight, bias, group, sum(sizes[:rank]), sum(sizes))
 
 
+def vocab_size(weight, vocab_group=None) -> int:
+    """The whole vocabulary's size V of a weight that may be sharded (a collective with vocab_group)."""
+    if is_dtensor(weight):
+        return weight.shape[0]
+    shard = shard_of(weight, None, vocab_group)
+    return weight.shape[0] if shard is None else shard.vocab
+
+
 def _gather_sizes(size: int, group, device) -> list[int]:
     """Every rank's number of rows (one collective of one integer per rank)."""
     local = torch.tensor([size], device=device, dtype=torch.int64)
@@ -138,16 +146,32 @@ def all_reduce_stats(stats: tiles.Stats, group) -> tiles.Stats:
     return tiles.Stats(m, *parts.unbind(0))
 
 
-def merge_top_k(values: torch.Tensor, ids: torch.Tensor, shard: VocabShard):
-    """Each rank's top-k logits [n, k] and their local ids -> the group's top-k with global ids:
-    an all-gather of k values and ids per token, then a top-k of the R k candidates."""
-    ids = ids + shard.start
+def all_reduce_kl_stats(stats, group):
+    """prefops.token_kl.combine_kl_splits over the group: one MAX of both sides' row maxima, one SUM."""
+    maxima = torch.stack([stats.a_max, stats.b_max])
+    torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=group)
+    a_delta, b_delta = stats.a_max - maxima[0], stats.b_max - maxima[1]
+    a_scale = a_delta.exp()
+    parts = torch.stack([stats.a_sumexp * a_scale, stats.b_sumexp * b_delta.exp(),
+                         a_scale * (stats.cross + (a_delta - b_delta) * stats.a_sumexp), stats.a_target,
+                         stats.b_target])
+    torch.distributed.all_reduce(parts, group=group)
+    a_sumexp, b_sumexp, cross, a_target, b_target = parts.unbind(0)
+    return type(stats)(maxima[0], a_sumexp, maxima[1], b_sumexp, cross, a_target, b_target)
+
+
+def merge_top_k(values: torch.Tensor, ids: torch.Tensor, shard: VocabShard, k: int):
+    """Each rank's top-k logits [n, k_r] (k_r = min(k, V_r)) and their local ids -> the group's top-k
+    [n, k] with global ids: an all-gather of k values and ids per token, then a top-k of the R k."""
+    short = k - values.shape[1]  # a shard of fewer than k rows: padded with entries that never win
+    values = torch.nn.functional.pad(values, (0, short), value=tiles.EMPTY)
+    ids = torch.nn.functional.pad(ids + shard.start, (0, short), value=-1)
     size = torch.distributed.get_world_size(shard.group)
     all_values = [torch.empty_like(values) for _ in range(size)]
     all_ids = [torch.empty_like(ids) for _ in range(size)]
     torch.distributed.all_gather(all_values, values.contiguous(), group=shard.group)
     torch.distributed.all_gather(all_ids, ids.contiguous(), group=shard.group)
-    merged, pick = torch.cat(all_values, 1).topk(values.shape[1], dim=1)
+    merged, pick = torch.cat(all_values, 1).topk(k, dim=1)
     return merged, torch.cat(all_ids, 1).gather(1, pick)
 
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import prefops
 from prefops.ops import token_outputs
 from prefops.strategy import last_path
 from conftest import grad_tolerance, relative_error, value_tolerance
