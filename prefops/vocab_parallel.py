@@ -175,6 +175,15 @@ def merge_top_k(values: torch.Tensor, ids: torch.Tensor, shard: VocabShard, k: i
     return merged, torch.cat(all_ids, 1).gather(1, pick)
 
 
+def gather_vocab(local: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """Each rank's [..., V_r] -> the whole [..., V] on every rank (for checks on a few tokens only)."""
+    sizes = _gather_sizes(local.shape[-1], shard.group, local.device)
+    padded = torch.nn.functional.pad(local, (0, max(sizes) - local.shape[-1])).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(parts, padded, group=shard.group)
+    return torch.cat([part[..., :size] for part, size in zip(parts, sizes)], -1)
+
+
 def all_reduce_grad(grad: Optional[torch.Tensor], group) -> Optional[torch.Tensor]:
     """dh = sum_r G_r W_r: each rank's rows contribute their share of the gradient of the hidden states."""
     if grad is not None:
