@@ -85,3 +85,52 @@ def test_tp_plan_auto_preference_loss_equals_one_process(tmp_path):
         for name, grad in grads.items():
             # Through the decoder: a sum over the tokens and the layers' widths, in another order.
             assert_fp32_close(rank_grads[name], grad, 4 * tokens, f"grad of {name} on rank {rank}")
+
+
+def trainer_step(directory, tensor_parallel):
+    """PrefopsDPOTrainer.compute_loss on the first batch of test_trl_integration's data (its character
+    tokenizer), and the gradients of every parameter (gathered)."""
+    from test_trl_integration import PAIRS, config, dataset, tokenizer
+
+    from prefops.integrations.trl import PrefopsDPOTrainer
+
+    model, ref_model = (load(os.path.join(directory, name), tensor_parallel) for name in ("policy", "reference"))
+    out = os.path.join(directory, f"trainer{dist.get_rank() if tensor_parallel else ''}")
+    trainer = PrefopsDPOTrainer(model=model, ref_model=ref_model, args=config(out), train_dataset=dataset("tp"),
+                                processing_class=tokenizer())
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(PAIRS)]))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {name: getattr(parameter.grad, "full_tensor", lambda grad=parameter.grad: grad)()
+             for name, parameter in model.named_parameters()}
+    return loss.detach(), {key: values[-1] for key, values in trainer._metrics["train"].items()}, grads
+
+
+def _trainer_worker(rank, world, directory):
+    # accelerate 1.16 refuses the ParallelismConfig that transformers' Trainer sets for a model with
+    # tp_size > 1 on CPUs ("only compatible DistributedType.FSDP (version 2) or DistributedType.Multi{Device}
+    # or DistributedType.DEEPSPEED, but got DistributedType.MULTI_CPU"): its check is skipped here so that the
+    # trainer's loss can run on gloo. Nothing else of accelerate is changed; train() is not called.
+    from accelerate.parallelism_config import ParallelismConfig
+
+    ParallelismConfig._validate_accelerator = lambda self, accelerator: None
+    torch.save(trainer_step(directory, True), os.path.join(directory, f"trainer_rank{rank}.pt"))
+
+
+def test_tp_plan_auto_prefops_dpo_trainer_equals_one_process(tmp_path):
+    pytest.importorskip("trl")
+    from test_trl_integration import tokenizer
+
+    vocab = len(tokenizer())
+    save_llama(tmp_path / "policy", 2, vocab=vocab)
+    save_llama(tmp_path / "reference", 3, vocab=vocab)
+    spawn(_trainer_worker, RANKS, str(tmp_path))
+    loss, metrics, grads = trainer_step(str(tmp_path), False)
+    tokens = 4 * 16 + vocab
+    for rank in range(RANKS):
+        rank_loss, rank_metrics, rank_grads = torch.load(tmp_path / f"trainer_rank{rank}.pt")
+        assert_fp32_close(rank_loss, loss, tokens, f"loss on rank {rank}")
+        assert_records_close(rank_metrics, metrics, tokens)
+        for name, grad in grads.items():
+            assert_fp32_close(rank_grads[name], grad, 4 * tokens, f"grad of {name} on rank {rank}")
