@@ -497,13 +497,14 @@ class Trainer:
         self.config = config
         distributed.initialise()
         distributed.set_context_parallel(config.context_parallel)
+        distributed.set_tensor_parallel(config.tensor_parallel)
         self.device = distributed.local_device() if distributed.active() else M.resolve_device(config.device)
         self.seed_everything(config.seed)
         task_name = config.data.split(":", 1)[1] if config.data.startswith("synthetic:") else None
         self.task = TASKS.get(task_name)
         self.model, self.tokenizer = M.build(config, self.device, self.task and self.task.alphabet)
         self.lm = M.FusedLM(self.model)
-        if distributed.active():
+        if distributed.active() and distributed.tensor_parallel() == 1:
             coupled = set(C.loss_types(config)) & set(C.BATCH_COUPLED_LOSSES)
             if coupled:
                 raise ValueError(f"loss_type {sorted(coupled)[0]!r} couples the pairs of a batch, so it cannot be "
@@ -572,7 +573,7 @@ class Trainer:
         """A frozen model holding the weights `state`, sharded like the policy under torchrun."""
         model, _ = M.build(self.config, self.device, self.task and self.task.alphabet)
         lm = M.FusedLM(model)
-        if distributed.active():
+        if distributed.active() and distributed.tensor_parallel() == 1:
             distributed.shard(lm)
         distributed.load_model_state(model, state)
         return lm.eval().requires_grad_(False)
@@ -700,7 +701,7 @@ class Trainer:
         batches = self.step_batches(train_set, indices)
         with explain_out_of_memory(config, f"{stage} step {step + 1}"):
             record = run_batches(self.lm, objective, batches, self.autocast, backward=True)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.lm.parameters(), config.grad_clip or math.inf)
+            grad_norm = distributed.clip_grad_norm(self.lm.parameters(), config.grad_clip or math.inf)
             optimizer.step()
         if hasattr(objective, "after_step"):
             objective.after_step(optimizer)
