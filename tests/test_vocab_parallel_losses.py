@@ -1,4 +1,4 @@
-"""Vocabulary-sharded losses, token KL and diagnostics on 2 gloo ranks against one process.
+"""Vocabulary-sharded losses, token KL and diagnostics on 2 and 4 gloo ranks against one process.
 
 Each rank holds uneven rows of every lm_head (policy, reference: sharded alike), the same hidden states
 and targets; it must get the single process's loss, metrics and hidden-state gradient, and its rows of
@@ -23,9 +23,9 @@ from test_vocab_parallel import spawn, uneven_bounds
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is unavailable")
 
-RANKS = 2
 HIDDEN, VOCAB, BETA = 12, 43, 0.2
-BOUNDS = uneven_bounds(VOCAB, RANKS)
+# The first row of every shard, at either world size: a target on every rank.
+SHARD_STARTS = sorted(set(uneven_bounds(VOCAB, 2)[:-1]) | set(uneven_bounds(VOCAB, 4)[:-1]))
 STRATEGIES = {"auto": "sliced", "budget": "lean"}
 
 
@@ -40,7 +40,7 @@ def _weight(g):
 def _targets(g, rows, length):
     """Targets in every shard's rows, two prompt tokens and a ragged padding."""
     targets = torch.randint(0, VOCAB, (rows, length), generator=g)
-    targets[:, 2:2 + RANKS] = torch.tensor(BOUNDS[:-1])
+    targets[:, 2:2 + len(SHARD_STARTS)] = torch.tensor(SHARD_STARTS)
     targets[:, :2] = -100
     for row in range(rows):
         targets[row, length - row % 3:] = -100
@@ -126,28 +126,34 @@ def _diagnostics_inputs():
     return hidden, weight, ref_hidden, ref_weight, targets
 
 
+def _top_ks(bounds):
+    """A k within every shard, and one beyond the first shard's rows (its top-k padded before the merge)."""
+    return 5, bounds[1] + 2
+
+
 def _worker(rank, world, out_dir):
     group = dist.new_group(list(range(world)))
-    rows = slice(BOUNDS[rank], BOUNDS[rank + 1])
+    bounds = uneven_bounds(VOCAB, world)
+    rows = slice(bounds[rank], bounds[rank + 1])
     results = _run_all(lambda x: x[rows].clone(), group)
     hidden, weight, ref_hidden, ref_weight, targets = _diagnostics_inputs()
-    # The second k exceeds rank 0's rows: its top-k is padded before the merge.
     results["diagnostics"] = [prefops.linear_diagnostics(hidden, weight[rows], targets, ref_hidden=ref_hidden,
                                                          ref_weight=ref_weight[rows], top_k=k, vocab_group=group)
-                              for k in (5, BOUNDS[1] + 2)]
+                              for k in _top_ks(bounds)]
     with pytest.raises(ValueError, match="ref_weight must be sharded alike"):
         prefops.linear_token_kl(hidden, weight[rows], ref_hidden, ref_weight, vocab_group=group)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+@pytest.fixture(scope="module", params=[2, 4], ids=["2_ranks", "4_ranks"])
+def ranks(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("vocab_losses")
-    spawn(_worker, RANKS, str(out))
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(RANKS)]
+    spawn(_worker, request.param, str(out))
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(request.param)]
 
 
 def test_sharded_losses_equal_one_process(ranks):
+    bounds = uneven_bounds(VOCAB, len(ranks))
     single = _run_all(lambda x: x.clone(), None)
     tokens = 70 + VOCAB  # sums over the tokens, and over the vocabulary in another order
     for key, (loss, metrics, h_grad, w_grad, _) in single.items():
@@ -159,7 +165,7 @@ def test_sharded_losses_equal_one_process(ranks):
             assert_records_close(rank_metrics, metrics, tokens)
             assert h_grad.abs().max() > 0
             assert_fp32_close(rank_h_grad, h_grad, tokens, f"{name} h.grad on rank {rank}")
-            assert_fp32_close(rank_w_grad, w_grad[BOUNDS[rank]:BOUNDS[rank + 1]], tokens,
+            assert_fp32_close(rank_w_grad, w_grad[bounds[rank]:bounds[rank + 1]], tokens,
                               f"{name} W.grad rows of rank {rank}")
 
 
@@ -170,7 +176,7 @@ def test_sharded_diagnostics_and_token_kl_match_float64(ranks):
     logp, _, entropy, sum_p2, _ = token_values64(z, targets)
     kl = torch.where(counted, kl64(z, y), 0.0)
     tolerance = value_tolerance(HIDDEN, VOCAB)
-    for index, k in enumerate((5, BOUNDS[1] + 2)):
+    for index, k in enumerate(_top_ks(uneven_bounds(VOCAB, len(ranks)))):
         top_logp, top_ids = z.log_softmax(-1).topk(k, dim=1)
         for rank, result in enumerate(ranks):
             diagnostics = result["diagnostics"][index]
