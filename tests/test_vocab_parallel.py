@@ -28,8 +28,10 @@ TOKEN_CASES = {
     "dtensor_bias": (17, 9, 39, {"temperature": 1.3}, "auto", "torch", True),
     "triton_lean": (9, 8, 29, {"softcap": 3.0}, "lean", "triton", False),
     "triton_sliced_dtensor": (9, 8, 31, {}, "auto", "triton", True),
+    "bf16_sliced": (21, 12, 47, {"softcap": 5.0}, "auto", "torch", False),
 }
 BIAS_CASES = {"lean_softcap_temperature_bias", "dtensor_bias"}
+BF16_CASES = {"bf16_sliced"}
 
 
 def _join(rank, world, port):
@@ -75,7 +77,8 @@ def token_inputs(name, world):
     gradients of logp, lse and entropy."""
     n, hidden_size, vocab, _, _, _, dtensor = TOKEN_CASES[name]
     hidden, weight, targets, bias = make_inputs(n, hidden_size, vocab, scale=3.0, bias=name in BIAS_CASES,
-                                                seed=len(name) * 7 + world)
+                                                seed=len(name) * 7 + world,
+                                                dtype=torch.bfloat16 if name in BF16_CASES else torch.float32)
     bounds = (dtensor_bounds if dtensor else uneven_bounds)(vocab, world)
     targets[1:1 + world] = torch.tensor(bounds[:-1])
     upstream = [torch.randn(n, generator=torch.Generator().manual_seed(world + k), dtype=torch.float64)
@@ -112,7 +115,26 @@ def _token_worker(rank, world, out_dir):
         sum(out.double().mul(u).sum() for out, u in zip(outputs[:3], upstream)).backward()
         results[name] = ([out.detach() for out in outputs], hidden.grad, local(w.grad),
                          None if b is None else local(b.grad), path)
+    _bad_inputs(group, world)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _bad_inputs(group, world):
+    """Each raises on every rank alike, naming the argument and what is allowed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    hidden, weight, targets, _ = make_inputs(5, 4, 4 * world, seed=3)
+    mesh = init_device_mesh("cpu", (world,))
+    with pytest.raises(ValueError, match=r"weight as a DTensor must be Shard\(0\)"):
+        token_outputs(hidden, distribute_tensor(weight, mesh, [Replicate()]), targets)
+    with pytest.raises(TypeError, match="its bias must be a DTensor sharded alike"):
+        token_outputs(hidden, distribute_tensor(weight, mesh, [Shard(0)]), targets, bias=weight[:, 0])
+    with pytest.raises(TypeError, match="vocab_group must be a torch.distributed.ProcessGroup"):
+        token_outputs(hidden, weight[:4], targets, vocab_group=mesh)
+    targets[2] = 4 * world  # one past the whole vocabulary, which no shard holds
+    with pytest.raises(ValueError, match=rf"targets must lie in \[0, {4 * world}\)"):
+        token_outputs(hidden, weight[:4], targets, vocab_group=group)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -129,7 +151,7 @@ def test_token_outputs_equal_one_process(tmp_path, world):
         sum_p2, logit_sum = token_values64(z, targets)[3:]
         top1 = counted & (z.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) >= z.max(1).values)
         tolerance = value_tolerance(hidden_size, vocab)
-        grad_limit = grad_tolerance(torch.float32, hidden_size, vocab, n, logit_size)
+        grad_limit = grad_tolerance(hidden.dtype, hidden_size, vocab, n, logit_size)
         for rank, result in enumerate(ranks):
             outputs, grad_h, grad_w, grad_b, path = result[name]
             assert path == ("lean" if strategy == "lean" else "sliced"), (name, path)

@@ -22,6 +22,12 @@ computes the same loss, metrics and counts, and rank(), world_size() and the sum
 gathers and shares here are those of data parallelism (one rank per group).
 Gradients still go to FSDP2 over all ranks: each rank's share of a micro-batch's
 gradient is a partial sum, and their sum over the world is the step's gradient.
+
+Tensor parallelism (config tensor_parallel: N, exactly N processes): every rank runs
+every micro-batch with its split of the weights (transformers' tp_plan auto; the
+lm_head along the vocabulary, prefops.vocab_parallel). There is one data-parallel
+rank, so rank(), world_size() and the sums here are those of one process, and no
+FSDP2: each weight's gradient is already its rank's split of the whole gradient.
 """
 from __future__ import annotations
 
