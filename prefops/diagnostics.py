@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import fused, strategy
+from . import fused, strategy, tiles, vocab_parallel
 from .checks import check_linear_inputs, check_targets_in_range
 from .config import BACKENDS, check_choice, get_settings
 from .sequences import sequence_stats
@@ -90,7 +90,7 @@ def _resolve(backend, device, top_k):
 @torch.no_grad()
 def linear_diagnostics(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
                        top_k=10, ref_hidden=None, ref_weight=None, ref_bias=None, kl_direction="policy_ref",
-                       backend=None) -> Diagnostics:
+                       backend=None, vocab_group=None) -> Diagnostics:
     """Per-token likelihood diagnostics through the lm_head, forward only, without the N x V logits.
 
     Args:
@@ -104,30 +104,42 @@ def linear_diagnostics(hidden, weight, targets, *, bias=None, ignore_index=-100,
             KL(p_θ || p_ref) by default or KL(p_ref || p_θ) with kl_direction='ref_policy'.
             That is a second pass over the vocabulary (policy and reference logits together).
         backend: 'auto', 'triton' or 'torch'; default from prefops.configure().
+        vocab_group: weight (and ref_weight, and the biases) are this rank's rows of a vocabulary
+            sharded over this process group (Shard(0) DTensors need none; prefops.vocab_parallel):
+            each rank's top-k, then an all-gather of k logits and ids per token and their top-k.
 
     One pass over the vocabulary gives every field but the KL: the Triton statistics kernel
     with its streamed, exact top-k switched on (k <= 64), or the chunked PyTorch path.
     Nothing is saved for backward and nothing is differentiable.
     """
+    shard = vocab_parallel.shard_of(weight, bias, vocab_group)
+    vocab, start = weight.shape[0], 0
+    if shard is not None:
+        hidden = vocab_parallel.local_replicated(hidden, "hidden")
+        weight, bias, vocab, start = shard.weight, shard.bias, shard.vocab, shard.start
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
                         softcap=softcap)
-    top_k = check_top_k(top_k, weight.shape[0])
+    top_k = check_top_k(top_k, vocab)
     with_reference = ref_hidden is not None or ref_weight is not None or ref_bias is not None
     if with_reference and (ref_hidden is None or ref_weight is None):
         raise ValueError("kl_to_reference needs both ref_hidden and ref_weight (ref_bias is optional)")
     settings = get_settings()
     requested = check_choice(backend or settings.backend, BACKENDS, "backend")
-    check_targets_in_range(targets, weight.shape[0], ignore_index)
+    check_targets_in_range(targets, vocab, ignore_index)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     if hidden_2d.stride(-1) != 1:
         hidden_2d = hidden_2d.contiguous()
     flat_targets = targets.reshape(-1)
     rows, counted_targets = fused.counted_rows(flat_targets, ignore_index)
     sliced, workspace = strategy.token_path()
+    local_k = min(top_k, weight.shape[0])  # a shard may hold fewer than k rows
     token, values, ids = fused.token_stats(
-        hidden_2d, weight.contiguous(), bias, rows, counted_targets, float(temperature),
+        hidden_2d, weight.contiguous(), bias, rows, counted_targets - start, float(temperature),
         None if softcap is None else float(softcap), _resolve(requested, hidden.device, top_k),
-        workspace, top_k, sliced=sliced)
+        workspace, local_k, sliced=sliced, finalize=shard is None)
+    if shard is not None:
+        token = tiles.finalize(vocab_parallel.all_reduce_stats(token, shard.group))
+        values, ids = vocab_parallel.merge_top_k(values, ids, shard, top_k)
     strategy.record("sliced" if sliced else "lean")
     top_entropy, top_mass = top_k_summary(values, token.lse)
     n, shape = flat_targets.numel(), targets.shape
@@ -140,7 +152,7 @@ def linear_diagnostics(hidden, weight, targets, *, bias=None, ignore_index=-100,
     if with_reference:
         kl = linear_token_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
                              direction=kl_direction, mask=targets != ignore_index, temperature=temperature,
-                             softcap=softcap, backend=requested)
+                             softcap=softcap, backend=requested, vocab_group=None if shard is None else shard.group)
     return Diagnostics(scatter(token.logp), scatter(token.entropy), scatter(top_entropy), scatter(top_mass),
                        scatter(token.sum_p2), kl, scatter(values - token.lse[:, None]), scatter(ids, -1))
 

@@ -89,7 +89,7 @@ def plan_slices(n: int, vocab: int, hidden_size: int, tile_bytes_per_element: in
 
 
 def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k=0,
-                extras=(True, True, True), sliced=False):
+                extras=(True, True, True), sliced=False, finalize=True):
     """log p(target), lse, entropy, sum p^2, sum of the logits and top-1 for the counted rows, as a tiles.Token.
 
     extras: whether entropy, sum p^2 and the logit sum are wanted; the Triton kernel
@@ -98,39 +98,43 @@ def token_stats(hidden, weight, bias, rows, targets, temperature, softcap, backe
     (the row kernel on the Triton backend) instead of the lean fused kernel.
 
     With top_k > 0, returns (Token, top-k logits [n, k] descending, their ids [n, k] int64)
-    from the same pass over the vocabulary."""
+    from the same pass over the vocabulary.
+    finalize: False returns the raw tiles.Stats in place of the Token, for a caller that merges them
+    with other vocabulary ranges first (prefops.vocab_parallel)."""
     n, vocab = rows.numel(), weight.shape[0]
+    finish = tiles.finalize if finalize else (lambda stats: stats)
     if sliced:
-        return _sliced_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k)
+        return _sliced_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k,
+                             finish)
     if backend == "triton" and n:
         from .kernels.logits_stats import launch_logits_stats
 
         if not top_k:
-            return tiles.finalize(tiles.combine_splits(
+            return finish(tiles.combine_splits(
                 launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap, extras=extras)))
         partial, values, ids = launch_logits_stats(hidden, weight, bias, rows, targets, temperature, softcap,
                                                    top_k=top_k, extras=extras)
         values, pick = values.flatten(1).topk(top_k, dim=1)
-        return tiles.finalize(tiles.combine_splits(partial)), values, ids.flatten(1).gather(1, pick).long()
+        return finish(tiles.combine_splits(partial)), values, ids.flatten(1).gather(1, pick).long()
     # About four fp32 temporaries of the tile are alive at once.
     row_chunk = max(1, min(n, 1024))
     v_chunk = max(1, min(vocab, workspace // (16 * row_chunk)))
     return _materialised_stats(hidden, weight, bias, rows, targets, temperature, softcap, False, row_chunk, v_chunk,
-                               top_k)
+                               top_k, finish)
 
 
-def _sliced_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k):
+def _sliced_stats(hidden, weight, bias, rows, targets, temperature, softcap, backend, workspace, top_k, finish):
     n, (vocab, hidden_size) = rows.numel(), weight.shape
     rows_kernel = backend == "triton"
     # fp32 logits, plus on the PyTorch path about three fp32 temporaries, plus z for a top-k.
     bytes_per = (4 if rows_kernel else 16) + (4 if top_k else 0)
     row_chunk, v_chunk = plan_slices(n, vocab, hidden_size, bytes_per, workspace, hidden.element_size())
     return _materialised_stats(hidden, weight, bias, rows, targets, temperature, softcap, rows_kernel, row_chunk,
-                               v_chunk, top_k)
+                               v_chunk, top_k, finish)
 
 
 def _materialised_stats(hidden, weight, bias, rows, targets, temperature, softcap, rows_kernel, row_chunk, v_chunk,
-                        top_k):
+                        top_k, finish):
     """Statistics of the counted rows from fp32 logit slices [row_chunk, v_chunk] materialised by a GEMM,
     folded by the row kernel (rows_kernel) or by the PyTorch tile math."""
     n, vocab = rows.numel(), weight.shape[0]
@@ -154,11 +158,11 @@ def _materialised_stats(hidden, weight, bias, rows, targets, temperature, softca
             if top_k:
                 top = tiles.merge_top_k(top, z, v0)
             del z
-        parts.append((tiles.finalize(stats), *top))
+        parts.append((finish(stats), *top))
     if not parts:
-        parts.append((tiles.finalize(tiles.empty_stats(0, hidden.device)), *tiles.empty_top_k(0, top_k, hidden.device)))
+        parts.append((finish(tiles.empty_stats(0, hidden.device)), *tiles.empty_top_k(0, top_k, hidden.device)))
     tokens, values, ids = zip(*parts)
-    token = tiles.Token(*(torch.cat(column) for column in zip(*tokens)))
+    token = type(tokens[0])(*(torch.cat(column) for column in zip(*tokens)))
     return (token, torch.cat(values), torch.cat(ids)) if top_k else token
 
 

@@ -19,6 +19,7 @@ from .losses.listwise import ListwiseSpec
 from .objective import reference_logps, sequence_objective
 from .preference import _sequence_totals
 from .sequence_group import check_sequence_group, max_over_group, sequence_all_reduce
+from .vocab_parallel import check_vocab_group
 
 
 class ListwiseLoss(torch.nn.Module):
@@ -28,13 +29,15 @@ class ListwiseLoss(torch.nn.Module):
     parameters (top_k, target, pairwise_type, ...) go to listwise_loss.
     sequence_group: ranks that each hold a share of every sequence's tokens, as in
         prefops.PreferenceLoss (precomputed ref_logps are the whole sequences' sums).
+    vocab_group: every weight passed is this rank's vocabulary rows, as in prefops.PreferenceLoss.
     """
 
     def __init__(self, loss_type="plackett_luce", beta=0.1, *, ignore_index=-100, temperature=1.0, softcap=None,
-                 strategy=None, budget=None, sequence_group=None, **params):
+                 strategy=None, budget=None, sequence_group=None, vocab_group=None, **params):
         super().__init__()
         self.loss_type, self.beta, self.params = loss_type, beta, params
-        self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap)
+        self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                            vocab_group=check_vocab_group(vocab_group))
         self.strategy, self.budget = strategy, budget
         self.sequence_group = check_sequence_group(sequence_group)
 

@@ -14,6 +14,12 @@ Sequence sharding (context parallelism, prefops.sequence_group): with `sequence_
 every rank holds a share of every sequence's tokens. The per-sequence sums are formed here
 and in the chunk loop and nowhere else, and all-reduced before any head reads them (sliced
 and lean: once; the chunk loop: once per chunk, the chunks planned alike on every rank).
+
+Vocabulary sharding (prefops.vocab_parallel): with a Shard(0) DTensor weight or `vocab_group`, the
+per-token op runs on each rank's rows and merges their statistics; such a call takes the strategy's
+last per-token path (sliced for auto and sliced, lean for budget and lean) and records it. The chunk
+loop would need each chunk's statistics all-reduced before its head: a collective per chunk, where the
+per-token op needs one per call.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import fused, tiles
+from . import fused, tiles, vocab_parallel
 from . import strategy as strategy_module
 from .checks import check_linear_inputs, check_targets_in_range
 from .chunks import ChunkRows, budget_objective, plan_budget
@@ -55,7 +61,7 @@ class Objective(NamedTuple):
 
 def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_ids=None, token_weights=None,
                        bias=None, ignore_index=-100, temperature=1.0, softcap=None, stats=(),
-                       strategy=None, budget=None, backend=None, sequence_group=None) -> Objective:
+                       strategy=None, budget=None, backend=None, sequence_group=None, vocab_group=None) -> Objective:
     """Loss of sequence-level heads computed from hidden states, without the N x V logits.
 
     Args:
@@ -75,7 +81,14 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
             the group's sums, the loss and Objective's sums are the group's on every rank, the
             gradients of hidden are exact and those of weight and bias are this rank's share
             (sum them over the group). Default None: this rank holds whole sequences.
+        vocab_group: weight and bias are this rank's vocabulary rows (see prefops.linear_logprobs; a
+            Shard(0) DTensor weight needs no vocab_group): the loss and sums are the whole
+            vocabulary's on every rank, hidden's gradient is exact, weight's is this rank's rows'.
     """
+    shard = vocab_parallel.shard_of(weight, bias, vocab_group)
+    if shard is not None:
+        hidden = vocab_parallel.local_replicated(hidden, "hidden")
+        weight, bias, vocab_group = shard.weight, shard.bias, shard.group
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
                         temperature=temperature, softcap=softcap)
     sequence_group = check_sequence_group(sequence_group)
@@ -88,8 +101,11 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
     counted = (flat_targets != ignore_index) & (flat_seq >= 0)
     weights = counted.float() if token_weights is None else torch.where(counted, token_weights.reshape(-1).float(), 0.0)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    plan = plan_groups(choice, flat_seq, counted, groups, num_sequences, weight, sequence_group,
-                       row_scaled=_LogpRows.row_scaled)
+    if shard is None:
+        plan = plan_groups(choice, flat_seq, counted, groups, num_sequences, weight, sequence_group,
+                           row_scaled=_LogpRows.row_scaled)
+    else:
+        plan = strategy_module.record(strategy_module.group_paths(choice)[-1])
     if not isinstance(plan, str):
         check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
         row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
@@ -104,7 +120,7 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
                                            bias=bias, ignore_index=ignore_index, temperature=temperature,
                                            softcap=softcap, extras=[STAT_EXTRAS[name] for name in stats
                                                                     if name in STAT_EXTRAS], backend=backend,
-                                           strategy=plan)
+                                           strategy=plan, vocab_group=vocab_group)
     logps = _per_sequence(token_logp * weights, flat_seq, num_sequences)
     seq_stats = _sequence_stats(_stat_values(stats, token_logp, *extras), counted, flat_seq, num_sequences)
     if sequence_group is not None:
@@ -118,15 +134,16 @@ def sequence_objective(hidden, weight, targets, *, head: Callable, groups, seq_i
 
 @torch.no_grad()
 def sequence_logps(hidden, weight, targets, *, seq_ids=None, num_sequences=None, token_weights=None, bias=None,
-                   ignore_index=-100, temperature=1.0, softcap=None, sequence_group=None) -> torch.Tensor:
+                   ignore_index=-100, temperature=1.0, softcap=None, sequence_group=None,
+                   vocab_group=None) -> torch.Tensor:
     """Per-sequence sums of token_weights * log p(target) on the forward-only fused path
     (nothing saved for backward): the reference model's side of every loss family.
 
     Layout as in sequence_objective: a padded [B, T] batch, or flat tokens with seq_ids (then
-    num_sequences is needed with a sequence_group, whose totals are returned).
+    num_sequences is needed with a sequence_group, whose totals are returned); vocab_group as there.
     """
     token = linear_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
-                            temperature=temperature, softcap=softcap)
+                            temperature=temperature, softcap=softcap, vocab_group=vocab_group)
     counted = targets != ignore_index
     weights = counted.float() if token_weights is None else torch.where(counted, token_weights.float(), 0.0)
     if seq_ids is None:

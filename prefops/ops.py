@@ -14,6 +14,7 @@ import torch
 
 from . import fused
 from . import strategy as strategy_module
+from . import vocab_parallel
 from .checks import check_linear_inputs, check_targets_in_range
 from .config import BACKENDS, check_choice, get_settings
 
@@ -132,7 +133,7 @@ EXTRAS = ("entropy", "sum_p2", "mean_logit")
 
 
 def token_outputs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
-                  extras=EXTRAS, backend=None, strategy=None):
+                  extras=EXTRAS, backend=None, strategy=None, vocab_group=None):
     """Every per-token output of the fused pass, shaped like targets: (logp, lse, entropy,
     sum_p2, mean_logit, top1); see linear_logprobs. logp, lse and entropy are differentiable;
     sum_p2, mean_logit (sum_v z_v / V) and top1 (bool: target's logit >= every logit, so a
@@ -141,7 +142,13 @@ def token_outputs(hidden, weight, targets, *, bias=None, ignore_index=-100, temp
     extras: which of EXTRAS to compute; one left out costs nothing and comes back as None
     (logp, lse and top1 are always there).
     strategy: as in prefops.settings; lean runs the fused kernels, any other the sliced path
-    (prefops.strategy)."""
+    (prefops.strategy).
+    vocab_group: see linear_logprobs."""
+    shard = vocab_parallel.shard_of(weight, bias, vocab_group)
+    if shard is not None:
+        hidden, targets = vocab_parallel.local_replicated(hidden, "hidden"), \
+            vocab_parallel.local_replicated(targets, "targets")
+        weight, bias = shard.weight, shard.bias
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
                         temperature=temperature, softcap=softcap)
     for name in extras:
@@ -153,17 +160,23 @@ def token_outputs(hidden, weight, targets, *, bias=None, ignore_index=-100, temp
     if hidden_2d.stride(-1) != 1:
         hidden_2d = hidden_2d.contiguous()
     sliced, workspace = strategy_module.token_path(strategy)
-    outputs = linear_logprobs_forward(
-        hidden_2d, weight.contiguous(), bias, targets.reshape(-1), ignore_index, float(temperature),
-        None if softcap is None else float(softcap), backend, workspace, sliced, wanted,
-    )
+    softcap = None if softcap is None else float(softcap)
+    if shard is None:
+        outputs = linear_logprobs_forward(hidden_2d, weight.contiguous(), bias, targets.reshape(-1), ignore_index,
+                                          float(temperature), softcap, backend, workspace, sliced, wanted)
+    else:
+        outputs = vocab_parallel.token_outputs(
+            hidden_2d, shard, targets.reshape(-1), ignore_index=ignore_index, temperature=float(temperature),
+            softcap=softcap, backend=fused.resolve_backend(backend, hidden.device), workspace=workspace,
+            sliced=sliced, extras=wanted, fp32_weight_grad=settings.fp32_weight_grad)
     strategy_module.record("sliced" if sliced else "lean")
     present = (True, True, *wanted, True)
     return tuple(value.view(targets.shape) if keep else None for value, keep in zip(outputs, present))
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
-                    return_lse=False, return_entropy=False, return_sum_p2=False, backend=None, strategy=None):
+                    return_lse=False, return_entropy=False, return_sum_p2=False, backend=None, strategy=None,
+                    vocab_group=None):
     """Per-token log p(target | hidden) through the lm_head, without the N x V logits.
 
     Args:
@@ -179,6 +192,13 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, te
             default from prefops.configure().
         strategy: 'lean' (fused Triton kernels, least memory) or any other strategy (cuBLAS
             vocabulary slices within the workspace, the default); see prefops.strategy.
+        vocab_group: a torch.distributed ProcessGroup over which weight (and bias) are sharded
+            along the vocabulary: weight is this rank's rows, in rank order (odd splits allowed),
+            and hidden and targets (global ids) are the same on every rank. A DTensor weight with
+            a Shard(0) placement is sharded over its mesh dimension without this argument. Every
+            rank gets the whole vocabulary's outputs, the full gradient of hidden and its own rows'
+            weight gradient (prefops.vocab_parallel); per rank, memory beyond the weights scales
+            with its rows.
 
     Returns fp32 log-probs shaped like targets (0 at ignored tokens), or a LogProbs
     tuple when an extra output is requested. Runs without saving anything for backward
@@ -188,7 +208,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, te
     extras = [name for name, wanted in zip(EXTRAS, (return_entropy, return_sum_p2, False)) if wanted]
     logp, lse, entropy, sum_p2, _, _ = token_outputs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                                                      temperature=temperature, softcap=softcap, extras=extras,
-                                                     backend=backend, strategy=strategy)
+                                                     backend=backend, strategy=strategy, vocab_group=vocab_group)
     if not (return_lse or return_entropy or return_sum_p2):
         return logp
     return LogProbs(logp, lse if return_lse else None, entropy if return_entropy else None,

@@ -22,6 +22,7 @@ from .losses.token_level import tgdpo_token_rewards
 from .objective import reference_logps, sequence_objective
 from .per_sequence import _per_sequence
 from .sequence_group import check_sequence_group, max_over_group, sequence_all_reduce
+from .vocab_parallel import check_vocab_group, vocab_size
 from .ops import linear_logprobs
 from .token_kl import sequence_kl_objective
 
@@ -56,17 +57,24 @@ class PreferenceLoss(torch.nn.Module):
         whole sequences; sum the weight gradients over the group. Precomputed ref_*_logps are
         the whole sequences' sums; ld_alpha needs whole sequences (pass the LD-DPO weights of
         prefops.losses.ld_dpo_token_weights, sharded like targets, as token_weights).
+    vocab_group: a torch.distributed ProcessGroup over which every weight passed (policy, reference,
+        reward model; and their biases) is sharded along the vocabulary (prefops.vocab_parallel): each
+        rank passes its rows and the same hidden states and targets, and gets the whole vocabulary's loss
+        and metrics, the full gradient of hidden and its own rows' weight gradient. Shard(0) DTensor
+        weights need no vocab_group.
     Other keyword parameters go to prefops.losses.pairwise_loss.
     """
 
     def __init__(self, loss_type="sigmoid", beta=0.1, *, label_smoothing=0.0, loss_weights=None, ld_alpha=None,
                  wpo=False, tgdpo_alpha=None, kl_direction="ref_policy", token_metrics=False, ignore_index=-100,
-                 temperature=1.0, softcap=None, strategy=None, budget=None, sequence_group=None, **params):
+                 temperature=1.0, softcap=None, strategy=None, budget=None, sequence_group=None, vocab_group=None,
+                 **params):
         super().__init__()
         self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
         self.loss_weights, self.ld_alpha, self.wpo, self.params = loss_weights, ld_alpha, wpo, params
         self.tgdpo_alpha, self.kl_direction, self.token_metrics = tgdpo_alpha, kl_direction, token_metrics
-        self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap)
+        self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                            vocab_group=check_vocab_group(vocab_group))
         self.strategy, self.budget = strategy, budget
         self.sequence_group = check_sequence_group(sequence_group)
         if sequence_group is not None and ld_alpha is not None:
@@ -114,7 +122,8 @@ class PreferenceLoss(torch.nn.Module):
         token_weights = self._token_weights(targets, seq_ids, token_weights)
         token_weights = self._tgdpo_weights(targets, seq_ids, pairs, token_weights, token_rewards, ref_hidden,
                                             ref_weight, ref_bias, rm_hidden, rm_weight, rm_bias)
-        nll_rows = self._nll_rows(targets, seq_ids, pairs, nll_targets, weight.shape[0])
+        nll_rows = self._nll_rows(targets, seq_ids, pairs, nll_targets,
+                                  vocab_size(weight, self.options["vocab_group"]))
         lengths, nll_lengths = self._lengths(targets, seq_ids, pairs, nll_targets)
         # A caller's nll_mean_length (a whole step's, across micro-batches and ranks) wins over this batch's.
         batch_values = {name: given[name] for name in BATCH_VALUES if name in given}

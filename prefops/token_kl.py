@@ -43,7 +43,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import fused, tiles
+from . import fused, tiles, vocab_parallel
 from . import strategy as strategy_module
 from .checks import check_float, check_linear_inputs, check_targets_in_range, check_tensor
 from .config import BACKENDS, check_choice, get_settings
@@ -202,18 +202,26 @@ def _forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     n = targets.numel()
     if rows.numel() == 0:
         return tuple(hidden.new_zeros(n, dtype=torch.float32) for _ in range(5))
-    policy, reference = (hidden, weight, bias), (ref_hidden, ref_weight, ref_bias)
-    backend = fused.resolve_backend(backend, hidden.device)
+    stats = _kl_stats((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias), rows, row_targets, policy_first,
+                      temperature, softcap, fused.resolve_backend(backend, hidden.device), workspace, sliced)
+    return _kl_outputs(stats, rows, row_targets, policy_first, n)
+
+
+def _kl_stats(policy, reference, rows, row_targets, policy_first, temperature, softcap, backend, workspace, sliced):
+    """KLStats of the counted rows over the vocabulary of weight and ref_weight, backend resolved."""
     if sliced:
-        stats = _sliced_stats(policy, reference, rows, row_targets, policy_first, temperature, softcap, backend,
-                              workspace)
-    elif backend == "triton":
+        return _sliced_stats(policy, reference, rows, row_targets, policy_first, temperature, softcap, backend,
+                             workspace)
+    if backend == "triton":
         from .kernels.token_kl_stats import launch_token_kl_stats
 
         first, second = _sides(policy, reference, policy_first)
-        stats = combine_kl_splits(launch_token_kl_stats(*first, *second, rows, row_targets, temperature, softcap))
-    else:
-        stats = _torch_stats(policy, reference, rows, row_targets, policy_first, temperature, softcap, workspace)
+        return combine_kl_splits(launch_token_kl_stats(*first, *second, rows, row_targets, temperature, softcap))
+    return _torch_stats(policy, reference, rows, row_targets, policy_first, temperature, softcap, workspace)
+
+
+def _kl_outputs(stats, rows, row_targets, policy_first, n):
+    """(kl, logp, ref_logp, lse, ref_lse) [n] from the counted rows' whole-vocabulary statistics."""
     kl, lse_a, lse_b, logp_a, logp_b = finalize_kl(stats)
     lse, ref_lse = _sides(lse_a, lse_b, policy_first)
     logp, ref_logp = _sides(logp_a, logp_b, policy_first)
@@ -335,6 +343,52 @@ IMPLEMENTATIONS.update({
 })
 
 
+class _ShardedKL(torch.autograd.Function):
+    """linear_token_kl_forward with both models' vocabulary rows sharded alike (prefops.vocab_parallel):
+    each rank's statistics of its rows, merged over the group; in backward its rows' gradient from the
+    global lse, ref_lse and KL (dW local), dh all-reduced."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, counted, shard, options):
+        policy_first, temperature, softcap, backend, workspace, sliced, _ = options
+        rows, row_targets = _counted(targets, counted)
+        local = torch.where(targets >= 0, targets - shard.start, -1)  # other ranks' targets: outside these rows
+        outputs = tuple(hidden.new_zeros(targets.numel(), dtype=torch.float32) for _ in range(5))
+        if rows.numel():  # the same rows on every rank: all skip the collectives together
+            stats = _kl_stats((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias), rows,
+                              local.index_select(0, rows).to(torch.int32), policy_first, temperature, softcap,
+                              backend, workspace, sliced)
+            outputs = _kl_outputs(vocab_parallel.all_reduce_kl_stats(stats, shard.group), rows, row_targets,
+                                  policy_first, targets.numel())
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, local, counted, *outputs[3:],
+                              outputs[0])
+        ctx.shard, ctx.options = shard, options
+        ctx.mark_non_differentiable(*outputs[2:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_logp, *_not_differentiable):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, local, counted, lse, ref_lse, kl = ctx.saved_tensors
+        policy_first, temperature, softcap, backend, workspace, sliced, fp32_weight_grad = ctx.options
+        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+        zeros = lambda grad: torch.zeros_like(lse) if grad is None else grad  # noqa: E731
+        grads = _backward_impl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, local, counted, lse, ref_lse,
+                               kl, zeros(grad_kl), zeros(grad_logp), policy_first, temperature, softcap, backend,
+                               workspace, sliced, fp32_weight_grad, needs)
+        grad_h, grad_w, grad_b = (grad if needed else None for grad, needed in zip(grads, needs))
+        return (vocab_parallel.all_reduce_grad(grad_h, ctx.shard.group), grad_w, grad_b) + (None,) * 7
+
+
+def _reference_shard(shard, ref_weight, ref_bias, vocab_group):
+    """The reference's shard, which must hold the same vocabulary rows as the policy's."""
+    ref_shard = vocab_parallel.shard_of(ref_weight, ref_bias, vocab_group, name="ref_weight")
+    if ref_shard is None or (ref_shard.start, ref_shard.vocab, ref_shard.weight.shape[0]) != (
+            shard.start, shard.vocab, shard.weight.shape[0]):
+        raise ValueError("with a vocabulary-sharded weight, ref_weight must be sharded alike (the same rows of the "
+                         "same vocabulary on every rank)")
+    return ref_shard
+
+
 def check_reference_inputs(hidden, weight, ref_hidden, ref_weight, ref_bias):
     """The reference side must cover the same tokens and the same vocabulary as the policy."""
     check_tensor(ref_hidden, "ref_hidden")
@@ -365,7 +419,7 @@ def check_reference_inputs(hidden, weight, ref_hidden, ref_weight, ref_bias):
 
 def linear_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, direction="ref_policy",
                     mask=None, targets=None, ignore_index=-100, temperature=1.0, softcap=None, backend=None,
-                    strategy=None):
+                    strategy=None, vocab_group=None):
     """Per-token KL between the policy's and the reference's next-token distributions, without N x V logits.
 
     Args:
@@ -383,10 +437,18 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bi
     strategy: 'lean' runs the fused Triton kernels; any other the sliced path (both sides' logits
     in cuBLAS slices within the workspace, recomputed in backward; prefops.strategy). A 3-GEMM path
     needs the loss's gradient during forward (see sequence_kl_objective).
+    vocab_group: weight and ref_weight (and biases) are this rank's rows of a vocabulary sharded over this
+    process group, alike on both sides (Shard(0) DTensors need no vocab_group); see prefops.linear_logprobs.
 
     Returns fp32 [...] KL (or TokenKL(kl, logp, ref_logp)). Differentiable in hidden, weight and bias;
     the reference side gets no gradient. Nothing is saved when no input requires grad.
     """
+    shard = vocab_parallel.shard_of(weight, bias, vocab_group)
+    if shard is not None:
+        ref_shard = _reference_shard(shard, ref_weight, ref_bias, vocab_group)
+        hidden, ref_hidden = (vocab_parallel.local_replicated(x, name) for x, name in ((hidden, "hidden"),
+                                                                                       (ref_hidden, "ref_hidden")))
+        weight, bias, ref_weight, ref_bias = shard.weight, shard.bias, ref_shard.weight, ref_shard.bias
     dummy_targets = torch.zeros((), dtype=torch.long, device=getattr(hidden, "device", None))
     check_tensor(hidden, "hidden")
     check_linear_inputs(hidden, weight, dummy_targets.expand(hidden.shape[:-1]) if targets is None else targets,
@@ -402,7 +464,7 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bi
                              f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
         counted = mask
     if targets is not None:
-        check_targets_in_range(targets, weight.shape[0], ignore_index)
+        check_targets_in_range(targets, weight.shape[0] if shard is None else shard.vocab, ignore_index)
         counted = counted & (targets != ignore_index)
         flat_targets = torch.where(counted, targets, -1).reshape(-1)
     else:
@@ -411,11 +473,17 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bi
     backend = check_choice(backend or settings.backend, BACKENDS, "backend")
     sliced, workspace = strategy_module.token_path(strategy)
     flatten = lambda x: x.reshape(-1, x.shape[-1]).contiguous()  # noqa: E731
-    kl, logp, ref_logp, _, _ = linear_token_kl_forward(
-        flatten(hidden), weight.contiguous(), bias, flatten(ref_hidden).detach(), ref_weight.contiguous().detach(),
-        None if ref_bias is None else ref_bias.detach(), flat_targets, counted.reshape(-1),
-        direction == "policy_ref", float(temperature), None if softcap is None else float(softcap), backend,
-        workspace, sliced)
+    inputs = (flatten(hidden), weight.contiguous(), bias, flatten(ref_hidden).detach(),
+              ref_weight.contiguous().detach(), None if ref_bias is None else ref_bias.detach(), flat_targets,
+              counted.reshape(-1))
+    softcap = None if softcap is None else float(softcap)
+    if shard is None:
+        kl, logp, ref_logp, _, _ = linear_token_kl_forward(*inputs, direction == "policy_ref", float(temperature),
+                                                           softcap, backend, workspace, sliced)
+    else:
+        kl, logp, ref_logp, _, _ = _ShardedKL.apply(*inputs, shard, (
+            direction == "policy_ref", float(temperature), softcap, fused.resolve_backend(backend, hidden.device),
+            workspace, sliced, settings.fp32_weight_grad))
     strategy_module.record("sliced" if sliced else "lean")
     if targets is None:
         return kl.view(shape)
@@ -445,7 +513,7 @@ def sequence_kl(hidden, weight, ref_hidden, ref_weight, targets, *, seq_ids=None
 def sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, *, head, groups, seq_ids=None,
                           token_weights=None, bias=None, ref_bias=None, direction="ref_policy", ignore_index=-100,
                           temperature=1.0, softcap=None, strategy=None, budget=None, backend=None,
-                          sequence_group=None) -> Objective:
+                          sequence_group=None, vocab_group=None) -> Objective:
     """Sequence-level heads over the per-token KL and both models' target log-probs (the TDPO losses).
 
     Args as prefops.sequence_objective (layout: padded [B, T] or flat tokens with seq_ids) and
@@ -458,9 +526,18 @@ def sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, *, he
             prefops.configure(). Budget falls back to lean with a warning when a group does not fit.
         sequence_group: ranks that each hold a share of every sequence's tokens, as in
             prefops.sequence_objective: the head reads the group's sums of all four quantities.
+        vocab_group: both models' vocabulary rows sharded alike, as in prefops.linear_token_kl; such a
+            call runs the strategy's last per-token path (as prefops.sequence_objective does).
 
     Returns Objective(loss, logps [S], stats {'kl', 'ref_logp', 'count'} [S]), all but loss detached.
     """
+    shard = vocab_parallel.shard_of(weight, bias, vocab_group)
+    if shard is not None:
+        ref_shard = _reference_shard(shard, ref_weight, ref_bias, vocab_group)
+        hidden, ref_hidden = (vocab_parallel.local_replicated(x, name) for x, name in ((hidden, "hidden"),
+                                                                                       (ref_hidden, "ref_hidden")))
+        weight, bias, ref_weight, ref_bias = shard.weight, shard.bias, ref_shard.weight, ref_shard.bias
+        vocab_group = shard.group
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
                         softcap=softcap)
     check_reference_inputs(hidden, weight, ref_hidden, ref_weight, ref_bias)
@@ -474,7 +551,10 @@ def sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, *, he
     weights = counted.float() if token_weights is None else torch.where(counted, token_weights.reshape(-1).float(), 0.0)
     count = _per_sequence(counted.float(), flat_seq, num_sequences)
     flatten = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-    plan = plan_groups(choice, flat_seq, counted, groups, num_sequences, weight, sequence_group, sides=2)
+    if shard is None:
+        plan = plan_groups(choice, flat_seq, counted, groups, num_sequences, weight, sequence_group, sides=2)
+    else:
+        plan = strategy_module.record(strategy_module.group_paths(choice)[-1])
     if not isinstance(plan, str):
         check_targets_in_range(flat_targets, weight.shape[0], ignore_index)
         row_backend = fused.resolve_backend(check_choice(backend or settings.backend, BACKENDS, "backend"),
@@ -489,7 +569,7 @@ def sequence_kl_objective(hidden, weight, ref_hidden, ref_weight, targets, *, he
     token = linear_token_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, direction=direction,
                             targets=torch.where(counted.view(targets.shape), targets, ignore_index),
                             ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
-                            strategy=plan)
+                            strategy=plan, vocab_group=vocab_group)
     total = lambda values, w: _per_sequence(values.reshape(-1) * w, flat_seq, num_sequences)  # noqa: E731
     sums = _sum_over(sequence_group, {"logps": total(token.logp, weights), "kl": total(token.kl, counted.float()),
                                       "ref_logps": total(token.ref_logp, weights), "count": count})

@@ -20,6 +20,7 @@ from .losses.unpaired import (check_kto_options, check_labels, kto_losses, kto_m
                               reference_point)
 from .objective import reference_logps, sequence_logps, sequence_objective
 from .sequence_group import check_sequence_group, max_over_group
+from .vocab_parallel import check_vocab_group
 from .preference import check_token_weights
 
 UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")
@@ -40,16 +41,19 @@ class UnpairedLoss(torch.nn.Module):
     BCO keeps its running mean reward δ_0 as module state (saved in the state dict).
     sequence_group: ranks that each hold a share of every completion's tokens (kl_hidden's too), as
         in prefops.PreferenceLoss (precomputed ref_logps / ref_kl_logps are whole completions' sums).
+    vocab_group: every weight passed is this rank's vocabulary rows, as in prefops.PreferenceLoss.
     """
 
     def __init__(self, loss_type="kto", beta=0.1, *, desirable_weight=1.0, undesirable_weight=1.0,
-                 ignore_index=-100, temperature=1.0, softcap=None, strategy=None, budget=None, sequence_group=None):
+                 ignore_index=-100, temperature=1.0, softcap=None, strategy=None, budget=None, sequence_group=None,
+                 vocab_group=None):
         super().__init__()
         if loss_type not in UNPAIRED_LOSSES:
             raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(map(repr, UNPAIRED_LOSSES))}")
         self.loss_type, self.beta = loss_type, beta
         self.weights = dict(desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
-        self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap)
+        self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                            vocab_group=check_vocab_group(vocab_group))
         self.strategy, self.budget = strategy, budget
         self.sequence_group = check_sequence_group(sequence_group)
         self.bco = BCOLoss(beta) if loss_type == "bco" else None

@@ -98,6 +98,9 @@ class Config:
     context_parallel: int = knob(1, "ranks that share each packed micro-batch's tokens (under torchrun; 1: off)")
     data_parallel: str = knob("fsdp", "under torchrun: fsdp (FSDP2 shards parameters, gradients and optimizer "
                               "state) | ddp (DistributedDataParallel: a whole copy per rank, gradients all-reduced)")
+    tensor_parallel: int = knob(1, "ranks that split every weight (transformers' tp_plan auto: the lm_head along the "
+                                   "vocabulary) and run the same batches: torchrun with exactly this many processes "
+                                   "(1: off)")
 
     # Evaluation, logging and checkpoints.
     eval_every: int = knob(50, "steps between evaluations on the held-out split")
@@ -203,6 +206,8 @@ RESUME_FREE_KEYS = frozenset({
     "context_parallel",
     # Both sum the same gradients over the ranks and checkpoint full (unsharded) state dicts.
     "data_parallel",
+    # Nor does how the weights are split (tests/test_vocab_parallel_trainer.py).
+    "tensor_parallel",
 })
 
 
@@ -255,9 +260,16 @@ def validate(config: Config) -> None:
     for key, allowed in CHOICES.items():
         if getattr(config, key) not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {getattr(config, key)!r}", key)
-    for key in ("micro_batch_size", "grad_accum_steps", "max_length", "steps", "context_parallel"):
+    for key in ("micro_batch_size", "grad_accum_steps", "max_length", "steps", "context_parallel", "tensor_parallel"):
         if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
             raise ConfigError(f"{key} must be a positive integer; got {getattr(config, key)!r}", key)
+    if config.tensor_parallel > 1:
+        for clash, why in (("context_parallel", config.context_parallel > 1), ("online", bool(config.online)),
+                           ("ofs_dpo", bool(config.ofs_dpo)), ("loss_impl", config.loss_impl != "fused")):
+            if why:
+                raise ConfigError(f"tensor_parallel runs the fused loss of one data-parallel rank, without "
+                                  f"context_parallel, online rounds or ofs_dpo: unset {clash} (got "
+                                  f"{getattr(config, clash)!r})", "tensor_parallel")
     if config.context_parallel > 1 and not (config.packing or config.shared_prompt):
         raise ConfigError("context_parallel cuts each micro-batch's flat token stream between ranks: set packing: "
                           "true (or shared_prompt: true)", "context_parallel")

@@ -25,6 +25,12 @@ computes the same loss, metrics and counts, and rank(), world_size() and the sum
 gathers and shares here are those of data parallelism (one rank per group).
 Gradients still go to FSDP2 over all ranks: each rank's share of a micro-batch's
 gradient is a partial sum, and their sum over the world is the step's gradient.
+
+Tensor parallelism (config tensor_parallel: N, exactly N processes): every rank runs
+every micro-batch with its split of the weights (transformers' tp_plan auto; the
+lm_head along the vocabulary, prefops.vocab_parallel). There is one data-parallel
+rank, so rank(), world_size() and the sums here are those of one process, and no
+FSDP2: each weight's gradient is already its rank's split of the whole gradient.
 """
 from __future__ import annotations
 
@@ -86,6 +92,59 @@ def set_context_parallel(size: int) -> None:
         if me % size == offset:
             _CONTEXT["data"] = group
     _CONTEXT["size"] = size
+
+
+# set_tensor_parallel's size: the ranks every weight is split over (1: none).
+_TENSOR = {"size": 1}
+
+
+def set_tensor_parallel(size: int) -> None:
+    """Tensor parallelism over all `size` processes (1: none): one data-parallel rank whose every rank runs
+    the same batches with its split of the weights (model.build loads them with transformers' tp_plan auto);
+    every rank must call it, after set_context_parallel."""
+    _TENSOR["size"] = 1
+    if size == 1:
+        return
+    processes = dist.get_world_size() if active() else 1
+    if processes != size:
+        raise ValueError(f"tensor_parallel: {size} needs exactly {size} processes (torchrun --nproc_per_node "
+                         f"{size}); data parallelism beside it is not supported yet; this run has {processes}")
+    me = dist.get_rank()
+    for rank_ in range(size):  # the data-parallel group of each rank is itself: sums over it are its own
+        group = dist.new_group([rank_])
+        if rank_ == me:
+            _CONTEXT.update(size=size, group=None, data=group)
+    _TENSOR["size"] = size
+
+
+def tensor_parallel() -> int:
+    """The number of ranks the weights are split over (1: none)."""
+    return _TENSOR["size"]
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_, also for tensor-parallel models, whose gradients mix DTensors (sharded
+    or replicated over the ranks) and plain tensors (replicated), which torch's foreach norm refuses."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if tensor_parallel() == 1:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    from torch.distributed.tensor import DTensor, Shard
+
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for parameter in parameters:
+        grad = parameter.grad
+        if isinstance(grad, DTensor) and any(isinstance(p, Shard) for p in grad.placements):
+            sharded += grad.to_local().double().square().sum().cpu()
+        else:
+            replicated += (grad.to_local() if isinstance(grad, DTensor) else grad).double().square().sum().cpu()
+    dist.all_reduce(sharded)  # every process is in the one tensor-parallel group
+    total = (sharded + replicated).sqrt().float()
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for parameter in parameters:
+        grad = parameter.grad
+        (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(coefficient.to(grad.device))
+    return total
 
 
 def context_group():

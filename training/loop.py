@@ -114,17 +114,20 @@ class Trainer:
         distributed.initialise()
         distributed.set_context_parallel(config.context_parallel)
         distributed.set_data_parallel(config.data_parallel)
+        distributed.set_tensor_parallel(config.tensor_parallel)
         self.device = distributed.local_device() if distributed.active() else M.resolve_device(config.device)
         self.seed_everything(config.seed)
         task_name = config.data.split(":", 1)[1] if config.data.startswith("synthetic:") else None
         self.task = TASKS.get(task_name)
         self.model, self.tokenizer = M.build(config, self.device, self.task and self.task.alphabet)
-        if distributed.active():
+        if distributed.active() and distributed.tensor_parallel() == 1:
             coupled = set(C.loss_types(config)) & set(C.BATCH_COUPLED_LOSSES)
             if coupled:
                 raise ValueError(f"loss_type {sorted(coupled)[0]!r} couples the pairs of a batch, so it cannot be "
                                  "split over processes: run it in one process")
-        self.lm = distributed.parallel(M.FusedLM(self.model))
+        # Tensor parallelism splits the weights themselves: no data-parallel wrapper over the same ranks.
+        self.lm = M.FusedLM(self.model) if distributed.tensor_parallel() > 1 else distributed.parallel(
+            M.FusedLM(self.model))
         self.out_dir = Path(config.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.autocast = lambda: M.autocast(self.device, config.bf16, config.activation_offload)
@@ -189,7 +192,7 @@ class Trainer:
         under DDP: a frozen model has no gradients to all-reduce)."""
         model, _ = M.build(self.config, self.device, self.task and self.task.alphabet)
         lm = M.FusedLM(model)
-        if distributed.sharding():
+        if distributed.sharding() and distributed.tensor_parallel() == 1:
             distributed.shard(lm)
         distributed.load_model_state(model, state)
         return lm.eval().requires_grad_(False)
@@ -317,7 +320,7 @@ class Trainer:
         batches = self.step_batches(train_set, indices)
         with explain_out_of_memory(config, f"{stage} step {step + 1}"):
             record = run_batches(self.lm, objective, batches, self.autocast, backward=True)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.lm.parameters(), config.grad_clip or math.inf)
+            grad_norm = distributed.clip_grad_norm(self.lm.parameters(), config.grad_clip or math.inf)
             optimizer.step()
         if hasattr(objective, "after_step"):
             objective.after_step(optimizer)

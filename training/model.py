@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import tempfile
 
 import torch
 import transformers
@@ -24,6 +25,7 @@ from prefops.integrations.hf import LMHead, final_hidden_states
 from prefops.sequence_group import sequence_all_reduce
 from prefops.shared_prompt import shared_prompt_hidden_states
 
+from . import distributed
 from .adapters import add_adapters
 from .config import ConfigError, as_yaml, attention_implementation
 from .data import IGNORE_INDEX, Batch
@@ -63,15 +65,35 @@ def build(config, device: torch.device, chars: str | None = None):
         except Exception as error:  # noqa: BLE001 - model_config is the only input here a user gives
             raise ConfigError(f"model_config {as_yaml(config.model_config)}: {' '.join(str(error).split())}",
                               "model_config") from error
+        if distributed.tensor_parallel() > 1:
+            model = _tensor_parallel(model, attention)
     else:
         tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
+        split = {"distributed_config": transformers.DistributedConfig(tp_plan="auto")} \
+            if distributed.tensor_parallel() > 1 else {}
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            config.model, attn_implementation=attention, **config.model_config)
+            config.model, attn_implementation=attention, **split, **config.model_config)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     if config.ofs_dpo:  # every model of the run (references, resumed runs) carries the same adapters
         model = add_adapters(model, config)
     return model.to(device), tokenizer
+
+
+def _tensor_parallel(model, attention):
+    """The same model loaded with transformers' tp_plan auto over all processes (DTensor weights, the lm_head
+    Shard(0) over the vocabulary). transformers splits a model while it loads, so it goes through a copy on
+    disk that rank 0 writes (transformers saves on rank 0 only) to its temporary directory, which the
+    other ranks (of the same machine) read."""
+    with tempfile.TemporaryDirectory() as own:
+        directory = distributed.broadcast(own)
+        model.save_pretrained(directory)
+        distributed.barrier()
+        split = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, attn_implementation=attention, dtype=model.dtype,
+            distributed_config=transformers.DistributedConfig(tp_plan="auto"))
+        distributed.barrier()  # every rank has read it before rank 0 removes it
+    return split
 
 
 def enable_checkpointing(model) -> None:

@@ -23,7 +23,7 @@ import weakref
 import torch
 
 from .. import attention as packed_attention
-from .. import reference
+from .. import reference, vocab_parallel
 from ..losses import ld_dpo_token_weights
 from ..ops import linear_logprobs
 from ..preference import PreferenceLoss
@@ -95,9 +95,13 @@ class LMHead:
         return hidden.to(dtype), self.weight.to(dtype), bias
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The materialised logits (for checks and references only)."""
-        return reference.logits(hidden, self.weight.to(hidden.dtype), temperature=self.temperature,
-                                softcap=self.softcap, bias=None if self.bias is None else self.bias.to(hidden.dtype))
+        """The materialised logits (for checks and references only); a vocabulary-sharded (tensor-parallel)
+        head computes its rows' logits and all-gathers them."""
+        shard = vocab_parallel.shard_of(self.weight, self.bias)
+        weight, bias = (self.weight, self.bias) if shard is None else (shard.weight, shard.bias)
+        logits = reference.logits(hidden, weight.to(hidden.dtype), temperature=self.temperature, softcap=self.softcap,
+                                  bias=None if bias is None else bias.to(hidden.dtype))
+        return logits if shard is None else vocab_parallel.gather_vocab(logits, shard)
 
 
 def head_call(model, hidden: torch.Tensor, fn, head: LMHead | None = None):
@@ -215,6 +219,36 @@ def _forward(model, input_ids, attention_mask=None, position_ids=None, **model_k
         _warn_once(("logits", type(base)), f"{type(base).__name__}.forward has no logits_to_keep, so its own lm_head "
                    "builds the full logits in every forward; the fused loss still avoids a second copy")
     body = _body(base)
+    with _empty_sharded_head(base):
+        return _run_forward(model, base, body, kwargs, input_ids)
+
+
+@contextlib.contextmanager
+def _empty_sharded_head(base):
+    """A vocabulary-sharded (tensor-parallel) lm_head given zero rows returns its empty output directly:
+    DTensor's sharding propagation of the zero-row GEMM divides by zero (torch 2.13)."""
+    output = base.get_output_embeddings()
+    if output is None or not vocab_parallel.is_dtensor(getattr(output, "weight", None)):
+        yield
+        return
+    forward, own = output.forward, vars(output).get("forward")  # own: transformers' tensor-parallel forward
+
+    def skip_empty(hidden, *args, **kwargs):
+        if hidden.shape[-2] == 0:
+            return hidden.new_zeros(*hidden.shape[:-1], output.weight.shape[0])
+        return forward(hidden, *args, **kwargs)
+
+    output.forward = skip_empty
+    try:
+        yield
+    finally:
+        if own is None:
+            del output.forward
+        else:
+            output.forward = own
+
+
+def _run_forward(model, base, body, kwargs, input_ids):
     if body is None:
         # All layers' outputs are returned, not only the last: in training autograd keeps them anyway,
         # but under no_grad (reference models) this holds L x N x H activations instead of N x H.
